@@ -1,0 +1,471 @@
+"""Speech recognition pipeline for Tiny Audio.
+
+`transformers.pipeline("automatic-speech-recognition", model=CHECKPOINT, trust_remote_code=True)` resolves to
+`TinyAudioASRPipeline` through the checkpoint's `config.custom_pipelines`. On top of the stock pipeline it:
+
+* decodes files/bytes with soundfile (WAV, FLAC, OGG, MP3) block by block, downmixes and resamples on the fly, so a
+  long recording never sits in memory at its native rate;
+* cuts audio longer than the encoder window at the quietest point near the window's end: chunks do not overlap, so
+  the stitched text has nothing to reconcile and no word is transcribed twice;
+* batches chunks of one or many inputs into a single `generate` call, with left-padded prompts;
+* scales `max_new_tokens` with chunk duration and stops degenerate repetition loops;
+* reports unreadable inputs with one clear error naming the input, or (``skip_errors=True``) as an error entry.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+from collections import deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import soundfile as sf
+import soxr
+import torch
+from transformers import AutomaticSpeechRecognitionPipeline, StoppingCriteria, StoppingCriteriaList
+
+try:
+    from .processing_tiny_audio import TinyAudioProcessor
+except ImportError:
+    from processing_tiny_audio import TinyAudioProcessor
+
+# Blocks read from a file per step; bounds memory while streaming a long recording.
+READ_BLOCK_SECONDS = 10.0
+# A cut is placed at the lowest-energy point within this many seconds before the window's end.
+CUT_SEARCH_SECONDS = 5.0
+# Energy is measured over frames of this length, smoothed over CUT_SMOOTH_FRAMES frames.
+CUT_FRAME_SECONDS = 0.02
+CUT_SMOOTH_FRAMES = 5
+
+
+class AudioInputError(ValueError):
+    """An input that cannot be turned into audio; the message names the input and the reason."""
+
+
+def describe_input(source: Any) -> str:
+    """Short human-readable name of an input for error messages."""
+    if isinstance(source, (str, os.PathLike)):
+        return repr(os.fspath(source))
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return f"<{len(source)} bytes>"
+    if isinstance(source, (np.ndarray, torch.Tensor)):
+        return f"<{type(source).__name__} shape={tuple(source.shape)} dtype={source.dtype}>"
+    if isinstance(source, dict):
+        path = source.get("path")
+        return f"<dict path={path!r}>" if path else f"<dict keys={sorted(map(str, source))}>"
+    return f"<{type(source).__name__}>"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Decoding: any supported input -> (sampling rate, iterator of mono float32 blocks)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def to_mono_float(samples: np.ndarray) -> np.ndarray:
+    """Integer PCM -> float in [-1, 1); (channels, n) or (n, channels) -> mean over the (shorter) channel axis."""
+    samples = np.asarray(samples)
+    if samples.dtype.kind in "iu":
+        info = np.iinfo(samples.dtype)
+        center = (int(info.max) + int(info.min) + 1) / 2  # 0 for signed, 128 for uint8
+        samples = (samples.astype(np.float32) - center) / (int(info.max) + 1 - center)
+    elif samples.dtype.kind != "f":
+        raise ValueError(f"audio samples must be integer or float, got dtype {samples.dtype}")
+    if samples.ndim == 2:
+        samples = samples.mean(axis=0 if samples.shape[0] <= samples.shape[1] else 1)
+    elif samples.ndim != 1:
+        raise ValueError(f"audio must be 1-D (mono) or 2-D (stereo), got shape {samples.shape}")
+    samples = np.ascontiguousarray(samples, dtype=np.float32)
+    if not np.isfinite(samples).all():
+        raise ValueError("audio contains NaN or infinite values")
+    return samples
+
+
+def _array_blocks(samples: np.ndarray, block: int) -> Iterator[np.ndarray]:
+    for start in range(0, len(samples), block):
+        yield samples[start : start + block]
+
+
+def _soundfile_blocks(opened: sf.SoundFile) -> Iterator[np.ndarray]:
+    with opened:
+        block = int(opened.samplerate * READ_BLOCK_SECONDS)
+        for frames in opened.blocks(blocksize=block, dtype="float32", always_2d=True):
+            yield to_mono_float(frames.T)
+
+
+def _open_encoded(data: str | bytes, target_rate: int) -> tuple[int, Iterator[np.ndarray]]:
+    """Open a file path or encoded bytes with soundfile; ffmpeg (when installed) covers other formats."""
+    try:
+        opened = sf.SoundFile(data if isinstance(data, str) else io.BytesIO(data))
+    except sf.LibsndfileError as error:
+        if shutil.which("ffmpeg") is None:
+            raise ValueError(
+                f"not a readable audio file ({error.error_string}); soundfile/libsndfile "
+                f"{sf.__libsndfile_version__} reads WAV, FLAC, OGG and MP3, install ffmpeg for other formats"
+            ) from None
+        from transformers.pipelines.audio_utils import ffmpeg_read
+
+        if isinstance(data, str):
+            with open(data, "rb") as handle:
+                data = handle.read()
+        samples = ffmpeg_read(data, target_rate)
+        return target_rate, _array_blocks(samples, int(target_rate * READ_BLOCK_SECONDS))
+    return opened.samplerate, _soundfile_blocks(opened)
+
+
+def decode_audio(
+    source: Any, target_rate: int, sampling_rate: int | None = None
+) -> tuple[int, Iterator[np.ndarray]]:
+    """Return the source's sampling rate and its mono float32 blocks (lazily decoded for files and bytes).
+
+    ``sampling_rate`` is the rate of a bare array/tensor input (default: ``target_rate``).
+    Raises ValueError/TypeError without the input's name; `iter_chunks` adds it.
+    """
+    if isinstance(source, os.PathLike):
+        source = os.fspath(source)
+    if isinstance(source, str):
+        if not os.path.isfile(source):
+            raise FileNotFoundError("file not found")
+        if os.path.getsize(source) == 0:
+            raise ValueError("file is empty (0 bytes)")
+        return _open_encoded(source, target_rate)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        if len(source) == 0:
+            raise ValueError("empty bytes")
+        return _open_encoded(bytes(source), target_rate)
+    if isinstance(source, dict):
+        return _decode_dict(source, target_rate)
+    # A torchcodec AudioDecoder: what `datasets` >= 4 yields for a decoded Audio column.
+    if hasattr(source, "get_all_samples"):
+        decoded = source.get_all_samples()
+        return int(decoded.sample_rate), _tensor_blocks(decoded.data, target_rate)
+    if isinstance(source, (np.ndarray, torch.Tensor)):
+        rate = sampling_rate or target_rate
+        return rate, _tensor_blocks(source, rate)
+    raise TypeError(
+        f"unsupported input type {type(source).__name__}; expected a file path, bytes, a numpy array or torch "
+        "tensor, a {'raw'|'array': ..., 'sampling_rate': ...} dict, or a datasets Audio value"
+    )
+
+
+def _tensor_blocks(samples: np.ndarray | torch.Tensor, rate: int) -> Iterator[np.ndarray]:
+    if isinstance(samples, torch.Tensor):
+        samples = samples.detach().cpu()
+        samples = (samples.float() if samples.is_floating_point() else samples).numpy()
+    return _array_blocks(to_mono_float(samples), int(rate * READ_BLOCK_SECONDS))
+
+
+def _decode_dict(source: dict, target_rate: int) -> tuple[int, Iterator[np.ndarray]]:
+    """`{"raw"|"array", "sampling_rate"}` (also a decoded datasets row) or an undecoded datasets `{"bytes", "path"}`."""
+    samples = source.get("raw", source.get("array"))
+    if samples is not None:
+        if "sampling_rate" not in source:
+            raise ValueError("dict with 'raw'/'array' needs a 'sampling_rate' key")
+        rate = int(source["sampling_rate"])
+        return rate, _tensor_blocks(samples, rate)
+    if source.get("bytes"):
+        return decode_audio(source["bytes"], target_rate)
+    if source.get("path"):
+        return decode_audio(source["path"], target_rate)
+    raise ValueError(
+        "dict input needs 'raw' or 'array' plus 'sampling_rate', or a datasets Audio value with 'bytes'/'path'"
+    )
+
+
+def resample_blocks(blocks: Iterable[np.ndarray], in_rate: int, out_rate: int) -> Iterator[np.ndarray]:
+    """Stream-resample with soxr so only one block at a time is held at the input rate."""
+    if in_rate == out_rate:
+        yield from blocks
+        return
+    stream = soxr.ResampleStream(in_rate, out_rate, 1, dtype="float32")
+    for block in blocks:
+        out = stream.resample_chunk(block, last=False)
+        if len(out):
+            yield out
+    tail = stream.resample_chunk(np.zeros(0, dtype=np.float32), last=True)
+    if len(tail):
+        yield tail
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Chunking: cut at the quietest point before the window's end, no overlap
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def find_cut(samples: np.ndarray, rate: int, max_len: int) -> int:
+    """Index in (max_len - search, max_len] where the smoothed frame energy is lowest (a pause, if there is one)."""
+    frame = max(1, int(rate * CUT_FRAME_SECONDS))
+    search = min(int(rate * CUT_SEARCH_SECONDS), max_len // 2) // frame * frame
+    if search < frame * CUT_SMOOTH_FRAMES:
+        return max_len
+    region = samples[max_len - search : max_len]
+    energy = np.square(region.reshape(-1, frame), dtype=np.float64).mean(axis=1)
+    smooth = np.convolve(energy, np.ones(CUT_SMOOTH_FRAMES) / CUT_SMOOTH_FRAMES, mode="same")
+    # Among (near-)equal minima take the middle one, i.e. the centre of a silent stretch.
+    quiet = np.flatnonzero(smooth <= smooth.min() + 1e-12)
+    best = int(quiet[len(quiet) // 2])
+    return max_len - search + best * frame + frame // 2
+
+
+@dataclass
+class AudioChunk:
+    """One piece of an input, at the model's sampling rate."""
+
+    samples: np.ndarray
+    start: float  # seconds from the input's start
+    end: float
+
+
+def chunk_blocks(blocks: Iterable[np.ndarray], rate: int, max_seconds: float) -> Iterator[AudioChunk]:
+    """Split a block stream into consecutive chunks of at most ``max_seconds``; they partition the audio exactly."""
+    max_len = int(rate * max_seconds)
+    buffer = np.zeros(0, dtype=np.float32)
+    offset = 0
+    for block in blocks:
+        buffer = np.concatenate([buffer, block])
+        while len(buffer) > max_len:
+            cut = find_cut(buffer, rate, max_len)
+            yield AudioChunk(buffer[:cut], offset / rate, (offset + cut) / rate)
+            offset += cut
+            buffer = buffer[cut:]
+    if len(buffer) or offset == 0:
+        if len(buffer) == 0:
+            raise ValueError("audio contains no samples")
+        yield AudioChunk(buffer, offset / rate, (offset + len(buffer)) / rate)
+
+
+def iter_chunks(
+    source: Any, target_rate: int, max_seconds: float, sampling_rate: int | None = None
+) -> Iterator[AudioChunk]:
+    """Decode, downmix, resample and chunk one input lazily; any failure becomes an AudioInputError naming it."""
+    try:
+        rate, blocks = decode_audio(source, target_rate, sampling_rate)
+        yield from chunk_blocks(resample_blocks(blocks, rate, target_rate), target_rate, max_seconds)
+    except (OSError, ValueError, TypeError, RuntimeError) as error:
+        if isinstance(error, AudioInputError):
+            raise
+        raise AudioInputError(f"Cannot read audio input {describe_input(source)}: {error}") from error
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Repetition-loop guard
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def find_repetition_loop(
+    tokens: list[int], max_period: int = 12, min_repeats: int = 4, min_span: int = 16
+) -> tuple[int, int] | None:
+    """(start, period) of a trailing run where a ``period``-token unit repeats to cover at least
+    ``max(min_repeats * period, min_span)`` tokens; None if there is none.
+
+    A short unit must repeat many times ("okay" x16), a long one only a few times (a sentence x4), which normal
+    speech ("no no no", "very very") does not reach.
+    """
+    n = len(tokens)
+    for period in range(1, max_period + 1):
+        run = 0
+        while run < n - period and tokens[n - 1 - run] == tokens[n - 1 - run - period]:
+            run += 1
+        span = run + period
+        if span >= max(min_repeats * period, min_span):
+            return n - span, period
+    return None
+
+
+class RepetitionLoopGuard(StoppingCriteria):
+    """Stops the sequences of a batch whose newest tokens have fallen into a repetition loop.
+
+    Counts its own calls (one per generated token) so it only looks at new tokens, whatever the prompt layout.
+    """
+
+    def __init__(self, **loop_kwargs: int) -> None:
+        self.loop_kwargs = loop_kwargs
+        self.steps = 0
+
+    def __call__(self, input_ids: torch.LongTensor, scores: Any = None, **kwargs: Any) -> torch.BoolTensor:
+        self.steps += 1
+        new = input_ids[:, -self.steps :].tolist()
+        flags = [find_repetition_loop(row, **self.loop_kwargs) is not None for row in new]
+        return torch.tensor(flags, dtype=torch.bool, device=input_ids.device)
+
+
+def trim_repetition_loop(tokens: list[int]) -> list[int]:
+    """Keep one copy of a trailing loop's unit and drop the rest."""
+    loop = find_repetition_loop(tokens)
+    return tokens if loop is None else tokens[: loop[0] + loop[1]]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pipeline
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Pending:
+    """Bookkeeping for one input while its chunks go through the model."""
+
+    chunks: list[tuple[float, float]] = field(default_factory=list)
+    texts: dict[int, str] = field(default_factory=dict)
+    done_reading: bool = False
+    error: str | None = None
+
+    @property
+    def complete(self) -> bool:
+        return self.error is not None or (self.done_reading and len(self.texts) == len(self.chunks))
+
+
+class TinyAudioASRPipeline(AutomaticSpeechRecognitionPipeline):
+    """ASR for Tiny Audio checkpoints: long audio, batching across inputs and chunks, real audio files.
+
+    Call options (besides the stock ones): ``sampling_rate`` (of bare array inputs), ``chunk_length_s`` (at most
+    the encoder window, ``config.max_audio_seconds``), ``prompt`` (instruction instead of the default transcribe
+    prompt), ``return_timestamps=True`` (chunk-level ``chunks``), ``skip_errors=True`` (a bad input yields
+    ``{"text": "", "error": ...}`` instead of raising), ``max_new_tokens`` / ``generate_kwargs``.
+    """
+
+    _load_processor = True
+    _load_tokenizer = False
+    _load_feature_extractor = False
+    _default_generation_config = None  # greedy, and max_new_tokens follows the audio length
+
+    def __init__(self, model: Any, processor: TinyAudioProcessor | None = None, **kwargs: Any) -> None:
+        if processor is None:
+            processor = TinyAudioProcessor.from_pretrained(model.name_or_path)
+        kwargs.pop("tokenizer", None)
+        kwargs.pop("feature_extractor", None)
+        super().__init__(
+            model,
+            feature_extractor=processor.feature_extractor,
+            tokenizer=processor.tokenizer,
+            processor=processor,
+            **kwargs,
+        )
+        self.type = "tiny_audio"
+
+    def _sanitize_parameters(
+        self,
+        sampling_rate: int | None = None,
+        chunk_length_s: float | None = None,
+        prompt: str | None = None,
+        return_timestamps: bool | None = None,
+        skip_errors: bool | None = None,
+        generate_kwargs: dict | None = None,
+        **kwargs: Any,
+    ) -> tuple[dict, dict, dict]:
+        preprocess: dict[str, Any] = {}
+        if sampling_rate is not None:
+            preprocess["sampling_rate"] = sampling_rate
+        if chunk_length_s is not None:
+            window = self.model.config.max_audio_seconds
+            if not 0 < chunk_length_s <= window:
+                raise ValueError(
+                    f"chunk_length_s must be in (0, {window}] (the encoder window), got {chunk_length_s}"
+                )
+            preprocess["chunk_length_s"] = chunk_length_s
+        if prompt is not None:
+            preprocess["prompt"] = prompt
+        if skip_errors is not None:
+            preprocess["skip_errors"] = skip_errors
+        if return_timestamps not in (None, True, False):
+            raise ValueError("Tiny Audio gives chunk-level timestamps only: use return_timestamps=True")
+        forward = {**(generate_kwargs or {}), **kwargs}
+        postprocess = {} if return_timestamps is None else {"return_timestamps": return_timestamps}
+        return preprocess, forward, postprocess
+
+    # -- pieces of the stream ------------------------------------------------------------------------------------
+
+    def preprocess(
+        self, inputs: Any, sampling_rate: int | None = None, chunk_length_s: float | None = None, **_: Any
+    ) -> Iterator[AudioChunk]:
+        window = chunk_length_s or self.model.config.max_audio_seconds
+        return iter_chunks(inputs, self.processor.sampling_rate, window, sampling_rate)
+
+    def _collate(self, chunks: list[AudioChunk], prompt: str | None) -> dict[str, Any]:
+        prompt_kwargs = {"prompt": prompt} if prompt is not None else {}
+        batch = self.processor(
+            audio=[chunk.samples for chunk in chunks],
+            sampling_rate=self.processor.sampling_rate,
+            return_tensors="pt",
+            **prompt_kwargs,
+        )
+        batch = dict(batch)
+        if self.dtype is not None and batch["input_features"].is_floating_point():
+            batch["input_features"] = batch["input_features"].to(self.dtype)
+        return batch
+
+    def _forward(self, model_inputs: dict[str, Any], **generate_kwargs: Any) -> dict[str, list[str]]:
+        # Without max_new_tokens, the model's generate sizes the budget from the longest chunk in the batch.
+        generate_kwargs = self._prepare_generate_kwargs(generate_kwargs)
+        guard = RepetitionLoopGuard()
+        criteria = StoppingCriteriaList([guard, *generate_kwargs.pop("stopping_criteria", [])])
+        sequences = self.model.generate(**model_inputs, stopping_criteria=criteria, **generate_kwargs)
+        new_tokens = sequences[:, model_inputs["input_ids"].shape[1] :]
+        special = set(self.tokenizer.all_special_ids)
+        cleaned = [trim_repetition_loop([t for t in row if t not in special]) for row in new_tokens.tolist()]
+        return {"text": self.processor.batch_decode(cleaned, skip_special_tokens=True)}
+
+    def postprocess(self, pending: _Pending, return_timestamps: bool = False) -> dict[str, Any]:  # type: ignore[override]
+        if pending.error is not None:
+            return {"text": "", "error": pending.error}
+        texts = [pending.texts[i].strip() for i in range(len(pending.chunks))]
+        result: dict[str, Any] = {"text": " ".join(text for text in texts if text)}
+        if return_timestamps:
+            result["chunks"] = [
+                {"text": text, "timestamp": (round(start, 3), round(end, 3))}
+                for text, (start, end) in zip(texts, pending.chunks, strict=True)
+            ]
+        return result
+
+    # -- the stream ------------------------------------------------------------------------------------------------
+
+    def get_iterator(
+        self,
+        inputs: Iterable[Any],
+        num_workers: int,
+        batch_size: int,
+        preprocess_params: dict,
+        forward_params: dict,
+        postprocess_params: dict,
+    ) -> Iterator[dict[str, Any]]:
+        """Chunks of consecutive inputs fill batches of ``batch_size``; results come out in input order as soon as
+        every chunk of an input is transcribed. Only one batch of chunks is held at a time."""
+        preprocess_params = dict(preprocess_params)
+        skip_errors = preprocess_params.pop("skip_errors", False)
+        prompt = preprocess_params.pop("prompt", None)
+        order: deque[_Pending] = deque()
+        batch: list[tuple[_Pending, int, AudioChunk]] = []
+
+        def run_batch() -> None:
+            model_inputs = self._collate([chunk for _, _, chunk in batch], prompt)
+            texts = self.forward(model_inputs, **forward_params)["text"]
+            for (pending, index, _), text in zip(batch, texts, strict=True):
+                pending.texts[index] = text
+            batch.clear()
+
+        def drain() -> Iterator[dict[str, Any]]:
+            while order and order[0].complete:
+                yield self.postprocess(order.popleft(), **postprocess_params)
+
+        for source in inputs:
+            pending = _Pending()
+            order.append(pending)
+            try:
+                for chunk in self.preprocess(source, **preprocess_params):
+                    pending.chunks.append((chunk.start, chunk.end))
+                    batch.append((pending, len(pending.chunks) - 1, chunk))
+                    if len(batch) >= batch_size:
+                        run_batch()
+                        yield from drain()
+            except AudioInputError as error:
+                if not skip_errors:
+                    raise
+                pending.error = str(error)
+                batch[:] = [item for item in batch if item[0] is not pending]
+            pending.done_reading = True
+            yield from drain()
+        if batch:
+            run_batch()
+        yield from drain()

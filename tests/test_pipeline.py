@@ -1,0 +1,212 @@
+"""ASR pipeline: decoding every input kind, chunking/stitching long audio, batching, bad inputs, Hub-style loading."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import soxr
+import torch
+
+from pipeline_asr import (
+    AudioInputError,
+    chunk_blocks,
+    find_repetition_loop,
+    iter_chunks,
+    to_mono_float,
+    trim_repetition_loop,
+)
+
+RATE = 16000
+
+
+def speech_like(seconds: float, rate: int = RATE, seed: int = 0) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """Noise bursts ("words", 0.2-0.6 s) separated by silent gaps (0.15-0.5 s); returns audio and word spans."""
+    rng = np.random.default_rng(seed)
+    audio = np.zeros(int(seconds * rate), dtype=np.float32)
+    words, position = [], int(0.3 * rate)
+    while True:
+        length = int(rng.uniform(0.2, 0.6) * rate)
+        if position + length > len(audio):
+            break
+        audio[position : position + length] = rng.normal(0, 0.3, length) * np.hanning(length)
+        words.append((position, position + length))
+        position += length + int(rng.uniform(0.15, 0.5) * rate)
+    return audio, words
+
+
+def tone(seconds: float, rate: int = RATE, freq: float = 440.0) -> np.ndarray:
+    return (0.3 * np.sin(2 * np.pi * freq * np.arange(int(seconds * rate)) / rate)).astype(np.float32)
+
+
+def collect(chunks) -> np.ndarray:
+    return np.concatenate([chunk.samples for chunk in chunks])
+
+
+# ---- decoding ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["WAV", "FLAC", "OGG", "MP3"])
+def test_file_and_bytes_of_each_format_decode_to_mono_at_model_rate(tmp_path, fmt):
+    stereo = np.stack([tone(2.0, 22050), tone(2.0, 22050, 660.0)], axis=1)
+    path = tmp_path / f"clip.{fmt.lower()}"
+    sf.write(path, stereo, 22050, format=fmt)
+    from_path = collect(iter_chunks(str(path), RATE, 30.0))
+    from_bytes = collect(iter_chunks(path.read_bytes(), RATE, 30.0))
+    assert abs(len(from_path) - 2 * RATE) < 0.01 * RATE  # MP3 adds a few ms of codec padding
+    np.testing.assert_array_equal(from_path, from_bytes)
+    expected = soxr.resample(stereo.mean(axis=1).astype(np.float32), 22050, RATE)
+    if fmt in ("WAV", "FLAC"):  # lossless: the streamed decode+downmix+resample matches the one-shot one
+        np.testing.assert_allclose(from_path, expected[: len(from_path)], atol=1e-3)
+
+
+def test_pathlib_path_is_accepted(tmp_path):
+    sf.write(tmp_path / "a.wav", tone(1.0), RATE)
+    assert len(collect(iter_chunks(tmp_path / "a.wav", RATE, 30.0))) == RATE
+
+
+def test_int16_becomes_float_in_unit_range():
+    pcm = (tone(0.5) * 32767).astype(np.int16)
+    out = to_mono_float(pcm)
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out, tone(0.5), atol=1e-4)
+
+
+@pytest.mark.parametrize("layout", ["channels_first", "channels_last"])
+def test_stereo_array_is_downmixed(layout):
+    left, right = tone(1.0), tone(1.0, freq=880.0)
+    stereo = np.stack([left, right]) if layout == "channels_first" else np.stack([left, right], axis=1)
+    np.testing.assert_allclose(to_mono_float(stereo), (left + right) / 2, atol=1e-6)
+
+
+def test_array_with_sampling_rate_is_resampled():
+    chunks = list(iter_chunks(tone(3.0, 44100), RATE, 30.0, sampling_rate=44100))
+    assert len(collect(chunks)) == 3 * RATE
+    assert chunks[-1].end == pytest.approx(3.0)
+
+
+@pytest.mark.parametrize("key", ["raw", "array"])
+def test_dict_input(key):
+    tensor = torch.from_numpy(tone(1.0, 8000))
+    out = collect(iter_chunks({key: tensor, "sampling_rate": 8000}, RATE, 30.0))
+    assert len(out) == RATE
+
+
+def test_datasets_audio_rows(tmp_path):
+    """datasets 5 without torchcodec yields undecoded {"bytes", "path"} rows; both fields are honoured."""
+    import datasets
+
+    sf.write(tmp_path / "a.flac", tone(1.5, 24000), 24000)
+    by_path = datasets.Dataset.from_dict({"audio": [str(tmp_path / "a.flac")]})
+    by_path = by_path.cast_column("audio", datasets.Audio(decode=False))
+    by_bytes = datasets.Dataset.from_dict(
+        {"audio": [{"bytes": (tmp_path / "a.flac").read_bytes(), "path": None}]}
+    )
+    by_bytes = by_bytes.cast_column("audio", datasets.Audio(decode=False))
+    for dataset in (by_path, by_bytes):
+        assert len(collect(iter_chunks(dataset[0]["audio"], RATE, 30.0))) == int(1.5 * RATE)
+
+
+def test_torchcodec_decoder_row(tmp_path):
+    torchcodec = pytest.importorskip("torchcodec")
+    sf.write(tmp_path / "a.wav", np.stack([tone(1.0), tone(1.0)], axis=1), RATE)
+    decoder = torchcodec.decoders.AudioDecoder(str(tmp_path / "a.wav"))
+    assert len(collect(iter_chunks(decoder, RATE, 30.0))) == RATE
+
+
+# ---- bad inputs --------------------------------------------------------------------------------------------
+
+
+def _bad_inputs(tmp_path: Path) -> dict[str, tuple[object, str]]:
+    """name -> (input, text the error must contain)."""
+    (tmp_path / "empty.wav").write_bytes(b"")
+    (tmp_path / "notes.txt").write_text("this is not audio at all\n" * 20)
+    buffer = io.BytesIO()
+    sf.write(buffer, tone(1.0), RATE, format="WAV")
+    (tmp_path / "truncated.wav").write_bytes(buffer.getvalue()[:30])  # header cut mid-way
+    return {
+        "missing": (str(tmp_path / "nope.wav"), "nope.wav"),
+        "empty": (str(tmp_path / "empty.wav"), "empty.wav"),
+        "corrupt": (str(tmp_path / "truncated.wav"), "truncated.wav"),
+        "not_audio": (str(tmp_path / "notes.txt"), "notes.txt"),
+        "garbage_bytes": (b"\x00\x01garbage" * 10, "<90 bytes>"),
+        "unsupported_type": (12345, "<int>"),
+        "nan_array": (np.full(RATE, np.nan, dtype=np.float32), "ndarray"),
+        "empty_array": (np.zeros(0, dtype=np.float32), "ndarray"),
+        "dict_without_rate": ({"raw": tone(1.0)}, "dict"),
+    }
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "missing",
+        "empty",
+        "corrupt",
+        "not_audio",
+        "garbage_bytes",
+        "unsupported_type",
+        "nan_array",
+        "empty_array",
+        "dict_without_rate",
+    ],
+)
+def test_bad_input_raises_one_error_naming_it(tmp_path, name):
+    source, named = _bad_inputs(tmp_path)[name]
+    with pytest.raises(AudioInputError, match="Cannot read audio input") as caught:
+        list(iter_chunks(source, RATE, 30.0))
+    assert named in str(caught.value)
+
+
+# ---- chunking ----------------------------------------------------------------------------------------------
+
+
+def test_long_audio_is_cut_in_pauses_into_an_exact_partition():
+    audio, words = speech_like(95.0)
+    # Block edges unrelated to where cuts fall.
+    blocks = (audio[i : i + 7 * RATE] for i in range(0, len(audio), 7 * RATE))
+    chunks = list(chunk_blocks(blocks, RATE, 30.0))
+    assert len(chunks) == 4
+    np.testing.assert_array_equal(collect(chunks), audio)  # nothing dropped, nothing doubled
+    assert all(len(chunk.samples) <= 30 * RATE for chunk in chunks)
+    for chunk in chunks[1:]:
+        cut = round(chunk.start * RATE)
+        assert not any(start < cut < end for start, end in words), f"cut at {chunk.start:.2f}s splits a word"
+    assert [c.end for c in chunks[:-1]] == [c.start for c in chunks[1:]]
+    assert chunks[-1].end == pytest.approx(95.0)
+
+
+def test_continuous_sound_is_still_cut_within_the_window():
+    chunks = list(chunk_blocks([tone(70.0)], RATE, 30.0))
+    assert len(chunks) == 3 and all(len(c.samples) <= 30 * RATE for c in chunks)
+    np.testing.assert_array_equal(collect(chunks), tone(70.0))
+
+
+def test_ten_minute_file_streams_in_bounded_chunks(tmp_path):
+    path = tmp_path / "long.wav"
+    audio, _ = speech_like(600.0, rate=8000, seed=3)
+    sf.write(path, audio, 8000, subtype="PCM_16")
+    total = 0
+    for chunk in iter_chunks(str(path), RATE, 30.0):
+        assert len(chunk.samples) <= 30 * RATE
+        total += len(chunk.samples)
+    assert total == 600 * RATE
+
+
+# ---- repetition guard --------------------------------------------------------------------------------------
+
+
+def test_repetition_loop_is_found_and_trimmed():
+    prefix = [5, 6, 7, 8]
+    assert find_repetition_loop(prefix + [9] * 16) == (4, 1)
+    assert trim_repetition_loop(prefix + [9] * 20) == prefix + [9]
+    assert trim_repetition_loop(prefix + [1, 2, 3, 4, 5] * 4) == prefix + [1, 2, 3, 4, 5]
+
+
+def test_normal_repetition_is_left_alone():
+    assert find_repetition_loop([3, 3, 3, 4, 5, 4, 5, 1, 2, 9, 9, 9, 9]) is None
+    sentence = list(range(20))
+    assert trim_repetition_loop(sentence * 2) == sentence * 2  # a sentence said twice is kept
