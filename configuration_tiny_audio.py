@@ -1,0 +1,136 @@
+"""Configuration of Tiny Audio: a frozen audio encoder, a small trainable projector and a frozen causal LM."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+# Defaults describe the course model: Whisper large-v3-turbo's encoder and SmolLM3-3B.
+DEFAULT_AUDIO_MODEL_ID = "openai/whisper-large-v3-turbo"
+DEFAULT_TEXT_MODEL_ID = "HuggingFaceTB/SmolLM3-3B"
+
+DEFAULT_TASK_PROMPTS = {
+    "transcribe": "Transcribe the speech.",
+    "describe": "Describe the audio.",
+    "emotion": "What emotion does the speaker express?",
+}
+
+# Kernel, stride and padding of an encoder's convolutional front end, as (k, s, p) triples.
+ConvLayers = list[tuple[int, int, int]]
+
+
+def encoder_conv_layers(audio_config: PreTrainedConfig) -> ConvLayers:
+    """The convolutions that turn feature frames (Whisper mel frames, or wav2vec-style samples) into encoder frames."""
+    if audio_config.model_type == "whisper":
+        return [(3, 1, 1), (3, 2, 1)]
+    if hasattr(audio_config, "conv_kernel") and hasattr(audio_config, "conv_stride"):
+        return [(k, s, 0) for k, s in zip(audio_config.conv_kernel, audio_config.conv_stride, strict=True)]
+    raise ValueError(
+        f"Unsupported audio encoder type {audio_config.model_type!r}: Tiny Audio supports Whisper and "
+        "wav2vec 2.0-style encoders (wav2vec2, hubert, wavlm, data2vec-audio)."
+    )
+
+
+def audio_token_lengths(
+    feature_lengths: torch.Tensor, conv_layers: ConvLayers, downsample: int
+) -> torch.Tensor:
+    """Number of audio tokens the LLM sees for clips with `feature_lengths` real feature frames.
+
+    This is the single place that maps audio length to token count: the processor uses it to expand the
+    placeholder and the model uses it to select the projector outputs that belong to real audio.
+    """
+    lengths = feature_lengths.long()
+    for kernel, stride, padding in conv_layers:
+        lengths = torch.div(lengths + 2 * padding - kernel, stride, rounding_mode="floor") + 1
+    return torch.div(lengths.clamp(min=0) + downsample - 1, downsample, rounding_mode="floor")
+
+
+class TinyAudioConfig(PreTrainedConfig):
+    """Configuration of `TinyAudioForConditionalGeneration`.
+
+    `audio_config` / `text_config` describe the encoder and the LLM (any encoder/causal-LM config, rebuilt
+    through `AutoConfig`); `audio_model_id` / `text_model_id` say where their pretrained weights live (a Hub id
+    or a local folder), so a checkpoint only needs to store the projector.
+    """
+
+    model_type = "tiny_audio"
+    sub_configs_defaults = {
+        "audio_config": SubConfigSpec(
+            config_class=AutoConfig,
+            model_type="whisper",
+            init_kwargs={
+                "d_model": 1280,
+                "encoder_layers": 32,
+                "encoder_attention_heads": 20,
+                "encoder_ffn_dim": 5120,
+                "decoder_layers": 4,
+                "decoder_attention_heads": 20,
+                "decoder_ffn_dim": 5120,
+                "num_mel_bins": 128,
+                "vocab_size": 51866,
+            },
+        ),
+        "text_config": SubConfigSpec(
+            config_class=AutoConfig,
+            model_type="smollm3",
+            init_kwargs={
+                "hidden_size": 2048,
+                "intermediate_size": 11008,
+                "num_hidden_layers": 36,
+                "num_attention_heads": 16,
+                "num_key_value_heads": 4,
+                "vocab_size": 128256,
+                "tie_word_embeddings": True,
+            },
+        ),
+    }
+
+    audio_config: dict | PreTrainedConfig | None = None
+    text_config: dict | PreTrainedConfig | None = None
+    audio_model_id: str = DEFAULT_AUDIO_MODEL_ID
+    text_model_id: str = DEFAULT_TEXT_MODEL_ID
+    # Projector: strided 1-D convolution (time / projector_downsample), then Linear -> act -> Linear.
+    projector_downsample: int = 4
+    projector_hidden_size: int | None = None
+    projector_activation: str = "gelu"
+    # Prompting: the placeholder the processor expands to one token per audio embedding.
+    audio_token: str = "<audio>"
+    audio_token_id: int | None = None
+    task_prompts: dict | None = None
+    default_task: str = "transcribe"
+    # Optional LoRA on the LLM (rank 0 = off: the LLM stays exactly the pretrained one).
+    lora_rank: int = 0
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    lora_target_modules: list | None = None
+    # Audio limits and the generation budget, which scales with the audio length.
+    sampling_rate: int = 16000
+    max_audio_seconds: float = 30.0
+    max_new_tokens_per_second: float = 8.0
+    min_new_tokens: int = 16
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs):
+        if self.task_prompts is None:
+            self.task_prompts = dict(DEFAULT_TASK_PROMPTS)
+        if self.lora_target_modules is None:
+            self.lora_target_modules = ["q_proj", "v_proj"]
+        super().__post_init__(**kwargs)
+        if self.projector_hidden_size is None:
+            self.projector_hidden_size = self.text_config.hidden_size
+        if self.default_task not in self.task_prompts:
+            raise ValueError(
+                f"default_task {self.default_task!r} is not one of the task prompts {list(self.task_prompts)}"
+            )
+
+    @property
+    def encoder_conv_layers(self) -> ConvLayers:
+        return encoder_conv_layers(self.audio_config)
+
+    def max_new_tokens_for(self, audio_seconds: float) -> int:
+        """Generation budget for a clip: grows with its duration so long speech is never cut short."""
+        return int(self.min_new_tokens + self.max_new_tokens_per_second * audio_seconds)
+
+
+__all__ = ["TinyAudioConfig", "audio_token_lengths", "encoder_conv_layers"]

@@ -1,0 +1,451 @@
+"""Tiny Audio: frozen audio encoder -> trainable projector -> frozen causal LM."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    GenerationMixin,
+    PreTrainedModel,
+)
+from transformers.activations import ACT2FN
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.models.whisper.modeling_whisper import WhisperEncoder
+from transformers.utils import SAFE_WEIGHTS_NAME, cached_file, logging
+
+try:
+    from .configuration_tiny_audio import TinyAudioConfig, audio_token_lengths
+    from .processing_tiny_audio import add_audio_token
+except ImportError:
+    from configuration_tiny_audio import TinyAudioConfig, audio_token_lengths
+    from processing_tiny_audio import add_audio_token
+
+# The Hub code: copied next to the weights so a saved folder serves with trust_remote_code alone.
+HUB_CODE_FILES = (
+    "configuration_tiny_audio.py",
+    "modeling_tiny_audio.py",
+    "processing_tiny_audio.py",
+    "pipeline_asr.py",
+)
+AUTO_MAP = {
+    "AutoConfig": "configuration_tiny_audio.TinyAudioConfig",
+    "AutoModel": "modeling_tiny_audio.TinyAudioForConditionalGeneration",
+    "AutoModelForSpeechSeq2Seq": "modeling_tiny_audio.TinyAudioForConditionalGeneration",
+    "AutoProcessor": "processing_tiny_audio.TinyAudioProcessor",
+}
+CUSTOM_PIPELINES = {
+    "automatic-speech-recognition": {
+        "impl": "pipeline_asr.TinyAudioASRPipeline",
+        "pt": ["AutoModelForSpeechSeq2Seq"],
+        "tf": [],
+        "type": "multimodal",
+    }
+}
+TRAINABLE_PREFIXES = ("multi_modal_projector.",)
+
+
+def load_audio_encoder(model_id: str, dtype: torch.dtype | None = None, **hub_kwargs) -> PreTrainedModel:
+    """Loads only the encoder of a pretrained speech model (Whisper's decoder is dropped)."""
+    config = AutoConfig.from_pretrained(model_id, **hub_kwargs)
+    if config.model_type == "whisper":
+        return WhisperSpeechEncoder.from_pretrained(
+            model_id, dtype=dtype, key_mapping={r"^model\.encoder\.": ""}, **hub_kwargs
+        )
+    return AutoModel.from_pretrained(model_id, dtype=dtype, **hub_kwargs)
+
+
+class WhisperSpeechEncoder(WhisperEncoder):
+    """Whisper's encoder, loadable from a full Whisper checkpoint whose decoder weights it leaves behind."""
+
+    _keys_to_ignore_on_load_unexpected = [r"^model\.decoder\.", r"^proj_out\."]
+
+
+def build_audio_encoder(audio_config) -> PreTrainedModel:
+    """A randomly initialised encoder from a config (tests, and standalone checkpoints before loading)."""
+    if audio_config.model_type == "whisper":
+        return WhisperSpeechEncoder(audio_config)
+    return AutoModel.from_config(audio_config)
+
+
+class TinyAudioProjector(nn.Module):
+    """Maps encoder frames to LLM embeddings: strided conv (time / k), then Linear -> activation -> Linear."""
+
+    def __init__(self, config: TinyAudioConfig):
+        super().__init__()
+        encoder_size = config.audio_config.hidden_size
+        self.downsample = config.projector_downsample
+        self.conv = nn.Conv1d(encoder_size, encoder_size, kernel_size=self.downsample, stride=self.downsample)
+        self.linear_1 = nn.Linear(encoder_size, config.projector_hidden_size)
+        self.act = ACT2FN[config.projector_activation]
+        self.linear_2 = nn.Linear(config.projector_hidden_size, config.text_config.hidden_size)
+
+    def forward(self, encoder_hidden: torch.Tensor) -> torch.Tensor:
+        remainder = encoder_hidden.shape[1] % self.downsample
+        if remainder:
+            encoder_hidden = nn.functional.pad(encoder_hidden, (0, 0, 0, self.downsample - remainder))
+        hidden = self.conv(encoder_hidden.transpose(1, 2)).transpose(1, 2)
+        return self.linear_2(self.act(self.linear_1(hidden)))
+
+
+class TinyAudioPreTrainedModel(PreTrainedModel):
+    config_class = TinyAudioConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    input_modalities = ("audio", "text")
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _skip_keys_device_placement = "past_key_values"
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Conv1d)):
+            nn.init.normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        else:
+            super()._init_weights(module)
+
+
+class TinyAudioForConditionalGeneration(TinyAudioPreTrainedModel, GenerationMixin):
+    """Speech recognition with a frozen encoder and a frozen LLM; only the projector (and optional LoRA) trains."""
+
+    def __init__(
+        self,
+        config: TinyAudioConfig,
+        audio_tower: PreTrainedModel | None = None,
+        language_model: PreTrainedModel | None = None,
+    ):
+        super().__init__(config)
+        self.audio_tower = (
+            audio_tower if audio_tower is not None else build_audio_encoder(config.audio_config)
+        )
+        self.multi_modal_projector = TinyAudioProjector(config)
+        self.language_model = (
+            language_model
+            if language_model is not None
+            else AutoModelForCausalLM.from_config(config.text_config)
+        )
+        self.post_init()
+        if config.lora_rank > 0:
+            self._add_lora()
+        self.freeze_pretrained()
+
+    # ---- construction -------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_components(
+        cls,
+        audio_model_id: str,
+        text_model_id: str,
+        dtype: torch.dtype | None = None,
+        **config_kwargs,
+    ) -> TinyAudioForConditionalGeneration:
+        """A new model from a pretrained encoder and LLM (Hub ids or local folders), with a fresh projector."""
+        audio_tower = load_audio_encoder(audio_model_id, dtype=dtype)
+        language_model = AutoModelForCausalLM.from_pretrained(text_model_id, dtype=dtype)
+        if config_kwargs.get("audio_token_id") is None:
+            audio_token = config_kwargs.get("audio_token", TinyAudioConfig.audio_token)
+            config_kwargs["audio_token_id"] = add_audio_token(
+                AutoTokenizer.from_pretrained(text_model_id), audio_token
+            )
+        config = TinyAudioConfig(
+            # Copies: the towers keep their own configs (with their resolved attention implementation).
+            audio_config=audio_tower.config.to_dict(),
+            text_config=language_model.config.to_dict(),
+            audio_model_id=str(audio_model_id),
+            text_model_id=str(text_model_id),
+            **config_kwargs,
+        )
+        model = cls(config, audio_tower=audio_tower, language_model=language_model)
+        model.generation_config = cls._generation_config_from(language_model)
+        if dtype is not None:
+            model.multi_modal_projector.to(dtype)
+        return model
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *model_args, **kwargs):
+        """Loads a checkpoint; a projector-only one rebuilds the encoder and LLM from their ids first."""
+        hub_kwargs = {
+            key: kwargs[key]
+            for key in ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
+            if key in kwargs
+        }
+        weights_file = cached_file(pretrained_model_name_or_path, SAFE_WEIGHTS_NAME, **hub_kwargs)
+        if _holds_pretrained_weights(weights_file):
+            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+
+        config = kwargs.get("config")
+        if not isinstance(config, TinyAudioConfig):
+            config = TinyAudioConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
+        dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
+        dtype = None if dtype == "auto" else dtype
+        audio_tower = load_audio_encoder(config.audio_model_id, dtype=dtype)
+        language_model = AutoModelForCausalLM.from_pretrained(config.text_model_id, dtype=dtype)
+        model = cls(config, audio_tower=audio_tower, language_model=language_model)
+        model.load_trainable_weights(weights_file)
+        try:
+            model.generation_config = GenerationConfig.from_pretrained(
+                pretrained_model_name_or_path, **hub_kwargs
+            )
+        except OSError:
+            model.generation_config = cls._generation_config_from(language_model)
+        if dtype is not None:
+            model.to(dtype)
+        if kwargs.get("device_map") not in (None, "cpu"):
+            model.to(kwargs["device_map"] if kwargs["device_map"] != "auto" else _best_device())
+        model.eval()
+        return model
+
+    @staticmethod
+    def _generation_config_from(language_model: PreTrainedModel) -> GenerationConfig:
+        """Greedy decoding that stops where the LLM stops (its own EOS ids)."""
+        source = language_model.generation_config
+        return GenerationConfig(
+            bos_token_id=source.bos_token_id,
+            eos_token_id=source.eos_token_id,
+            pad_token_id=source.pad_token_id if source.pad_token_id is not None else source.eos_token_id,
+            do_sample=False,
+            num_beams=1,
+            max_new_tokens=128,
+        )
+
+    def _add_lora(self) -> None:
+        try:
+            from peft import LoraConfig, inject_adapter_in_model
+        except ImportError as error:
+            raise ImportError("LoRA (lora_rank > 0) needs the `peft` package: pip install peft") from error
+
+        lora = LoraConfig(
+            r=self.config.lora_rank,
+            lora_alpha=self.config.lora_alpha,
+            lora_dropout=self.config.lora_dropout,
+            target_modules=list(self.config.lora_target_modules),
+        )
+        inject_adapter_in_model(lora, self.language_model)
+
+    def freeze_pretrained(self) -> None:
+        """Freezes encoder and LLM; leaves the projector and LoRA adapters trainable."""
+        for name, param in self.named_parameters():
+            param.requires_grad = self._is_trainable(name)
+        self.audio_tower.eval()
+        self.language_model.eval()
+
+    @staticmethod
+    def _is_trainable(parameter_name: str) -> bool:
+        return parameter_name.startswith(TRAINABLE_PREFIXES) or ".lora_" in parameter_name
+
+    def train(self, mode: bool = True) -> TinyAudioForConditionalGeneration:
+        """Only the projector switches to training mode: the frozen towers never use dropout."""
+        super().train(mode)
+        self.audio_tower.eval()
+        self.language_model.eval()
+        return self
+
+    # ---- saving -------------------------------------------------------------------------------------------
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        return {name: tensor for name, tensor in self.state_dict().items() if self._is_trainable(name)}
+
+    def load_trainable_weights(self, weights_file: str) -> None:
+        state = load_file(weights_file)
+        expected = set(self.trainable_state_dict())
+        missing, unexpected = expected - set(state), set(state) - expected
+        if missing or unexpected:
+            raise ValueError(
+                f"{weights_file} does not match this model's trainable weights "
+                f"(missing: {sorted(missing)[:5]}, unexpected: {sorted(unexpected)[:5]}); "
+                "was it saved with a different projector size or LoRA setting?"
+            )
+        self.load_state_dict(state, strict=False)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, standalone: bool = False, **kwargs) -> None:
+        """Saves config, code and weights: only the trainable ones unless `standalone=True`.
+
+        A projector-only folder references the encoder and LLM by `audio_model_id` / `text_model_id`.
+        """
+        if not standalone:
+            kwargs["state_dict"] = {k: v.contiguous() for k, v in self.trainable_state_dict().items()}
+        self.config.auto_map = dict(AUTO_MAP)
+        self.config.custom_pipelines = CUSTOM_PIPELINES
+        super().save_pretrained(save_directory, **kwargs)
+        copy_hub_code(save_directory)
+
+    # ---- audio path: features -> encoder -> projector ---------------------------------------------------
+
+    def encode_audio(
+        self, input_features: torch.Tensor, input_features_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Runs the frozen encoder; returns its frames and a mask of the frames that hold real audio."""
+        features = input_features.to(self.audio_tower.dtype)
+        with torch.no_grad():
+            if self.config.audio_config.model_type == "whisper":
+                hidden = self.audio_tower(features).last_hidden_state
+            else:
+                use_mask = getattr(self.config.audio_config, "feat_extract_norm", "layer") == "layer"
+                hidden = self.audio_tower(features, attention_mask=input_features_mask if use_mask else None)
+                hidden = hidden.last_hidden_state
+        lengths = input_features_mask.sum(-1)
+        for kernel, stride, padding in self.config.encoder_conv_layers:
+            lengths = torch.div(lengths + 2 * padding - kernel, stride, rounding_mode="floor") + 1
+        frame_ids = torch.arange(hidden.shape[1], device=hidden.device)
+        return hidden, frame_ids[None, :] < lengths[:, None].to(hidden.device)
+
+    def project_audio(
+        self, encoder_hidden: torch.Tensor, encoder_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Runs the projector on real encoder frames (padding zeroed, so trimmed cached frames give the same result)."""
+        projector_dtype = self.multi_modal_projector.linear_1.weight.dtype
+        encoder_hidden = encoder_hidden.to(projector_dtype) * encoder_mask[..., None].to(projector_dtype)
+        embeds = self.multi_modal_projector(encoder_hidden)
+        frame_counts = encoder_mask.sum(-1)
+        token_counts = torch.div(
+            frame_counts + self.config.projector_downsample - 1,
+            self.config.projector_downsample,
+            rounding_mode="floor",
+        )
+        token_ids = torch.arange(embeds.shape[1], device=embeds.device)
+        return embeds, token_ids[None, :] < token_counts[:, None].to(embeds.device)
+
+    def get_audio_features(
+        self, input_features: torch.Tensor, input_features_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Audio embeddings in the LLM's space and the mask of those that stand for real audio."""
+        return self.project_audio(*self.encode_audio(input_features, input_features_mask))
+
+    def audio_token_counts(self, input_features_mask: torch.Tensor) -> torch.Tensor:
+        return audio_token_lengths(
+            input_features_mask.sum(-1), self.config.encoder_conv_layers, self.config.projector_downsample
+        )
+
+    # ---- text path and merge ------------------------------------------------------------------------------
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.language_model.get_output_embeddings()
+
+    def embed_with_audio(
+        self, input_ids: torch.LongTensor, audio_embeds: torch.Tensor | None, audio_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Text embeddings with every audio placeholder replaced, in order, by the real audio embeddings."""
+        placeholder = input_ids == self.config.audio_token_id
+        # The placeholder id may lie outside the LLM's vocabulary: look up a harmless id instead.
+        inputs_embeds = self.get_input_embeddings()(input_ids.masked_fill(placeholder, 0))
+        if audio_embeds is None:
+            if placeholder.any():
+                raise ValueError(
+                    "input_ids contain audio placeholder tokens but no audio was given "
+                    "(pass input_features and input_features_mask from the processor)."
+                )
+            return inputs_embeds
+        real_audio = audio_embeds[audio_mask]
+        if real_audio.shape[0] != int(placeholder.sum()):
+            raise ValueError(
+                f"The prompt holds {int(placeholder.sum())} audio placeholder tokens but the audio gives "
+                f"{real_audio.shape[0]} embeddings; build inputs with TinyAudioProcessor so the counts agree."
+            )
+        mask = placeholder[..., None].expand_as(inputs_embeds)
+        return inputs_embeds.masked_scatter(mask, real_audio.to(inputs_embeds.dtype))
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        input_features: torch.Tensor | None = None,
+        input_features_mask: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        num_items_in_batch: int | torch.Tensor | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """LLM forward over the prompt with audio merged in.
+
+        With `labels`, logits are computed only where an answer token is predicted and the loss covers those
+        positions only. `encoder_hidden_states`/`encoder_mask` replace `input_features` when encoder outputs
+        were computed ahead of time (the training feature cache).
+        """
+        if inputs_embeds is None:
+            audio = None
+            if input_features is not None:
+                audio = self.get_audio_features(input_features, input_features_mask)
+            elif encoder_hidden_states is not None:
+                audio = self.project_audio(encoder_hidden_states, encoder_mask)
+            inputs_embeds = self.embed_with_audio(input_ids, *(audio or (None, None)))
+
+        if labels is not None:
+            # Position t predicts token t + 1: keep only positions whose next token is part of the answer.
+            targets = labels[:, 1:]
+            keep = nn.functional.pad(targets != -100, (0, 1), value=False)
+            logits_to_keep = keep
+        outputs = self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            logits_to_keep=logits_to_keep,
+            **kwargs,
+        )
+        if labels is None:
+            return outputs
+
+        answer_targets = targets[targets != -100].to(outputs.logits.device)
+        loss = nn.functional.cross_entropy(outputs.logits.float(), answer_targets, reduction="sum")
+        denominator = num_items_in_batch if num_items_in_batch is not None else max(answer_targets.numel(), 1)
+        outputs.loss = loss / denominator
+        return outputs
+
+    def generate(self, *args, **kwargs) -> torch.LongTensor:
+        """`GenerationMixin.generate` with a budget that follows the audio length when none is given."""
+        features_mask = kwargs.get("input_features_mask")
+        if "max_new_tokens" not in kwargs and "generation_config" not in kwargs and features_mask is not None:
+            seconds = self.feature_seconds(features_mask).max().item()
+            kwargs["max_new_tokens"] = self.config.max_new_tokens_for(seconds)
+        return super().generate(*args, **kwargs)
+
+    def feature_seconds(self, input_features_mask: torch.Tensor) -> torch.Tensor:
+        """Audio duration of each clip, from its count of real feature frames."""
+        frames = input_features_mask.sum(-1).float()
+        if self.config.audio_config.model_type == "whisper":
+            return frames * 160 / self.config.sampling_rate
+        return frames / self.config.sampling_rate
+
+
+def _holds_pretrained_weights(weights_file: str) -> bool:
+    """True for a standalone checkpoint (every weight), False for a projector-only one."""
+    with safe_open(weights_file, framework="pt") as handle:
+        return any(key.startswith(("language_model.", "audio_tower.")) for key in handle.keys())
+
+
+def _best_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def copy_hub_code(save_directory: str | os.PathLike) -> None:
+    """Copies the model's code next to its weights, so the folder works as a `trust_remote_code` Hub repo."""
+    source_dir = Path(__file__).resolve().parent
+    for name in HUB_CODE_FILES:
+        source = source_dir / name
+        target = Path(save_directory) / name
+        if source.is_file() and source.resolve() != target.resolve():
+            shutil.copyfile(source, target)
+
+
+__all__ = ["TinyAudioForConditionalGeneration", "TinyAudioPreTrainedModel", "TinyAudioProjector"]

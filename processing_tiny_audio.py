@@ -1,0 +1,279 @@
+"""Processor of Tiny Audio: audio features plus a chat prompt whose audio placeholder is expanded per clip."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from transformers import AutoConfig, AutoFeatureExtractor, AutoTokenizer, BatchFeature, ProcessorMixin
+from transformers.tokenization_utils_base import AddedToken
+
+try:
+    from .configuration_tiny_audio import (
+        DEFAULT_TASK_PROMPTS,
+        ConvLayers,
+        TinyAudioConfig,
+        audio_token_lengths,
+        encoder_conv_layers,
+    )
+except ImportError:
+    from configuration_tiny_audio import (
+        DEFAULT_TASK_PROMPTS,
+        ConvLayers,
+        TinyAudioConfig,
+        audio_token_lengths,
+        encoder_conv_layers,
+    )
+
+IGNORE_INDEX = -100
+
+
+def add_audio_token(tokenizer, audio_token: str) -> int:
+    """Registers the audio placeholder as one special token (the LLM's embedding table is left untouched)."""
+    if audio_token not in tokenizer.get_vocab():
+        tokenizer.add_tokens([AddedToken(audio_token, special=True, normalized=False)], special_tokens=True)
+    return tokenizer.convert_tokens_to_ids(audio_token)
+
+
+class TinyAudioProcessor(ProcessorMixin):
+    """Turns audio + a task (or a free prompt) into model inputs, and optionally transcripts into `labels`.
+
+    Audio must be mono, 1-D, at `sampling_rate`; the ASR pipeline decodes files, resamples and downmixes.
+    Integer PCM arrays (int16/int32) are scaled to [-1, 1]. Clips longer than `max_audio_seconds` are
+    refused here: the pipeline splits long audio into chunks.
+    """
+
+    def __init__(
+        self,
+        feature_extractor,
+        tokenizer,
+        audio_token: str = "<audio>",
+        task_prompts: dict | None = None,
+        default_task: str = "transcribe",
+        conv_layers: ConvLayers | None = None,
+        projector_downsample: int = 4,
+        max_audio_seconds: float = 30.0,
+        chat_template: str | None = None,
+    ):
+        self.audio_token = audio_token
+        self.task_prompts = dict(task_prompts or DEFAULT_TASK_PROMPTS)
+        self.default_task = default_task
+        self.conv_layers = [tuple(layer) for layer in (conv_layers or [(3, 1, 1), (3, 2, 1)])]
+        self.projector_downsample = projector_downsample
+        self.max_audio_seconds = max_audio_seconds
+        self.audio_token_id = add_audio_token(tokenizer, audio_token)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        super().__init__(feature_extractor, tokenizer, chat_template=chat_template)
+
+    @classmethod
+    def from_components(
+        cls, audio_model_id: str, text_model_id: str, config: TinyAudioConfig | None = None
+    ) -> TinyAudioProcessor:
+        """A processor from the encoder's feature extractor and the LLM's tokenizer (Hub ids or folders)."""
+        config = config or TinyAudioConfig(audio_config=AutoConfig.from_pretrained(audio_model_id).to_dict())
+        return cls(
+            AutoFeatureExtractor.from_pretrained(audio_model_id),
+            AutoTokenizer.from_pretrained(text_model_id),
+            audio_token=config.audio_token,
+            task_prompts=config.task_prompts,
+            default_task=config.default_task,
+            conv_layers=encoder_conv_layers(config.audio_config),
+            projector_downsample=config.projector_downsample,
+            max_audio_seconds=config.max_audio_seconds,
+        )
+
+    @property
+    def sampling_rate(self) -> int:
+        return self.feature_extractor.sampling_rate
+
+    @property
+    def uses_mel_features(self) -> bool:
+        """Whisper-style extractors produce log-mel frames; wav2vec-style ones pass raw samples."""
+        return "input_features" in self.feature_extractor.model_input_names
+
+    # ---- prompts ------------------------------------------------------------------------------------------
+
+    def prompt_text(self, content: str) -> str:
+        """One user turn rendered with the LLM's chat template (thinking disabled where a template has it)."""
+        if self.tokenizer.chat_template is None:
+            return f"{content}\n"
+        messages = [{"role": "user", "content": content}]
+        return self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True, enable_thinking=False
+        )
+
+    def instruction(self, task: str | None, prompt: str | None) -> str:
+        if prompt is not None:
+            return prompt
+        task = task or self.default_task
+        if task not in self.task_prompts:
+            raise ValueError(
+                f"Unknown task {task!r}; known tasks: {sorted(self.task_prompts)} (or pass prompt=...)"
+            )
+        return self.task_prompts[task]
+
+    # ---- audio --------------------------------------------------------------------------------------------
+
+    def validate_audio(self, audio, index: int) -> np.ndarray:
+        """Checks one clip and returns it as float32; every problem names the clip."""
+        name = f"audio[{index}]"
+        if isinstance(audio, torch.Tensor):
+            audio = audio.detach().cpu().numpy()
+        if not isinstance(audio, np.ndarray):
+            raise TypeError(f"{name}: expected a 1-D numpy array or torch tensor, got {type(audio).__name__}")
+        if audio.ndim == 2 and 1 in audio.shape:
+            audio = audio.reshape(-1)
+        if audio.ndim != 1:
+            raise ValueError(
+                f"{name}: expected mono audio (1-D), got shape {audio.shape}; downmix first, e.g. audio.mean(axis=0) "
+                "for (channels, samples), or use the ASR pipeline which downmixes files."
+            )
+        if audio.size == 0:
+            raise ValueError(f"{name}: the audio is empty (0 samples)")
+        if np.issubdtype(audio.dtype, np.integer):
+            audio = audio.astype(np.float32) / np.iinfo(audio.dtype).max
+        audio = audio.astype(np.float32, copy=False)
+        if not np.isfinite(audio).all():
+            raise ValueError(f"{name}: the audio contains NaN or infinite samples")
+        seconds = audio.size / self.sampling_rate
+        if seconds > self.max_audio_seconds + 1e-6:
+            raise ValueError(
+                f"{name}: {seconds:.1f} s is longer than the encoder window ({self.max_audio_seconds:.0f} s); "
+                "use the ASR pipeline, which splits long audio into chunks."
+            )
+        return audio
+
+    def extract_features(self, clips: list[np.ndarray]) -> dict[str, torch.Tensor]:
+        """`input_features` (mel frames or samples) and `input_features_mask` marking the real frames."""
+        if self.uses_mel_features:
+            features = self.feature_extractor(
+                clips,
+                sampling_rate=self.sampling_rate,
+                return_attention_mask=True,
+                padding="max_length",
+                return_tensors="pt",
+            )
+            values = features["input_features"]
+        else:
+            features = self.feature_extractor(
+                clips,
+                sampling_rate=self.sampling_rate,
+                return_attention_mask=True,
+                padding="longest",
+                return_tensors="pt",
+            )
+            values = features["input_values"]
+        return {"input_features": values, "input_features_mask": features["attention_mask"].long()}
+
+    def audio_token_counts(self, input_features_mask: torch.Tensor) -> torch.Tensor:
+        return audio_token_lengths(input_features_mask.sum(-1), self.conv_layers, self.projector_downsample)
+
+    # ---- main entry point ---------------------------------------------------------------------------------
+
+    def __call__(
+        self,
+        audio=None,
+        text: str | list[str] | None = None,
+        sampling_rate: int | None = None,
+        task: str | None = None,
+        prompt: str | None = None,
+        return_tensors: str = "pt",
+        **kwargs,
+    ) -> BatchFeature:
+        """Builds model inputs.
+
+        `audio`: one clip or a list (mono float arrays at `sampling_rate`); None for a text-only prompt.
+        `text`: transcripts/answers for training; when given, `labels` hold them and mask everything else.
+        `task` selects a stored prompt (transcribe, describe, emotion); `prompt` overrides it with free text.
+        """
+        if return_tensors != "pt":
+            raise ValueError("TinyAudioProcessor only returns PyTorch tensors (return_tensors='pt')")
+        if sampling_rate is not None and sampling_rate != self.sampling_rate:
+            raise ValueError(
+                f"The audio is at {sampling_rate} Hz but the encoder expects {self.sampling_rate} Hz; resample it "
+                "first (the ASR pipeline does this for you)."
+            )
+        instruction = self.instruction(task, prompt)
+        if audio is None:
+            if text is not None:
+                raise ValueError("Transcripts (text=...) were given without audio")
+            return self._tokenize([self.prompt_text(instruction)], None, padding_side="left")
+
+        clips = audio if isinstance(audio, (list, tuple)) else [audio]
+        if not clips:
+            raise ValueError("No audio was given (an empty list)")
+        clips = [self.validate_audio(clip, index) for index, clip in enumerate(clips)]
+        features = self.extract_features(clips)
+        counts = self.audio_token_counts(features["input_features_mask"]).tolist()
+        template = self.prompt_text(f"{self.audio_token}\n{instruction}")
+        prompts = [template.replace(self.audio_token, self.audio_token * count, 1) for count in counts]
+
+        answers = None
+        if text is not None:
+            answers = [text] if isinstance(text, str) else list(text)
+            if len(answers) != len(clips):
+                raise ValueError(
+                    f"Got {len(clips)} audio clips but {len(answers)} transcripts; they must match 1:1"
+                )
+        inputs = self._tokenize(prompts, answers, padding_side="left" if answers is None else "right")
+        inputs.update(features)
+        return inputs
+
+    def _tokenize(self, prompts: list[str], answers: list[str] | None, padding_side: str) -> BatchFeature:
+        """Tokenizes prompts (and answers followed by EOS), pads the batch, and masks labels to the answers."""
+        add_special = self.tokenizer.chat_template is None
+        sequences = self.tokenizer(prompts, add_special_tokens=add_special)["input_ids"]
+        labels = None
+        if answers is not None:
+            labels = []
+            for index, answer in enumerate(answers):
+                if not isinstance(answer, str):
+                    raise TypeError(
+                        f"text[{index}]: expected a transcript string, got {type(answer).__name__}"
+                    )
+                answer_ids = self.tokenizer(answer.strip(), add_special_tokens=False)["input_ids"]
+                answer_ids = answer_ids + [self.tokenizer.eos_token_id]
+                labels.append([IGNORE_INDEX] * len(sequences[index]) + answer_ids)
+                sequences[index] = sequences[index] + answer_ids
+
+        longest = max(len(sequence) for sequence in sequences)
+        pad_id = self.tokenizer.pad_token_id
+        input_ids = torch.full((len(sequences), longest), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(sequences), longest), dtype=torch.long)
+        label_ids = torch.full((len(sequences), longest), IGNORE_INDEX, dtype=torch.long)
+        for row, sequence in enumerate(sequences):
+            span = (
+                slice(longest - len(sequence), longest) if padding_side == "left" else slice(0, len(sequence))
+            )
+            input_ids[row, span] = torch.tensor(sequence)
+            attention_mask[row, span] = 1
+            if labels is not None:
+                label_ids[row, span] = torch.tensor(labels[row])
+        data = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if labels is not None:
+            data["labels"] = label_ids
+        return BatchFeature(data=data)
+
+    def text_prompt(self, prompt: str) -> BatchFeature:
+        """Inputs for a text-only chat turn: the LLM alone answers (the demo's Text mode)."""
+        return self(prompt=prompt)
+
+    def batch_decode(self, token_ids, skip_special_tokens: bool = True, **kwargs) -> list[str]:
+        texts = self.tokenizer.batch_decode(token_ids, skip_special_tokens=skip_special_tokens, **kwargs)
+        return [text.strip() for text in texts]
+
+    def decode(self, token_ids, skip_special_tokens: bool = True, **kwargs) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens, **kwargs).strip()
+
+    def decode_generated(self, generated_ids: torch.Tensor, inputs: dict) -> list[str]:
+        """Text of the newly generated tokens only (generate returns prompt + answer)."""
+        return self.batch_decode(generated_ids[:, inputs["input_ids"].shape[1] :])
+
+    @property
+    def model_input_names(self) -> list[str]:
+        return ["input_ids", "attention_mask", "input_features", "input_features_mask"]
+
+
+TinyAudioProcessor.register_for_auto_class()
+
+__all__ = ["TinyAudioProcessor", "add_audio_token"]

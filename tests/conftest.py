@@ -1,0 +1,43 @@
+"""Shared fixtures: tiny random Tiny Audio models saved like real checkpoints (no downloads)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+from tiny_models import make_tiny_tiny_audio  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model_and_processor(tmp_path_factory):
+    """A tiny Whisper-encoder + Llama Tiny Audio model and its processor, in eval mode."""
+    return make_tiny_tiny_audio(tmp_path_factory.mktemp("tiny-components"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_model_and_processor) -> str:
+    """A saved projector-only checkpoint folder whose encoder and LLM ids point at local tiny folders."""
+    model, processor = tiny_model_and_processor
+    directory = tmp_path_factory.mktemp("tiny-checkpoint")
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return str(directory)
+
+
+def speech_like(seconds: float, sampling_rate: int = 16000, seed: int = 0) -> np.ndarray:
+    """A deterministic non-silent test signal: a few harmonics with a syllable-rate envelope plus noise."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * sampling_rate)) / sampling_rate
+    tone = sum(np.sin(2 * np.pi * f * t) / (i + 1) for i, f in enumerate((180.0, 360.0, 720.0)))
+    envelope = 0.5 * (1 + np.sin(2 * np.pi * 4.0 * t))
+    return (0.3 * tone * envelope + 0.01 * rng.standard_normal(t.size)).astype(np.float32)
