@@ -1,0 +1,349 @@
+"""Train Tiny Audio's projector (and optional LoRA) with the Hugging Face Trainer; encoder and LLM stay frozen.
+
+    python train.py configs/offline.yaml --max_steps 200 --learning_rate 1e-3
+    torchrun --nproc_per_node 8 train.py configs/default.yaml          # data-parallel, unchanged
+    python train.py configs/offline.yaml --resume                       # continue from the last checkpoint
+
+A YAML file gives the defaults; every key is a command-line flag, and flags after the file override it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+import jiwer
+import torch
+import yaml
+from huggingface_hub import HfApi
+from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers.integrations import is_tensorboard_available, is_wandb_available
+from transformers.trainer import TRAINING_ARGS_NAME
+from transformers.trainer_utils import get_last_checkpoint
+from transformers.utils import SAFE_WEIGHTS_NAME
+
+from configuration_tiny_audio import DEFAULT_AUDIO_MODEL_ID, DEFAULT_TEXT_MODEL_ID
+from modeling_tiny_audio import TinyAudioForConditionalGeneration
+from processing_tiny_audio import TinyAudioProcessor
+from training.collator import SpeechCollator
+from training.data import decode_audio, load_speech_data, parse_dataset_specs, write_skip_report
+from training.feature_cache import build_feature_cache
+
+logger = logging.getLogger("tiny_audio.train")
+
+# Reporting integrations that need a package of their own; a missing one is dropped with a warning.
+OPTIONAL_REPORTERS = {"wandb": is_wandb_available, "tensorboard": is_tensorboard_available}
+BOOLEANS = {"true", "false", "yes", "no", "1", "0"}
+WER_NORMALIZE = jiwer.Compose(
+    [jiwer.ToLowerCase(), jiwer.RemovePunctuation(), jiwer.RemoveMultipleSpaces(), jiwer.Strip()]
+)
+
+
+@dataclasses.dataclass
+class ModelArguments:
+    """Which encoder and LLM to join, and the projector / LoRA to train between them."""
+
+    model_name_or_path: str | None = dataclasses.field(
+        default=None, metadata={"help": "Start from this Tiny Audio checkpoint instead of a fresh projector"}
+    )
+    audio_model_id: str = DEFAULT_AUDIO_MODEL_ID
+    text_model_id: str = DEFAULT_TEXT_MODEL_ID
+    projector_downsample: int = 4
+    projector_hidden_size: int | None = None
+    lora_rank: int = dataclasses.field(
+        default=0, metadata={"help": "LoRA rank on the LLM; 0 = LLM untouched"}
+    )
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    frozen_dtype: str = dataclasses.field(
+        default="auto",
+        metadata={
+            "help": "dtype of the frozen encoder/LLM weights: auto (bf16 with --bf16), float32, bfloat16"
+        },
+    )
+
+
+@dataclasses.dataclass
+class DataArguments:
+    """Where the audio comes from and how it is prepared."""
+
+    train_datasets: str = dataclasses.field(
+        default="speechbrain/LoquaciousSet",
+        metadata={
+            "help": "Hub id / folder / manifest, or a YAML/JSON list of dataset specs (see training/data.py)"
+        },
+    )
+    eval_datasets: str | None = None
+    max_eval_samples: int = 64
+    wer_eval_samples: int = dataclasses.field(
+        default=32, metadata={"help": "Eval clips transcribed by generation for the WER (0 = loss only)"}
+    )
+    feature_cache_dir: str | None = dataclasses.field(
+        default=None, metadata={"help": "Cache the frozen encoder's outputs here and train from them"}
+    )
+    feature_cache_batch_size: int = 16
+    max_audio_seconds: float | None = dataclasses.field(
+        default=None, metadata={"help": "Skip longer clips (default: the encoder window)"}
+    )
+    preprocessing_num_workers: int | None = None
+    shuffle_buffer_size: int = 1000
+    datasets_cache_dir: str | None = None
+
+
+@dataclasses.dataclass
+class RunArguments:
+    """Run control beyond TrainingArguments."""
+
+    resume: bool = dataclasses.field(default=False, metadata={"help": "Continue from the last checkpoint"})
+    push_to_hub_repo: str | None = dataclasses.field(
+        default=None, metadata={"help": "Push the final checkpoint and its code to this Hub repo"}
+    )
+    hub_private: bool = False
+
+
+ARGUMENT_TYPES = (ModelArguments, DataArguments, RunArguments, TrainingArguments)
+
+
+def _yaml_to_argv(config: dict) -> list[str]:
+    """Command-line tokens for a YAML mapping; nested values (dataset lists) travel as JSON."""
+    tokens = []
+    for key, value in config.items():
+        if value is None:
+            continue
+        if isinstance(value, dict) or (isinstance(value, list) and any(isinstance(v, dict) for v in value)):
+            tokens += [f"--{key}", json.dumps(value)]
+        elif isinstance(value, list):
+            tokens += [f"--{key}", *map(str, value)]
+        else:
+            tokens += [f"--{key}", str(value)]
+    return tokens
+
+
+def _hub_flag(argv: list[str]) -> list[str]:
+    """`--push-to-hub REPO` names a repo; TrainingArguments' own --push_to_hub is a bare flag."""
+    out = []
+    for index, token in enumerate(argv):
+        following = argv[index + 1] if index + 1 < len(argv) else None
+        names_repo = (
+            following is not None and not following.startswith("-") and following.lower() not in BOOLEANS
+        )
+        if token in ("--push-to-hub", "--push_to_hub") and names_repo:
+            out.append("--push_to_hub_repo")
+        else:
+            out.append(token)
+    return out
+
+
+def parse_args(
+    argv: Sequence[str] | None = None,
+) -> tuple[ModelArguments, DataArguments, RunArguments, TrainingArguments]:
+    """YAML file (first argument, optional) + flags -> the four argument dataclasses; later flags win."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    tokens = []
+    if not torch.cuda.is_available() and not torch.backends.mps.is_available():
+        tokens += ["--use_cpu", "true"]  # lets --bf16 run on CPUs with bf16 support
+    if argv and argv[0].endswith((".yaml", ".yml")):
+        with open(argv.pop(0)) as handle:
+            tokens += _yaml_to_argv(yaml.safe_load(handle) or {})
+    tokens += _hub_flag(argv)
+    model_args, data_args, run_args, training_args = HfArgumentParser(
+        ARGUMENT_TYPES
+    ).parse_args_into_dataclasses(args=tokens)
+    if training_args.push_to_hub:  # one push path: ours, at the end, through huggingface_hub
+        run_args.push_to_hub_repo = run_args.push_to_hub_repo or training_args.hub_model_id
+        training_args.push_to_hub = False
+    # Rows keep their raw columns (the collator needs them); eval predictions are answer-only logits.
+    training_args.remove_unused_columns = False
+    training_args.prediction_loss_only = True
+    wanted = training_args.report_to
+    training_args.report_to = [r for r in wanted if r not in OPTIONAL_REPORTERS or OPTIONAL_REPORTERS[r]()]
+    for missing in set(wanted) - set(training_args.report_to):
+        logger.warning("Not reporting to %s: its package is not installed (pip install %s)", missing, missing)
+    return model_args, data_args, run_args, training_args
+
+
+def build_model(
+    model_args: ModelArguments, training_args: TrainingArguments
+) -> tuple[TinyAudioForConditionalGeneration, TinyAudioProcessor]:
+    """Frozen towers in the compute dtype (bf16 halves their cost); trainable weights kept in fp32."""
+    dtype_name = model_args.frozen_dtype
+    if dtype_name == "auto":
+        dtype_name = "bfloat16" if training_args.bf16 else "float32"
+    dtype = getattr(torch, dtype_name)
+    if model_args.model_name_or_path:
+        model = TinyAudioForConditionalGeneration.from_pretrained(model_args.model_name_or_path, dtype=dtype)
+        processor = TinyAudioProcessor.from_pretrained(model_args.model_name_or_path)
+    else:
+        model = TinyAudioForConditionalGeneration.from_components(
+            model_args.audio_model_id,
+            model_args.text_model_id,
+            dtype=dtype,
+            projector_downsample=model_args.projector_downsample,
+            projector_hidden_size=model_args.projector_hidden_size,
+            lora_rank=model_args.lora_rank,
+            lora_alpha=model_args.lora_alpha,
+            lora_dropout=model_args.lora_dropout,
+        )
+        processor = TinyAudioProcessor.from_components(
+            model_args.audio_model_id, model_args.text_model_id, config=model.config
+        )
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            parameter.data = parameter.data.float()
+    return model, processor
+
+
+class TinyAudioTrainer(Trainer):
+    """Trainer whose checkpoints hold only the trained weights and whose evaluation adds WER by generation."""
+
+    def __init__(self, *args, wer_rows: list[dict] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.wer_rows = wer_rows or []
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        output_dir = output_dir or self.args.output_dir
+        if not self.args.should_save:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        self.accelerator.unwrap_model(self.model).save_pretrained(output_dir)  # projector (+LoRA) only
+        self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        model = self.accelerator.unwrap_model(model or self.model)
+        model.load_trainable_weights(os.path.join(resume_from_checkpoint, SAFE_WEIGHTS_NAME))
+
+    def evaluation_loop(
+        self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
+    ):
+        output = super().evaluation_loop(
+            dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix
+        )
+        if self.wer_rows:
+            output.metrics[f"{metric_key_prefix}_wer"] = self.generation_wer()
+        return output
+
+    @torch.no_grad()
+    def generation_wer(self) -> float:
+        """WER of greedy transcripts of the held-out clips (transcription rows only)."""
+        model = self.accelerator.unwrap_model(self.model)
+        processor = self.processing_class
+        was_training = model.training
+        model.eval()
+        references, hypotheses = [], []
+        step = self.args.per_device_eval_batch_size
+        for start in range(0, len(self.wer_rows), step):
+            rows = self.wer_rows[start : start + step]
+            clips = [decode_audio(row["audio"], processor.sampling_rate) for row in rows]
+            inputs = processor(audio=clips, task="transcribe").to(model.device)
+            generated = model.generate(**inputs)
+            hypotheses += processor.decode_generated(generated, inputs)
+            references += [row["text"] for row in rows]
+        model.train(was_training)
+        return jiwer.wer(
+            [WER_NORMALIZE(r) or "<empty>" for r in references],
+            [WER_NORMALIZE(h) for h in hypotheses],
+        )
+
+
+def push_to_hub(folder: str, repo_id: str, private: bool = False) -> str:
+    """Uploads a finished checkpoint folder (weights, config, processor, model code) to the Hub."""
+    api = HfApi()
+    url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    api.upload_folder(
+        repo_id=repo_id,
+        folder_path=folder,
+        commit_message="Upload Tiny Audio checkpoint",
+        ignore_patterns=["checkpoint-*", "checkpoint-*/**", "runs/**", TRAINING_ARGS_NAME],
+    )
+    return str(url)
+
+
+def main(argv: Sequence[str] | None = None, callbacks: list[TrainerCallback] | None = None) -> dict:
+    """Runs training (console script `tiny-audio-train`); returns the final training metrics."""
+    model_args, data_args, run_args, training_args = parse_args(argv)
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        level=logging.INFO if training_args.should_log else logging.WARNING,
+    )
+    set_seed(training_args.seed)
+    model, processor = build_model(model_args, training_args)
+    tasks = list(model.config.task_prompts)
+    max_seconds = min(
+        data_args.max_audio_seconds or model.config.max_audio_seconds, processor.max_audio_seconds
+    )
+    load = dict(
+        sampling_rate=processor.sampling_rate,
+        max_audio_seconds=max_seconds,
+        tasks=tasks,
+        default_task=model.config.default_task,
+        seed=training_args.seed,
+        num_proc=data_args.preprocessing_num_workers,
+        shuffle_buffer_size=data_args.shuffle_buffer_size,
+        cache_dir=data_args.datasets_cache_dir,
+    )
+    with training_args.main_process_first(desc="preparing data"):
+        train_dataset, skipped = load_speech_data(parse_dataset_specs(data_args.train_datasets), **load)
+        eval_dataset = None
+        if data_args.eval_datasets:
+            specs = parse_dataset_specs(data_args.eval_datasets)
+            for spec in specs:
+                spec.max_samples = spec.max_samples or data_args.max_eval_samples
+            eval_dataset, _ = load_speech_data(specs, **load)
+        store = None
+        if data_args.feature_cache_dir:
+            for dataset in filter(None, (train_dataset, eval_dataset)):
+                if not hasattr(dataset, "__len__"):
+                    raise ValueError("--feature_cache_dir needs local (non-streamed) datasets")
+                store = build_feature_cache(
+                    model,
+                    processor,
+                    dataset,
+                    data_args.feature_cache_dir,
+                    batch_size=data_args.feature_cache_batch_size,
+                    num_workers=training_args.dataloader_num_workers,
+                )
+    if training_args.should_save:
+        os.makedirs(training_args.output_dir, exist_ok=True)
+        write_skip_report(os.path.join(training_args.output_dir, "skipped_rows.json"), skipped)
+    wer_rows = []
+    if eval_dataset is not None and data_args.wer_eval_samples:
+        transcribe = eval_dataset.filter(lambda task: task == "transcribe", input_columns="task")
+        wer_rows = list(transcribe.select(range(min(data_args.wer_eval_samples, len(transcribe)))))
+    trainer = TinyAudioTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        data_collator=SpeechCollator(processor, store),
+        processing_class=processor,
+        callbacks=callbacks,
+        wer_rows=wer_rows,
+    )
+    resume_from = training_args.resume_from_checkpoint
+    if run_args.resume and not resume_from:
+        resume_from = (
+            get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
+        )
+        if resume_from is None:
+            raise FileNotFoundError(f"--resume: no checkpoint-* folder in {training_args.output_dir}")
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    trainer.save_model()
+    trainer.save_state()
+    metrics = dict(result.metrics)
+    if eval_dataset is not None:
+        metrics.update(trainer.evaluate())
+    if run_args.push_to_hub_repo and trainer.is_world_process_zero():
+        logger.info(
+            "Pushed to %s",
+            push_to_hub(training_args.output_dir, run_args.push_to_hub_repo, run_args.hub_private),
+        )
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Data loading and the encoder feature cache behind `train.py`."""

@@ -1,0 +1,300 @@
+"""Training data: speech datasets from the Hub, disk, audio folders or manifests, checked and mixed by weight.
+
+Every source is mapped onto the same columns (`audio` undecoded, `text`, `task`), then each row is checked once
+(`duration`, `audio_hash`, `skip`): rows that would crash or poison a run (undecodable audio, clips longer than the
+encoder window, empty transcripts, unknown tasks) are dropped and counted instead of failing the run.
+Audio is decoded with soundfile here, not by `datasets` (whose decoder needs torchcodec).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import io
+import json
+import logging
+import os
+from collections import Counter
+from collections.abc import Iterable
+from typing import Any
+
+import librosa
+import numpy as np
+import soundfile
+import yaml
+from datasets import (
+    Audio,
+    Dataset,
+    DatasetDict,
+    IterableDataset,
+    Value,
+    interleave_datasets,
+    load_dataset,
+    load_from_disk,
+)
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json"}
+SKIP_REASONS = (
+    "undecodable_audio",
+    "empty_audio",
+    "nonfinite_audio",
+    "too_long",
+    "empty_transcript",
+    "unknown_task",
+)
+# Clips shorter than this carry no speech worth a training step (and break some encoders' convolutions).
+MIN_AUDIO_SECONDS = 0.1
+
+
+@dataclasses.dataclass
+class DatasetSpec:
+    """One training source. `path` is a Hub id, a `save_to_disk` folder, an audio folder or a CSV/JSONL manifest."""
+
+    path: str
+    name: str | None = None  # Hub config name (e.g. "small" for LoquaciousSet, "clean" for LibriSpeech)
+    split: str = "train"
+    audio_column: str = "audio"
+    text_column: str = "text"
+    task_column: str = "task"  # used when present; otherwise every row gets `task`
+    task: str | None = None  # None -> the model's default task
+    weight: float = 1.0  # relative sampling weight when several sources are interleaved
+    streaming: bool | None = None  # None -> stream Hub datasets, load local ones
+    max_samples: int | None = None
+
+    @classmethod
+    def from_value(cls, value: str | dict) -> DatasetSpec:
+        if isinstance(value, str):
+            return cls(path=value)
+        unknown = set(value) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"Unknown dataset option(s) {sorted(unknown)} in {value}")
+        return cls(**value)
+
+    @property
+    def is_local(self) -> bool:
+        return os.path.exists(self.path)
+
+    @property
+    def is_streaming(self) -> bool:
+        return (not self.is_local) if self.streaming is None else self.streaming
+
+
+def parse_dataset_specs(value: str | list | None) -> list[DatasetSpec]:
+    """Dataset list from YAML/JSON text (as given on the command line) or an already parsed list."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        stripped = value.strip()
+        value = yaml.safe_load(stripped) if stripped.startswith(("[", "{", "-")) else [stripped]
+    if isinstance(value, (str, dict)):
+        value = [value]
+    return [DatasetSpec.from_value(item) for item in value]
+
+
+class AudioDecodeError(ValueError):
+    """The audio of a row could not be read."""
+
+
+def decode_audio(value: Any, sampling_rate: int) -> np.ndarray:
+    """Mono float32 samples at `sampling_rate` from an undecoded `Audio` value, a decoded one, or a file path."""
+    if isinstance(value, dict) and value.get("array") is not None:
+        array, rate = np.asarray(value["array"], dtype=np.float32), int(value["sampling_rate"])
+        if array.ndim > 1:
+            array = array.mean(axis=0)
+    else:
+        source = (value.get("bytes") or value.get("path")) if isinstance(value, dict) else value
+        if isinstance(source, bytes):
+            source = io.BytesIO(source)
+        if source is None:
+            raise AudioDecodeError("row has neither audio bytes nor an audio path")
+        try:
+            array, rate = soundfile.read(source, dtype="float32", always_2d=True)
+        except (soundfile.LibsndfileError, RuntimeError, TypeError, OSError, EOFError) as error:
+            raise AudioDecodeError(
+                f"cannot decode audio {value.get('path') if isinstance(value, dict) else value!r}: {error}"
+            ) from error
+        array = array.mean(axis=1)
+    if rate != sampling_rate:
+        array = librosa.resample(array, orig_sr=rate, target_sr=sampling_rate)
+    return np.ascontiguousarray(array, dtype=np.float32)
+
+
+def audio_hash(array: np.ndarray) -> str:
+    """Content key of decoded audio: the feature cache is keyed by it (plus the encoder), not by file names."""
+    return hashlib.sha1(array.tobytes()).hexdigest()
+
+
+def check_row(
+    row: dict, *, sampling_rate: int, max_audio_seconds: float, tasks: Iterable[str]
+) -> dict[str, Any]:
+    """The columns the filter needs: duration, content hash, and why the row must be skipped ("" = keep)."""
+    result = {"duration": 0.0, "audio_hash": "", "skip": ""}
+    if row["task"] not in tasks:
+        result["skip"] = "unknown_task"
+    elif not (row["text"] or "").strip():
+        result["skip"] = "empty_transcript"
+    else:
+        try:
+            array = decode_audio(row["audio"], sampling_rate)
+        except AudioDecodeError:
+            result["skip"] = "undecodable_audio"
+            return result
+        result["duration"] = len(array) / sampling_rate
+        if result["duration"] < MIN_AUDIO_SECONDS:
+            result["skip"] = "empty_audio"
+        elif result["duration"] > max_audio_seconds:
+            result["skip"] = "too_long"
+        elif not np.isfinite(array).all():
+            result["skip"] = "nonfinite_audio"
+        else:
+            result["audio_hash"] = audio_hash(array)
+    return result
+
+
+class StreamSkipCounter:
+    """Keeps count of rows dropped from a stream (per process: dataloader workers each count their own)."""
+
+    def __init__(self, source: str):
+        self.source = source
+        self.counts: Counter[str] = Counter()
+
+    def keep(self, row: dict) -> bool:
+        if not row["skip"]:
+            return True
+        self.counts[row["skip"]] += 1
+        total = sum(self.counts.values())
+        if total <= 10 or total % 100 == 0:
+            logger.warning(
+                "Skipping a row of %s (%s); skipped so far: %s", self.source, row["skip"], dict(self.counts)
+            )
+        return False
+
+
+def _load_source(spec: DatasetSpec, cache_dir: str | None) -> Dataset | IterableDataset:
+    """The raw rows of one source, with its own column names."""
+    extension = os.path.splitext(spec.path)[1].lower()
+    if os.path.isfile(spec.path) and extension in MANIFEST_BUILDERS:
+        options = {"delimiter": "\t"} if extension == ".tsv" else {}
+        dataset = load_dataset(
+            MANIFEST_BUILDERS[extension], data_files=spec.path, split="train", cache_dir=cache_dir, **options
+        )
+        base = os.path.dirname(os.path.abspath(spec.path))
+        if spec.audio_column not in dataset.column_names:
+            raise ValueError(
+                f"Manifest {spec.path} has no audio column {spec.audio_column!r}: {dataset.column_names}"
+            )
+        return dataset.map(
+            lambda row: {spec.audio_column: os.path.join(base, row[spec.audio_column])},
+            desc=f"Resolving audio paths of {spec.path}",
+        )
+    if os.path.isdir(spec.path):
+        if os.path.exists(os.path.join(spec.path, "dataset_dict.json")) or os.path.exists(
+            os.path.join(spec.path, "state.json")
+        ):
+            dataset = load_from_disk(spec.path)
+            if isinstance(dataset, DatasetDict):
+                if spec.split not in dataset:
+                    raise ValueError(f"{spec.path} has no split {spec.split!r}; it has {list(dataset)}")
+                dataset = dataset[spec.split]
+            return dataset.to_iterable_dataset() if spec.streaming else dataset
+        return load_dataset("audiofolder", data_dir=spec.path, split=spec.split, streaming=spec.is_streaming)
+    if os.path.isfile(spec.path):
+        raise ValueError(f"Unsupported dataset file {spec.path}: use one of {sorted(MANIFEST_BUILDERS)}")
+    return load_dataset(
+        spec.path, spec.name, split=spec.split, streaming=spec.is_streaming, cache_dir=cache_dir
+    )
+
+
+def _normalize(
+    dataset: Dataset | IterableDataset, spec: DatasetSpec, default_task: str
+) -> Dataset | IterableDataset:
+    """Map a source's own column names onto `audio`, `text`, `task`, dropping everything else."""
+    columns = dataset.column_names or list(dataset.features or {})
+    for role, column in (("audio", spec.audio_column), ("text", spec.text_column)):
+        if column not in columns:
+            raise ValueError(
+                f"Dataset {spec.path} has no {role} column {column!r} (columns: {columns}); "
+                f"set {role}_column for it in the dataset list"
+            )
+    keep = [spec.audio_column, spec.text_column] + ([spec.task_column] if spec.task_column in columns else [])
+    dataset = dataset.select_columns(keep)
+    renames = {spec.audio_column: "audio", spec.text_column: "text", spec.task_column: "task"}
+    dataset = dataset.rename_columns({old: new for old, new in renames.items() if old in keep and old != new})
+    if "task" not in keep:
+        task = spec.task or default_task
+        dataset = dataset.map(lambda _: {"task": task})
+    dataset = dataset.cast_column("audio", Audio(decode=False))
+    dataset = dataset.cast_column("text", Value("string")).cast_column("task", Value("string"))
+    if spec.max_samples is not None:
+        if isinstance(dataset, IterableDataset):
+            dataset = dataset.take(spec.max_samples)
+        else:
+            dataset = dataset.select(range(min(spec.max_samples, len(dataset))))
+    return dataset
+
+
+def load_speech_data(
+    specs: list[DatasetSpec],
+    *,
+    sampling_rate: int,
+    max_audio_seconds: float,
+    tasks: Iterable[str],
+    default_task: str,
+    seed: int = 0,
+    num_proc: int | None = None,
+    shuffle_buffer_size: int = 1000,
+    cache_dir: str | None = None,
+) -> tuple[Dataset | IterableDataset, Counter[str]]:
+    """Load, check and interleave `specs`: a dataset of good rows plus the counts of skipped rows by reason.
+
+    Local datasets are checked up front (exact counts, cached by `datasets`); streamed ones are checked as they
+    flow, and their counts are logged as rows are dropped.
+    The result has columns audio, text, task, duration, audio_hash, length (= duration, for group_by_length).
+    """
+    if not specs:
+        raise ValueError("No training datasets given")
+    check = functools.partial(
+        check_row, sampling_rate=sampling_rate, max_audio_seconds=max_audio_seconds, tasks=tuple(tasks)
+    )
+    skipped: Counter[str] = Counter()
+    sources = []
+    for spec in specs:
+        dataset = _normalize(_load_source(spec, cache_dir), spec, default_task)
+        if isinstance(dataset, IterableDataset):
+            counter = StreamSkipCounter(spec.path)
+            dataset = dataset.map(check).filter(counter.keep)
+            dataset = dataset.shuffle(seed=seed, buffer_size=shuffle_buffer_size)
+        else:
+            dataset = dataset.map(check, num_proc=num_proc, desc=f"Checking {spec.path}")
+            reasons = Counter(dataset["skip"])
+            reasons.pop("", None)
+            if reasons:
+                logger.warning("Skipping %d rows of %s: %s", sum(reasons.values()), spec.path, dict(reasons))
+            skipped.update(reasons)
+            dataset = dataset.filter(lambda skip: not skip, input_columns="skip", num_proc=num_proc)
+            if len(dataset) == 0:
+                raise ValueError(f"Dataset {spec.path} has no usable rows (skipped: {dict(reasons)})")
+        sources.append(dataset.remove_columns("skip"))
+    if len(sources) == 1:
+        mixed = sources[0]
+    else:
+        if any(isinstance(source, IterableDataset) for source in sources):
+            sources = [s if isinstance(s, IterableDataset) else s.to_iterable_dataset() for s in sources]
+        total = sum(spec.weight for spec in specs)
+        mixed = interleave_datasets(
+            sources,
+            probabilities=[spec.weight / total for spec in specs],
+            seed=seed,
+            stopping_strategy="all_exhausted",
+        )
+    mixed = mixed.map(lambda duration: {"length": duration}, input_columns="duration")
+    return mixed, skipped
+
+
+def write_skip_report(path: str, skipped: Counter[str]) -> None:
+    """Skipped-row counts next to the checkpoints, so a run's data losses are on record."""
+    with open(path, "w") as handle:
+        json.dump({reason: skipped.get(reason, 0) for reason in SKIP_REASONS}, handle, indent=2)

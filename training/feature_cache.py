@@ -1,0 +1,138 @@
+"""Feature cache: the frozen encoder runs once per clip; training reads its outputs back from disk.
+
+Outputs are trimmed to the clip's real frames and stored in fp16 as safetensors shards, one tensor per clip named
+by the hash of its decoded audio, in a folder named by a hash of the encoder (id, config, feature extractor and a
+checksum of its weights). A cache therefore serves any dataset holding the same audio, survives restarts, and is
+never reused across encoders.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import uuid
+
+import torch
+from datasets import Dataset
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from training.data import decode_audio
+
+logger = logging.getLogger(__name__)
+
+SHARD_CLIPS = (
+    1024  # clips per shard: big enough to keep file counts low, small enough to flush progress often
+)
+
+
+def encoder_key(model, processor) -> str:
+    """Hash naming the encoder: its id, config, feature extractor settings and a checksum of its weights."""
+    digest = hashlib.sha256()
+    digest.update(str(model.config.audio_model_id).encode())
+    digest.update(model.config.audio_config.to_json_string(use_diff=False).encode())
+    digest.update(processor.feature_extractor.to_json_string().encode())
+    for parameter in model.audio_tower.parameters():
+        digest.update(parameter.detach().float().sum().cpu().numpy().tobytes())
+    return digest.hexdigest()[:24]
+
+
+class FeatureStore:
+    """Encoder outputs of many clips on disk, fetched by audio hash (safe to read from dataloader workers)."""
+
+    def __init__(self, root: str, key: str):
+        self.directory = os.path.join(root, key)
+        os.makedirs(self.directory, exist_ok=True)
+        self._index: dict[str, str] = {}
+        self._handles: dict[str, object] = {}
+        self._pid = os.getpid()
+        self.refresh()
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_handles": {}}  # open files stay with the process that opened them
+
+    def refresh(self) -> None:
+        """Re-read the list of shards (another process may have added some)."""
+        known = set(self._index.values())
+        for name in sorted(os.listdir(self.directory)):
+            if name.endswith(".safetensors") and name not in known:
+                with safe_open(os.path.join(self.directory, name), framework="pt") as handle:
+                    self._index.update(dict.fromkeys(handle.keys(), name))
+
+    def __contains__(self, audio_hash: str) -> bool:
+        return audio_hash in self._index
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def get(self, audio_hash: str) -> torch.Tensor:
+        """The [frames, dim] fp16 encoder output of one clip."""
+        if os.getpid() != self._pid:  # a forked dataloader worker must not share file handles
+            self._handles, self._pid = {}, os.getpid()
+        shard = self._index.get(audio_hash)
+        if shard is None:
+            raise KeyError(f"Clip {audio_hash} is not in the feature cache {self.directory}")
+        if shard not in self._handles:
+            self._handles[shard] = safe_open(os.path.join(self.directory, shard), framework="pt")
+        return self._handles[shard].get_tensor(audio_hash)
+
+    def write_shard(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Adds one shard; written under a temporary name and renamed, so readers never see half a file."""
+        name = f"shard-{uuid.uuid4().hex[:12]}.safetensors"
+        temporary = os.path.join(self.directory, f".{name}.tmp")
+        save_file(tensors, temporary)
+        os.replace(temporary, os.path.join(self.directory, name))
+        self._index.update(dict.fromkeys(tensors, name))
+
+
+class _ClipFeatures:
+    """Collate function for the cache build: decode clips and compute the encoder's input features."""
+
+    def __init__(self, processor):
+        self.processor = processor
+
+    def __call__(self, rows: list[dict]) -> tuple[list[str], dict[str, torch.Tensor]]:
+        clips = [decode_audio(row["audio"], self.processor.sampling_rate) for row in rows]
+        return [row["audio_hash"] for row in rows], self.processor.extract_features(clips)
+
+
+def build_feature_cache(
+    model, processor, dataset: Dataset, root: str, batch_size: int = 16, num_workers: int = 0
+) -> FeatureStore:
+    """Runs the encoder over every clip of `dataset` not yet cached and returns the store holding all of them."""
+    store = FeatureStore(root, encoder_key(model, processor))
+    hashes = dataset["audio_hash"]
+    todo, seen = [], set()
+    for index, audio_hash in enumerate(hashes):
+        if audio_hash not in store and audio_hash not in seen:
+            seen.add(audio_hash)
+            todo.append(index)
+    logger.info("Feature cache %s: %d clips cached, %d to encode", store.directory, len(store), len(todo))
+    if not todo:
+        return store
+    loader = DataLoader(
+        dataset.select(todo).select_columns(["audio", "audio_hash"]),
+        batch_size=batch_size,
+        collate_fn=_ClipFeatures(processor),
+        num_workers=num_workers,
+    )
+    device = next(model.audio_tower.parameters()).device
+    pending: dict[str, torch.Tensor] = {}
+    with open(os.path.join(store.directory, "encoder.json"), "w") as handle:
+        json.dump({"audio_model_id": str(model.config.audio_model_id)}, handle)
+    for batch_hashes, features in tqdm(loader, desc="Encoding audio for the feature cache", unit="batch"):
+        hidden, mask = model.encode_audio(
+            features["input_features"].to(device), features["input_features_mask"].to(device)
+        )
+        for audio_hash, clip_hidden, clip_mask in zip(batch_hashes, hidden, mask, strict=True):
+            pending[audio_hash] = clip_hidden[: int(clip_mask.sum())].to(torch.float16).cpu().contiguous()
+        if len(pending) >= SHARD_CLIPS:
+            store.write_shard(pending)
+            pending = {}
+    if pending:
+        store.write_shard(pending)
+    return store
