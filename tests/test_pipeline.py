@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import io
+import json
+import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +26,7 @@ from pipeline_asr import (
 )
 
 RATE = 16000
+REPO = str(Path(__file__).resolve().parents[1])
 
 
 def speech_like(seconds: float, rate: int = RATE, seed: int = 0) -> tuple[np.ndarray, list[tuple[int, int]]]:
@@ -210,3 +216,181 @@ def test_normal_repetition_is_left_alone():
     assert find_repetition_loop([3, 3, 3, 4, 5, 4, 5, 1, 2, 9, 9, 9, 9]) is None
     sentence = list(range(20))
     assert trim_repetition_loop(sentence * 2) == sentence * 2  # a sentence said twice is kept
+
+
+# ---- the pipeline end to end (tiny random model) -----------------------------------------------------------
+
+# The random tiny LLM echoes its last prompt token ("\n") forever; forbidding repeated tokens makes its output
+# depend on the audio, so equal texts below mean equal model inputs.
+VARIED = {"no_repeat_ngram_size": 1, "max_new_tokens": 8}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> str:
+    from tiny_models import make_tiny_tiny_audio
+
+    root = tmp_path_factory.mktemp("tiny_audio_asr")
+    model, processor = make_tiny_tiny_audio(root)
+    model.save_pretrained(root / "checkpoint")
+    processor.save_pretrained(root / "checkpoint")
+    return str(root / "checkpoint")
+
+
+@pytest.fixture(scope="module")
+def asr(checkpoint):
+    from transformers import pipeline
+
+    return pipeline("automatic-speech-recognition", model=checkpoint, trust_remote_code=True)
+
+
+def text(asr, source, **kwargs) -> str:
+    return asr(source, **VARIED, **kwargs)["text"]
+
+
+def test_pipeline_factory_resolves_the_custom_class(asr):
+    assert type(asr).__name__ == "TinyAudioASRPipeline"
+    assert type(asr).__module__.startswith(
+        "transformers_modules."
+    )  # the checkpoint's copy of pipeline_asr.py
+
+
+def test_every_input_kind_gives_the_same_text(asr, tmp_path):
+    audio, _ = speech_like(4.0)
+    expected = text(asr, audio)
+    assert expected
+    path = tmp_path / "clip.wav"
+    sf.write(path, audio, RATE, subtype="FLOAT")
+    import datasets
+
+    row = datasets.Dataset.from_dict({"audio": [str(path)]}).cast_column(
+        "audio", datasets.Audio(decode=False)
+    )[0]
+    for source in (
+        str(path),
+        path.read_bytes(),
+        {"raw": audio, "sampling_rate": RATE},
+        {"array": torch.from_numpy(audio), "sampling_rate": RATE, "path": "ignored.wav"},
+        row["audio"],
+    ):
+        assert text(asr, source) == expected, describe(source)
+    pcm = np.round(audio * 32767).astype(np.int16)
+    assert text(asr, pcm) == text(asr, pcm.astype(np.float32) / 32768)
+
+
+def describe(source) -> str:
+    from pipeline_asr import describe_input
+
+    return describe_input(source)
+
+
+def test_resampling_and_stereo(asr):
+    audio, _ = speech_like(3.0, rate=44100)
+    assert text(asr, audio, sampling_rate=44100) == text(asr, soxr.resample(audio, 44100, RATE))
+    other = np.roll(audio, 1000)
+    assert text(asr, np.stack([audio, other])) == text(asr, (audio + other) / 2)
+
+
+def test_long_input_is_chunked_and_stitched(asr):
+    audio, _ = speech_like(75.0, seed=7)
+    result = asr(audio, return_timestamps=True, **VARIED)
+    chunks = result["chunks"]
+    assert len(chunks) == 3
+    assert chunks[0]["timestamp"][0] == 0.0 and chunks[-1]["timestamp"][1] == 75.0
+    assert all(a["timestamp"][1] == b["timestamp"][0] for a, b in zip(chunks, chunks[1:], strict=False))
+    # Each piece is transcribed exactly once, in order: the text is the chunk transcripts joined.
+    for chunk in chunks:
+        start, end = (round(t * RATE) for t in chunk["timestamp"])
+        assert chunk["text"] == text(asr, audio[start:end])
+    assert result["text"] == " ".join(c["text"] for c in chunks if c["text"])
+
+
+def test_batch_gives_the_same_text_as_one_at_a_time(asr):
+    rng = np.random.default_rng(1)
+    inputs = [speech_like(seconds, seed=seed)[0] for seed, seconds in enumerate((2.0, 5.5, 3.2, 41.0, 1.1))]
+    inputs.append({"raw": rng.normal(0, 0.1, 3 * 8000).astype(np.float32), "sampling_rate": 8000})
+    single = [asr(source, batch_size=1, **VARIED) for source in inputs]
+    assert asr(inputs, batch_size=4, **VARIED) == single
+    assert asr(inputs, batch_size=16, **VARIED) == single
+
+
+def test_timestamps_of_a_short_clip(asr):
+    result = asr(speech_like(2.5)[0], return_timestamps=True, **VARIED)
+    assert result["chunks"] == [{"text": result["text"], "timestamp": (0.0, 2.5)}]
+
+
+def test_generate_kwargs_pass_through(asr):
+    audio = speech_like(3.0)[0]
+    short = asr(audio, max_new_tokens=2, no_repeat_ngram_size=1)["text"]
+    assert short == asr(audio, generate_kwargs={"max_new_tokens": 2, "no_repeat_ngram_size": 1})["text"]
+    assert len(short) < len(text(asr, audio))
+
+
+class StepCounter:
+    """A user stopping criterion: counts generation steps (and checks user criteria are honoured)."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+
+    def __call__(self, input_ids, scores, **kwargs):
+        self.steps += 1
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+
+def test_repetition_loop_is_stopped_early_and_trimmed(asr):
+    counter = StepCounter()
+    result = asr(speech_like(3.0)[0], max_new_tokens=200, stopping_criteria=[counter])
+    assert counter.steps <= 16  # the tiny model loops on one token; the guard stops it at 16
+    assert result["text"] == ""  # one "\n" kept, stripped
+
+
+def test_default_budget_follows_audio_length(asr):
+    """Without max_new_tokens, generation stops at the config's length-scaled budget."""
+    config = asr.model.config
+    for seconds in (1.0, 20.0):
+        counter = StepCounter()
+        asr(speech_like(seconds)[0], no_repeat_ngram_size=1, stopping_criteria=[counter])
+        assert counter.steps == config.max_new_tokens_for(seconds)
+
+
+def test_bad_input_in_a_batch(asr, tmp_path):
+    good = speech_like(2.0)[0]
+    bad, named = _bad_inputs(tmp_path)["corrupt"]
+    # The pipeline's AudioInputError lives in the checkpoint's module copy; it is a ValueError.
+    with pytest.raises(ValueError, match=named) as caught:
+        asr([good, bad, good], batch_size=2, **VARIED)
+    assert type(caught.value).__name__ == "AudioInputError"
+    results = asr([good, bad, str(tmp_path / "missing.flac"), good], batch_size=2, skip_errors=True, **VARIED)
+    expected = text(asr, good)
+    assert [r["text"] for r in results] == [expected, "", "", expected]
+    assert named in results[1]["error"] and "missing.flac" in results[2]["error"]
+    assert "error" not in results[0] and "error" not in results[3]
+
+
+def test_chunk_length_beyond_the_encoder_window_is_refused(asr):
+    with pytest.raises(ValueError, match="encoder window"):
+        asr(speech_like(2.0)[0], chunk_length_s=31)
+
+
+def test_loads_in_a_fresh_process_outside_the_repo(checkpoint, tmp_path, asr):
+    """Only the saved folder: no repo on sys.path, another cwd, hub offline."""
+    audio = speech_like(3.0)[0]
+    sf.write(tmp_path / "clip.flac", audio, RATE)
+    script = textwrap.dedent(
+        f"""
+        import json, sys
+        from transformers import pipeline
+        pipe = pipeline("automatic-speech-recognition", model={checkpoint!r}, trust_remote_code=True)
+        out = pipe("clip.flac", **{VARIED!r})
+        leaked = [p for p in sys.path if p and {REPO!r} in p]
+        print(json.dumps({{"text": out["text"], "module": type(pipe).__module__, "leaked": leaked}}))
+        """
+    )
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    env["HF_HUB_OFFLINE"] = "1"
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["leaked"] == [] and result["module"].startswith("transformers_modules.")
+    assert result["text"] == text(asr, sf.read(tmp_path / "clip.flac", dtype="float32")[0])
