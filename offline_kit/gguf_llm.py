@@ -14,7 +14,13 @@ import importlib.util
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GgufConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from offline_kit import DTYPE_NAMES
 
@@ -39,7 +45,10 @@ def load_gguf_llm(
     _check_gguf_file(gguf_path)
     folder, name = str(gguf_path.parent), gguf_path.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=getattr(torch, dtype))
+    # dequantize=True: plain dense nn.Linear weights, so the model trains, runs anywhere and can be saved.
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, gguf_file=name, dtype=getattr(torch, dtype), quantization_config=GgufConfig(dequantize=True)
+    )
     if tokenizer.chat_template is None:
         raise ValueError(f"{gguf_path} carries no chat template (tokenizer.chat_template metadata)")
     return model, tokenizer

@@ -79,11 +79,15 @@ class CT2Model:
         return self.aliases.get(name, name) in self.variables
 
     def tensor(self, name: str) -> torch.Tensor:
-        """The variable as float32, dequantized with its ``<name>_scale`` when it is stored as int8/int16."""
+        """A fresh float32 copy of the variable, dequantized with its ``<name>_scale`` when stored as int8/int16.
+
+        Always a copy: aliased variables (CTranslate2 deduplicates equal tensors) must not share memory
+        in the converted checkpoint.
+        """
         name = self._resolve(name)
         value = self.variables[name]
         if value.is_floating_point():
-            return value.float()
+            return value.to(torch.float32, copy=True)
         scale = self.variables.get(f"{name}_scale")
         if scale is None:
             raise ValueError(
@@ -188,9 +192,9 @@ def _split_fused(
     biases = model.tensor(f"{scope}/bias").chunk(len(hf_prefixes), dim=0)
     out: dict[str, torch.Tensor] = {}
     for prefix, weight, bias in zip(hf_prefixes, weights, biases, strict=True):
-        out[f"{prefix}.weight"] = weight
+        out[f"{prefix}.weight"] = weight.clone()  # own storage, not a view of the fused tensor
         if prefix != prefix_without_bias:
-            out[f"{prefix}.bias"] = bias
+            out[f"{prefix}.bias"] = bias.clone()
     return out
 
 

