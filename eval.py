@@ -1,0 +1,612 @@
+"""Word error rate and speed of an ASR model, measured the way the Open ASR Leaderboard measures them.
+
+    python eval.py MODEL --dataset librispeech-clean ami --max-samples 100
+
+MODEL is a Tiny Audio checkpoint (folder or Hub id) or any transformers ASR model (e.g. a Whisper checkpoint):
+both are loaded through the standard ``transformers.pipeline("automatic-speech-recognition", ...)``; Tiny Audio
+checkpoints bring their own pipeline class through ``trust_remote_code``. References and predictions are normalised
+with Whisper's English normaliser and scored with jiwer (corpus WER = total errors / total reference words).
+RTFx is audio seconds divided by the wall seconds of the pipeline calls (feature extraction + generation +
+decoding), warm-up excluded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import io
+import json
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+import jiwer
+import numpy as np
+import soundfile as sf
+import soxr
+
+SEED = 42
+# Streaming Hub sets are shuffled through a buffer of this many clips; fixed so the selection never changes.
+SHUFFLE_BUFFER = 1000
+DEFAULT_OUTPUT_DIR = Path("outputs/eval")
+ESB = "hf-audio/esb-datasets-test-only-sorted"
+# Tedlium marks unscorable segments with this reference; the Open ASR Leaderboard drops them like empty ones.
+IGNORED_REFERENCES = {"", "ignore time segment in scoring"}
+AUDIO_COLUMNS = ("audio", "wav", "audio_filepath", "audio_path", "path", "file_name", "file")
+TEXT_COLUMNS = ("text", "sentence", "transcription", "transcript", "normalized_text", "reference")
+ID_COLUMNS = ("id", "ID", "segment_id", "utterance_id", "file_name", "audio_filepath", "path")
+MANIFEST_SUFFIXES = {".csv": "csv", ".jsonl": "json", ".json": "json"}
+AUDIOFOLDER_METADATA = ("metadata.csv", "metadata.jsonl")
+
+
+@dataclass(frozen=True)
+class HubDataset:
+    """Where a standard test set lives on the Hub and which columns hold the audio and the transcript."""
+
+    path: str
+    config: str | None
+    split: str
+    audio_column: str = "audio"
+    text_column: str = "text"
+
+
+DATASETS: dict[str, HubDataset] = {
+    "loquacious": HubDataset("speechbrain/LoquaciousSet", "small", "test", audio_column="wav"),
+    "librispeech-clean": HubDataset(ESB, "librispeech", "test.clean"),
+    "librispeech-other": HubDataset(ESB, "librispeech", "test.other"),
+    "ami": HubDataset(ESB, "ami", "test"),
+    "earnings22": HubDataset(ESB, "earnings22", "test"),
+    "gigaspeech": HubDataset(ESB, "gigaspeech", "test"),
+    "tedlium": HubDataset(ESB, "tedlium", "test"),
+    "voxpopuli": HubDataset(ESB, "voxpopuli", "test"),
+    "spgispeech": HubDataset(ESB, "spgispeech", "test"),
+    "commonvoice": HubDataset(ESB, "common_voice", "test"),
+}
+
+
+@dataclass
+class DatasetSource:
+    """A dataset chosen on the command line: its display name, rows, and the columns to read."""
+
+    name: str
+    location: str
+    split: str
+    rows: Iterable[dict[str, Any]]
+    audio_column: str
+    text_column: str
+    base_dir: Path | None = None  # relative audio paths of manifests resolve against this
+
+
+@dataclass(frozen=True)
+class WordErrors:
+    """jiwer's alignment counts over one or many utterances."""
+
+    wer: float
+    substitutions: int
+    deletions: int
+    insertions: int
+    reference_words: int
+
+    @classmethod
+    def of(cls, references: list[str], predictions: list[str]) -> WordErrors:
+        """Corpus WER = (S + D + I) / reference words, on already-normalised text."""
+        if not references:
+            return cls(0.0, 0, 0, 0, 0)
+        out = jiwer.process_words(references, predictions)
+        words = out.hits + out.substitutions + out.deletions
+        return cls(out.wer, out.substitutions, out.deletions, out.insertions, words)
+
+
+@functools.cache
+def _normalizer() -> Any:
+    """transformers' Whisper English normaliser with the British->American spelling map shipped by
+    the whisper-normalizer package (the Whisper tokenizer would otherwise download it from the Hub)."""
+    from transformers.models.whisper.english_normalizer import EnglishTextNormalizer
+
+    mapping = json.loads(files("whisper_normalizer").joinpath("normalizers/english.json").read_text())
+    return EnglishTextNormalizer(mapping)
+
+
+def normalize(text: str) -> str:
+    """Whisper English normalisation: numbers, spellings, contractions, punctuation, casing."""
+    return _normalizer()(text)
+
+
+def score(references: list[str], predictions: list[str]) -> WordErrors:
+    """Corpus WER of raw texts after Whisper normalisation."""
+    return WordErrors.of([normalize(r) for r in references], [normalize(p) for p in predictions])
+
+
+# ----------------------------------------------------------------------------- datasets
+
+
+def _pick_column(
+    columns: list[str], wanted: str | None, candidates: tuple[str, ...], kind: str, where: str
+) -> str:
+    """The column the user asked for, else the first conventional name present."""
+    if wanted is not None:
+        if wanted not in columns:
+            raise ValueError(f"{where}: no {kind} column '{wanted}' (columns: {', '.join(columns)})")
+        return wanted
+    for name in candidates:
+        if name in columns:
+            return name
+    raise ValueError(
+        f"{where}: no {kind} column found (columns: {', '.join(columns)}); "
+        f"expected one of {', '.join(candidates)} or pass --{kind}-column"
+    )
+
+
+def _without_audio_decoding(dataset: Any, column: str) -> Any:
+    """Keep audio as bytes/paths: eval.py decodes itself so a broken clip is counted instead of crashing
+    (and `datasets`' own decoder, torchcodec, is not needed)."""
+    from datasets import Audio
+
+    return dataset.cast_column(column, Audio(decode=False))
+
+
+def load_source(
+    name: str, split: str | None = None, audio_column: str | None = None, text_column: str | None = None
+) -> DatasetSource:
+    """A registry name (streamed from the Hub) or a local path: a `save_to_disk` folder, an audiofolder
+    (folder with metadata.csv/.jsonl naming `file_name`s), or a CSV/JSONL manifest of audio paths + text."""
+    import datasets
+
+    if name in DATASETS:
+        spec = DATASETS[name]
+        split = split or spec.split
+        rows = datasets.load_dataset(spec.path, spec.config, split=split, streaming=True)
+        rows = _without_audio_decoding(rows, audio_column or spec.audio_column)
+        return DatasetSource(
+            name, spec.path, split, rows, audio_column or spec.audio_column, text_column or spec.text_column
+        )
+
+    path = Path(name)
+    if not path.exists():
+        known = ", ".join(DATASETS)
+        raise ValueError(
+            f"unknown dataset '{name}': known datasets are {known} (or give a path to a local dataset)"
+        )
+    base_dir: Path | None = None
+    if path.is_dir() and not any((path / m).exists() for m in AUDIOFOLDER_METADATA):
+        loaded = datasets.load_from_disk(str(path))
+        if isinstance(loaded, datasets.DatasetDict):
+            split = split or "test"
+            if split not in loaded:
+                raise ValueError(f"{path}: no split '{split}' (splits: {', '.join(loaded)})")
+            loaded = loaded[split]
+        else:
+            split = split or "all"
+    else:
+        manifest = (
+            path if path.is_file() else next(path / m for m in AUDIOFOLDER_METADATA if (path / m).exists())
+        )
+        builder = MANIFEST_SUFFIXES.get(manifest.suffix)
+        if builder is None:
+            raise ValueError(f"{manifest}: manifests must be one of {', '.join(MANIFEST_SUFFIXES)}")
+        loaded = datasets.load_dataset(builder, data_files=str(manifest), split="train")
+        split, base_dir = split or "all", manifest.parent
+    where = str(path)
+    audio = _pick_column(loaded.column_names, audio_column, AUDIO_COLUMNS, "audio", where)
+    text = _pick_column(loaded.column_names, text_column, TEXT_COLUMNS, "text", where)
+    if isinstance(loaded.features[audio], datasets.Audio):
+        loaded = _without_audio_decoding(loaded, audio)
+    return DatasetSource(path.name, str(path), split, loaded, audio, text, base_dir)
+
+
+def select(rows: Any, max_samples: int | None, seed: int = SEED) -> Iterable[dict[str, Any]]:
+    """The same `max_samples` clips on every run: a seeded shuffle, then the first N."""
+    if max_samples is None:
+        return rows
+    from datasets import Dataset
+
+    if isinstance(rows, Dataset):  # map-style: an exact seeded permutation
+        shuffled = rows.shuffle(seed=seed)
+        return shuffled.select(range(min(max_samples, len(shuffled))))
+    return rows.shuffle(seed=seed, buffer_size=SHUFFLE_BUFFER).take(max_samples)
+
+
+def decode_audio(value: Any, sampling_rate: int, base_dir: Path | None = None) -> np.ndarray:
+    """Mono float32 at `sampling_rate` from undecoded dataset audio (bytes/path dict, path string, or array)."""
+    if isinstance(value, dict) and value.get("array") is not None:
+        data, rate = np.asarray(value["array"], dtype=np.float32), int(value["sampling_rate"])
+    else:
+        if isinstance(value, str):
+            source: Any = value
+        elif isinstance(value, dict) and value.get("bytes"):
+            source = io.BytesIO(value["bytes"])
+        elif isinstance(value, dict) and value.get("path"):
+            source = value["path"]
+        else:
+            raise ValueError(f"no audio data in {type(value).__name__} value")
+        if isinstance(source, str) and base_dir is not None and not Path(source).is_absolute():
+            source = str(base_dir / source)
+        data, rate = sf.read(source, dtype="float32", always_2d=True)
+    if data.ndim == 2:
+        data = data.mean(axis=1)
+    if data.size == 0:
+        raise ValueError("empty audio")
+    if not np.isfinite(data).all():
+        raise ValueError("audio contains NaN or infinite samples")
+    if rate != sampling_rate:
+        data = soxr.resample(data, rate, sampling_rate)
+    return data.astype(np.float32, copy=False)
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def _sample_id(row: dict[str, Any], index: int, audio_column: str) -> str:
+    """The dataset's id column, else the audio file path, else the position in the selection."""
+    for column in ID_COLUMNS:
+        if row.get(column) not in (None, ""):
+            return str(row[column])
+    audio = row.get(audio_column)
+    path = audio if isinstance(audio, str) else audio.get("path") if isinstance(audio, dict) else None
+    return str(path or index)
+
+
+def read_finished(samples_path: Path) -> list[dict[str, Any]]:
+    """Rows of an interrupted run, in selection order; a half-written last line is dropped."""
+    if not samples_path.exists():
+        return []
+    rows = []
+    for line_no, line in enumerate(samples_path.read_text().splitlines(), 1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            print(f"[resume] ignoring unreadable line {line_no} of {samples_path}", file=sys.stderr)
+            break
+    if [r["index"] for r in rows] != list(range(len(rows))):
+        raise ValueError(
+            f"{samples_path}: rows are not the samples 0..{len(rows) - 1} in order; cannot resume"
+        )
+    return rows
+
+
+def git_hash() -> str:
+    """Short commit of the code that produced the numbers (`unknown` outside a git checkout)."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _git_user() -> str:
+    try:
+        out = subprocess.run(["git", "config", "user.name"], capture_output=True, text=True, check=False)
+        return out.stdout.strip() or "anonymous"
+    except OSError:
+        return "anonymous"
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text.strip("/")).strip("_") or "model"
+
+
+def pipeline_sampling_rate(pipe: Any) -> int:
+    """The rate the pipeline's feature extractor expects (Whisper and Tiny Audio: 16 kHz)."""
+    extractor = getattr(pipe, "feature_extractor", None)
+    rate = getattr(extractor, "sampling_rate", None) or getattr(pipe.model.config, "sampling_rate", None)
+    return int(rate or 16000)
+
+
+def load_pipeline(model: str, device: str, dtype: str) -> Any:
+    """One code path for Tiny Audio checkpoints (custom pipeline via remote code) and stock ASR models."""
+    import torch
+    from transformers import pipeline
+
+    torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
+    return pipeline(
+        "automatic-speech-recognition", model=model, trust_remote_code=True, device=device, dtype=torch_dtype
+    )
+
+
+def _pct(value: float) -> str:
+    return f"{100 * value:.2f}%"
+
+
+@dataclass
+class RunSettings:
+    """What a run needs besides the pipeline and the dataset."""
+
+    model: str
+    max_samples: int | None
+    batch_size: int
+    device: str
+    dtype: str
+    checkpoint_every: int
+    generate_kwargs: dict[str, Any]
+    contributor: str
+    seed: int = SEED
+
+
+def _batches(
+    rows: Iterable[dict[str, Any]], skip: int, size: int
+) -> Iterator[list[tuple[int, dict[str, Any]]]]:
+    """Batches of (position in selection, row), after the `skip` rows an interrupted run already finished."""
+    batch: list[tuple[int, dict[str, Any]]] = []
+    for index, row in enumerate(rows):
+        if index < skip:
+            continue
+        batch.append((index, row))
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _transcribe(pipe: Any, audios: list[np.ndarray], rate: int, settings: RunSettings) -> list[str]:
+    # The pipeline pops keys from its input dicts, so each call gets fresh ones.
+    inputs = [{"raw": a, "sampling_rate": rate} for a in audios]
+    kwargs = {"generate_kwargs": settings.generate_kwargs} if settings.generate_kwargs else {}
+    outputs = pipe(inputs, batch_size=settings.batch_size, **kwargs)
+    return [o["text"] for o in outputs]
+
+
+def _print_sample(number: int, row: dict[str, Any]) -> None:
+    print(f"Sample {number}: WER = {_pct(row['wer'])}, Time = {row['time_s']:.2f}s")
+    print(f"  Ref:  {row['reference_normalized']}")
+    print(f"  Pred: {row['prediction_normalized']}")
+
+
+def _print_checkpoint(scored: list[dict[str, Any]]) -> None:
+    errors = WordErrors.of(
+        [r["reference_normalized"] for r in scored], [r["prediction_normalized"] for r in scored]
+    )
+    print(f"CHECKPOINT @ {len(scored)} samples:")
+    print(f"  Corpus WER: {_pct(errors.wer)}")
+    print(f"  Avg Time/Sample: {sum(r['time_s'] for r in scored) / len(scored):.2f}s")
+
+
+def summarize(rows: list[dict[str, Any]], source: DatasetSource, settings: RunSettings) -> dict[str, Any]:
+    """results.json content from the per-sample rows."""
+    scored = [r for r in rows if r["status"] == "ok"]
+    errors = WordErrors.of(
+        [r["reference_normalized"] for r in scored], [r["prediction_normalized"] for r in scored]
+    )
+    audio_s = sum(r["audio_seconds"] for r in scored)
+    wall_s = sum(r["time_s"] for r in scored)
+    return {
+        "model": settings.model,
+        "dataset": source.name,
+        "dataset_location": source.location,
+        "split": source.split,
+        "n": len(scored),
+        "skipped_bad_audio": sum(r["status"] == "bad_audio" for r in rows),
+        "skipped_empty_reference": sum(r["status"] == "empty_reference" for r in rows),
+        "max_samples": settings.max_samples,
+        "seed": settings.seed,
+        "wer": errors.wer,
+        "substitutions": errors.substitutions,
+        "deletions": errors.deletions,
+        "insertions": errors.insertions,
+        "reference_words": errors.reference_words,
+        "audio_seconds": audio_s,
+        "wall_seconds": wall_s,
+        "rtfx": audio_s / wall_s if wall_s > 0 else 0.0,
+        "batch_size": settings.batch_size,
+        "device": settings.device,
+        "dtype": settings.dtype,
+        "contributor": settings.contributor,
+        "git_hash": git_hash(),
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d"),
+    }
+
+
+def _print_summary(results: dict[str, Any], out_dir: Path) -> None:
+    print("=" * 60)
+    print(f"RESULTS: {results['model']} on {results['dataset']} ({results['split']})")
+    print(
+        f"  Samples: {results['n']} (skipped: {results['skipped_bad_audio']} bad audio, "
+        f"{results['skipped_empty_reference']} empty references)"
+    )
+    print(f"  Corpus WER: {_pct(results['wer'])}")
+    print(
+        f"  Substitutions: {results['substitutions']}, Deletions: {results['deletions']}, "
+        f"Insertions: {results['insertions']} (reference words: {results['reference_words']})"
+    )
+    print(f"  Total audio: {results['audio_seconds']:.1f}s")
+    print(f"  RTFx: {results['rtfx']:.1f}")
+    print(f"  Batch size: {results['batch_size']}")
+    print(f"  Results: {out_dir}")
+    print("=" * 60)
+
+
+def evaluate(
+    pipe: Any, source: DatasetSource, settings: RunSettings, out_dir: Path, resume: bool
+) -> dict[str, Any]:
+    """Transcribe, score and time the selected clips; rows go to samples.jsonl after every batch."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    samples_path, run_path = out_dir / "samples.jsonl", out_dir / "run.json"
+    run_key = {
+        "model": settings.model,
+        "dataset": source.location,
+        "split": source.split,
+        "max_samples": settings.max_samples,
+        "seed": settings.seed,
+    }
+    rows: list[dict[str, Any]] = []
+    if resume and run_path.exists():
+        previous = json.loads(run_path.read_text())
+        if previous != run_key:
+            raise ValueError(f"{out_dir} holds another run ({previous}); not resuming {run_key}")
+        rows = read_finished(samples_path)
+        print(f"[resume] {len(rows)} samples already done in {samples_path}")
+    run_path.write_text(json.dumps(run_key, indent=2) + "\n")
+    samples_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    rate = pipeline_sampling_rate(pipe)
+    scored = [r for r in rows if r["status"] == "ok"]
+    warmed_up = False
+    with samples_path.open("a") as out:
+        for batch in _batches(
+            select(source.rows, settings.max_samples, settings.seed), len(rows), settings.batch_size
+        ):
+            done: dict[int, dict[str, Any]] = {}
+            todo: list[tuple[int, dict[str, Any], np.ndarray, str]] = []
+            for index, row in batch:
+                sample_id = _sample_id(row, index, source.audio_column)
+                reference = str(row.get(source.text_column) or "")
+                if normalize(reference) in IGNORED_REFERENCES:
+                    done[index] = {"index": index, "id": sample_id, "status": "empty_reference"}
+                    print(f"Skipping sample {index + 1} ({sample_id}): empty reference")
+                    continue
+                try:
+                    audio = decode_audio(row.get(source.audio_column), rate, source.base_dir)
+                except Exception as error:  # any decoder failure is one bad clip, not a failed run
+                    done[index] = {
+                        "index": index,
+                        "id": sample_id,
+                        "status": "bad_audio",
+                        "error": str(error),
+                    }
+                    print(f"Skipping sample {index + 1} ({sample_id}): audio failed to decode: {error}")
+                    continue
+                todo.append((index, row, audio, reference))
+            if todo:
+                audios = [t[2] for t in todo]
+                if not warmed_up:  # first call pays for lazy init / kernel compilation: not timed
+                    _transcribe(pipe, audios, rate, settings)
+                    warmed_up = True
+                start = time.perf_counter()
+                predictions = _transcribe(pipe, audios, rate, settings)
+                per_sample = (time.perf_counter() - start) / len(todo)
+                for (index, row, audio, reference), prediction in zip(todo, predictions, strict=True):
+                    ref_norm, pred_norm = normalize(reference), normalize(prediction)
+                    errors = WordErrors.of([ref_norm], [pred_norm])
+                    done[index] = {
+                        "index": index,
+                        "id": _sample_id(row, index, source.audio_column),
+                        "status": "ok",
+                        "reference": reference,
+                        "prediction": prediction,
+                        "reference_normalized": ref_norm,
+                        "prediction_normalized": pred_norm,
+                        "wer": errors.wer,
+                        "substitutions": errors.substitutions,
+                        "deletions": errors.deletions,
+                        "insertions": errors.insertions,
+                        "reference_words": errors.reference_words,
+                        "audio_seconds": len(audio) / rate,
+                        "time_s": per_sample,
+                    }
+            for index in sorted(done):
+                row = done[index]
+                rows.append(row)
+                out.write(json.dumps(row) + "\n")
+                if row["status"] != "ok":
+                    continue
+                scored.append(row)
+                _print_sample(len(scored), row)
+                if len(scored) % settings.checkpoint_every == 0:
+                    _print_checkpoint(scored)
+            out.flush()
+
+    results = summarize(rows, source, settings)
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    _print_summary(results, out_dir)
+    return results
+
+
+def format_table(results: list[dict[str, Any]]) -> str:
+    """Markdown table of one model over several datasets, with the plain average WER the leaderboard uses."""
+    lines = ["| Dataset | Split | Samples | WER | RTFx |", "|---|---|---:|---:|---:|"]
+    for r in results:
+        lines.append(f"| {r['dataset']} | {r['split']} | {r['n']} | {_pct(r['wer'])} | {r['rtfx']:.1f} |")
+    if len(results) > 1:
+        average = sum(r["wer"] for r in results) / len(results)
+        lines.append(f"| **average** | | {sum(r['n'] for r in results)} | {_pct(average)} | |")
+    return "\n".join(lines)
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "model", help="Tiny Audio checkpoint or transformers ASR model: local folder or Hub id"
+    )
+    parser.add_argument(
+        "--dataset",
+        nargs="+",
+        default=["loquacious"],
+        help=f"'all', registry names ({', '.join(DATASETS)}) or local dataset paths",
+    )
+    parser.add_argument("--split", help="override the split (registry default, else 'test' for save_to_disk)")
+    parser.add_argument("--max-samples", type=int, help="evaluate this many clips, chosen with seed 42")
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--device", help="cpu, cuda, cuda:1, mps ... (default: cuda when available)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    parser.add_argument("--output-dir", type=Path, default=DEFAULT_OUTPUT_DIR)
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted run in --output-dir")
+    parser.add_argument("--checkpoint-every", type=int, default=100, help="print corpus WER every N samples")
+    parser.add_argument("--audio-column", help="audio column of a local dataset (auto-detected by default)")
+    parser.add_argument(
+        "--text-column", help="transcript column of a local dataset (auto-detected by default)"
+    )
+    parser.add_argument(
+        "--generate-kwargs", type=json.loads, default={}, help='JSON, e.g. \'{"language": "en"}\''
+    )
+    parser.add_argument("--contributor", help="name on the leaderboard (default: git config user.name)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point `tiny-audio-eval`."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    names = list(DATASETS) if args.dataset == ["all"] else args.dataset
+    for name in names:
+        if name not in DATASETS and not Path(name).exists():
+            parser.error(
+                f"unknown dataset '{name}': known datasets are {', '.join(DATASETS)} (or a local path)"
+            )
+    if (
+        args.batch_size < 1
+        or args.checkpoint_every < 1
+        or (args.max_samples is not None and args.max_samples < 1)
+    ):
+        parser.error("--batch-size, --checkpoint-every and --max-samples must be positive")
+
+    settings = RunSettings(
+        model=args.model,
+        max_samples=args.max_samples,
+        batch_size=args.batch_size,
+        device=args.device or _default_device(),
+        dtype=args.dtype,
+        checkpoint_every=args.checkpoint_every,
+        generate_kwargs=args.generate_kwargs,
+        contributor=args.contributor or _git_user(),
+    )
+    pipe = load_pipeline(args.model, settings.device, args.dtype)
+    all_results = []
+    for name in names:
+        source = load_source(name, args.split, args.audio_column, args.text_column)
+        out_dir = args.output_dir / _slug(args.model) / _slug(source.name)
+        all_results.append(evaluate(pipe, source, settings, out_dir, args.resume))
+    print(format_table(all_results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,379 @@
+"""eval.py: Whisper-normalised corpus WER, deterministic sample selection, local dataset formats, the printed
+report and results files, resume, bad clips, and the leaderboard built from results files."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from datasets import Audio, Dataset, DatasetDict, Features, Value
+from transformers import (
+    WhisperConfig,
+    WhisperFeatureExtractor,
+    WhisperForConditionalGeneration,
+    WhisperProcessor,
+    WhisperTokenizer,
+)
+from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+import eval as evaluation
+from leaderboard import build as leaderboard
+
+ROOT = Path(__file__).resolve().parent.parent
+TRANSCRIPTS = [
+    "Mr. Smith has two dogs.",
+    "The colour of the sky is blue.",
+    "It's a beautiful day, isn't it?",
+    "Hello world",
+    "Speech recognition on a tiny model.",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_whisper(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A random 2-layer Whisper with a byte-level tokenizer, saved locally: a stock transformers ASR model."""
+    directory = tmp_path_factory.mktemp("tiny_whisper")
+    vocab = {char: i for i, char in enumerate(bytes_to_unicode().values())}
+    tokenizer = WhisperTokenizer(vocab=vocab, merges=[], pad_token="<|endoftext|>")
+    specials = ["<|startoftranscript|>", "<|en|>", "<|transcribe|>", "<|notimestamps|>"]
+    tokenizer.add_special_tokens({"additional_special_tokens": specials})
+    eos, start = tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|startoftranscript|>"])
+    config = WhisperConfig(
+        vocab_size=len(tokenizer),
+        d_model=16,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=32,
+        decoder_ffn_dim=32,
+        max_target_positions=32,
+        pad_token_id=eos,
+        bos_token_id=eos,
+        eos_token_id=eos,
+        decoder_start_token_id=start,
+    )
+    torch.manual_seed(0)
+    model = WhisperForConditionalGeneration(config)
+    model.generation_config.update(max_length=8, num_beams=1)
+    model.save_pretrained(directory)
+    WhisperProcessor(feature_extractor=WhisperFeatureExtractor(), tokenizer=tokenizer).save_pretrained(
+        directory
+    )
+    return str(directory)
+
+
+def write_clips(directory: Path, count: int = len(TRANSCRIPTS)) -> list[str]:
+    """Short noise clips at 8 kHz (so eval.py must resample), the second one stereo."""
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    names = []
+    for i in range(count):
+        audio = rng.normal(0, 0.1, (4000 + 800 * i, 2 if i == 1 else 1)).astype(np.float32)
+        sf.write(directory / f"clip{i}.wav", audio, 8000)
+        names.append(f"clip{i}.wav")
+    return names
+
+
+@pytest.fixture
+def manifest(tmp_path: Path) -> Path:
+    """JSONL manifest with relative audio paths, one corrupt clip and one empty reference."""
+    names = write_clips(tmp_path / "wavs")
+    (tmp_path / "wavs" / "broken.wav").write_bytes(b"RIFF not really a wav file")
+    rows = [{"audio": f"wavs/{n}", "text": t} for n, t in zip(names, TRANSCRIPTS, strict=True)]
+    rows.insert(2, {"audio": "wavs/broken.wav", "text": "never decoded"})
+    rows.insert(4, {"audio": f"wavs/{names[0]}", "text": "  "})
+    path = tmp_path / "manifest.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+@pytest.mark.parametrize(
+    ("reference", "prediction", "expected"),
+    [
+        ("Mr. Smith has two dogs.", "mister smith has 2 dogs", 0.0),  # abbreviation + number words
+        ("HELLO, World!", "hello world", 0.0),  # casing + punctuation
+        ("The colour isn't grey", "the color is not gray", 0.0),  # spelling + contraction
+        ("the cat sat on the mat", "the cat sat on mat", 1 / 6),  # one deletion
+        ("the cat sat", "a cat sat down", 2 / 3),  # one substitution + one insertion
+        ("twenty five people", "25 people", 0.0),
+    ],
+)
+def test_wer_of_single_pairs(reference: str, prediction: str, expected: float) -> None:
+    assert evaluation.score([reference], [prediction]).wer == pytest.approx(expected)
+
+
+def test_corpus_wer_is_total_errors_over_total_words_not_mean_of_utterances() -> None:
+    references = ["the quick brown fox jumps over the lazy dog", "hi"]
+    predictions = ["The quick brown fox jumps over the lazy dog.", "bye there"]
+    errors = evaluation.score(references, predictions)
+    # 10 reference words; the second utterance has one substitution and one insertion.
+    assert (errors.substitutions, errors.deletions, errors.insertions) == (1, 0, 1)
+    assert errors.reference_words == 10
+    assert errors.wer == pytest.approx(2 / 10)
+
+
+def test_deletions_counted_for_empty_prediction() -> None:
+    errors = evaluation.score(["one more time"], [""])
+    assert (errors.deletions, errors.wer) == (3, 1.0)
+
+
+# ----------------------------------------------------------------------------- datasets
+
+
+def test_selection_is_deterministic_and_seeded() -> None:
+    rows = Dataset.from_dict({"id": [str(i) for i in range(50)]})
+    first = [r["id"] for r in evaluation.select(rows, 10)]
+    assert first == [r["id"] for r in evaluation.select(rows, 10)]
+    assert first != [str(i) for i in range(10)]  # shuffled, not the head of the set
+    assert first != [r["id"] for r in evaluation.select(rows, 10, seed=7)]
+    assert len(list(evaluation.select(rows, 500))) == 50
+
+    stream = rows.to_iterable_dataset(num_shards=5)  # how Hub sets arrive: streamed
+    streamed = [r["id"] for r in evaluation.select(stream, 10)]
+    assert streamed == [r["id"] for r in evaluation.select(rows.to_iterable_dataset(num_shards=5), 10)]
+    assert len(set(streamed)) == 10
+
+
+def test_unknown_dataset_lists_known_ones(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        evaluation.main(["some/model", "--dataset", "no-such-set"])
+    err = capsys.readouterr().err
+    assert "unknown dataset 'no-such-set'" in err
+    for name in ("loquacious", "librispeech-clean", "ami", "tedlium", "commonvoice"):
+        assert name in err
+
+
+def test_registry_names_real_hub_sets() -> None:
+    assert evaluation.DATASETS["loquacious"].path == "speechbrain/LoquaciousSet"
+    assert evaluation.DATASETS["librispeech-other"].split == "test.other"
+    assert {spec.split for spec in evaluation.DATASETS.values()} <= {"test", "test.clean", "test.other"}
+
+
+def _decoded(source: evaluation.DatasetSource) -> list[tuple[str, int]]:
+    return [
+        (
+            row[source.text_column],
+            len(evaluation.decode_audio(row[source.audio_column], 16000, source.base_dir)),
+        )
+        for row in source.rows
+    ]
+
+
+def test_local_formats_load_the_same_clips(tmp_path: Path) -> None:
+    names = write_clips(tmp_path / "audio", 3)
+    texts = TRANSCRIPTS[:3]
+    (tmp_path / "audio" / "metadata.csv").write_text(
+        "file_name,transcription\n" + "".join(f'{n},"{t}"\n' for n, t in zip(names, texts, strict=True))
+    )
+    csv_manifest = tmp_path / "manifest.csv"
+    csv_manifest.write_text(
+        "audio_filepath,sentence\n" + "".join(f'audio/{n},"{t}"\n' for n, t in zip(names, texts, strict=True))
+    )
+    audio = [{"bytes": (tmp_path / "audio" / n).read_bytes(), "path": n} for n in names]
+    table = Dataset.from_dict({"audio": audio, "text": texts})
+    table = table.cast(Features({"audio": Audio(), "text": Value("string")}))
+    DatasetDict({"test": table}).save_to_disk(tmp_path / "saved")
+
+    expected = [
+        (t, int(round(len(sf.read(tmp_path / "audio" / n)[0]) * 2)))
+        for n, t in zip(names, texts, strict=True)
+    ]
+    for location in ("audio", "manifest.csv", "saved"):
+        source = evaluation.load_source(str(tmp_path / location))
+        assert _decoded(source) == expected, location
+    with pytest.raises(ValueError, match="no split 'validation'"):
+        evaluation.load_source(str(tmp_path / "saved"), split="validation")
+
+
+def test_decode_audio_rejects_garbage_and_silence_of_zero_length(tmp_path: Path) -> None:
+    (tmp_path / "bad.wav").write_bytes(b"garbage")
+    with pytest.raises(Exception):  # noqa: B017 - soundfile's own error type is what gets counted
+        evaluation.decode_audio(str(tmp_path / "bad.wav"), 16000)
+    with pytest.raises(ValueError, match="empty audio"):
+        evaluation.decode_audio({"array": np.zeros(0), "sampling_rate": 16000}, 16000)
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def run_eval(model: str, dataset: Path, out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "OMP_NUM_THREADS": "1"}
+    command = [
+        sys.executable,
+        str(ROOT / "eval.py"),
+        model,
+        "--dataset",
+        str(dataset),
+        "--output-dir",
+        str(out),
+    ]
+    result = subprocess.run(
+        [*command, "--device", "cpu", "--contributor", "tester", *extra],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+SAMPLE_BLOCK = re.compile(r"Sample (\d+): WER = \d+\.\d\d%, Time = \d+\.\d\ds\n  Ref:  .*\n  Pred: .*\n")
+
+
+def test_end_to_end_report_and_results_files(tiny_whisper: str, manifest: Path, tmp_path: Path) -> None:
+    result = run_eval(
+        tiny_whisper, manifest, tmp_path / "out", "--batch-size", "2", "--checkpoint-every", "2"
+    )
+    stdout = result.stdout
+
+    assert [int(n) for n in SAMPLE_BLOCK.findall(stdout)] == [1, 2, 3, 4, 5]
+    assert "  Ref:  mister smith has 2 dogs\n" in stdout  # references are printed normalised
+    assert re.search(
+        r"CHECKPOINT @ 2 samples:\n  Corpus WER: \d+\.\d\d%\n  Avg Time/Sample: \d+\.\d\ds\n", stdout
+    )
+    assert "CHECKPOINT @ 4 samples:" in stdout
+    assert "audio failed to decode" in stdout and "empty reference" in stdout
+    assert re.search(r"Substitutions: \d+, Deletions: \d+, Insertions: \d+", stdout)
+    assert re.search(r"RTFx: \d+\.\d", stdout) and "Batch size: 2" in stdout
+    assert re.search(r"\| manifest.jsonl \| all \| 5 \| \d+\.\d\d% \| \d+\.\d \|", stdout)  # final table
+
+    out_dir = tmp_path / "out" / evaluation._slug(tiny_whisper) / "manifest.jsonl"
+    results = json.loads((out_dir / "results.json").read_text())
+    rows = [json.loads(line) for line in (out_dir / "samples.jsonl").read_text().splitlines()]
+    assert [r["status"] for r in rows] == ["ok", "ok", "bad_audio", "ok", "empty_reference", "ok", "ok"]
+    assert rows[2]["id"] == "wavs/broken.wav" and rows[2]["error"]
+    scored = [r for r in rows if r["status"] == "ok"]
+    assert results["wer"] == pytest.approx(
+        evaluation.score([r["reference"] for r in scored], [r["prediction"] for r in scored]).wer
+    )
+    assert results["audio_seconds"] == pytest.approx(sum(4000 + 800 * i for i in range(5)) / 8000, rel=1e-3)
+    assert results["rtfx"] == pytest.approx(results["audio_seconds"] / results["wall_seconds"])
+    assert (results["n"], results["skipped_bad_audio"], results["skipped_empty_reference"]) == (5, 1, 1)
+    for key in (
+        "model",
+        "dataset",
+        "split",
+        "seed",
+        "device",
+        "git_hash",
+        "date",
+        "batch_size",
+        "contributor",
+    ):
+        assert results[key] not in (None, ""), key
+    assert (results["seed"], results["device"], results["model"]) == (42, "cpu", tiny_whisper)
+
+
+def test_resume_continues_after_last_finished_sample(
+    tiny_whisper: str, manifest: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    args = [tiny_whisper, "--dataset", str(manifest), "--output-dir", str(out), "--device", "cpu"]
+    assert evaluation.main([*args, "--max-samples", "6"]) == 0
+    out_dir = out / evaluation._slug(tiny_whisper) / "manifest.jsonl"
+    complete = [json.loads(line) for line in (out_dir / "samples.jsonl").read_text().splitlines()]
+    assert len(complete) == 6
+
+    # An interrupted run: three rows finished, the fourth half written. Marking a kept row shows it is reused.
+    kept = complete[:3]
+    first_ok = next(r for r in kept if r["status"] == "ok")
+    first_ok["prediction"] = "kept from the first run"
+    lines = [json.dumps(r) for r in kept] + [json.dumps(complete[3])[:20]]
+    (out_dir / "samples.jsonl").write_text("\n".join(lines))
+    capsys.readouterr()
+
+    assert evaluation.main([*args, "--max-samples", "6", "--resume"]) == 0
+    stdout = capsys.readouterr().out
+    assert "[resume] 3 samples already done" in stdout
+    resumed = [json.loads(line) for line in (out_dir / "samples.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in resumed] == [r["id"] for r in complete]
+    assert [r.get("prediction") for r in resumed[3:]] == [r.get("prediction") for r in complete[3:]]
+    assert first_ok in resumed
+    results = json.loads((out_dir / "results.json").read_text())
+    assert results["n"] + results["skipped_bad_audio"] + results["skipped_empty_reference"] == 6
+
+    with pytest.raises(ValueError, match="holds another run"):
+        evaluation.main([*args, "--max-samples", "4", "--resume"])
+
+
+# ----------------------------------------------------------------------------- leaderboard
+
+
+def _result(**fields: object) -> dict[str, object]:
+    base = {
+        "contributor": "ada",
+        "model": "tiny-audio-a",
+        "dataset": "loquacious",
+        "split": "test",
+        "n": 100,
+        "wer": 0.2,
+        "rtfx": 50.0,
+        "git_hash": "abc1234",
+        "date": "2026-11-24",
+    }
+    return {**base, **fields}
+
+
+def test_leaderboard_from_two_results_files(tmp_path: Path) -> None:
+    downloads = tmp_path / "runs"
+    downloads.mkdir()
+    slower = downloads / "a.json"
+    slower.write_text(json.dumps(_result(wer=0.1234, rtfx=10.0)))
+    faster = downloads / "b.json"
+    faster.write_text(
+        json.dumps(_result(contributor="bob", model="openai/whisper-tiny", wer=0.0567, rtfx=80.0))
+    )
+    results_dir, page = tmp_path / "results", tmp_path / "LEADERBOARD.md"
+
+    args = [str(slower), str(faster), "--results-dir", str(results_dir), "--output", str(page)]
+    assert leaderboard.main(args) == 0
+    assert len(list(results_dir.glob("*.json"))) == 2
+    table = [line for line in page.read_text().splitlines() if line.startswith("| ")]
+    assert table[0].split("|")[1:-1] == [
+        f" {c} "
+        for c in (
+            "Rank",
+            "Contributor",
+            "Model",
+            "Dataset",
+            "Split",
+            "Samples",
+            "WER",
+            "RTFx",
+            "Git hash",
+            "Date",
+        )
+    ]
+    assert (
+        table[1]
+        == "| 1 | bob | openai/whisper-tiny | loquacious | test | 100 | 5.67% | 80.0 | abc1234 | 2026-11-24 |"
+    )
+    assert (
+        table[2]
+        == "| 2 | ada | tiny-audio-a | loquacious | test | 100 | 12.34% | 10.0 | abc1234 | 2026-11-24 |"
+    )
+
+    check = ["--results-dir", str(results_dir), "--output", str(page), "--check"]
+    assert leaderboard.main(check) == 0
+    (results_dir / "extra.json").write_text(json.dumps(_result(dataset="ami", wer=0.3)))
+    assert leaderboard.main(check) == 1
+    (results_dir / "broken.json").write_text(json.dumps({"model": "x"}))
+    with pytest.raises(ValueError, match=r"broken.json: missing field\(s\) contributor"):
+        leaderboard.load_results(results_dir)
+
+
+def test_committed_leaderboard_is_up_to_date() -> None:
+    assert leaderboard.main(["--check"]) == 0
