@@ -1,0 +1,1 @@
+"""Publishing a trained Tiny Audio checkpoint to the Hugging Face Hub (`python -m publish.push`)."""

@@ -1,0 +1,171 @@
+"""The model card (README.md with YAML metadata) of a published Tiny Audio checkpoint.
+
+Metadata is built and checked with huggingface_hub's card tools (`ModelCardData`, `EvalResult`, `ModelCard`),
+so what the Hub reads (pipeline tag, base models, model-index with WER, widget) is what the tests check.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
+
+TEMPLATE_PATH = Path(__file__).with_name("modelcard_template.md")
+PIPELINE_TAG = "automatic-speech-recognition"
+RESULT_KEYS = ("dataset", "split", "wer")
+
+
+@dataclass(frozen=True)
+class WerResult:
+    """One eval.py results.json: WER as a fraction (jiwer's unit) on `samples` clips of a dataset split."""
+
+    dataset: str
+    split: str
+    wer: float
+    dataset_id: str | None = None  # the Hub dataset id, when the set was not a local folder
+    samples: int | None = None
+    rtfx: float | None = None
+
+
+def read_results(paths: list[Path]) -> list[WerResult]:
+    """Reads eval.py results files (one JSON object, or a list of them, per file)."""
+    results = []
+    for path in paths:
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as err:
+            raise ValueError(f"results file {path}: cannot read it as JSON: {err}") from err
+        for index, entry in enumerate(data if isinstance(data, list) else [data]):
+            missing = [key for key in RESULT_KEYS if not isinstance(entry, dict) or key not in entry]
+            if missing:
+                raise ValueError(f"results file {path}, entry {index}: missing key(s) {missing}")
+            location = entry.get("dataset_location")
+            results.append(
+                WerResult(
+                    dataset=str(entry["dataset"]),
+                    split=str(entry["split"]),
+                    wer=float(entry["wer"]),
+                    dataset_id=location if location and is_hub_id(location) else None,
+                    samples=entry.get("n"),
+                    rtfx=entry.get("rtfx"),
+                )
+            )
+    return results
+
+
+def is_hub_id(repo_id: str) -> bool:
+    """True when `repo_id` names a Hub repo rather than a folder on this machine."""
+    if Path(repo_id).expanduser().exists() or repo_id.startswith((".", "/", "~")):
+        return False
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        return False
+    return True
+
+
+def build_card(
+    *,
+    repo_id: str,
+    config: dict,
+    results: list[WerResult],
+    example_file: str,
+    license: str,
+    datasets: list[str],
+    language: list[str],
+    trainable_params: int,
+    weights_size: str,
+    training_facts: list[tuple[str, str]],
+    train_config: str | None,
+) -> ModelCard:
+    """Renders the card: metadata from the config and eval results, body from the Markdown template."""
+    encoder, llm = config["audio_model_id"], config["text_model_id"]
+    model_name = repo_id.split("/")[-1]
+    eval_results = [
+        EvalResult(
+            task_type=PIPELINE_TAG,
+            task_name="Automatic Speech Recognition",
+            dataset_type=result.dataset_id or result.dataset,
+            dataset_name=result.dataset,
+            dataset_split=result.split,
+            metric_type="wer",
+            metric_name="WER",
+            metric_value=round(100 * result.wer, 2),
+        )
+        for result in results
+    ]
+    card_data = ModelCardData(
+        pipeline_tag=PIPELINE_TAG,
+        library_name="transformers",
+        base_model=[model_id for model_id in (encoder, llm) if is_hub_id(model_id)] or None,
+        datasets=datasets or None,  # training data; evaluation sets are named in model-index
+        language=language or None,
+        license=license,
+        tags=["tiny-audio", "speech", "asr", "custom_code"],
+        model_name=model_name,
+        eval_results=eval_results or None,
+        widget=[
+            {
+                "src": f"https://huggingface.co/{repo_id}/resolve/main/{example_file}",
+                "example_title": "Example",
+            }
+        ],
+    )
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(TEMPLATE_PATH),
+        title=model_name,
+        repo_id=repo_id,
+        encoder=encoder,
+        llm=llm,
+        lora_rank=config.get("lora_rank", 0),
+        projector_downsample=config.get("projector_downsample"),
+        projector_activation=config.get("projector_activation"),
+        trainable_params=f"{trainable_params:,}",
+        weights_size=weights_size,
+        results=[
+            {
+                "dataset": result.dataset_id or result.dataset,
+                "split": result.split,
+                "samples": "" if result.samples is None else result.samples,
+                "wer": f"{100 * result.wer:.2f}",
+                "rtfx": "" if result.rtfx is None else f"{result.rtfx:.1f}",
+            }
+            for result in results
+        ],
+        training_facts=training_facts,
+        train_config=train_config.strip() if train_config else None,
+    )
+
+
+def validate_card(path: Path) -> ModelCard:
+    """Parses README.md strictly and checks the fields the Hub needs to list and serve this model.
+
+    (`ModelCard.validate` asks the Hub's server; this is the offline part of that check.)
+    """
+    card = ModelCard.load(path, ignore_metadata_errors=False)
+    data = card.data
+    problems = []
+    if data.pipeline_tag != PIPELINE_TAG:
+        problems.append(f"pipeline_tag is {data.pipeline_tag!r}, expected {PIPELINE_TAG!r}")
+    if data.library_name != "transformers":
+        problems.append(f"library_name is {data.library_name!r}, expected 'transformers'")
+    if not data.license:
+        problems.append("license is missing")
+    base_model = data.base_model or []
+    for model_id in [base_model] if isinstance(base_model, str) else base_model:
+        if not is_hub_id(model_id):
+            problems.append(f"base_model entry {model_id!r} is not a Hub model id")
+    widget = data.get("widget") or []
+    if not widget or not all(isinstance(item, dict) and item.get("src") for item in widget):
+        problems.append("widget needs at least one entry with an audio 'src'")
+    for result in data.eval_results or []:
+        if result.metric_type == "wer" and not isinstance(result.metric_value, (int, float)):
+            problems.append(f"WER on {result.dataset_name} is not a number: {result.metric_value!r}")
+    if problems:
+        raise ValueError(f"model card {path} is not valid: " + "; ".join(problems))
+    return card

@@ -1,0 +1,231 @@
+"""Upload a trained Tiny Audio checkpoint to the Hub as a repo that serves with `pipeline(..., trust_remote_code=True)`.
+
+    python -m publish.push MODEL_DIR --repo USER/NAME --example-audio clip.wav [--results results.json ...]
+
+Builds the exact folder that is uploaded (code files, config, projector weights, processor files, an example clip
+and a model card README.md with validated metadata), then creates the repo and uploads that folder. With
+`--out DIR --dry-run` it only builds the folder, so you can inspect it first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import math
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import soundfile as sf
+from huggingface_hub import HfApi
+from safetensors import safe_open
+
+from publish.card import build_card, is_hub_id, read_results, validate_card
+
+# What a Hub repo of this model needs; anything else in a training output folder (optimizer state, logs,
+# intermediate checkpoints) stays behind.
+HUB_FILE_PATTERNS = (
+    "config.json",
+    "generation_config.json",
+    "*.safetensors",
+    "*.safetensors.index.json",
+    "*.py",
+    "processor_config.json",
+    "preprocessor_config.json",
+    "tokenizer*.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "*.model",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+
+
+def hub_files(model_dir: Path) -> list[Path]:
+    """The files of `model_dir` that belong in the Hub repo, after checking none of the needed ones is missing."""
+    files = sorted(
+        path
+        for path in model_dir.iterdir()
+        if path.is_file() and any(fnmatch.fnmatch(path.name, pattern) for pattern in HUB_FILE_PATTERNS)
+    )
+    names = {path.name for path in files}
+    config = read_config(model_dir)
+    needed = {"config.json", "tokenizer_config.json"} | _code_files(config)
+    missing = sorted(needed - names)
+    if not any(name.endswith(".safetensors") for name in names):
+        missing.append("*.safetensors (weights)")
+    if not names & {"preprocessor_config.json", "processor_config.json"}:
+        missing.append("preprocessor_config.json / processor_config.json")
+    if missing:
+        raise FileNotFoundError(
+            f"{model_dir} is not a complete Tiny Audio checkpoint, missing: {', '.join(missing)} "
+            "(save it with model.save_pretrained(dir) and processor.save_pretrained(dir))"
+        )
+    return files
+
+
+def read_config(model_dir: Path) -> dict:
+    path = model_dir / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{model_dir} has no config.json: not a saved Tiny Audio checkpoint")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _code_files(config: dict) -> set[str]:
+    """Python files that `trust_remote_code` will fetch, named by the config's auto_map and custom_pipelines."""
+    references = list(config.get("auto_map", {}).values())
+    references += [task["impl"] for task in config.get("custom_pipelines", {}).values()]
+    return {reference.rsplit(".", 1)[0] + ".py" for reference in references}
+
+
+def training_facts(model_dir: Path) -> list[tuple[str, str]]:
+    """Steps, epochs and final loss from the Trainer's state, when the checkpoint folder has one."""
+    state_file = model_dir / "trainer_state.json"
+    if not state_file.is_file():
+        return []
+    state = json.loads(state_file.read_text(encoding="utf-8"))
+    facts = [("optimizer steps", str(state.get("global_step"))), ("epochs", f"{state.get('epoch', 0):.2f}")]
+    losses = [entry["loss"] for entry in state.get("log_history", []) if "loss" in entry]
+    if losses:
+        facts.append(("final training loss", f"{losses[-1]:.4f}"))
+    return facts
+
+
+def count_parameters(weight_files: list[Path]) -> int:
+    total = 0
+    for path in weight_files:
+        with safe_open(str(path), framework="pt") as handle:
+            for key in handle.keys():
+                shape = handle.get_slice(key).get_shape()
+                total += math.prod(shape)
+    return total
+
+
+def build_upload_folder(
+    model_dir: Path,
+    out_dir: Path,
+    repo_id: str,
+    example_audio: Path,
+    results_files: list[Path] = (),
+    license: str = "apache-2.0",
+    datasets: list[str] = (),
+    language: list[str] = (),
+    train_config: Path | None = None,
+    allow_local_base: bool = False,
+) -> Path:
+    """Writes into `out_dir` exactly what will be uploaded, and checks the card; returns `out_dir`."""
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    files = hub_files(model_dir)
+    config = read_config(model_dir)
+    local = [config[key] for key in ("audio_model_id", "text_model_id") if not is_hub_id(config[key])]
+    if local and not allow_local_base:
+        raise ValueError(
+            f"{model_dir}/config.json points at local folder(s) {local}: the published model would not load on "
+            "anyone else's machine. Point audio_model_id / text_model_id at Hub ids, or pass --allow-local-base "
+            "to publish it anyway."
+        )
+    try:
+        sf.info(str(example_audio))
+    except sf.LibsndfileError as err:
+        raise ValueError(f"--example-audio {example_audio}: not a readable audio file: {err}") from err
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise FileExistsError(f"output folder {out_dir} is not empty; choose a new --out")
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    for path in files:
+        shutil.copy2(path, out_dir / path.name)
+    example_name = "example" + Path(example_audio).suffix.lower()
+    shutil.copy2(example_audio, out_dir / example_name)
+
+    weights = [path for path in files if path.suffix == ".safetensors"]
+    card = build_card(
+        repo_id=repo_id,
+        config=config,
+        results=read_results(list(results_files)),
+        example_file=example_name,
+        license=license,
+        datasets=list(datasets),
+        language=list(language),
+        trainable_params=count_parameters(weights),
+        weights_size=_human_size(sum(path.stat().st_size for path in weights)),
+        training_facts=training_facts(model_dir),
+        train_config=Path(train_config).read_text(encoding="utf-8") if train_config else None,
+    )
+    card.save(out_dir / "README.md")
+    validate_card(out_dir / "README.md")
+    return out_dir
+
+
+def _human_size(size: int) -> str:
+    return f"{size / 1e6:.1f} MB" if size >= 1e6 else f"{size / 1e3:.1f} kB"
+
+
+def upload(folder: Path, repo_id: str, private: bool = False, token: str | None = None) -> str:
+    """Creates the repo if needed and uploads the folder in one commit; returns the commit URL."""
+    api = HfApi(token=token)
+    api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+    commit = api.upload_folder(
+        repo_id=repo_id,
+        repo_type="model",
+        folder_path=str(folder),
+        commit_message="Upload Tiny Audio checkpoint",
+    )
+    return commit.commit_url
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "model_dir", type=Path, help="saved checkpoint folder (model + processor save_pretrained)"
+    )
+    parser.add_argument("--repo", required=True, help="Hub repo id to create/update, USER/NAME")
+    parser.add_argument("--example-audio", type=Path, required=True, help="clip offered by the Hub's widget")
+    parser.add_argument(
+        "--results", type=Path, nargs="*", default=[], help="eval.py results.json files (WER)"
+    )
+    parser.add_argument("--dataset", action="append", default=[], help="training dataset id (repeatable)")
+    parser.add_argument("--language", action="append", default=[], help="language code, e.g. en (repeatable)")
+    parser.add_argument("--license", default="apache-2.0")
+    parser.add_argument("--train-config", type=Path, help="training YAML to quote in the card")
+    parser.add_argument(
+        "--out", type=Path, help="build the upload folder here (kept); default: a temporary one"
+    )
+    parser.add_argument("--dry-run", action="store_true", help="build and check the folder, do not upload")
+    parser.add_argument("--private", action="store_true")
+    parser.add_argument("--token", help="Hub token (default: the one saved by `hf auth login`)")
+    parser.add_argument(
+        "--allow-local-base", action="store_true", help="publish even if the encoder/LLM are local folders"
+    )
+    args = parser.parse_args(argv)
+    if args.dry_run and args.out is None:
+        parser.error("--dry-run needs --out, the folder to build")
+
+    with tempfile.TemporaryDirectory(prefix="tiny-audio-upload-") as scratch:
+        folder = build_upload_folder(
+            args.model_dir,
+            args.out or Path(scratch) / "upload",
+            args.repo,
+            args.example_audio,
+            results_files=args.results,
+            license=args.license,
+            datasets=args.dataset,
+            language=args.language,
+            train_config=args.train_config,
+            allow_local_base=args.allow_local_base,
+        )
+        print(f"upload folder: {folder}")
+        for path in sorted(folder.iterdir()):
+            print(f"  {path.name}  ({path.stat().st_size:,} bytes)")
+        if args.dry_run:
+            return
+        print(f"uploaded: {upload(folder, args.repo, private=args.private, token=args.token)}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

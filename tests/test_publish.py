@@ -1,0 +1,227 @@
+"""`python -m publish.push`: the exact folder that is uploaded serves through the pipeline, its card is valid,
+and the Hub client receives that folder (HfApi's network calls are the only stand-in: the Hub is unreachable)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import soundfile as sf
+from conftest import REPO_ROOT, speech_like
+from huggingface_hub import HfApi, ModelCard, metadata_load
+
+from publish.card import build_card, read_results, validate_card
+from publish.push import build_upload_folder, main
+
+RATE = 16000
+# Greedy decoding of a random tiny LLM mostly repeats whitespace; forbidding repeats yields visible words.
+VARIED = {"no_repeat_ngram_size": 1, "max_new_tokens": 8}
+EVAL_RESULTS = {
+    "model": "outputs/run",
+    "dataset": "librispeech",
+    "dataset_location": "openslr/librispeech_asr",
+    "split": "test.clean",
+    "n": 200,
+    "wer": 0.0875,
+    "rtfx": 41.3,
+}
+
+
+@pytest.fixture
+def inputs(tiny_model_dir: str, tmp_path: Path) -> SimpleNamespace:
+    """A training output folder (checkpoint plus Trainer leftovers), an example clip and an eval.py results file."""
+    model_dir = Path(shutil.copytree(tiny_model_dir, tmp_path / "run"))
+    (model_dir / "training_args.bin").write_bytes(b"pickled args")
+    (model_dir / "optimizer.pt").write_bytes(b"optimizer state")
+    (model_dir / "checkpoint-5").mkdir()
+    (model_dir / "trainer_state.json").write_text(
+        json.dumps({"global_step": 5, "epoch": 1.0, "log_history": [{"loss": 3.5}, {"loss": 2.25}]})
+    )
+    clip = tmp_path / "clip.flac"
+    sf.write(clip, speech_like(3.0), RATE)
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps(EVAL_RESULTS))
+    return SimpleNamespace(model_dir=model_dir, clip=clip, results=results)
+
+
+@pytest.fixture
+def hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> SimpleNamespace:
+    """Records what HfApi.create_repo / upload_folder receive; the uploaded folder is copied as the Hub would store it."""
+    record = SimpleNamespace(created=[], uploads=[], stored=tmp_path / "hub" / "alice" / "tiny-audio-demo")
+
+    def create_repo(self, repo_id, **kwargs):
+        record.created.append((repo_id, kwargs))
+        return f"https://huggingface.co/{repo_id}"
+
+    def upload_folder(self, *, repo_id, folder_path, **kwargs):
+        record.uploads.append((repo_id, sorted(p.name for p in Path(folder_path).iterdir()), kwargs))
+        shutil.copytree(folder_path, record.stored)
+        return SimpleNamespace(commit_url=f"https://huggingface.co/{repo_id}/commit/0")
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    return record
+
+
+EXPECTED_FILES = [
+    "README.md",
+    "chat_template.jinja",
+    "config.json",
+    "configuration_tiny_audio.py",
+    "example.flac",
+    "generation_config.json",
+    "model.safetensors",
+    "modeling_tiny_audio.py",
+    "pipeline_asr.py",
+    "processing_tiny_audio.py",
+    "processor_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+]
+
+
+def test_push_uploads_a_folder_that_serves_from_a_fresh_process(inputs, hub, tmp_path: Path, capsys) -> None:
+    main(
+        [str(inputs.model_dir), "--repo", "alice/tiny-audio-demo", "--example-audio", str(inputs.clip)]
+        + ["--results", str(inputs.results), "--dataset", "openslr/librispeech_asr", "--allow-local-base"]
+    )
+    assert [repo for repo, _ in hub.created] == ["alice/tiny-audio-demo"]
+    [(repo, names, kwargs)] = hub.uploads
+    assert repo == "alice/tiny-audio-demo" and kwargs["repo_type"] == "model"
+    present = {name for name in EXPECTED_FILES if (inputs.model_dir / name).exists()} | {
+        "README.md",
+        "example.flac",
+    }
+    assert names == sorted(present)  # no optimizer state, Trainer args or intermediate checkpoints
+    assert "https://huggingface.co/alice/tiny-audio-demo/commit/0" in capsys.readouterr().out
+
+    card = validate_card(hub.stored / "README.md")
+    assert card.data.eval_results[0].metric_value == 8.75
+    assert "| optimizer steps | 5 |" in card.text and "| final training loss | 2.2500 |" in card.text
+
+    script = textwrap.dedent(
+        f"""
+        import json, sys
+        from transformers import pipeline
+        pipe = pipeline("automatic-speech-recognition", model={str(hub.stored)!r}, trust_remote_code=True)
+        out = pipe({str(hub.stored / "example.flac")!r}, **{VARIED!r})
+        leaked = [p for p in sys.path if {str(REPO_ROOT)!r} in p]
+        print(json.dumps({{"text": out["text"], "module": type(pipe).__module__, "leaked": leaked}}))
+        """
+    )
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    env["HF_HUB_OFFLINE"] = "1"
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["leaked"] == [] and result["module"].startswith("transformers_modules.")
+    assert result["text"].strip()
+
+
+def test_card_metadata_parses_and_validates(tmp_path: Path, inputs) -> None:
+    config = {
+        "audio_model_id": "openai/whisper-large-v3-turbo",
+        "text_model_id": "HuggingFaceTB/SmolLM3-3B",
+        "projector_downsample": 4,
+        "projector_activation": "gelu",
+        "lora_rank": 8,
+    }
+    card = build_card(
+        repo_id="alice/tiny-audio-demo",
+        config=config,
+        results=read_results([inputs.results]),
+        example_file="example.flac",
+        license="apache-2.0",
+        datasets=["openslr/librispeech_asr"],
+        language=["en"],
+        trainable_params=12_345_678,
+        weights_size="49.4 MB",
+        training_facts=[],
+        train_config="learning_rate: 0.001\n",
+    )
+    card.save(tmp_path / "README.md")
+    metadata = metadata_load(tmp_path / "README.md")
+    assert metadata["pipeline_tag"] == "automatic-speech-recognition"
+    assert metadata["library_name"] == "transformers"
+    assert metadata["base_model"] == ["openai/whisper-large-v3-turbo", "HuggingFaceTB/SmolLM3-3B"]
+    assert metadata["datasets"] == ["openslr/librispeech_asr"] and metadata["license"] == "apache-2.0"
+    assert metadata["widget"] == [
+        {
+            "src": "https://huggingface.co/alice/tiny-audio-demo/resolve/main/example.flac",
+            "example_title": "Example",
+        }
+    ]
+    [entry] = metadata["model-index"]
+    assert entry["name"] == "tiny-audio-demo"
+    [result] = entry["results"]
+    assert result["task"]["type"] == "automatic-speech-recognition"
+    assert result["dataset"] == {
+        "name": "librispeech",
+        "type": "openslr/librispeech_asr",
+        "split": "test.clean",
+    }
+    assert result["metrics"] == [{"type": "wer", "value": 8.75, "name": "WER"}]
+
+    parsed = validate_card(tmp_path / "README.md")
+    assert isinstance(parsed, ModelCard)
+    assert (
+        'pipeline("automatic-speech-recognition", model="alice/tiny-audio-demo", trust_remote_code=True)'
+        in card.text
+    )
+    assert "| openslr/librispeech_asr | test.clean | 200 | 8.75 | 41.3 |" in card.text
+    assert "rank-8 LoRA" in card.text and "learning_rate: 0.001" in card.text
+
+
+def test_validate_card_names_each_problem(tmp_path: Path) -> None:
+    (tmp_path / "README.md").write_text(
+        "---\nlibrary_name: transformers\nbase_model: /home/me/encoder\n---\n# card\n", encoding="utf-8"
+    )
+    with pytest.raises(ValueError) as error:
+        validate_card(tmp_path / "README.md")
+    message = str(error.value)
+    for problem in (
+        "pipeline_tag is None",
+        "license is missing",
+        "'/home/me/encoder' is not a Hub model id",
+        "widget",
+    ):
+        assert problem in message
+
+
+def test_local_base_models_are_refused_unless_allowed(inputs, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="points at local folder.*--allow-local-base"):
+        build_upload_folder(inputs.model_dir, tmp_path / "out", "alice/x", inputs.clip)
+    assert not (tmp_path / "out").exists()
+
+
+def test_incomplete_checkpoint_names_the_missing_file(inputs, tmp_path: Path) -> None:
+    (inputs.model_dir / "pipeline_asr.py").unlink()
+    with pytest.raises(FileNotFoundError, match="missing: pipeline_asr.py"):
+        build_upload_folder(inputs.model_dir, tmp_path / "out", "alice/x", inputs.clip, allow_local_base=True)
+
+
+def test_bad_results_file_is_named(tmp_path: Path) -> None:
+    bad = tmp_path / "results.json"
+    bad.write_text(json.dumps({"dataset": "librispeech", "split": "test"}))
+    with pytest.raises(ValueError, match=r"results\.json, entry 0: missing key\(s\) \['wer'\]"):
+        read_results([bad])
+
+
+def test_dry_run_builds_the_folder_without_uploading(inputs, hub, tmp_path: Path) -> None:
+    out = tmp_path / "upload"
+    main(
+        [str(inputs.model_dir), "--repo", "alice/x", "--example-audio", str(inputs.clip)]
+        + ["--out", str(out), "--dry-run", "--allow-local-base"]
+    )
+    assert hub.created == [] and hub.uploads == []
+    assert (out / "README.md").is_file() and (out / "model.safetensors").is_file()
+    assert metadata_load(out / "README.md").get("model-index") is None  # no results given, none claimed
