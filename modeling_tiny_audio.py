@@ -22,7 +22,7 @@ from transformers import (
 from transformers.activations import ACT2FN
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
-from transformers.utils import SAFE_WEIGHTS_NAME, cached_file, logging
+from transformers.utils import SAFE_WEIGHTS_NAME, cached_file
 
 try:
     from .configuration_tiny_audio import TinyAudioConfig, audio_token_lengths
@@ -431,7 +431,7 @@ class TinyAudioForConditionalGeneration(TinyAudioPreTrainedModel, GenerationMixi
 def _holds_pretrained_weights(weights_file: str) -> bool:
     """True for a standalone checkpoint (every weight), False for a projector-only one."""
     with safe_open(weights_file, framework="pt") as handle:
-        return any(key.startswith(("language_model.", "audio_tower.")) for key in handle.keys())
+        return any(not TinyAudioForConditionalGeneration._is_trainable(key) for key in handle.keys())
 
 
 def _best_device() -> str:

@@ -1,0 +1,329 @@
+"""Core model, config and processor: training signal, generation, saving/loading, and input checks."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from conftest import speech_like
+from safetensors import safe_open
+from tiny_models import make_tiny_llm, make_tiny_tiny_audio
+from transformers import AutoModelForCausalLM
+
+from configuration_tiny_audio import TinyAudioConfig, audio_token_lengths
+from modeling_tiny_audio import TinyAudioForConditionalGeneration
+
+CLIPS = [speech_like(2.0, seed=1), speech_like(0.7, seed=2), speech_like(3.3, seed=3)]
+TRANSCRIPTS = ["hello world", "one two three", "the quick brown fox"]
+
+
+def test_default_config_describes_course_model():
+    config = TinyAudioConfig()
+    assert config.audio_model_id == "openai/whisper-large-v3-turbo"
+    assert config.text_model_id == "HuggingFaceTB/SmolLM3-3B"
+    assert (config.audio_config.hidden_size, config.text_config.hidden_size) == (1280, 2048)
+    assert config.projector_downsample == 4 and config.projector_activation == "gelu"
+    assert set(config.task_prompts) >= {"transcribe", "describe", "emotion"}
+
+
+def test_config_round_trips(tmp_path, tiny_model_and_processor):
+    config = tiny_model_and_processor[0].config
+    config.save_pretrained(tmp_path)
+    reloaded = TinyAudioConfig.from_pretrained(tmp_path)
+    assert reloaded.to_dict() == config.to_dict()
+    assert reloaded.audio_config.model_type == "whisper" and reloaded.text_config.model_type == "llama"
+
+
+def test_audio_token_count_follows_real_length(tiny_model_and_processor):
+    model, processor = tiny_model_and_processor
+    short, full = processor(audio=[speech_like(3.0), speech_like(30.0)])["input_ids"], None
+    counts = (short == processor.audio_token_id).sum(-1)
+    # 3 s of Whisper audio: 300 mel frames -> 150 encoder frames -> 38 tokens; 30 s -> 375 tokens.
+    assert counts.tolist() == [38, 375]
+    full = processor(audio=speech_like(3.0))
+    assert model.audio_token_counts(full["input_features_mask"]).item() == 38
+    embeds, mask = model.get_audio_features(full["input_features"], full["input_features_mask"])
+    assert mask.sum().item() == 38 and embeds.shape[-1] == model.config.text_config.hidden_size
+
+
+def test_only_projector_trains(tiny_model_and_processor):
+    model, processor = tiny_model_and_processor
+    before = {name: param.detach().clone() for name, param in model.named_parameters()}
+    trainable = [name for name, param in model.named_parameters() if param.requires_grad]
+    assert trainable and all(name.startswith("multi_modal_projector.") for name in trainable)
+
+    model.train()
+    assert not model.audio_tower.training and not model.language_model.training
+    assert model.multi_modal_projector.training
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    loss = model(**processor(audio=CLIPS, text=TRANSCRIPTS)).loss
+    loss.backward()
+    optimizer.step()
+    model.eval()
+
+    changed = {name for name, param in model.named_parameters() if not torch.equal(param, before[name])}
+    assert changed == set(trainable)
+    for name, param in model.named_parameters():  # restore the shared fixture
+        param.data.copy_(before[name])
+
+
+def test_loss_covers_answer_tokens_only(tiny_model_and_processor):
+    model, processor = tiny_model_and_processor
+    inputs = processor(audio=CLIPS[:2], text=TRANSCRIPTS[:2])
+    labels = inputs["labels"]
+    answer_lengths = [
+        len(processor.tokenizer(text, add_special_tokens=False)["input_ids"]) + 1 for text in TRANSCRIPTS[:2]
+    ]
+    assert (labels != -100).sum(-1).tolist() == answer_lengths
+    assert not (labels == processor.audio_token_id).any()
+
+    loss = model(**inputs).loss
+    full_logits = model(**{k: v for k, v in inputs.items() if k != "labels"}).logits
+    reference = torch.nn.functional.cross_entropy(
+        full_logits[:, :-1].reshape(-1, full_logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
+    )
+    torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_encoder_outputs_path_matches_live_encoder(tiny_model_and_processor):
+    """The training feature cache stores trimmed encoder frames; feeding them back gives the same loss."""
+    model, processor = tiny_model_and_processor
+    inputs = processor(audio=CLIPS, text=TRANSCRIPTS)
+    live = model(**inputs).loss
+    hidden, mask = model.encode_audio(inputs["input_features"], inputs["input_features_mask"])
+    longest = int(mask.sum(-1).max())
+    trimmed = (hidden[:, :longest] * mask[:, :longest, None]).half()
+    cached = model(
+        input_ids=inputs["input_ids"],
+        attention_mask=inputs["attention_mask"],
+        labels=inputs["labels"],
+        encoder_hidden_states=trimmed.float(),
+        encoder_mask=mask[:, :longest],
+    ).loss
+    torch.testing.assert_close(live, cached, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("encoder", ["whisper", "hubert"])
+def test_batched_generation_matches_single(tmp_path, encoder):
+    model, processor = make_tiny_tiny_audio(tmp_path, encoder=encoder)
+    torch.manual_seed(0)
+    for param in model.multi_modal_projector.parameters():  # a projector big enough to steer the LLM
+        param.data.normal_(0, 0.5)
+    settings = {
+        "max_new_tokens": 6,
+        "min_new_tokens": 6,
+        "output_scores": True,
+        "return_dict_in_generate": True,
+    }
+    batch = processor(audio=CLIPS)
+    batched = model.generate(**batch, **settings)
+    batched_scores = torch.stack(batched.scores, 1)
+    for row, clip in enumerate(CLIPS):
+        inputs = processor(audio=clip)
+        single = model.generate(**inputs, **settings)
+        new_tokens = single.sequences[0, inputs["input_ids"].shape[1] :]
+        assert batched.sequences[row, batch["input_ids"].shape[1] :].tolist() == new_tokens.tolist()
+        torch.testing.assert_close(
+            batched_scores[row], torch.stack(single.scores, 1)[0], atol=1e-4, rtol=1e-4
+        )
+    # Different clips steer the LLM differently, so agreement above is not trivial.
+    assert not torch.allclose(batched_scores[0], batched_scores[1], atol=1e-3)
+
+
+@pytest.mark.filterwarnings("ignore:Unfeasible length constraints")
+def test_generation_budget_follows_audio_length(tiny_model_and_processor):
+    model, processor = tiny_model_and_processor
+    inputs = processor(audio=speech_like(2.0))
+    expected = model.config.max_new_tokens_for(2.0)
+    out = model.generate(**inputs, min_new_tokens=expected + 5)
+    assert out.shape[1] - inputs["input_ids"].shape[1] == expected
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen3", "smollm3"])
+def test_language_model_is_exactly_the_pretrained_one(tmp_path, kind):
+    model, processor = make_tiny_tiny_audio(tmp_path, llm=kind)
+    standalone = AutoModelForCausalLM.from_pretrained(tmp_path / f"llm-{kind}")
+    inputs = processor.text_prompt("hello world")
+    expected = standalone(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+    actual = model(**inputs).logits
+    torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+    llm = model.language_model
+    assert llm.get_output_embeddings().weight.data_ptr() == llm.get_input_embeddings().weight.data_ptr()
+
+
+def test_text_only_generation(tiny_model_and_processor):
+    model, processor = tiny_model_and_processor
+    inputs = processor.text_prompt("the quick brown fox")
+    out = model.generate(**inputs, max_new_tokens=4, min_new_tokens=4)
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 4
+    assert isinstance(processor.decode_generated(out, inputs)[0], str)
+
+
+def test_projector_only_checkpoint(tiny_model_dir):
+    names = set(os.listdir(tiny_model_dir))
+    assert {"config.json", "model.safetensors", "modeling_tiny_audio.py", "pipeline_asr.py"} <= names
+    with safe_open(os.path.join(tiny_model_dir, "model.safetensors"), framework="pt") as handle:
+        keys = list(handle.keys())
+    assert keys and all(key.startswith("multi_modal_projector.") for key in keys)
+    config = json.loads(open(os.path.join(tiny_model_dir, "config.json")).read())
+    assert {"AutoConfig", "AutoModel", "AutoModelForSpeechSeq2Seq", "AutoProcessor"} <= set(
+        config["auto_map"]
+    )
+    assert "automatic-speech-recognition" in config["custom_pipelines"]
+
+
+FRESH_PROCESS_SCRIPT = textwrap.dedent(
+    """
+    import sys, numpy as np, torch
+    from transformers import AutoModel, AutoProcessor
+    folder, audio_file, out_file = sys.argv[1:4]
+    try:
+        import modeling_tiny_audio  # noqa: F401
+        raise SystemExit("the repository must not be importable here")
+    except ImportError:
+        pass
+    model = AutoModel.from_pretrained(folder, trust_remote_code=True)
+    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+    inputs = processor(audio=list(np.load(audio_file)))
+    torch.save(model(**inputs).logits, out_file)
+    """
+)
+
+
+def run_fresh(folder: str, tmp_path, clips: list[np.ndarray]) -> torch.Tensor:
+    """Loads `folder` with trust_remote_code in a new interpreter, outside the repository, and returns logits."""
+    audio_file, out_file, script = tmp_path / "clips.npy", tmp_path / "logits.pt", tmp_path / "load.py"
+    np.save(audio_file, np.stack(clips))
+    script.write_text(FRESH_PROCESS_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, str(script), folder, str(audio_file), str(out_file)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return torch.load(out_file)
+
+
+def test_save_load_in_fresh_process(tmp_path, tiny_model_dir, tiny_model_and_processor):
+    model, processor = tiny_model_and_processor
+    clips = [speech_like(1.5, seed=7), speech_like(1.5, seed=8)]
+    expected = model(**processor(audio=clips)).logits
+    torch.testing.assert_close(run_fresh(tiny_model_dir, tmp_path, clips), expected, rtol=0, atol=0)
+
+
+def test_standalone_checkpoint_round_trip(tmp_path, tiny_model_and_processor):
+    model, processor = tiny_model_and_processor
+    folder = tmp_path / "standalone"
+    model.save_pretrained(folder, standalone=True)
+    processor.save_pretrained(folder)
+    with safe_open(folder / "model.safetensors", framework="pt") as handle:
+        assert any(key.startswith("language_model.") for key in handle.keys())
+    reloaded = TinyAudioForConditionalGeneration.from_pretrained(folder)
+    inputs = processor(audio=CLIPS[:1])
+    torch.testing.assert_close(reloaded(**inputs).logits, model(**inputs).logits, rtol=0, atol=0)
+    llm = reloaded.language_model
+    assert llm.get_output_embeddings().weight.data_ptr() == llm.get_input_embeddings().weight.data_ptr()
+
+
+def test_lora_option(tmp_path):
+    model, processor = make_tiny_tiny_audio(tmp_path, lora_rank=4)
+    trainable = {name for name, param in model.named_parameters() if param.requires_grad}
+    assert any(".lora_" in name for name in trainable)
+    assert all(name.startswith("multi_modal_projector.") or ".lora_" in name for name in trainable)
+    for name, param in model.named_parameters():
+        if ".lora_B" in name:
+            param.data.normal_(0, 0.1)  # LoRA B starts at zero: make the adapter matter
+    model.save_pretrained(tmp_path / "ckpt")
+    processor.save_pretrained(tmp_path / "ckpt")
+    reloaded = TinyAudioForConditionalGeneration.from_pretrained(tmp_path / "ckpt")
+    inputs = processor(audio=CLIPS[:1])
+    torch.testing.assert_close(reloaded(**inputs).logits, model(**inputs).logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("encoder", ["hubert", "wav2vec2", "wavlm"])
+def test_wav2vec_style_encoders(tmp_path, encoder):
+    model, processor = make_tiny_tiny_audio(tmp_path, encoder=encoder)
+    inputs = processor(audio=CLIPS, text=TRANSCRIPTS)
+    counts = (inputs["input_ids"] == processor.audio_token_id).sum(-1)
+    lengths = torch.tensor([clip.size for clip in CLIPS])
+    assert counts.tolist() == audio_token_lengths(lengths, model.config.encoder_conv_layers, 4).tolist()
+    loss = model(**inputs).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is None for p in model.language_model.parameters())
+    assert model.multi_modal_projector.linear_2.weight.grad is not None
+
+
+def test_int16_audio_is_scaled(tiny_model_and_processor):
+    _, processor = tiny_model_and_processor
+    clip = speech_like(1.0)
+    as_int16 = (clip * 32767).astype(np.int16)
+    torch.testing.assert_close(
+        processor(audio=as_int16)["input_features"],
+        processor(audio=clip)["input_features"],
+        atol=2e-2,
+        rtol=0,
+    )
+
+
+def test_silent_audio_is_accepted(tiny_model_and_processor):
+    """Silence is valid input (documented): it is transcribed like any clip, usually to little or nothing."""
+    model, processor = tiny_model_and_processor
+    inputs = processor(audio=np.zeros(16000, dtype=np.float32))
+    assert model.generate(**inputs, max_new_tokens=2).shape[0] == 1
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"audio": speech_like(1.0), "sampling_rate": 8000}, "8000 Hz but the encoder expects 16000 Hz"),
+        ({"audio": np.stack([speech_like(1.0)] * 2)}, "expected mono audio"),
+        ({"audio": np.zeros(0, dtype=np.float32)}, "audio\\[0\\]: the audio is empty"),
+        ({"audio": np.array([0.1, np.nan] * 800, dtype=np.float32)}, "NaN or infinite"),
+        (
+            {"audio": [speech_like(1.0), speech_like(31.0)]},
+            "audio\\[1\\]: 31.0 s is longer than the encoder window",
+        ),
+        ({"audio": "clip.wav"}, "expected a 1-D numpy array"),
+        ({"audio": [speech_like(1.0)], "text": ["a", "b"]}, "1 audio clips but 2 transcripts"),
+        ({"audio": speech_like(1.0), "task": "translate"}, "Unknown task 'translate'"),
+        ({"text": "hello"}, "without audio"),
+    ],
+)
+def test_bad_input_gets_clear_error(tiny_model_and_processor, kwargs, message):
+    _, processor = tiny_model_and_processor
+    with pytest.raises((ValueError, TypeError), match=message):
+        processor(**kwargs)
+
+
+def test_placeholder_mismatch_is_reported(tiny_model_and_processor):
+    model, processor = tiny_model_and_processor
+    inputs = processor(audio=speech_like(2.0))
+    with pytest.raises(ValueError, match="audio placeholder tokens but no audio"):
+        model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+    other = processor(audio=speech_like(1.0))
+    with pytest.raises(ValueError, match="holds 25 audio placeholder tokens but the audio gives 13"):
+        model(
+            input_ids=inputs["input_ids"],
+            attention_mask=inputs["attention_mask"],
+            input_features=other["input_features"],
+            input_features_mask=other["input_features_mask"],
+        )
+
+
+def test_tied_llm_stays_tied_after_assembly(tmp_path):
+    folder = make_tiny_llm(tmp_path / "llm", "llama")
+    standalone = AutoModelForCausalLM.from_pretrained(folder)
+    assert standalone.config.tie_word_embeddings
+    model, _ = make_tiny_tiny_audio(tmp_path / "assembled")
+    llm = model.language_model
+    assert llm.get_output_embeddings().weight.data_ptr() == llm.get_input_embeddings().weight.data_ptr()
