@@ -323,7 +323,8 @@ class TinyAudioASRPipeline(AutomaticSpeechRecognitionPipeline):
     Call options (besides the stock ones): ``sampling_rate`` (of bare array inputs), ``chunk_length_s`` (at most
     the encoder window, ``config.max_audio_seconds``), ``prompt`` (instruction instead of the default transcribe
     prompt), ``return_timestamps=True`` (chunk-level ``chunks``), ``skip_errors=True`` (a bad input yields
-    ``{"text": "", "error": ...}`` instead of raising), ``max_new_tokens`` / ``generate_kwargs``.
+    ``{"text": "", "error": ...}`` instead of raising), ``loop_guard=False`` (keep degenerate repetition loops),
+    ``max_new_tokens`` / ``generate_kwargs`` (default budget: ``config.max_new_tokens_for(chunk seconds)``).
     """
 
     _load_processor = True
@@ -352,6 +353,7 @@ class TinyAudioASRPipeline(AutomaticSpeechRecognitionPipeline):
         prompt: str | None = None,
         return_timestamps: bool | None = None,
         skip_errors: bool | None = None,
+        loop_guard: bool | None = None,
         generate_kwargs: dict | None = None,
         **kwargs: Any,
     ) -> tuple[dict, dict, dict]:
@@ -372,6 +374,8 @@ class TinyAudioASRPipeline(AutomaticSpeechRecognitionPipeline):
         if return_timestamps not in (None, True, False):
             raise ValueError("Tiny Audio gives chunk-level timestamps only: use return_timestamps=True")
         forward = {**(generate_kwargs or {}), **kwargs}
+        if loop_guard is not None:
+            forward["loop_guard"] = loop_guard
         postprocess = {} if return_timestamps is None else {"return_timestamps": return_timestamps}
         return preprocess, forward, postprocess
 
@@ -396,15 +400,20 @@ class TinyAudioASRPipeline(AutomaticSpeechRecognitionPipeline):
             batch["input_features"] = batch["input_features"].to(self.dtype)
         return batch
 
-    def _forward(self, model_inputs: dict[str, Any], **generate_kwargs: Any) -> dict[str, list[str]]:
+    def _forward(
+        self, model_inputs: dict[str, Any], loop_guard: bool = True, **generate_kwargs: Any
+    ) -> dict[str, list[str]]:
         # Without max_new_tokens, the model's generate sizes the budget from the longest chunk in the batch.
         generate_kwargs = self._prepare_generate_kwargs(generate_kwargs)
-        guard = RepetitionLoopGuard()
-        criteria = StoppingCriteriaList([guard, *generate_kwargs.pop("stopping_criteria", [])])
+        criteria = StoppingCriteriaList(generate_kwargs.pop("stopping_criteria", []))
+        if loop_guard:
+            criteria.insert(0, RepetitionLoopGuard())
         sequences = self.model.generate(**model_inputs, stopping_criteria=criteria, **generate_kwargs)
         new_tokens = sequences[:, model_inputs["input_ids"].shape[1] :]
         special = set(self.tokenizer.all_special_ids)
-        cleaned = [trim_repetition_loop([t for t in row if t not in special]) for row in new_tokens.tolist()]
+        cleaned = [[t for t in row if t not in special] for row in new_tokens.tolist()]
+        if loop_guard:
+            cleaned = [trim_repetition_loop(tokens) for tokens in cleaned]
         return {"text": self.processor.batch_decode(cleaned, skip_special_tokens=True)}
 
     def postprocess(self, pending: _Pending, return_timestamps: bool = False) -> dict[str, Any]:  # type: ignore[override]

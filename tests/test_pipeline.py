@@ -29,7 +29,9 @@ RATE = 16000
 REPO = str(Path(__file__).resolve().parents[1])
 
 
-def speech_like(seconds: float, rate: int = RATE, seed: int = 0) -> tuple[np.ndarray, list[tuple[int, int]]]:
+def speech_with_pauses(
+    seconds: float, rate: int = RATE, seed: int = 0
+) -> tuple[np.ndarray, list[tuple[int, int]]]:
     """Noise bursts ("words", 0.2-0.6 s) separated by silent gaps (0.15-0.5 s); returns audio and word spans."""
     rng = np.random.default_rng(seed)
     audio = np.zeros(int(seconds * rate), dtype=np.float32)
@@ -171,7 +173,7 @@ def test_bad_input_raises_one_error_naming_it(tmp_path, name):
 
 
 def test_long_audio_is_cut_in_pauses_into_an_exact_partition():
-    audio, words = speech_like(95.0)
+    audio, words = speech_with_pauses(95.0)
     # Block edges unrelated to where cuts fall.
     blocks = (audio[i : i + 7 * RATE] for i in range(0, len(audio), 7 * RATE))
     chunks = list(chunk_blocks(blocks, RATE, 30.0))
@@ -193,7 +195,7 @@ def test_continuous_sound_is_still_cut_within_the_window():
 
 def test_ten_minute_file_streams_in_bounded_chunks(tmp_path):
     path = tmp_path / "long.wav"
-    audio, _ = speech_like(600.0, rate=8000, seed=3)
+    audio, _ = speech_with_pauses(600.0, rate=8000, seed=3)
     sf.write(path, audio, 8000, subtype="PCM_16")
     total = 0
     for chunk in iter_chunks(str(path), RATE, 30.0):
@@ -226,21 +228,10 @@ VARIED = {"no_repeat_ngram_size": 1, "max_new_tokens": 8}
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> str:
-    from tiny_models import make_tiny_tiny_audio
-
-    root = tmp_path_factory.mktemp("tiny_audio_asr")
-    model, processor = make_tiny_tiny_audio(root)
-    model.save_pretrained(root / "checkpoint")
-    processor.save_pretrained(root / "checkpoint")
-    return str(root / "checkpoint")
-
-
-@pytest.fixture(scope="module")
-def asr(checkpoint):
+def asr(tiny_model_dir):
     from transformers import pipeline
 
-    return pipeline("automatic-speech-recognition", model=checkpoint, trust_remote_code=True)
+    return pipeline("automatic-speech-recognition", model=tiny_model_dir, trust_remote_code=True)
 
 
 def text(asr, source, **kwargs) -> str:
@@ -255,7 +246,7 @@ def test_pipeline_factory_resolves_the_custom_class(asr):
 
 
 def test_every_input_kind_gives_the_same_text(asr, tmp_path):
-    audio, _ = speech_like(4.0)
+    audio, _ = speech_with_pauses(4.0)
     expected = text(asr, audio)
     assert expected
     path = tmp_path / "clip.wav"
@@ -284,14 +275,14 @@ def describe(source) -> str:
 
 
 def test_resampling_and_stereo(asr):
-    audio, _ = speech_like(3.0, rate=44100)
+    audio, _ = speech_with_pauses(3.0, rate=44100)
     assert text(asr, audio, sampling_rate=44100) == text(asr, soxr.resample(audio, 44100, RATE))
     other = np.roll(audio, 1000)
     assert text(asr, np.stack([audio, other])) == text(asr, (audio + other) / 2)
 
 
 def test_long_input_is_chunked_and_stitched(asr):
-    audio, _ = speech_like(75.0, seed=7)
+    audio, _ = speech_with_pauses(75.0, seed=7)
     result = asr(audio, return_timestamps=True, **VARIED)
     chunks = result["chunks"]
     assert len(chunks) == 3
@@ -306,7 +297,9 @@ def test_long_input_is_chunked_and_stitched(asr):
 
 def test_batch_gives_the_same_text_as_one_at_a_time(asr):
     rng = np.random.default_rng(1)
-    inputs = [speech_like(seconds, seed=seed)[0] for seed, seconds in enumerate((2.0, 5.5, 3.2, 41.0, 1.1))]
+    inputs = [
+        speech_with_pauses(seconds, seed=seed)[0] for seed, seconds in enumerate((2.0, 5.5, 3.2, 41.0, 1.1))
+    ]
     inputs.append({"raw": rng.normal(0, 0.1, 3 * 8000).astype(np.float32), "sampling_rate": 8000})
     single = [asr(source, batch_size=1, **VARIED) for source in inputs]
     assert asr(inputs, batch_size=4, **VARIED) == single
@@ -314,12 +307,12 @@ def test_batch_gives_the_same_text_as_one_at_a_time(asr):
 
 
 def test_timestamps_of_a_short_clip(asr):
-    result = asr(speech_like(2.5)[0], return_timestamps=True, **VARIED)
+    result = asr(speech_with_pauses(2.5)[0], return_timestamps=True, **VARIED)
     assert result["chunks"] == [{"text": result["text"], "timestamp": (0.0, 2.5)}]
 
 
 def test_generate_kwargs_pass_through(asr):
-    audio = speech_like(3.0)[0]
+    audio = speech_with_pauses(3.0)[0]
     short = asr(audio, max_new_tokens=2, no_repeat_ngram_size=1)["text"]
     assert short == asr(audio, generate_kwargs={"max_new_tokens": 2, "no_repeat_ngram_size": 1})["text"]
     assert len(short) < len(text(asr, audio))
@@ -338,9 +331,12 @@ class StepCounter:
 
 def test_repetition_loop_is_stopped_early_and_trimmed(asr):
     counter = StepCounter()
-    result = asr(speech_like(3.0)[0], max_new_tokens=200, stopping_criteria=[counter])
+    result = asr(speech_with_pauses(3.0)[0], max_new_tokens=200, stopping_criteria=[counter])
     assert counter.steps <= 16  # the tiny model loops on one token; the guard stops it at 16
     assert result["text"] == ""  # one "\n" kept, stripped
+    counter = StepCounter()
+    asr(speech_with_pauses(3.0)[0], max_new_tokens=40, stopping_criteria=[counter], loop_guard=False)
+    assert counter.steps == 40
 
 
 def test_default_budget_follows_audio_length(asr):
@@ -348,12 +344,12 @@ def test_default_budget_follows_audio_length(asr):
     config = asr.model.config
     for seconds in (1.0, 20.0):
         counter = StepCounter()
-        asr(speech_like(seconds)[0], no_repeat_ngram_size=1, stopping_criteria=[counter])
+        asr(speech_with_pauses(seconds)[0], no_repeat_ngram_size=1, stopping_criteria=[counter])
         assert counter.steps == config.max_new_tokens_for(seconds)
 
 
 def test_bad_input_in_a_batch(asr, tmp_path):
-    good = speech_like(2.0)[0]
+    good = speech_with_pauses(2.0)[0]
     bad, named = _bad_inputs(tmp_path)["corrupt"]
     # The pipeline's AudioInputError lives in the checkpoint's module copy; it is a ValueError.
     with pytest.raises(ValueError, match=named) as caught:
@@ -368,18 +364,18 @@ def test_bad_input_in_a_batch(asr, tmp_path):
 
 def test_chunk_length_beyond_the_encoder_window_is_refused(asr):
     with pytest.raises(ValueError, match="encoder window"):
-        asr(speech_like(2.0)[0], chunk_length_s=31)
+        asr(speech_with_pauses(2.0)[0], chunk_length_s=31)
 
 
-def test_loads_in_a_fresh_process_outside_the_repo(checkpoint, tmp_path, asr):
+def test_loads_in_a_fresh_process_outside_the_repo(tiny_model_dir, tmp_path, asr):
     """Only the saved folder: no repo on sys.path, another cwd, hub offline."""
-    audio = speech_like(3.0)[0]
+    audio = speech_with_pauses(3.0)[0]
     sf.write(tmp_path / "clip.flac", audio, RATE)
     script = textwrap.dedent(
         f"""
         import json, sys
         from transformers import pipeline
-        pipe = pipeline("automatic-speech-recognition", model={checkpoint!r}, trust_remote_code=True)
+        pipe = pipeline("automatic-speech-recognition", model={tiny_model_dir!r}, trust_remote_code=True)
         out = pipe("clip.flac", **{VARIED!r})
         leaked = [p for p in sys.path if p and {REPO!r} in p]
         print(json.dumps({{"text": out["text"], "module": type(pipe).__module__, "leaked": leaked}}))
