@@ -108,16 +108,20 @@ class RunArguments:
 ARGUMENT_TYPES = (ModelArguments, DataArguments, RunArguments, TrainingArguments)
 
 
-def _yaml_to_argv(config: dict) -> list[str]:
-    """Command-line tokens for a YAML mapping; nested values (dataset lists) travel as JSON."""
+def _yaml_to_argv(config: dict, parser: HfArgumentParser) -> list[str]:
+    """Command-line tokens for a YAML mapping: nested values (dataset lists) travel as JSON, and lists given to a
+    single-value flag (report_to) as comma-separated text."""
     tokens = []
     for key, value in config.items():
+        action = parser._option_string_actions.get(f"--{key}")
         if value is None:
             continue
         if isinstance(value, dict) or (isinstance(value, list) and any(isinstance(v, dict) for v in value)):
             tokens += [f"--{key}", json.dumps(value)]
-        elif isinstance(value, list):
+        elif isinstance(value, list) and action is not None and action.nargs in ("+", "*"):
             tokens += [f"--{key}", *map(str, value)]
+        elif isinstance(value, list):
+            tokens += [f"--{key}", ",".join(map(str, value))]
         else:
             tokens += [f"--{key}", str(value)]
     return tokens
@@ -143,12 +147,13 @@ def parse_args(
 ) -> tuple[ModelArguments, DataArguments, RunArguments, TrainingArguments]:
     """YAML file (first argument, optional) + flags -> the four argument dataclasses; later flags win."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    parser = HfArgumentParser(ARGUMENT_TYPES)
     tokens = []
     if not torch.cuda.is_available() and not torch.backends.mps.is_available():
         tokens += ["--use_cpu", "true"]  # lets --bf16 run on CPUs with bf16 support
     if argv and argv[0].endswith((".yaml", ".yml")):
         with open(argv.pop(0)) as handle:
-            tokens += _yaml_to_argv(yaml.safe_load(handle) or {})
+            tokens += _yaml_to_argv(yaml.safe_load(handle) or {}, parser)
     tokens += _hub_flag(argv)
     model_args, data_args, run_args, training_args = HfArgumentParser(
         ARGUMENT_TYPES
@@ -159,7 +164,9 @@ def parse_args(
     # Rows keep their raw columns (the collator needs them); eval predictions are answer-only logits.
     training_args.remove_unused_columns = False
     training_args.prediction_loss_only = True
-    wanted = training_args.report_to
+    if training_args.ddp_find_unused_parameters is None:
+        training_args.ddp_find_unused_parameters = False  # every trainable weight is used in every step
+    wanted = [name for entry in training_args.report_to for name in entry.split(",") if name]
     training_args.report_to = [r for r in wanted if r not in OPTIONAL_REPORTERS or OPTIONAL_REPORTERS[r]()]
     for missing in set(wanted) - set(training_args.report_to):
         logger.warning("Not reporting to %s: its package is not installed (pip install %s)", missing, missing)

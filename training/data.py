@@ -3,7 +3,8 @@
 Every source is mapped onto the same columns (`audio` undecoded, `text`, `task`), then each row is checked once
 (`duration`, `audio_hash`, `skip`): rows that would crash or poison a run (undecodable audio, clips longer than the
 encoder window, empty transcripts, unknown tasks) are dropped and counted instead of failing the run.
-Audio is decoded with soundfile here, not by `datasets` (whose decoder needs torchcodec).
+Audio stays undecoded as a plain {bytes, path} struct and is decoded with soundfile here: `datasets`' own Audio
+feature needs torchcodec to decode, and even to re-encode rows passing through a streamed `map`.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ import numpy as np
 import soundfile
 import yaml
 from datasets import (
-    Audio,
     Dataset,
     DatasetDict,
     IterableDataset,
@@ -36,6 +36,7 @@ from datasets import (
 
 logger = logging.getLogger(__name__)
 
+RAW_AUDIO = {"bytes": Value("binary"), "path": Value("string")}
 MANIFEST_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json"}
 SKIP_REASONS = (
     "undecodable_audio",
@@ -186,8 +187,12 @@ def _load_source(spec: DatasetSpec, cache_dir: str | None) -> Dataset | Iterable
             raise ValueError(
                 f"Manifest {spec.path} has no audio column {spec.audio_column!r}: {dataset.column_names}"
             )
+        features = dataset.features.copy()
+        features[spec.audio_column] = RAW_AUDIO
         return dataset.map(
-            lambda row: {spec.audio_column: os.path.join(base, row[spec.audio_column])},
+            lambda path: {spec.audio_column: {"bytes": None, "path": os.path.join(base, path)}},
+            input_columns=spec.audio_column,
+            features=features,
             desc=f"Resolving audio paths of {spec.path}",
         )
     if os.path.isdir(spec.path):
@@ -219,6 +224,8 @@ def _normalize(
                 f"Dataset {spec.path} has no {role} column {column!r} (columns: {columns}); "
                 f"set {role}_column for it in the dataset list"
             )
+    # Cast first: on streamed datasets a cast made after select/rename is lost (datasets 5.2).
+    dataset = dataset.cast_column(spec.audio_column, RAW_AUDIO)
     keep = [spec.audio_column, spec.text_column] + ([spec.task_column] if spec.task_column in columns else [])
     dataset = dataset.select_columns(keep)
     renames = {spec.audio_column: "audio", spec.text_column: "text", spec.task_column: "task"}
@@ -226,7 +233,6 @@ def _normalize(
     if "task" not in keep:
         task = spec.task or default_task
         dataset = dataset.map(lambda _: {"task": task})
-    dataset = dataset.cast_column("audio", Audio(decode=False))
     dataset = dataset.cast_column("text", Value("string")).cast_column("task", Value("string"))
     if spec.max_samples is not None:
         if isinstance(dataset, IterableDataset):

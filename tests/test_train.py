@@ -1,0 +1,344 @@
+"""train.py on tiny random models: configuration, data checks, feature cache, checkpoints, resume, push, DDP.
+
+Run as a script (`torchrun ... tests/test_train.py OUT -- ARGS`) it is the DDP worker of `test_ddp_*`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+from datasets import Audio, Dataset, DatasetDict
+from safetensors.torch import load_file, save_file
+from transformers import TrainerCallback
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import train  # noqa: E402
+from training.collator import SpeechCollator  # noqa: E402
+from training.data import DatasetSpec, load_speech_data, parse_dataset_specs  # noqa: E402
+from training.feature_cache import build_feature_cache  # noqa: E402
+
+WORDS = "the quick brown fox jumps over the lazy dog one two three four five".split()
+RATE = 16000
+
+
+def wav_bytes(samples: np.ndarray, rate: int = RATE) -> bytes:
+    buffer = io.BytesIO()
+    soundfile.write(buffer, samples.astype(np.float32), rate, format="WAV", subtype="FLOAT")
+    return buffer.getvalue()
+
+
+def speech_rows(count: int, seed: int) -> dict[str, list]:
+    """Noise clips of 1-3 s with short random transcripts (the tiny models cannot tell speech from noise)."""
+    rng = np.random.default_rng(seed)
+    clips = [0.1 * rng.standard_normal(int(RATE * rng.uniform(1, 3))) for _ in range(count)]
+    return {
+        "audio": [{"bytes": wav_bytes(clip), "path": None} for clip in clips],
+        "text": [" ".join(rng.choice(WORDS, 3)) for _ in range(count)],
+    }
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> dict[str, str]:
+    """Tiny encoder + LLM folders and a small save_to_disk dataset with train/test splits."""
+    from tiny_models import make_tiny_encoder, make_tiny_llm
+
+    root = tmp_path_factory.mktemp("train")
+    data = DatasetDict(
+        {"train": Dataset.from_dict(speech_rows(24, 0)), "test": Dataset.from_dict(speech_rows(4, 1))}
+    ).cast_column("audio", Audio(sampling_rate=RATE))
+    data.save_to_disk(root / "data")
+    return {
+        "root": str(root),
+        "encoder": make_tiny_encoder(root / "encoder"),
+        "llm": make_tiny_llm(root / "llm"),
+        "data": str(root / "data"),
+    }
+
+
+def base_args(workspace: dict, output_dir: str, *extra: str) -> list[str]:
+    """A YAML config (as a user would write) plus command-line overrides."""
+    config = {
+        "audio_model_id": workspace["encoder"],
+        "text_model_id": workspace["llm"],
+        "train_datasets": [{"path": workspace["data"], "split": "train"}],
+        "eval_datasets": [{"path": workspace["data"], "split": "train", "max_samples": 8}],
+        "wer_eval_samples": 2,
+        "output_dir": output_dir,
+        "per_device_train_batch_size": 4,
+        "per_device_eval_batch_size": 4,
+        "learning_rate": 0.05,
+        "lr_scheduler_type": "constant",
+        "max_steps": 6,
+        "save_steps": 3,
+        "eval_strategy": "steps",
+        "eval_steps": 6,
+        "eval_on_start": True,
+        "logging_steps": 1,
+        "train_sampling_strategy": "group_by_length",
+        "report_to": ["wandb", "tensorboard"],  # absent packages must only be skipped
+        "seed": 7,
+    }
+    path = Path(output_dir + ".yaml")
+    path.write_text(json.dumps(config))  # JSON is YAML
+    return [str(path), *extra]
+
+
+def projector_of(folder: str | Path) -> dict[str, torch.Tensor]:
+    return load_file(os.path.join(folder, "model.safetensors"))
+
+
+class Snapshot(TrainerCallback):
+    """Copies every weight at the start and the end of training."""
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        self.after = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+class Crash(TrainerCallback):
+    """Kills the run at the start of `step`, like a lost machine: nothing after the last checkpoint survives."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise KeyboardInterrupt("simulated crash")
+
+
+@pytest.fixture(scope="module")
+def reference_run(workspace) -> dict:
+    """One uninterrupted 6-step run with evaluation at the start and the end."""
+    output_dir = os.path.join(workspace["root"], "reference")
+    snapshot = Snapshot()
+    metrics = train.main(base_args(workspace, output_dir), callbacks=[snapshot])
+    return {"output_dir": output_dir, "snapshot": snapshot, "metrics": metrics}
+
+
+def test_yaml_config_with_command_line_overrides(workspace, tmp_path):
+    argv = base_args(workspace, str(tmp_path / "out"), "--learning_rate", "0.001", "--push-to-hub", "me/tiny")
+    model_args, data_args, run_args, training_args = train.parse_args(argv)
+    assert model_args.text_model_id == workspace["llm"]
+    assert training_args.learning_rate == 0.001 and training_args.max_steps == 6
+    assert training_args.train_sampling_strategy == "group_by_length"
+    assert run_args.push_to_hub_repo == "me/tiny" and not training_args.push_to_hub
+    assert "wandb" not in training_args.report_to or train.OPTIONAL_REPORTERS["wandb"]()
+    (spec,) = parse_dataset_specs(data_args.train_datasets)
+    assert spec == DatasetSpec(path=workspace["data"], split="train")
+    with pytest.raises(ValueError, match="not used by the HfArgumentParser"):
+        train.parse_args(base_args(workspace, str(tmp_path / "out"), "--no_such_option", "1"))
+    with pytest.raises(ValueError, match="Unknown dataset option"):
+        parse_dataset_specs('[{"path": "x", "colums": 1}]')
+
+
+def test_bad_rows_are_skipped_and_counted(tmp_path):
+    """Every source kind; bad rows of each sort are dropped and counted, good ones all kept, sources mixed."""
+    rng = np.random.default_rng(0)
+    good = [0.1 * rng.standard_normal(RATE) for _ in range(4)]
+    disk = Dataset.from_dict(
+        {
+            "audio": [{"bytes": wav_bytes(clip), "path": None} for clip in good]
+            + [
+                {"bytes": wav_bytes(np.zeros(RATE * 31)), "path": None},  # longer than the 30 s window
+                {"bytes": b"not audio at all", "path": None},
+                {"bytes": wav_bytes(np.full(RATE, np.nan)), "path": None},
+                {"bytes": wav_bytes(np.zeros(10)), "path": None},
+                {"bytes": wav_bytes(good[0]), "path": None},
+                {"bytes": wav_bytes(good[0]), "path": None},
+            ],
+            "sentence": ["a b", "c d", "e f", "g h", "long", "garbage", "nan", "tiny", "   ", "an emotion"],
+            "task": ["transcribe"] * 9 + ["dance"],
+        }
+    ).cast_column("audio", Audio(sampling_rate=RATE))
+    disk.save_to_disk(tmp_path / "disk")
+    # A CSV manifest with audio paths relative to it, at another sampling rate and in stereo.
+    (tmp_path / "clips").mkdir()
+    soundfile.write(tmp_path / "clips" / "a.wav", np.stack([good[1], good[1]], axis=1), 8000)
+    (tmp_path / "manifest.csv").write_text("file,words\nclips/a.wav,hello there\nclips/missing.wav,lost\n")
+    (tmp_path / "manifest.jsonl").write_text(
+        json.dumps({"audio": "clips/a.wav", "text": "hi", "task": "emotion"})
+    )
+    specs = parse_dataset_specs(
+        [
+            {"path": str(tmp_path / "disk"), "text_column": "sentence", "weight": 2},
+            {"path": str(tmp_path / "manifest.csv"), "audio_column": "file", "text_column": "words"},
+            {"path": str(tmp_path / "manifest.jsonl")},
+        ]
+    )
+    options = dict(sampling_rate=RATE, max_audio_seconds=30.0, tasks=["transcribe", "emotion"])
+    dataset, skipped = load_speech_data(specs, default_task="transcribe", **options)
+    assert dict(skipped) == {
+        "too_long": 1,
+        "undecodable_audio": 2,
+        "nonfinite_audio": 1,
+        "empty_audio": 1,
+        "empty_transcript": 1,
+        "unknown_task": 1,
+    }
+    assert {"a b", "c d", "e f", "g h", "hello there", "hi"} == set(dataset["text"])
+    assert set(dataset.column_names) >= {"audio", "text", "task", "duration", "audio_hash", "length"}
+    assert dict(zip(dataset["text"], dataset["task"], strict=True))["hi"] == "emotion"
+    assert dict(zip(dataset["text"], dataset["duration"], strict=True))["hello there"] == pytest.approx(
+        2.0
+    )  # 16000 samples at 8 kHz
+
+    # The same source streamed: bad rows are dropped on the fly and counted by the stream's counter.
+    streamed, _ = load_speech_data(
+        [DatasetSpec(path=str(tmp_path / "disk"), text_column="sentence", streaming=True)],
+        default_task="transcribe",
+        **options,
+    )
+    assert sorted(row["text"] for row in streamed) == ["a b", "c d", "e f", "g h"]
+
+    with pytest.raises(ValueError, match="no text column 'words'"):
+        load_speech_data(
+            [DatasetSpec(path=str(tmp_path / "disk"), text_column="words")], default_task="x", **options
+        )
+
+
+def test_training_lowers_loss_and_only_changes_the_projector(reference_run):
+    history = json.loads(Path(reference_run["output_dir"], "trainer_state.json").read_text())["log_history"]
+    eval_losses = [entry["eval_loss"] for entry in history if "eval_loss" in entry]
+    assert eval_losses[-1] < eval_losses[0]
+    assert "eval_wer" in reference_run["metrics"]
+
+    before, after = reference_run["snapshot"].before, reference_run["snapshot"].after
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert changed and all(name.startswith("multi_modal_projector.") for name in changed)
+    assert changed == {name for name in before if name.startswith("multi_modal_projector.")}
+
+    skipped = json.loads(Path(reference_run["output_dir"], "skipped_rows.json").read_text())
+    assert sum(skipped.values()) == 0
+
+
+def test_checkpoints_are_projector_only_and_load_back(reference_run):
+    from modeling_tiny_audio import TinyAudioForConditionalGeneration
+    from processing_tiny_audio import TinyAudioProcessor
+
+    output_dir = Path(reference_run["output_dir"])
+    for folder in (output_dir, output_dir / "checkpoint-3", output_dir / "checkpoint-6"):
+        assert all(key.startswith("multi_modal_projector.") for key in projector_of(folder))
+        assert (folder / "modeling_tiny_audio.py").is_file()
+    assert (output_dir / "checkpoint-3" / "optimizer.pt").is_file()
+    model = TinyAudioForConditionalGeneration.from_pretrained(output_dir)
+    trained = reference_run["snapshot"].after
+    for name, tensor in model.trainable_state_dict().items():
+        torch.testing.assert_close(tensor, trained[name])
+    processor = TinyAudioProcessor.from_pretrained(output_dir)
+    inputs = processor(audio=np.zeros(RATE, dtype=np.float32), task="transcribe")
+    assert model.generate(**inputs, max_new_tokens=3).shape[1] <= inputs["input_ids"].shape[1] + 3
+
+
+def test_cached_encoder_features_give_the_live_loss(workspace, tmp_path):
+    model, processor = train.build_model(
+        train.ModelArguments(audio_model_id=workspace["encoder"], text_model_id=workspace["llm"]),
+        train.TrainingArguments(output_dir=str(tmp_path), use_cpu=True),
+    )
+    options = dict(
+        sampling_rate=RATE, max_audio_seconds=30.0, tasks=["transcribe"], default_task="transcribe"
+    )
+    dataset, _ = load_speech_data([DatasetSpec(path=workspace["data"], split="test")], **options)
+    store = build_feature_cache(model, processor, dataset, str(tmp_path / "cache"), batch_size=3)
+    assert len(store) == len(dataset)
+    shards = sorted(os.listdir(store.directory))
+    assert (
+        build_feature_cache(model, processor, dataset, str(tmp_path / "cache")).directory == store.directory
+    )
+    assert sorted(os.listdir(store.directory)) == shards  # nothing re-encoded
+
+    rows = list(dataset)
+    live = SpeechCollator(processor)(rows)
+    cached = SpeechCollator(processor, store)(rows)
+    assert "input_features" not in cached and cached["encoder_hidden_states"].dtype == torch.float16
+    assert cached["encoder_hidden_states"].shape[1] < live["input_features"].shape[-1] // 2  # trimmed
+    torch.testing.assert_close(cached["input_ids"], live["input_ids"])
+    with torch.no_grad():
+        live_loss = model(**live).loss
+        cached_loss = model(**cached).loss
+    torch.testing.assert_close(cached_loss, live_loss, rtol=1e-3, atol=1e-3)
+
+
+def test_resume_after_a_crash_reproduces_the_uninterrupted_run(workspace, reference_run, monkeypatch):
+    output_dir = os.path.join(workspace["root"], "crashed")
+    with pytest.raises(KeyboardInterrupt):
+        train.main(base_args(workspace, output_dir, "--eval_strategy", "no"), callbacks=[Crash(step=4)])
+    assert sorted(os.listdir(output_dir)) == ["checkpoint-3", "skipped_rows.json"]
+
+    pushed = {}
+    monkeypatch.setattr(
+        train.HfApi, "create_repo", lambda self, repo_id, **kw: pushed.update(repo=repo_id, **kw)
+    )
+    monkeypatch.setattr(train.HfApi, "upload_folder", lambda self, **kw: pushed.update(kw))
+    argv = base_args(
+        workspace, output_dir, "--eval_strategy", "no", "--resume", "--push-to-hub", "me/tiny-audio"
+    )
+    train.main(argv)
+    expected = projector_of(reference_run["output_dir"])
+    resumed = projector_of(output_dir)
+    for name, tensor in expected.items():
+        torch.testing.assert_close(resumed[name], tensor)
+
+    assert pushed["repo"] == "me/tiny-audio" and pushed["repo_id"] == "me/tiny-audio"
+    assert pushed["folder_path"] == output_dir and "checkpoint-*" in pushed["ignore_patterns"]
+
+
+def test_ddp_two_processes_end_with_identical_projectors(workspace):
+    output_dir = os.path.join(workspace["root"], "ddp")
+    argv = base_args(
+        workspace, output_dir, "--eval_strategy", "no", "--max_steps", "3", "--save_strategy", "no"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        __file__,
+        output_dir,
+        *argv,
+    ]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank0, rank1 = (load_file(os.path.join(output_dir, f"rank{rank}.safetensors")) for rank in (0, 1))
+    start = load_file(os.path.join(output_dir, "start.safetensors"))
+    for name in rank0:
+        torch.testing.assert_close(rank0[name], rank1[name], rtol=0, atol=0)
+    assert any(not torch.equal(rank0[name], start[name]) for name in rank0)
+    state = json.loads(Path(output_dir, "trainer_state.json").read_text())
+    assert state["global_step"] == 3
+
+
+class SaveRankWeights(TrainerCallback):
+    """Each rank writes the projector it ends with (and rank 0 the one it started from)."""
+
+    def __init__(self, output_dir: str):
+        self.output_dir = output_dir
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if args.process_index == 0:
+            os.makedirs(self.output_dir, exist_ok=True)
+            save_file(model.trainable_state_dict(), os.path.join(self.output_dir, "start.safetensors"))
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        path = os.path.join(self.output_dir, f"rank{args.process_index}.safetensors")
+        save_file(model.trainable_state_dict(), path)
+
+
+if __name__ == "__main__":  # DDP worker: tests/test_train.py OUTPUT_DIR TRAIN_ARGS...
+    torch.set_num_threads(1)
+    train.main(sys.argv[2:], callbacks=[SaveRankWeights(sys.argv[1])])
