@@ -465,7 +465,7 @@ def evaluate(
                 reference = str(row.get(source.text_column) or "")
                 if normalize(reference) in IGNORED_REFERENCES:
                     done[index] = {"index": index, "id": sample_id, "status": "empty_reference"}
-                    print(f"Skipping sample {index + 1} ({sample_id}): empty reference")
+                    print(f"Skipped {sample_id}: empty reference")
                     continue
                 try:
                     audio = decode_audio(row.get(source.audio_column), rate, source.base_dir)
@@ -476,7 +476,7 @@ def evaluate(
                         "status": "bad_audio",
                         "error": str(error),
                     }
-                    print(f"Skipping sample {index + 1} ({sample_id}): audio failed to decode: {error}")
+                    print(f"Skipped {sample_id}: audio failed to decode: {error}")
                     continue
                 todo.append((index, row, audio, reference))
             if todo:
