@@ -327,14 +327,17 @@ class TinyAudioASRPipeline(AutomaticSpeechRecognitionPipeline):
     ``max_new_tokens`` / ``generate_kwargs`` (default budget: ``config.max_new_tokens_for(chunk seconds)``).
     """
 
-    _load_processor = True
+    _load_processor = None  # optional: a checkpoint saved without processor files rebuilds it from its config
     _load_tokenizer = False
     _load_feature_extractor = False
     _default_generation_config = None  # greedy, and max_new_tokens follows the audio length
 
     def __init__(self, model: Any, processor: TinyAudioProcessor | None = None, **kwargs: Any) -> None:
         if processor is None:
-            processor = TinyAudioProcessor.from_pretrained(model.name_or_path)
+            config = model.config
+            processor = TinyAudioProcessor.from_components(
+                config.audio_model_id, config.text_model_id, config
+            )
         kwargs.pop("tokenizer", None)
         kwargs.pop("feature_extractor", None)
         super().__init__(

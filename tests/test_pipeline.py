@@ -306,6 +306,40 @@ def test_batch_gives_the_same_text_as_one_at_a_time(asr):
     assert asr(inputs, batch_size=16, **VARIED) == single
 
 
+def test_generator_input_streams_results(asr):
+    clips = [speech_with_pauses(seconds, seed=3)[0] for seconds in (1.5, 2.5, 3.5)]
+    results = asr((clip for clip in clips), batch_size=2, **VARIED)
+    assert not isinstance(results, list)  # an iterator, consumed lazily
+    assert [r["text"] for r in results] == [text(asr, clip) for clip in clips]
+
+
+def test_prompt_replaces_the_transcribe_instruction(asr):
+    chunk = next(asr.preprocess(speech_with_pauses(3.0)[0]))
+    default = asr.tokenizer.decode(asr._collate([chunk], None)["input_ids"][0])
+    custom = asr.tokenizer.decode(asr._collate([chunk], "Describe the sounds.")["input_ids"][0])
+    assert asr.processor.task_prompts["transcribe"] in default
+    assert "Describe the sounds." in custom and asr.processor.task_prompts["transcribe"] not in custom
+    asr(speech_with_pauses(1.0)[0], prompt="Describe the sounds.", max_new_tokens=2)  # accepted by __call__
+
+
+def test_processor_is_rebuilt_when_the_checkpoint_has_none(tiny_model_dir, tmp_path):
+    from transformers import pipeline
+
+    model = asr_model(tiny_model_dir)
+    model.save_pretrained(tmp_path)  # weights, config and code, but no processor/tokenizer files
+    assert not (tmp_path / "processor_config.json").exists()
+    bare = pipeline("automatic-speech-recognition", model=str(tmp_path), trust_remote_code=True)
+    full = pipeline("automatic-speech-recognition", model=tiny_model_dir, trust_remote_code=True)
+    audio = speech_with_pauses(2.0)[0]
+    assert text(bare, audio) == text(full, audio)
+
+
+def asr_model(folder: str):
+    from modeling_tiny_audio import TinyAudioForConditionalGeneration
+
+    return TinyAudioForConditionalGeneration.from_pretrained(folder)
+
+
 def test_timestamps_of_a_short_clip(asr):
     result = asr(speech_with_pauses(2.5)[0], return_timestamps=True, **VARIED)
     assert result["chunks"] == [{"text": result["text"], "timestamp": (0.0, 2.5)}]
