@@ -1,0 +1,87 @@
+"""Seeded augmentations that move clean TTS audio towards real recordings: telephone band, noise, gain.
+
+``sample_augmentation`` draws the settings for one clip from a seeded ``random.Random``; ``apply`` renders
+them with a numpy generator seeded from the same clip seed.  The settings go into the corpus columns
+(``aug_telephone``, ``aug_noise``, ``aug_snr_db``, ``aug_gain_db``) so a training run can filter or stratify.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import soxr
+from scipy.signal import butter, sosfilt
+
+SAMPLE_RATE = 16000
+TELEPHONE_RATE = 8000
+SNRS_DB = (5.0, 10.0, 20.0)
+NOISE_KINDS = ("white", "pink")
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """Settings for one clip; the field names (with an ``aug_`` prefix) are the corpus column names."""
+
+    telephone: bool = False
+    noise: str = "none"
+    snr_db: float | None = None
+    gain_db: float = 0.0
+
+    def columns(self) -> dict:
+        return {f"aug_{key}": value for key, value in asdict(self).items()}
+
+
+NONE = Augmentation()
+
+
+def sample_augmentation(
+    rng: random.Random,
+    p_telephone: float = 0.2,
+    p_noise: float = 0.35,
+    gain_db: tuple[float, float] = (-18.0, 4.0),
+) -> Augmentation:
+    """Draw one clip's augmentation; about half the clips stay clean apart from gain."""
+    telephone = rng.random() < p_telephone
+    noisy = rng.random() < p_noise
+    return Augmentation(
+        telephone=telephone,
+        noise=rng.choice(NOISE_KINDS) if noisy else "none",
+        snr_db=rng.choice(SNRS_DB) if noisy else None,
+        gain_db=round(rng.uniform(*gain_db), 2),
+    )
+
+
+def telephone(audio: np.ndarray) -> np.ndarray:
+    """G.711-style channel: 300 Hz high-pass, down to 8 kHz, 8-bit mu-law, back up to 16 kHz."""
+    sos = butter(4, 300, btype="highpass", fs=SAMPLE_RATE, output="sos")
+    narrow = soxr.resample(sosfilt(sos, audio), SAMPLE_RATE, TELEPHONE_RATE)
+    mu = 255.0
+    companded = np.sign(narrow) * np.log1p(mu * np.minimum(np.abs(narrow), 1.0)) / np.log1p(mu)
+    quantised = np.round(companded * 127.0) / 127.0
+    expanded = np.sign(quantised) * np.expm1(np.abs(quantised) * np.log1p(mu)) / mu
+    return soxr.resample(expanded, TELEPHONE_RATE, SAMPLE_RATE)[: len(audio)]
+
+
+def _noise(kind: str, n: int, gen: np.random.Generator) -> np.ndarray:
+    white = gen.standard_normal(n)
+    if kind == "white":
+        return white
+    spectrum = np.fft.rfft(white)
+    spectrum[1:] /= np.sqrt(np.arange(1, len(spectrum)))  # 1/f power
+    spectrum[0] = 0.0
+    return np.fft.irfft(spectrum, n)
+
+
+def apply(audio: np.ndarray, aug: Augmentation, seed: int) -> np.ndarray:
+    """Render ``aug`` on 16 kHz float audio; noise is scaled to ``snr_db`` against the speech power."""
+    out = np.asarray(audio, dtype=np.float64)
+    if aug.telephone:
+        out = telephone(out)
+    if aug.noise != "none":
+        noise = _noise(aug.noise, len(out), np.random.default_rng(seed))
+        speech_power = np.mean(out**2)
+        out = out + noise * np.sqrt(speech_power / (np.mean(noise**2) * 10 ** (aug.snr_db / 10)))
+    out = out * 10 ** (aug.gain_db / 20)
+    return np.clip(out, -1.0, 1.0).astype(np.float32)

@@ -1,0 +1,254 @@
+"""Build the synthetic training corpus: Debian-packaged English text spoken by offline TTS voices.
+
+    python -m offline_kit.synthetic_corpus --num-clips 200            # smoke set, seconds
+    python -m offline_kit.synthetic_corpus --num-clips 30000          # training set, ~30 h of audio
+
+Output (default ``data/synthetic``) is a ``datasets.DatasetDict`` saved with ``save_to_disk``: splits ``train``
+and ``test``; columns ``audio`` (Audio, 16 kHz FLAC bytes), ``text``, ``voice``, ``speaker``, ``family``,
+``duration``, ``source``, ``tts_params`` (JSON), ``aug_*`` and ``clip_id``.  The test split shares no sentence
+with train and uses only held-out voices.  Clips are rendered in shards by one process per core; finished
+shards are skipped on a rerun, and the same arguments give the same corpus.  Missing engines or data packages
+are installed by ``offline_kit/install_data_deps.sh`` first (``--no-install`` to fail instead).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import multiprocessing
+import os
+import random
+import shutil
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+import numpy as np
+import soundfile as sf
+from tqdm import tqdm
+
+from offline_kit import augment
+from offline_kit.data_deps import ensure_data_deps
+from offline_kit.text_sources import SOURCES, load_sentences, split_by_text
+from offline_kit.voices import FAMILIES, SAMPLE_RATE, Voice, all_voices, split_voices, synthesize
+
+DEFAULT_OUT = Path(__file__).resolve().parent.parent / "data" / "synthetic"
+SPLITS = ("train", "test")
+
+
+@dataclass(frozen=True)
+class ClipPlan:
+    """Everything needed to render one clip; a shard is a list of these."""
+
+    clip_id: str
+    text: str
+    source: str
+    voice: str
+    seed: int
+
+
+def clip_seed(*parts: object) -> int:
+    """A 63-bit seed derived from the corpus seed and a clip's identity (stable across runs and machines)."""
+    return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:8], "big") >> 1
+
+
+def plan_corpus(
+    num_clips: int, seed: int, test_fraction: float, families: tuple[str, ...], sources: tuple[str, ...]
+) -> dict[str, list[ClipPlan]]:
+    """Assign text, source and voice to every clip: test clips get test-only sentences and held-out voices.
+
+    Families take turns so even a tiny corpus has every family in both splits; sentences are shuffled once
+    per split and reused in order only when there are more clips than sentences.
+    """
+    train_text, test_text = split_by_text(load_sentences(sources), test_fraction=0.05, seed=seed)
+    train_voices, test_voices = split_voices(all_voices(families))
+    n_test = max(len(families), round(num_clips * test_fraction)) if test_fraction > 0 else 0
+    counts = {"train": num_clips - n_test, "test": n_test}
+    plans = {}
+    for split, texts, voices in (("train", train_text, train_voices), ("test", test_text, test_voices)):
+        texts = list(texts)
+        random.Random(clip_seed(seed, split, "texts")).shuffle(texts)
+        by_family = {f: [v for v in voices if v.family == f] for f in families}
+        plans[split] = []
+        for i in range(counts[split]):
+            rng = random.Random(clip_seed(seed, split, i))
+            sentence = texts[i % len(texts)]
+            voice = rng.choice(by_family[families[i % len(families)]])
+            plans[split].append(
+                ClipPlan(f"{split}-{i:06d}", sentence.text, sentence.source, voice.id, rng.getrandbits(63))
+            )
+    return plans
+
+
+def encode_flac(audio: np.ndarray) -> bytes:
+    """16-bit FLAC bytes of 16 kHz mono audio (half the size of WAV, lossless at 16 bit)."""
+    buffer = io.BytesIO()
+    sf.write(buffer, audio, SAMPLE_RATE, format="FLAC", subtype="PCM_16")
+    return buffer.getvalue()
+
+
+def to_audio_dataset(rows: list[dict]) -> datasets.Dataset:
+    """Rows whose ``audio`` is ``{"bytes", "path"}`` -> Dataset with a 16 kHz ``Audio`` column.
+
+    Built as a plain struct column and then cast, because ``Audio.encode_example`` needs torchcodec even for
+    ready-made bytes; reading the audio back needs torchcodec, or ``cast_column("audio", Audio(decode=False))``
+    plus soundfile.
+    """
+    dataset = datasets.Dataset.from_list(rows)
+    return dataset.cast_column("audio", datasets.Audio(sampling_rate=SAMPLE_RATE))
+
+
+def render_clip(plan: ClipPlan, voice: Voice, use_augment: bool, session_seed: int) -> dict:
+    """Synthesize, augment and encode one clip into a dataset row."""
+    rng = random.Random(plan.seed)
+    try:
+        audio, params = synthesize(voice, plan.text, rng, session_seed)
+    except Exception as err:
+        raise RuntimeError(f"clip {plan.clip_id} ({plan.voice}): {plan.text!r}: {err}") from err
+    aug = augment.sample_augmentation(rng) if use_augment else augment.NONE
+    audio = augment.apply(audio, aug, plan.seed)
+    return {
+        "audio": {"bytes": encode_flac(audio), "path": f"{plan.clip_id}.flac"},
+        "text": plan.text,
+        "voice": voice.id,
+        "speaker": voice.id,
+        "family": voice.family,
+        "duration": round(len(audio) / SAMPLE_RATE, 3),
+        "source": plan.source,
+        "tts_params": json.dumps(params, sort_keys=True),
+        **aug.columns(),
+        "clip_id": plan.clip_id,
+    }
+
+
+def render_shard(job: tuple[Path, list[ClipPlan], bool, int]) -> int:
+    """Render one shard to ``shard_dir`` (written under a temporary name, renamed when complete)."""
+    shard_dir, plans, use_augment, session_seed = job
+    voices = {v.id: v for v in all_voices()}
+    rows = [render_clip(plan, voices[plan.voice], use_augment, session_seed) for plan in plans]
+    partial = shard_dir.with_name(shard_dir.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    datasets.disable_progress_bars()
+    to_audio_dataset(rows).save_to_disk(str(partial))
+    partial.rename(shard_dir)
+    return len(plans)
+
+
+def summarize(corpus: datasets.DatasetDict) -> str:
+    """Clip counts, hours, voices and sources per split (what a person needs to trust the build)."""
+    lines = []
+    for split, dataset in corpus.items():
+        hours = sum(dataset["duration"]) / 3600
+        voices = sorted(set(dataset["voice"]))
+        lines.append(f"{split}: {len(dataset)} clips, {hours:.2f} h, {len(voices)} voices")
+        for column in ("family", "source"):
+            if column in dataset.column_names:
+                counts = Counter(dataset[column])
+                lines.append(f"  {column}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+        if "aug_noise" in dataset.column_names:
+            tel, noisy = sum(dataset["aug_telephone"]), sum(n != "none" for n in dataset["aug_noise"])
+            lines.append(f"  augmented: telephone {tel}, noise {noisy}")
+    return "\n".join(lines)
+
+
+def build_corpus(
+    out: Path = DEFAULT_OUT,
+    num_clips: int = 200,
+    seed: int = 0,
+    test_fraction: float = 0.05,
+    families: tuple[str, ...] = FAMILIES,
+    sources: tuple[str, ...] = SOURCES,
+    use_augment: bool = True,
+    shard_size: int = 50,
+    workers: int | None = None,
+    keep_shards: bool = False,
+) -> datasets.DatasetDict:
+    """Render (or resume) the corpus into ``out`` and return it loaded from disk."""
+    settings = {
+        "num_clips": num_clips, "seed": seed, "test_fraction": test_fraction, "families": list(families),
+        "sources": list(sources), "augment": use_augment, "shard_size": shard_size,
+    }  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    settings_file = out / "corpus_settings.json"
+    if settings_file.exists() and json.loads(settings_file.read_text()) != settings:
+        raise ValueError(
+            f"{out} holds a corpus built with {settings_file.read_text()}; use another --out or delete it"
+        )
+    settings_file.write_text(json.dumps(settings, indent=1))
+    if (out / "dataset_dict.json").exists():
+        return datasets.load_from_disk(str(out))
+
+    plans = plan_corpus(num_clips, seed, test_fraction, families, sources)
+    shard_root = out / "shards"
+    shard_root.mkdir(exist_ok=True)
+    jobs, done = [], 0
+    for split, split_plans in plans.items():
+        for start in range(0, len(split_plans), shard_size):
+            shard_dir = shard_root / f"{split}-{start // shard_size:05d}"
+            chunk = split_plans[start : start + shard_size]
+            if shard_dir.exists():
+                done += len(chunk)
+            else:
+                jobs.append((shard_dir, chunk, use_augment, clip_seed(seed, shard_dir.name)))
+    workers = workers or os.cpu_count() or 1
+    with tqdm(total=num_clips, initial=done, unit="clip", desc="synthesizing") as progress:
+        if workers == 1 or len(jobs) <= 1:
+            for job in jobs:
+                progress.update(render_shard(job))
+        else:
+            with multiprocessing.get_context("spawn").Pool(workers) as pool:
+                for n in pool.imap_unordered(render_shard, jobs):
+                    progress.update(n)
+
+    corpus = datasets.DatasetDict(
+        {
+            split: datasets.concatenate_datasets(
+                [datasets.load_from_disk(str(p)) for p in sorted(shard_root.glob(f"{split}-?????"))]
+            )
+            for split in SPLITS
+            if plans[split]
+        }
+    )
+    corpus.save_to_disk(str(out))
+    if not keep_shards:
+        shutil.rmtree(shard_root)
+    return datasets.load_from_disk(str(out))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command line entry point: build the corpus and print its summary."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--num-clips", type=int, default=200)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--test-fraction", type=float, default=0.05, help="share of clips in the test split")
+    parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=FAMILIES)
+    parser.add_argument("--sources", nargs="+", default=list(SOURCES), choices=SOURCES)
+    parser.add_argument("--no-augment", action="store_true", help="clean TTS audio only")
+    parser.add_argument("--shard-size", type=int, default=50)
+    parser.add_argument("--workers", type=int, default=None, help="processes (default: one per core)")
+    parser.add_argument("--keep-shards", action="store_true", help="keep per-shard datasets after assembly")
+    parser.add_argument("--no-install", action="store_true", help="fail instead of installing missing deps")
+    args = parser.parse_args(argv)
+    ensure_data_deps(install=not args.no_install)
+    corpus = build_corpus(
+        out=args.out,
+        num_clips=args.num_clips,
+        seed=args.seed,
+        test_fraction=args.test_fraction,
+        families=tuple(args.families),
+        sources=tuple(args.sources),
+        use_augment=not args.no_augment,
+        shard_size=args.shard_size,
+        workers=args.workers,
+        keep_shards=args.keep_shards,
+    )
+    print(f"synthetic corpus in {args.out}")
+    print(summarize(corpus))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,209 @@
+"""English sentences for the synthetic corpus, read straight from Debian packages (no network).
+
+Sources (all public domain or permissively licensed, installed by ``offline_kit/install_data_deps.sh``):
+
+- ``harvard``: the 720 IEEE "Harvard" sentences shipped as R data inside ``r-cran-stringr``
+  (``stringr::sentences``), a zlib-compressed R serialization that we decode here.
+- ``wordnet``: the quoted usage examples in WordNet 3.0 glosses (``wordnet-base``).
+- ``web``: the World English Bible SWORD module (``sword-text-web``): zlib blocks of OSIS markup.
+
+``load_sentences`` cleans, filters and deduplicates them; ``split_by_text`` makes a test split that shares no
+sentence (after normalisation) with train.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import html
+import re
+import struct
+import zlib
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from offline_kit.data_deps import DATA_PACKAGES, debian_file
+
+SOURCES = ("harvard", "wordnet", "web")
+HARVARD_COUNT = 720
+
+MIN_WORDS = 4
+MAX_WORDS = 30
+MAX_CHARS = 200
+_ALLOWED = re.compile(r"^[A-Za-z0-9 ,.;:?!'\-]+$")
+_TRANSLATE = str.maketrans({"\u2018": "'", "\u2019": "'", "\u201c": '"', "\u201d": '"', "\u2014": " - "})
+
+
+@dataclass(frozen=True)
+class Sentence:
+    """One cleaned sentence and the source package it came from."""
+
+    text: str
+    source: str
+
+
+def _zlib_chunks(raw: bytes) -> Iterator[bytes]:
+    """Yield the objects of an R lazy-load database: [4-byte big-endian length][zlib stream] back to back."""
+    pos = 0
+    while pos < len(raw):
+        expected = struct.unpack(">i", raw[pos : pos + 4])[0]
+        decomp = zlib.decompressobj()
+        data = decomp.decompress(raw[pos + 4 :])
+        if len(data) != expected:
+            raise ValueError(f"corrupt R data chunk at byte {pos}: {len(data)} bytes, header says {expected}")
+        pos = len(raw) - len(decomp.unused_data)
+        yield data
+
+
+def _r_character_vector(blob: bytes) -> list[str] | None:
+    """Decode an R XDR serialization (format 3) whose top object is a character vector; None otherwise."""
+    if blob[:2] != b"X\n":
+        return None
+    pos = 2 + 4 * 3  # format version, writer R version, minimal reader R version
+    (enc_len,) = struct.unpack(">i", blob[pos : pos + 4])
+    pos += 4 + enc_len
+    flags, length = struct.unpack(">ii", blob[pos : pos + 8])
+    if flags & 0xFF != 16:  # STRSXP
+        return None
+    pos += 8
+    out = []
+    for _ in range(length):
+        _char_flags, n = struct.unpack(">ii", blob[pos : pos + 8])
+        pos += 8
+        if n < 0:  # NA_character_
+            continue
+        out.append(blob[pos : pos + n].decode("utf-8"))
+        pos += n
+    return out
+
+
+def harvard_sentences() -> list[str]:
+    """The 720 Harvard sentences from stringr's ``sentences`` data set."""
+    path = debian_file(DATA_PACKAGES["r-cran-stringr"], "r-cran-stringr")
+    raw = path.read_bytes()
+    for blob in _zlib_chunks(raw):
+        strings = _r_character_vector(blob)
+        if strings is not None and len(strings) == HARVARD_COUNT:
+            return strings
+    raise ValueError(f"{path}: no character vector of {HARVARD_COUNT} Harvard sentences found")
+
+
+def wordnet_examples() -> list[str]:
+    """Quoted usage examples from WordNet glosses (``data.noun|verb|adj|adv``)."""
+    directory = debian_file(DATA_PACKAGES["wordnet-base"], "wordnet-base").parent
+    out = []
+    for pos_name in ("noun", "verb", "adj", "adv"):
+        path = directory / f"data.{pos_name}"
+        for line in path.read_text(encoding="latin-1").splitlines():
+            if line.startswith("  ") or " | " not in line:  # licence header / no gloss
+                continue
+            gloss = line.split(" | ", 1)[1]
+            out.extend(re.findall(r'"([^"]+)"', gloss))
+    return out
+
+
+_OSIS_DROP = re.compile(r"<(note|title)\b[^>]*>.*?</\1>", re.S)
+_TAG = re.compile(r"<[^>]+>")
+_SENTENCE_END = re.compile(r"(?<=[.?!])[\"')\]]*\s+(?=[\"'(\[]?[A-Z])")
+
+
+def _sword_verses(directory: Path, testament: str) -> Iterator[str]:
+    """Raw OSIS text of every verse of one testament of a SWORD zText module (zlib, BlockType=BOOK)."""
+    bzs = (directory / f"{testament}.bzs").read_bytes()
+    bzv = (directory / f"{testament}.bzv").read_bytes()
+    bzz = (directory / f"{testament}.bzz").read_bytes()
+    blocks = [struct.unpack("<III", bzs[i : i + 12]) for i in range(0, len(bzs), 12)]
+    cache: dict[int, bytes] = {}
+    for i in range(0, len(bzv), 10):
+        block, start, size = struct.unpack("<IIH", bzv[i : i + 10])
+        if size == 0:
+            continue
+        if block not in cache:
+            offset, compressed, _ = blocks[block]
+            cache = {block: zlib.decompress(bzz[offset : offset + compressed])}
+        yield cache[block][start : start + size].decode("utf-8")
+
+
+def web_bible_sentences() -> list[str]:
+    """Sentences of the World English Bible: OSIS markup, footnotes and headings stripped, verses joined."""
+    directory = debian_file(DATA_PACKAGES["sword-text-web"], "sword-text-web").parent
+    out = []
+    for testament in ("ot", "nt"):
+        text = " ".join(_sword_verses(directory, testament))
+        text = html.unescape(_TAG.sub(" ", _OSIS_DROP.sub(" ", text)))
+        text = re.sub(r"\s+", " ", text.translate(_TRANSLATE))
+        out.extend(_SENTENCE_END.split(text))
+    return out
+
+
+def clean(text: str) -> str | None:
+    """Normalise quotes/space and keep only sentences a TTS engine reads unambiguously; None = reject."""
+    text = re.sub(r"\s+", " ", text.translate(_TRANSLATE).replace('"', " ")).strip()
+    text = re.sub(r"\s+([,.;:?!])", r"\1", text).strip(" -;:,'")
+    if not text or not _ALLOWED.match(text) or len(text) > MAX_CHARS:
+        return None
+    if not MIN_WORDS <= len(text.split()) <= MAX_WORDS or re.search(r"\d", text):
+        return None
+    text = text[0].upper() + text[1:]
+    return text if text[-1] in ".?!" else text + "."
+
+
+def text_key(text: str) -> str:
+    """Identity of a sentence for deduplication and split disjointness (case, punctuation, spacing ignored)."""
+    return " ".join(re.sub(r"[^a-z0-9' ]", " ", text.lower()).split())
+
+
+READERS = {"harvard": harvard_sentences, "wordnet": wordnet_examples, "web": web_bible_sentences}
+
+
+def load_sentences(sources: Iterable[str] = SOURCES) -> list[Sentence]:
+    """Cleaned, deduplicated sentences from the given sources, in a stable order (first source wins)."""
+    seen: set[str] = set()
+    out = []
+    for source in sources:
+        if source not in READERS:
+            raise ValueError(f"unknown text source {source!r}; choose from {sorted(READERS)}")
+        for raw in READERS[source]():
+            text = clean(raw)
+            if text is None or text_key(text) in seen:
+                continue
+            seen.add(text_key(text))
+            out.append(Sentence(text, source))
+    return out
+
+
+def is_test_text(text: str, test_fraction: float, seed: int) -> bool:
+    """Hash-based split: a sentence's split depends only on its text and the seed, never on list order."""
+    digest = hashlib.sha256(f"{seed}:{text_key(text)}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < test_fraction
+
+
+def split_by_text(
+    sentences: list[Sentence], test_fraction: float = 0.05, seed: int = 0
+) -> tuple[list[Sentence], list[Sentence]]:
+    """(train, test) with no normalised sentence in both."""
+    train, test = [], []
+    for sentence in sentences:
+        (test if is_test_text(sentence.text, test_fraction, seed) else train).append(sentence)
+    return train, test
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Print how many sentences each source yields, with examples."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sources", nargs="+", default=list(SOURCES), choices=SOURCES)
+    parser.add_argument("--examples", type=int, default=2, help="sentences to show per source")
+    args = parser.parse_args(argv)
+    sentences = load_sentences(args.sources)
+    counts = Counter(s.source for s in sentences)
+    for source in args.sources:
+        print(f"{source}: {counts[source]} sentences")
+        for sentence in [s for s in sentences if s.source == source][: args.examples]:
+            print(f"    {sentence.text}")
+    print(f"total: {len(sentences)} unique sentences")
+
+
+if __name__ == "__main__":
+    main()

