@@ -14,15 +14,11 @@ espeak-ng``.
 from __future__ import annotations
 
 import argparse
-import shutil
-import subprocess
+import random
 import sys
-import tempfile
 from pathlib import Path
 
-import librosa
 import numpy as np
-import soundfile as sf
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -31,6 +27,7 @@ sys.path.insert(0, str(REPO_ROOT))
 from eval import score  # noqa: E402
 from offline_kit.gguf_llm import load_gguf_llm  # noqa: E402
 from offline_kit.preset import build_offline_preset, packaged_gguf_file, packaged_whisper_dir  # noqa: E402
+from offline_kit.voices import Voice, synthesize  # noqa: E402
 
 SAMPLING_RATE = 16000
 SENTENCES = [
@@ -46,18 +43,10 @@ MAX_ENCODER_DIFF = 1e-3
 CHAT_PROMPT = "Complete the sentence with one word: The capital of France is"
 
 
-def espeak_speech(text: str, voice: str = "en-us", words_per_minute: int = 150) -> np.ndarray:
-    """Synthesize ``text`` with espeak-ng and return float32 mono audio at 16 kHz."""
-    if shutil.which("espeak-ng") is None:
-        raise RuntimeError("espeak-ng is not installed: apt-get install -y espeak-ng")
-    with tempfile.NamedTemporaryFile(suffix=".wav") as wav:
-        subprocess.run(
-            ["espeak-ng", "-v", voice, "-s", str(words_per_minute), "-w", wav.name, text],
-            check=True,
-            capture_output=True,
-        )
-        audio, rate = sf.read(wav.name, dtype="float32")
-    return librosa.resample(audio, orig_sr=rate, target_sr=SAMPLING_RATE)
+def espeak_speech(texts: list[str], seed: int = 0) -> list[np.ndarray]:
+    """The sentences spoken by espeak-ng's en-us voice (seeded speed/pitch), as 16 kHz float32 audio."""
+    rng = random.Random(seed)
+    return [synthesize(Voice("espeak", "en-us"), text, rng)[0] for text in texts]
 
 
 def whisper_transcripts(whisper_dir: Path, audios: list[np.ndarray]) -> list[str]:
@@ -152,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     failures = []
 
     paths = build_offline_preset(args.cache_dir)
-    audios = [espeak_speech(text) for text in SENTENCES]
+    audios = espeak_speech(SENTENCES)
 
     transcripts = whisper_transcripts(paths["whisper"], audios)
     errors = score(SENTENCES, transcripts)

@@ -320,7 +320,7 @@ def speech() -> list[np.ndarray]:
     """A few espeak-ng sentences at 16 kHz (real synthesized speech, no downloads)."""
     if shutil.which("espeak-ng") is None:
         pytest.skip("apt-get install -y espeak-ng")
-    return [check.espeak_speech(text) for text in check.SENTENCES[:3]]
+    return check.espeak_speech(check.SENTENCES[:3])
 
 
 class TestRealWeights:
