@@ -132,10 +132,14 @@ def build_offline_preset(
     cache = resolve_cache_dir(cache_dir)
     whisper_src = Path(whisper_dir).expanduser() if whisper_dir else packaged_whisper_dir()
     gguf_src = Path(gguf_file).expanduser() if gguf_file else packaged_gguf_file()
-    if not (whisper_src / "model.bin").is_file():
-        raise FileNotFoundError(
-            f"{whisper_src / 'model.bin'} not found: --whisper-dir must be a CTranslate2 folder"
-        )
+    for required in (whisper_src / "model.bin", whisper_src / "tokenizer.json"):
+        if not required.is_file():
+            raise FileNotFoundError(
+                f"{required} not found: --whisper-dir must be a CTranslate2/faster-whisper folder "
+                "with model.bin and tokenizer.json"
+            )
+    if not gguf_src.is_file():
+        raise FileNotFoundError(f"GGUF file not found: {gguf_src}")
     paths = {
         "whisper": cache / (f"whisper-{whisper_src.name}" if whisper_dir else WHISPER_FOLDER),
         "llm": cache / (gguf_src.stem.lower() if gguf_file else LLM_FOLDER),

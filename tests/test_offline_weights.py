@@ -312,6 +312,16 @@ def test_preset_names_the_missing_package(monkeypatch, tmp_path, capsys):
         preset.packaged_gguf_file()
 
 
+def test_preset_rejects_a_folder_that_is_not_faster_whisper(tmp_path, capsys):
+    (tmp_path / "model.bin").write_bytes(b"")
+    with pytest.raises(SystemExit):
+        preset.main(
+            ["--cache-dir", str(tmp_path / "cache"), "--whisper-dir", str(tmp_path), "--gguf", "x.gguf"]
+        )
+    assert f"{tmp_path / 'tokenizer.json'} not found" in capsys.readouterr().err
+    assert not (tmp_path / "cache").exists()
+
+
 def test_cache_dir_resolution(monkeypatch, tmp_path):
     monkeypatch.delenv(preset.CACHE_ENV, raising=False)
     assert preset.resolve_cache_dir() == Path("~/.cache/tiny_audio/offline").expanduser().resolve()
