@@ -35,6 +35,7 @@ CHROMIUM_ARGS = [
     "--disable-sync",
     "--no-first-run",
 ]
+FAKE_MICROPHONE = ["--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"]
 # Words of the tiny test tokenizer the biased LLM emits, so a transcript is visible text, not whitespace.
 SPOKEN_TOKENS = ("Ġtiny", "Ġaudio")
 
@@ -148,7 +149,7 @@ def browser() -> Iterator:
         pytest.skip(f"{CHROMIUM} missing: apt-get install -y chromium")
     sync_api = pytest.importorskip("playwright.sync_api")
     with sync_api.sync_playwright() as playwright:
-        instance = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        instance = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS + FAKE_MICROPHONE)
         yield instance
         instance.close()
 
@@ -156,7 +157,7 @@ def browser() -> Iterator:
 @pytest.fixture
 def page(browser, demo_url: str, tmp_path: Path) -> Iterator:
     """A fresh page on the demo that records every request leaving 127.0.0.1."""
-    page = browser.new_page()
+    page = browser.new_page(permissions=["microphone"])
     page.outside_requests = []
     local = re.compile(r"^(http://127\.0\.0\.1:\d+/|data:|blob:|about:)")
     page.on(
@@ -170,14 +171,21 @@ def page(browser, demo_url: str, tmp_path: Path) -> Iterator:
     page.close()
 
 
-@pytest.mark.browser
-def test_upload_wav_shows_transcript_duration_and_time(page, tmp_path: Path) -> None:
-    page.locator("#audio input[type=file]").set_input_files(str(write_tone(tmp_path / "speech.wav", 2.0)))
-    page.click("#transcribe-btn")
+def wait_for_transcript(page) -> str:
     page.wait_for_function(
         "document.querySelector('#transcript textarea').value.trim().length > 0", timeout=60_000
     )
-    transcript = page.locator("#transcript textarea").input_value()
+    return page.locator("#transcript textarea").input_value()
+
+
+@pytest.mark.browser
+@pytest.mark.parametrize("suffix", ["wav", "flac", "mp3"])
+def test_upload_shows_transcript_duration_and_time(page, tmp_path: Path, suffix: str) -> None:
+    page.locator("#audio input[type=file]").set_input_files(
+        str(write_tone(tmp_path / f"speech.{suffix}", 2.0))
+    )
+    page.click("#transcribe-btn")
+    transcript = wait_for_transcript(page)
     assert set(transcript.split()) <= {"tiny", "audio"}, transcript
     assert page.locator("#duration textarea, #duration input").input_value() == "2.00 s"
     assert re.fullmatch(
@@ -185,6 +193,19 @@ def test_upload_wav_shows_transcript_duration_and_time(page, tmp_path: Path) -> 
     )
     assert page.locator("#audio-error").inner_text().strip() == ""
     assert page.outside_requests == []
+
+
+@pytest.mark.browser
+def test_microphone_recording_is_transcribed(page) -> None:
+    """Chromium's fake capture device (a beep every second) stands in for a microphone."""
+    page.get_by_label("Record audio").click()
+    page.get_by_role("button", name="Record").first.click()
+    page.wait_for_timeout(2000)
+    page.get_by_role("button", name="Stop").first.click()
+    page.locator("#audio audio, #audio [data-testid='waveform-controls']").first.wait_for(state="attached")
+    page.click("#transcribe-btn")
+    assert wait_for_transcript(page)
+    assert re.fullmatch(r"\d\.\d\d s", page.locator("#duration textarea, #duration input").input_value())
 
 
 @pytest.mark.browser
