@@ -24,6 +24,7 @@ from safetensors import safe_open
 
 from publish.card import build_card, is_hub_id, read_results, validate_card
 
+BASE_ID_KEYS = ("audio_model_id", "text_model_id")
 # What a Hub repo of this model needs; anything else in a training output folder (optimizer state, logs,
 # intermediate checkpoints) stays behind.
 HUB_FILE_PATTERNS = (
@@ -115,18 +116,23 @@ def build_upload_folder(
     datasets: list[str] = (),
     language: list[str] = (),
     train_config: Path | None = None,
+    base_ids: dict[str, str] | None = None,
     allow_local_base: bool = False,
 ) -> Path:
-    """Writes into `out_dir` exactly what will be uploaded, and checks the card; returns `out_dir`."""
+    """Writes into `out_dir` exactly what will be uploaded, and checks the card; returns `out_dir`.
+
+    `base_ids` replaces `audio_model_id` / `text_model_id` in the uploaded config, e.g. the Hub ids of the
+    encoder and LLM a locally converted (offline) checkpoint was built from.
+    """
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     files = hub_files(model_dir)
-    config = read_config(model_dir)
-    local = [config[key] for key in ("audio_model_id", "text_model_id") if not is_hub_id(config[key])]
+    config = {**read_config(model_dir), **(base_ids or {})}
+    local = [config[key] for key in BASE_ID_KEYS if not is_hub_id(config[key])]
     if local and not allow_local_base:
         raise ValueError(
             f"{model_dir}/config.json points at local folder(s) {local}: the published model would not load on "
-            "anyone else's machine. Point audio_model_id / text_model_id at Hub ids, or pass --allow-local-base "
-            "to publish it anyway."
+            "anyone else's machine. Give their Hub ids with --audio-model-id / --text-model-id, or pass "
+            "--allow-local-base to publish it anyway."
         )
     try:
         sf.info(str(example_audio))
@@ -138,6 +144,9 @@ def build_upload_folder(
 
     for path in files:
         shutil.copy2(path, out_dir / path.name)
+    (out_dir / "config.json").write_text(
+        json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8"
+    )
     example_name = "example" + Path(example_audio).suffix.lower()
     shutil.copy2(example_audio, out_dir / example_name)
 
@@ -199,6 +208,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dry-run", action="store_true", help="build and check the folder, do not upload")
     parser.add_argument("--private", action="store_true")
     parser.add_argument("--token", help="Hub token (default: the one saved by `hf auth login`)")
+    parser.add_argument("--audio-model-id", help="Hub id of the encoder, recorded instead of a local folder")
+    parser.add_argument("--text-model-id", help="Hub id of the LLM, recorded instead of a local folder")
     parser.add_argument(
         "--allow-local-base", action="store_true", help="publish even if the encoder/LLM are local folders"
     )
@@ -207,18 +218,22 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--dry-run needs --out, the folder to build")
 
     with tempfile.TemporaryDirectory(prefix="tiny-audio-upload-") as scratch:
-        folder = build_upload_folder(
-            args.model_dir,
-            args.out or Path(scratch) / "upload",
-            args.repo,
-            args.example_audio,
-            results_files=args.results,
-            license=args.license,
-            datasets=args.dataset,
-            language=args.language,
-            train_config=args.train_config,
-            allow_local_base=args.allow_local_base,
-        )
+        try:
+            folder = build_upload_folder(
+                args.model_dir,
+                args.out or Path(scratch) / "upload",
+                args.repo,
+                args.example_audio,
+                results_files=args.results,
+                license=args.license,
+                datasets=args.dataset,
+                language=args.language,
+                train_config=args.train_config,
+                base_ids={key: getattr(args, key) for key in BASE_ID_KEYS if getattr(args, key)},
+                allow_local_base=args.allow_local_base,
+            )
+        except (ValueError, OSError) as err:  # a bad input: one readable line, no traceback
+            parser.exit(1, f"error: {err}\n")
         print(f"upload folder: {folder}")
         for path in sorted(folder.iterdir()):
             print(f"  {path.name}  ({path.stat().st_size:,} bytes)")

@@ -197,10 +197,39 @@ def test_validate_card_names_each_problem(tmp_path: Path) -> None:
         assert problem in message
 
 
-def test_local_base_models_are_refused_unless_allowed(inputs, tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="points at local folder.*--allow-local-base"):
-        build_upload_folder(inputs.model_dir, tmp_path / "out", "alice/x", inputs.clip)
-    assert not (tmp_path / "out").exists()
+def test_local_base_models_are_refused_with_a_one_line_error(inputs, tmp_path: Path, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(
+            [
+                str(inputs.model_dir),
+                "--repo",
+                "alice/x",
+                "--example-audio",
+                str(inputs.clip),
+                "--out",
+                str(tmp_path / "out"),
+            ]
+        )
+    assert exit_info.value.code == 1
+    error = capsys.readouterr().err
+    assert error.startswith("error: ") and "points at local folder" in error and "--audio-model-id" in error
+    assert "Traceback" not in error and not (tmp_path / "out").exists()
+
+
+def test_hub_ids_replace_local_base_folders(inputs, tmp_path: Path) -> None:
+    """An offline-built checkpoint published under the Hub ids of the encoder and LLM it was converted from."""
+    hub_ids = {
+        "audio_model_id": "openai/whisper-tiny.en",
+        "text_model_id": "HuggingFaceTB/SmolLM2-135M-Instruct",
+    }
+    out = build_upload_folder(inputs.model_dir, tmp_path / "out", "alice/x", inputs.clip, base_ids=hub_ids)
+    uploaded = json.loads((out / "config.json").read_text())
+    original = json.loads((inputs.model_dir / "config.json").read_text())
+    assert {key: uploaded[key] for key in hub_ids} == hub_ids
+    assert {k: v for k, v in uploaded.items() if k not in hub_ids} == {
+        k: v for k, v in original.items() if k not in hub_ids
+    }
+    assert validate_card(out / "README.md").data.base_model == list(hub_ids.values())
 
 
 def test_incomplete_checkpoint_names_the_missing_file(inputs, tmp_path: Path) -> None:
