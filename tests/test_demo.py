@@ -143,6 +143,19 @@ def demo_url(talkative_model_dir: str, tmp_path_factory: pytest.TempPathFactory)
         process.wait(timeout=30)
 
 
+def test_demo_listens_on_loopback_only(demo_url: str) -> None:
+    """Started without --host, the server must not be reachable from the network."""
+    port = int(demo_url.rstrip("/").rsplit(":", 1)[1])
+    listening = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, local_port = local.split(":")
+            if state == "0A" and int(local_port, 16) == port:  # 0A = LISTEN
+                listening.append(address)
+    assert listening == ["0100007F"]  # 127.0.0.1, little-endian hex
+
+
 @pytest.fixture(scope="module")
 def browser() -> Iterator:
     if not Path(CHROMIUM).exists():
