@@ -9,7 +9,6 @@ Run: ``python -m offline_kit.gguf_llm MODEL.gguf OUT_DIR [--dtype float32]``.
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from offline_kit import DTYPE_NAMES
+from offline_kit import DTYPE_NAMES, run_converter_cli
 
 
 def _check_gguf_file(gguf_path: Path) -> None:
@@ -65,15 +64,13 @@ def convert_gguf_llm(gguf_path: str | Path, out: str | Path, dtype: str = "float
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m offline_kit.gguf_llm",
-        description="Convert a GGUF causal LM into a transformers safetensors folder with its tokenizer.",
+    run_converter_cli(
+        argv,
+        "offline_kit.gguf_llm",
+        "Convert a GGUF causal LM into a transformers safetensors folder with its tokenizer.",
+        "path to the .gguf file",
+        convert_gguf_llm,
     )
-    parser.add_argument("gguf", help="path to the .gguf file")
-    parser.add_argument("out", help="output folder (created)")
-    parser.add_argument("--dtype", choices=DTYPE_NAMES, default="float32", help="stored weight dtype")
-    args = parser.parse_args(argv)
-    print(convert_gguf_llm(args.gguf, args.out, args.dtype))
 
 
 if __name__ == "__main__":

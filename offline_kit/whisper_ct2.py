@@ -10,7 +10,6 @@ Run: ``python -m offline_kit.whisper_ct2 SRC_CT2_DIR OUT_DIR [--dtype float32]``
 
 from __future__ import annotations
 
-import argparse
 import json
 import mmap
 import struct
@@ -27,7 +26,7 @@ from transformers import (
     WhisperTokenizer,
 )
 
-from offline_kit import DTYPE_NAMES
+from offline_kit import DTYPE_NAMES, run_converter_cli
 
 # CTranslate2's DataType enum (include/ctranslate2/types.h): type id -> torch dtype.
 _CT2_DTYPES = {
@@ -360,15 +359,13 @@ def convert_ct2_whisper(src: str | Path, out: str | Path, dtype: str = "float32"
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m offline_kit.whisper_ct2",
-        description="Convert a CTranslate2/faster-whisper Whisper folder into a transformers checkpoint.",
+    run_converter_cli(
+        argv,
+        "offline_kit.whisper_ct2",
+        "Convert a CTranslate2/faster-whisper Whisper folder into a transformers checkpoint.",
+        "folder with model.bin, config.json and tokenizer.json",
+        convert_ct2_whisper,
     )
-    parser.add_argument("src", help="folder with model.bin, config.json and tokenizer.json")
-    parser.add_argument("out", help="output folder (created)")
-    parser.add_argument("--dtype", choices=DTYPE_NAMES, default="float32", help="stored weight dtype")
-    args = parser.parse_args(argv)
-    print(convert_ct2_whisper(args.src, args.out, args.dtype))
 
 
 if __name__ == "__main__":
