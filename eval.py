@@ -164,8 +164,9 @@ def load_source(
         split = split or spec.split
         rows = datasets.load_dataset(spec.path, spec.config, split=split, streaming=True)
         rows = _without_audio_decoding(rows, audio_column or spec.audio_column)
+        location = f"{spec.path} ({spec.config})" if spec.config else spec.path
         return DatasetSource(
-            name, spec.path, split, rows, audio_column or spec.audio_column, text_column or spec.text_column
+            name, location, split, rows, audio_column or spec.audio_column, text_column or spec.text_column
         )
 
     path = Path(name)
@@ -311,9 +312,15 @@ def load_pipeline(model: str, device: str, dtype: str) -> Any:
     from transformers import pipeline
 
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
-    return pipeline(
+    pipe = pipeline(
         "automatic-speech-recognition", model=model, trust_remote_code=True, device=device, dtype=torch_dtype
     )
+    tokenizer = getattr(pipe, "tokenizer", None)
+    if tokenizer is not None and tokenizer.pad_token_id is None:
+        # The stock pipeline refuses to batch without one (some converted Whisper folders lack it); EOS is what
+        # the pipeline itself suggests and what the Hub's Whisper tokenizers use.
+        tokenizer.pad_token_id = pipe.model.config.eos_token_id
+    return pipe
 
 
 def _pct(value: float) -> str:
@@ -446,8 +453,14 @@ def evaluate(
         previous = json.loads(run_path.read_text())
         if previous != run_key:
             raise ValueError(f"{out_dir} holds another run ({previous}); not resuming {run_key}")
+        if (out_dir / "results.json").exists():  # finished before the interruption: nothing to stream again
+            results = json.loads((out_dir / "results.json").read_text())
+            print(f"[resume] {source.name} already finished")
+            _print_summary(results, out_dir)
+            return results
         rows = read_finished(samples_path)
         print(f"[resume] {len(rows)} samples already done in {samples_path}")
+    (out_dir / "results.json").unlink(missing_ok=True)  # present only once this run has finished
     run_path.write_text(json.dumps(run_key, indent=2) + "\n")
     samples_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 

@@ -320,6 +320,7 @@ def test_resume_continues_after_last_finished_sample(
     first_ok["prediction"] = "kept from the first run"
     lines = [json.dumps(r) for r in kept] + [json.dumps(complete[3])[:20]]
     (out_dir / "samples.jsonl").write_text("\n".join(lines))
+    (out_dir / "results.json").unlink()  # written only when a run finishes
     capsys.readouterr()
 
     assert evaluation.main([*args, "--max-samples", "6", "--resume"]) == 0
@@ -331,6 +332,10 @@ def test_resume_continues_after_last_finished_sample(
     assert first_ok in resumed
     results = json.loads((out_dir / "results.json").read_text())
     assert results["n"] + results["skipped_bad_audio"] + results["skipped_empty_reference"] == 6
+
+    assert evaluation.main([*args, "--max-samples", "6", "--resume"]) == 0  # finished: nothing redone
+    assert "[resume] manifest.jsonl already finished" in capsys.readouterr().out
+    assert json.loads((out_dir / "results.json").read_text()) == results
 
     with pytest.raises(ValueError, match="holds another run"):
         evaluation.main([*args, "--max-samples", "4", "--resume"])
