@@ -82,6 +82,12 @@ class TinyAudioProcessor(ProcessorMixin):
             max_audio_seconds=config.max_audio_seconds,
         )
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> TinyAudioProcessor:
+        """Loads a saved processor; the tokenizer loader reads config.json, whose auto_map names this same code."""
+        kwargs.setdefault("trust_remote_code", True)
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
     @property
     def sampling_rate(self) -> int:
         return self.feature_extractor.sampling_rate
