@@ -32,19 +32,13 @@ class AudioRejected(ValueError):
     """An uploaded file the demo refuses, with a message meant for the page."""
 
 
-def check_audio_file(path: str | os.PathLike, max_file_mb: float) -> float:
-    """Return the duration in seconds of an acceptable audio file, else raise AudioRejected.
+def check_audio_file(path: str | os.PathLike) -> float:
+    """Return the duration in seconds of a readable audio file, else raise AudioRejected.
 
-    Checks the size first (cheap, protects memory) and then reads only the header, so a non-audio file
-    is refused before anything tries to decode it.
+    Reads only the header, so a non-audio file is refused before anything tries to decode it. (Oversized
+    uploads never get here: Gradio refuses them before storing them, see `max_file_size` in `main`.)
     """
     path = Path(path)
-    size_mb = path.stat().st_size / 1e6
-    if size_mb > max_file_mb:
-        raise AudioRejected(
-            f"File too large: '{path.name}' is {size_mb:.1f} MB, the limit is {max_file_mb:g} MB "
-            "(start the demo with a larger --max-file-mb to allow it)."
-        )
     try:
         info = sf.info(str(path))
     except sf.LibsndfileError as err:
@@ -63,20 +57,19 @@ class Backend:
 
     pipe: transformers.Pipeline
     processor: transformers.ProcessorMixin
-    max_file_mb: float
     text_max_new_tokens: int = DEFAULT_TEXT_MAX_NEW_TOKENS
 
     @classmethod
-    def load(cls, model: str, max_file_mb: float = DEFAULT_MAX_FILE_MB) -> Backend:
+    def load(cls, model: str) -> Backend:
         pipe = transformers.pipeline("automatic-speech-recognition", model=model, trust_remote_code=True)
-        return cls(pipe=pipe, processor=pipe.processor, max_file_mb=max_file_mb)
+        return cls(pipe=pipe, processor=pipe.processor)
 
     def transcribe(self, path: str | None) -> tuple[str, str, str, str]:
         """Handler for Transcribe mode: (transcript, duration, time taken, error message)."""
         if not path:
             return "", "", "", "Upload or record some audio first."
         try:
-            duration = check_audio_file(path, self.max_file_mb)
+            duration = check_audio_file(path)
         except AudioRejected as err:
             return "", "", "", f"**Error:** {err}"
         start = time.perf_counter()
@@ -110,7 +103,7 @@ def _timing(elapsed: float, duration: float) -> str:
     return f"{elapsed:.2f} s ({duration / max(elapsed, 1e-9):.1f}x real time)"
 
 
-def build_demo(backend: Backend, title: str) -> gr.Blocks:
+def build_demo(backend: Backend, title: str, max_file_mb: float = DEFAULT_MAX_FILE_MB) -> gr.Blocks:
     """The page: a Transcribe tab and a Text tab, wired to the backend's handlers."""
     with gr.Blocks(title="Tiny Audio demo", analytics_enabled=False) as demo:
         gr.Markdown(f"# Tiny Audio\nModel: `{title}`")
@@ -118,7 +111,7 @@ def build_demo(backend: Backend, title: str) -> gr.Blocks:
             audio = gr.Audio(
                 sources=["upload", "microphone"],
                 type="filepath",
-                label="Audio (WAV, MP3, FLAC)",
+                label=f"Audio (WAV, MP3, FLAC; up to {max_file_mb:g} MB)",
                 elem_id="audio",
             )
             transcribe_btn = gr.Button("Transcribe", variant="primary", elem_id="transcribe-btn")
@@ -154,9 +147,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
 
-    backend = Backend.load(args.model, max_file_mb=args.max_file_mb)
-    build_demo(backend, args.model).launch(
-        server_name=args.host, server_port=args.port, share=False, show_error=True
+    backend = Backend.load(args.model)
+    build_demo(backend, args.model, args.max_file_mb).launch(
+        server_name=args.host,
+        server_port=args.port,
+        share=False,
+        show_error=True,
+        max_file_size=int(args.max_file_mb * 2**20),  # refused in the page, before the upload is stored
     )
 
 
