@@ -40,10 +40,11 @@ TRANSCRIPTS = [
 
 @pytest.fixture(scope="module")
 def tiny_whisper(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A random 2-layer Whisper with a byte-level tokenizer, saved locally: a stock transformers ASR model."""
+    """A random 2-layer Whisper with a byte-level tokenizer, saved locally: a stock transformers ASR model.
+    Its tokenizer has no pad token (like the offline kit's converted tiny.en), which batching must survive."""
     directory = tmp_path_factory.mktemp("tiny_whisper")
     vocab = {char: i for i, char in enumerate(bytes_to_unicode().values())}
-    tokenizer = WhisperTokenizer(vocab=vocab, merges=[], pad_token="<|endoftext|>")
+    tokenizer = WhisperTokenizer(vocab=vocab, merges=[])
     specials = ["<|startoftranscript|>", "<|en|>", "<|transcribe|>", "<|notimestamps|>"]
     tokenizer.add_special_tokens({"additional_special_tokens": specials})
     eos, start = tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|startoftranscript|>"])
