@@ -73,7 +73,12 @@ def load_model(model_id: str) -> tuple[torch.nn.Module, object]:
 
 @torch.inference_mode()
 def trace_clip(
-    model, processor, audio: np.ndarray, task: str = "transcribe", top_k: int = TOP_TOKENS
+    model,
+    processor,
+    audio: np.ndarray,
+    task: str = "transcribe",
+    top_k: int = TOP_TOKENS,
+    max_new_tokens: int | None = None,
 ) -> Trace:
     """Runs the clip stage by stage through the model's own public steps (encode_audio, project_audio, generate)."""
     rate = processor.sampling_rate
@@ -98,7 +103,10 @@ def trace_clip(
         for row in range(projected_valid)
     ]
 
-    generated = model.generate(**inputs)
+    budget = (
+        {} if max_new_tokens is None else {"max_new_tokens": max_new_tokens}
+    )  # default: scales with audio
+    generated = model.generate(**inputs, **budget)
     audio_token_id = processor.tokenizer.convert_tokens_to_ids(processor.audio_token)
     return Trace(
         audio=audio,
@@ -334,11 +342,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--audio", required=True, type=Path, help="audio file (WAV, FLAC, MP3, OGG)")
     parser.add_argument("--out", type=Path, default=Path("data_trace.html"))
     parser.add_argument("--task", default="transcribe", help="stored task prompt to use")
+    parser.add_argument(
+        "--max-new-tokens", type=int, help="transcript length cap (default: scales with audio)"
+    )
     args = parser.parse_args(argv)
 
     model, processor = load_model(args.model)
     audio, _ = librosa.load(args.audio, sr=processor.sampling_rate, mono=True)
-    trace = trace_clip(model, processor, audio, task=args.task)
+    trace = trace_clip(model, processor, audio, task=args.task, max_new_tokens=args.max_new_tokens)
     args.out.write_text(render_html(trace, args.model, args.audio.name), encoding="utf-8")
     print(f"wrote {args.out} ({args.out.stat().st_size / 1e3:.0f} kB)")
 

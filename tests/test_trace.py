@@ -36,7 +36,7 @@ def check_page(page: str, trace) -> None:
 @pytest.mark.parametrize("encoder", ["whisper", "hubert", "wav2vec2", "wavlm"])
 def test_every_encoder_kind_is_traced(encoder: str, tmp_path: Path) -> None:
     model, processor = make_tiny_tiny_audio(tmp_path, encoder=encoder)
-    trace = trace_clip(model, processor, speech_like(1.5))
+    trace = trace_clip(model, processor, speech_like(1.5), max_new_tokens=4)
     page = render_html(trace, f"tiny-{encoder}", "clip.wav")
     check_page(page, trace)
     assert trace.mel == (encoder == "whisper")
@@ -54,7 +54,7 @@ def test_every_encoder_kind_is_traced(encoder: str, tmp_path: Path) -> None:
 def test_long_clip_is_traced_over_one_window(tiny_model_and_processor) -> None:
     model, processor = tiny_model_and_processor
     window = processor.max_audio_seconds
-    trace = trace_clip(model, processor, speech_like(window + 4))
+    trace = trace_clip(model, processor, speech_like(window + 4), max_new_tokens=4)
     assert trace.audio.size == int(window * RATE) and trace.trimmed_seconds == pytest.approx(4)
     assert "The last 4.0 s were left out" in render_html(trace, "tiny", "long.wav")
 
@@ -64,7 +64,7 @@ def test_command_writes_a_page_that_renders_in_chromium(tiny_model_dir: str, tmp
     out = tmp_path / "data_trace.html"
     done = subprocess.run(
         [sys.executable, str(REPO_ROOT / "docs" / "trace_data.py"), "--model", tiny_model_dir]
-        + ["--audio", str(tmp_path / "clip.wav"), "--out", str(out)],
+        + ["--audio", str(tmp_path / "clip.wav"), "--out", str(out), "--max-new-tokens", "8"],
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
         capture_output=True,
         text=True,
