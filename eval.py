@@ -41,7 +41,7 @@ ESB = "hf-audio/esb-datasets-test-only-sorted"
 IGNORED_REFERENCES = {"", "ignore time segment in scoring"}
 AUDIO_COLUMNS = ("audio", "wav", "audio_filepath", "audio_path", "path", "file_name", "file")
 TEXT_COLUMNS = ("text", "sentence", "transcription", "transcript", "normalized_text", "reference")
-ID_COLUMNS = ("id", "ID", "segment_id", "utterance_id", "file_name", "audio_filepath", "path")
+ID_COLUMNS = ("id", "ID", "clip_id", "segment_id", "utterance_id", "file_name", "audio_filepath", "path")
 MANIFEST_SUFFIXES = {".csv": "csv", ".jsonl": "json", ".json": "json"}
 AUDIOFOLDER_METADATA = ("metadata.csv", "metadata.jsonl")
 
@@ -332,6 +332,7 @@ class RunSettings:
     """What a run needs besides the pipeline and the dataset."""
 
     model: str
+    model_name: str  # shown in results and on the leaderboard (a local checkpoint path is not a good name)
     max_samples: int | None
     batch_size: int
     device: str
@@ -390,7 +391,8 @@ def summarize(rows: list[dict[str, Any]], source: DatasetSource, settings: RunSe
     audio_s = sum(r["audio_seconds"] for r in scored)
     wall_s = sum(r["time_s"] for r in scored)
     return {
-        "model": settings.model,
+        "model": settings.model_name,
+        "model_path": settings.model,
         "dataset": source.name,
         "dataset_location": source.location,
         "split": source.split,
@@ -580,6 +582,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--generate-kwargs", type=json.loads, default={}, help='JSON, e.g. \'{"language": "en"}\''
     )
+    parser.add_argument("--model-name", help="name in results and on the leaderboard (default: MODEL)")
     parser.add_argument("--contributor", help="name on the leaderboard (default: git config user.name)")
     return parser
 
@@ -603,6 +606,7 @@ def main(argv: list[str] | None = None) -> int:
 
     settings = RunSettings(
         model=args.model,
+        model_name=args.model_name or args.model,
         max_samples=args.max_samples,
         batch_size=args.batch_size,
         device=args.device or _default_device(),

@@ -348,7 +348,10 @@ def test_end_to_end_on_tiny_audio_checkpoint(
     """The same code path loads a Tiny Audio checkpoint: its own pipeline class comes through remote code."""
     out = tmp_path / "out"
     args = [tiny_model_dir, "--dataset", str(manifest), "--output-dir", str(out), "--device", "cpu"]
-    assert evaluation.main([*args, "--batch-size", "3", "--max-samples", "5"]) == 0
+    assert (
+        evaluation.main([*args, "--batch-size", "3", "--max-samples", "5", "--model-name", "tiny-random"])
+        == 0
+    )
     stdout = capsys.readouterr().out
     results = json.loads(
         (out / evaluation._slug(tiny_model_dir) / "manifest.jsonl" / "results.json").read_text()
@@ -356,6 +359,7 @@ def test_end_to_end_on_tiny_audio_checkpoint(
     assert results["n"] + results["skipped_bad_audio"] + results["skipped_empty_reference"] == 5
     assert [int(n) for n in SAMPLE_BLOCK.findall(stdout)] == list(range(1, results["n"] + 1))
     assert results["rtfx"] > 0 and results["batch_size"] == 3
+    assert (results["model"], results["model_path"]) == ("tiny-random", tiny_model_dir)
 
 
 # ----------------------------------------------------------------------------- leaderboard
