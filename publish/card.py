@@ -78,6 +78,7 @@ def build_card(
     datasets: list[str],
     language: list[str],
     trainable_params: int,
+    standalone: bool,
     weights_size: str,
     training_facts: list[tuple[str, str]],
     train_config: str | None,
@@ -126,6 +127,7 @@ def build_card(
         projector_downsample=config.get("projector_downsample"),
         projector_activation=config.get("projector_activation"),
         trainable_params=f"{trainable_params:,}",
+        standalone=standalone,
         weights_size=weights_size,
         results=[
             {

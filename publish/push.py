@@ -25,6 +25,7 @@ from safetensors import safe_open
 from publish.card import build_card, is_hub_id, read_results, validate_card
 
 BASE_ID_KEYS = ("audio_model_id", "text_model_id")
+FROZEN_PREFIXES = ("audio_tower.", "language_model.")  # weight names of the pretrained parts
 # What a Hub repo of this model needs; anything else in a training output folder (optimizer state, logs,
 # intermediate checkpoints) stays behind.
 HUB_FILE_PATTERNS = (
@@ -96,14 +97,17 @@ def training_facts(model_dir: Path) -> list[tuple[str, str]]:
     return facts
 
 
-def count_parameters(weight_files: list[Path]) -> int:
-    total = 0
+def count_trainable(weight_files: list[Path]) -> tuple[int, bool]:
+    """Parameters of the projector (and LoRA adapters) in the weight files, and whether the files also hold
+    the frozen encoder and LLM (a standalone checkpoint)."""
+    trainable, standalone = 0, False
     for path in weight_files:
         with safe_open(str(path), framework="pt") as handle:
             for key in handle.keys():
-                shape = handle.get_slice(key).get_shape()
-                total += math.prod(shape)
-    return total
+                frozen = key.startswith(FROZEN_PREFIXES) and "lora_" not in key
+                standalone |= frozen
+                trainable += 0 if frozen else math.prod(handle.get_slice(key).get_shape())
+    return trainable, standalone
 
 
 def build_upload_folder(
@@ -151,6 +155,7 @@ def build_upload_folder(
     shutil.copy2(example_audio, out_dir / example_name)
 
     weights = [path for path in files if path.suffix == ".safetensors"]
+    trainable, standalone = count_trainable(weights)
     card = build_card(
         repo_id=repo_id,
         config=config,
@@ -159,7 +164,8 @@ def build_upload_folder(
         license=license,
         datasets=list(datasets),
         language=list(language),
-        trainable_params=count_parameters(weights),
+        trainable_params=trainable,
+        standalone=standalone,
         weights_size=_human_size(sum(path.stat().st_size for path in weights)),
         training_facts=training_facts(model_dir),
         train_config=Path(train_config).read_text(encoding="utf-8") if train_config else None,

@@ -87,7 +87,9 @@ EXPECTED_FILES = [
 ]
 
 
-def test_push_uploads_a_folder_that_serves_from_a_fresh_process(inputs, hub, tmp_path: Path, capsys) -> None:
+def test_push_uploads_a_folder_that_serves_from_a_fresh_process(
+    inputs, hub, tiny_model_and_processor, tmp_path: Path, capsys
+) -> None:
     main(
         [str(inputs.model_dir), "--repo", "alice/tiny-audio-demo", "--example-audio", str(inputs.clip)]
         + ["--results", str(inputs.results), "--dataset", "openslr/librispeech_asr", "--allow-local-base"]
@@ -105,6 +107,9 @@ def test_push_uploads_a_folder_that_serves_from_a_fresh_process(inputs, hub, tmp
     card = validate_card(hub.stored / "README.md")
     assert card.data.eval_results[0].metric_value == 8.75
     assert "| optimizer steps | 5 |" in card.text and "| final training loss | 2.2500 |" in card.text
+    projector = tiny_model_and_processor[0].multi_modal_projector
+    assert f"{sum(p.numel() for p in projector.parameters()):,} trainable parameters" in card.text
+    assert "holds just those weights" in card.text
 
     script = textwrap.dedent(
         f"""
@@ -144,6 +149,7 @@ def test_card_metadata_parses_and_validates(tmp_path: Path, inputs) -> None:
         datasets=["openslr/librispeech_asr"],
         language=["en"],
         trainable_params=12_345_678,
+        standalone=False,
         weights_size="49.4 MB",
         training_facts=[],
         train_config="learning_rate: 0.001\n",
@@ -179,6 +185,9 @@ def test_card_metadata_parses_and_validates(tmp_path: Path, inputs) -> None:
     )
     assert "| openslr/librispeech_asr | test.clean | 200 | 8.75 | 41.3 |" in card.text
     assert "rank-8 LoRA" in card.text and "learning_rate: 0.001" in card.text
+    assert (
+        "holds just those weights (49.4 MB)" in card.text and "12,345,678 trainable parameters" in card.text
+    )
 
 
 def test_validate_card_names_each_problem(tmp_path: Path) -> None:
@@ -254,3 +263,17 @@ def test_dry_run_builds_the_folder_without_uploading(inputs, hub, tmp_path: Path
     assert hub.created == [] and hub.uploads == []
     assert (out / "README.md").is_file() and (out / "model.safetensors").is_file()
     assert metadata_load(out / "README.md").get("model-index") is None  # no results given, none claimed
+
+
+def test_standalone_checkpoint_card_counts_only_trained_weights(
+    tiny_model_and_processor, inputs, tmp_path: Path
+) -> None:
+    model, processor = tiny_model_and_processor
+    model.save_pretrained(tmp_path / "standalone", standalone=True)
+    processor.save_pretrained(tmp_path / "standalone")
+    out = build_upload_folder(
+        tmp_path / "standalone", tmp_path / "out", "alice/x", inputs.clip, allow_local_base=True
+    )
+    projector = sum(parameter.numel() for parameter in model.multi_modal_projector.parameters())
+    text = (out / "README.md").read_text()
+    assert f"{projector:,} trainable parameters" in text and "holds every weight" in text
