@@ -32,6 +32,7 @@ from processing_tiny_audio import TinyAudioProcessor
 from training.collator import SpeechCollator
 from training.data import decode_audio, load_speech_data, parse_dataset_specs, write_skip_report
 from training.feature_cache import build_feature_cache
+from training.prefix_cache import PromptPrefixCache
 
 logger = logging.getLogger("tiny_audio.train")
 
@@ -59,6 +60,16 @@ class ModelArguments:
     )
     lora_alpha: int = 16
     lora_dropout: float = 0.0
+    attn_implementation: str = dataclasses.field(
+        default="auto",
+        metadata={
+            "help": "LLM attention kernel; auto = eager on CPU (faster than SDPA there for short sequences)"
+        },
+    )
+    prefix_cache: bool = dataclasses.field(
+        default=True,
+        metadata={"help": "Reuse the keys/values of the prompt text before the audio (frozen LLM)"},
+    )
     frozen_dtype: str = dataclasses.field(
         default="auto",
         metadata={
@@ -201,15 +212,34 @@ def build_model(
     for parameter in model.parameters():
         if parameter.requires_grad:
             parameter.data = parameter.data.float()
+    attention = model_args.attn_implementation
+    if attention == "auto":
+        attention = None if torch.cuda.is_available() else "eager"
+    if attention:
+        model.language_model.set_attn_implementation(attention)
     return model, processor
 
 
 class TinyAudioTrainer(Trainer):
     """Trainer whose checkpoints hold only the trained weights and whose evaluation adds WER by generation."""
 
-    def __init__(self, *args, wer_rows: list[dict] | None = None, **kwargs):
+    def __init__(self, *args, wer_rows: list[dict] | None = None, prefix_cache: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
         self.wer_rows = wer_rows or []
+        model = self.accelerator.unwrap_model(self.model)
+        llm_trains = any(
+            p.requires_grad for p in model.language_model.parameters()
+        )  # LoRA: prefix would change
+        self.prefix_cache = (
+            PromptPrefixCache(model, model.config.audio_token_id) if prefix_cache and not llm_trains else None
+        )
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.prefix_cache is not None:
+            inputs = self.prefix_cache.apply(inputs, self.accelerator.autocast())
+        return super().compute_loss(
+            model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+        )
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         output_dir = output_dir or self.args.output_dir
@@ -330,6 +360,7 @@ def main(argv: Sequence[str] | None = None, callbacks: list[TrainerCallback] | N
         processing_class=processor,
         callbacks=callbacks,
         wer_rows=wer_rows,
+        prefix_cache=model_args.prefix_cache,
     )
     resume_from = training_args.resume_from_checkpoint
     if run_args.resume and not resume_from:
