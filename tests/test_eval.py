@@ -342,24 +342,38 @@ def test_resume_continues_after_last_finished_sample(
         evaluation.main([*args, "--max-samples", "4", "--resume"])
 
 
-def test_end_to_end_on_tiny_audio_checkpoint(
+def test_end_to_end_on_tiny_audio_checkpoint_over_two_datasets(
     tiny_model_dir: str, manifest: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """The same code path loads a Tiny Audio checkpoint: its own pipeline class comes through remote code."""
+    """The same code path loads a Tiny Audio checkpoint (its pipeline class comes through remote code); several
+    datasets in one call end with a table and their average WER; the dtype choice reaches the model."""
+    names = write_clips(tmp_path / "folder", 2)
+    (tmp_path / "folder" / "metadata.jsonl").write_text(
+        "".join(
+            json.dumps({"file_name": n, "text": t}) + "\n"
+            for n, t in zip(names, TRANSCRIPTS[:2], strict=True)
+        )
+    )
     out = tmp_path / "out"
-    args = [tiny_model_dir, "--dataset", str(manifest), "--output-dir", str(out), "--device", "cpu"]
-    assert (
-        evaluation.main([*args, "--batch-size", "3", "--max-samples", "5", "--model-name", "tiny-random"])
-        == 0
-    )
+    args = [tiny_model_dir, "--dataset", str(manifest), str(tmp_path / "folder"), "--output-dir", str(out)]
+    options = ["--device", "cpu", "--dtype", "bfloat16", "--batch-size", "3", "--model-name", "tiny-random"]
+    assert evaluation.main([*args, *options, "--max-samples", "5"]) == 0
     stdout = capsys.readouterr().out
-    results = json.loads(
-        (out / evaluation._slug(tiny_model_dir) / "manifest.jsonl" / "results.json").read_text()
+
+    model_dir = out / evaluation._slug(tiny_model_dir)
+    first = json.loads((model_dir / "manifest.jsonl" / "results.json").read_text())
+    second = json.loads((model_dir / "folder" / "results.json").read_text())
+    assert first["n"] + first["skipped_bad_audio"] + first["skipped_empty_reference"] == 5
+    assert second["n"] == 2 and second["skipped_bad_audio"] == 0
+    assert (first["model"], first["model_path"], first["dtype"]) == (
+        "tiny-random",
+        tiny_model_dir,
+        "bfloat16",
     )
-    assert results["n"] + results["skipped_bad_audio"] + results["skipped_empty_reference"] == 5
-    assert [int(n) for n in SAMPLE_BLOCK.findall(stdout)] == list(range(1, results["n"] + 1))
-    assert results["rtfx"] > 0 and results["batch_size"] == 3
-    assert (results["model"], results["model_path"]) == ("tiny-random", tiny_model_dir)
+    assert first["rtfx"] > 0 and first["batch_size"] == 3
+    table = stdout[stdout.index("| Dataset |") :].splitlines()
+    assert [row.split("|")[1].strip() for row in table[2:]] == ["manifest.jsonl", "folder", "**average**"]
+    assert f"{100 * (first['wer'] + second['wer']) / 2:.2f}%" in table[-1]
 
 
 # ----------------------------------------------------------------------------- leaderboard
