@@ -10,6 +10,7 @@ A YAML file gives the defaults; every key is a command-line flag, and flags afte
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import os
@@ -192,6 +193,10 @@ def build_model(
     if dtype_name == "auto":
         dtype_name = "bfloat16" if training_args.bf16 else "float32"
     dtype = getattr(torch, dtype_name)
+    for field in ("model_name_or_path", "audio_model_id", "text_model_id"):
+        value = getattr(model_args, field)
+        if value and value.startswith("~"):
+            setattr(model_args, field, os.path.expanduser(value))
     if model_args.model_name_or_path:
         model = TinyAudioForConditionalGeneration.from_pretrained(model_args.model_name_or_path, dtype=dtype)
         processor = TinyAudioProcessor.from_pretrained(model_args.model_name_or_path)
@@ -349,8 +354,8 @@ def main(argv: Sequence[str] | None = None, callbacks: list[TrainerCallback] | N
         write_skip_report(os.path.join(training_args.output_dir, "skipped_rows.json"), skipped)
     wer_rows = []
     if eval_dataset is not None and data_args.wer_eval_samples:
-        transcribe = eval_dataset.filter(lambda task: task == "transcribe", input_columns="task")
-        wer_rows = list(transcribe.select(range(min(data_args.wer_eval_samples, len(transcribe)))))
+        transcribe = (row for row in eval_dataset if row["task"] == "transcribe")
+        wer_rows = list(itertools.islice(transcribe, data_args.wer_eval_samples))
     trainer = TinyAudioTrainer(
         model=model,
         args=training_args,

@@ -28,6 +28,7 @@ import train  # noqa: E402
 from training.collator import SpeechCollator  # noqa: E402
 from training.data import DatasetSpec, load_speech_data, parse_dataset_specs  # noqa: E402
 from training.feature_cache import build_feature_cache  # noqa: E402
+from training.prefix_cache import PromptPrefixCache  # noqa: E402
 
 WORDS = "the quick brown fox jumps over the lazy dog one two three four five".split()
 RATE = 16000
@@ -270,6 +271,27 @@ def test_cached_encoder_features_give_the_live_loss(workspace, tmp_path):
         live_loss = model(**live).loss
         cached_loss = model(**cached).loss
     torch.testing.assert_close(cached_loss, live_loss, rtol=1e-3, atol=1e-3)
+
+
+def test_prompt_prefix_cache_gives_the_same_loss_and_gradient(workspace, tmp_path):
+    model, processor = train.build_model(
+        train.ModelArguments(audio_model_id=workspace["encoder"], text_model_id=workspace["llm"]),
+        train.TrainingArguments(output_dir=str(tmp_path), use_cpu=True),
+    )
+    options = dict(
+        sampling_rate=RATE, max_audio_seconds=30.0, tasks=["transcribe"], default_task="transcribe"
+    )
+    dataset, _ = load_speech_data([DatasetSpec(path=workspace["data"], split="test")], **options)
+    batch = SpeechCollator(processor)(list(dataset))
+    trimmed = PromptPrefixCache(model, model.config.audio_token_id).apply(batch)
+    assert 0 < trimmed["input_ids"].shape[1] < batch["input_ids"].shape[1]
+    results = []
+    for inputs in (batch, trimmed):
+        model.zero_grad()
+        loss = model(**inputs).loss
+        loss.backward()
+        results.append((loss.detach(), model.multi_modal_projector.linear_1.weight.grad.clone()))
+    torch.testing.assert_close(results[1], results[0], rtol=1e-4, atol=1e-5)
 
 
 def test_resume_after_a_crash_reproduces_the_uninterrupted_run(workspace, reference_run, monkeypatch):

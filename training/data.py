@@ -68,11 +68,11 @@ class DatasetSpec:
     @classmethod
     def from_value(cls, value: str | dict) -> DatasetSpec:
         if isinstance(value, str):
-            return cls(path=value)
+            value = {"path": value}
         unknown = set(value) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ValueError(f"Unknown dataset option(s) {sorted(unknown)} in {value}")
-        return cls(**value)
+        return cls(**{**value, "path": os.path.expanduser(value["path"])})
 
     @property
     def is_local(self) -> bool:
