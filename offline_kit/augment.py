@@ -7,10 +7,12 @@ them with a numpy generator seeded from the same clip seed.  The settings go int
 
 from __future__ import annotations
 
+import argparse
 import random
 from dataclasses import asdict, dataclass
 
 import numpy as np
+import soundfile as sf
 import soxr
 from scipy.signal import butter, sosfilt
 
@@ -85,3 +87,28 @@ def apply(audio: np.ndarray, aug: Augmentation, seed: int) -> np.ndarray:
         out = out + noise * np.sqrt(speech_power / (np.mean(noise**2) * 10 ** (aug.snr_db / 10)))
     out = out * 10 ** (aug.gain_db / 20)
     return np.clip(out, -1.0, 1.0).astype(np.float32)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Augment one 16 kHz WAV file, to hear what the corpus columns mean."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("input", type=str)
+    parser.add_argument("output", type=str)
+    parser.add_argument("--telephone", action="store_true")
+    parser.add_argument("--noise", choices=("none", *NOISE_KINDS), default="none")
+    parser.add_argument("--snr-db", type=float, default=10.0)
+    parser.add_argument("--gain-db", type=float, default=0.0)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    audio, rate = sf.read(args.input, dtype="float32")
+    if rate != SAMPLE_RATE or audio.ndim != 1:
+        raise SystemExit(f"{args.input}: need 16 kHz mono, got {rate} Hz with shape {audio.shape}")
+    aug = Augmentation(
+        args.telephone, args.noise, args.snr_db if args.noise != "none" else None, args.gain_db
+    )
+    sf.write(args.output, apply(audio, aug, args.seed), SAMPLE_RATE)
+    print(f"wrote {args.output}: {aug}")
+
+
+if __name__ == "__main__":
+    main()

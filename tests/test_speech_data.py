@@ -1,0 +1,213 @@
+"""Offline speech data: text sources, real TTS engines, augmentation, the synthetic corpus and the real set.
+
+Everything runs the real engines (Piper, espeak-ng, flite) on a few short clips; missing Debian/PyPI
+dependencies are installed first by offline_kit/install_data_deps.sh, exactly as the build commands do.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+import shutil
+
+import datasets
+import numpy as np
+import pytest
+import soundfile as sf
+
+from offline_kit import augment
+from offline_kit.data_deps import DATA_PACKAGES, debian_file, ensure_data_deps, missing_deps
+from offline_kit.real_speech import JFK_TEXT, asterisk_prompts, build_real_speech, normalize_reference
+from offline_kit.synthetic_corpus import build_corpus
+from offline_kit.text_sources import (
+    HARVARD_COUNT,
+    clean,
+    harvard_sentences,
+    load_sentences,
+    split_by_text,
+    text_key,
+)
+from offline_kit.voices import FAMILIES, SAMPLE_RATE, Voice, all_voices, is_test_voice, synthesize
+
+
+@pytest.fixture(scope="module", autouse=True)
+def data_deps():
+    ensure_data_deps(install=True)
+    assert missing_deps() == []
+
+
+def _decode(corpus_split: datasets.Dataset) -> list[tuple[np.ndarray, int]]:
+    undecoded = corpus_split.cast_column("audio", datasets.Audio(decode=False))
+    return [sf.read(io.BytesIO(a["bytes"]), dtype="float32") for a in undecoded["audio"]]
+
+
+# ----------------------------------------------------------------------------- text
+
+
+def test_harvard_sentences_decoded_from_r_data():
+    sentences = harvard_sentences()
+    assert len(sentences) == HARVARD_COUNT
+    assert sentences[0] == "The birch canoe slid on the smooth planks."
+
+
+def test_sources_are_large_clean_and_deduplicated():
+    sentences = load_sentences()
+    counts = {source: sum(s.source == source for s in sentences) for source in ("harvard", "wordnet", "web")}
+    assert counts["harvard"] > 700 and counts["wordnet"] > 25000 and counts["web"] > 30000, counts
+    assert len({text_key(s.text) for s in sentences}) == len(sentences)
+    assert all(clean(s.text) == s.text for s in sentences[::97])
+    web = [s.text for s in sentences if s.source == "web"]
+    assert not any("<" in t or "strong:" in t for t in web)
+
+
+def test_clean_rejects_what_tts_would_misread():
+    assert clean("he is able to walk") == "He is able to walk."
+    assert (
+        clean("All the people said, \u201cLong live the king!\u201d")
+        == "All the people said, Long live the king!"
+    )
+    assert clean("Born in 1999 in the city.") is None  # digits: spoken form ambiguous
+    assert clean("Too short.") is None
+    assert clean("Caf\u00e9 au lait is served here daily.") is None
+
+
+def test_text_split_is_disjoint_and_stable():
+    sentences = load_sentences(("harvard",))
+    train, test = split_by_text(sentences, test_fraction=0.2, seed=3)
+    assert {text_key(s.text) for s in train}.isdisjoint(text_key(s.text) for s in test)
+    assert 0.1 < len(test) / len(sentences) < 0.3
+    again_train, again_test = split_by_text(list(reversed(sentences)), test_fraction=0.2, seed=3)
+    assert {s.text for s in again_test} == {s.text for s in test}
+
+
+# ----------------------------------------------------------------------------- voices and augmentation
+
+
+@pytest.mark.parametrize("voice_id", ["piper/joe@normal", "espeak/en-gb-scotland+m3", "flite/slt"])
+def test_each_engine_speaks_16k_audio_of_plausible_length(voice_id):
+    family, name = voice_id.split("/")
+    text = "The birch canoe slid on the smooth planks."
+    audio, params = synthesize(Voice(family, name), text, random.Random(0))
+    seconds = len(audio) / SAMPLE_RATE
+    assert audio.dtype == np.float32 and 1.2 < seconds < 5.0, seconds
+    assert np.abs(audio).max() == pytest.approx(0.5, abs=1e-3)
+    assert params
+
+
+def test_held_out_voices_cover_every_family():
+    voices = all_voices()
+    for family in FAMILIES:
+        members = [v for v in voices if v.family == family]
+        assert any(is_test_voice(v) for v in members) and not all(is_test_voice(v) for v in members)
+
+
+def test_augmentation_is_seeded_and_does_what_its_columns_say():
+    t = np.arange(SAMPLE_RATE) / SAMPLE_RATE
+    clean_tone = (0.3 * np.sin(2 * np.pi * 440 * t) + 0.3 * np.sin(2 * np.pi * 6000 * t)).astype(np.float32)
+    phone = augment.apply(clean_tone, augment.Augmentation(telephone=True), seed=0)
+    spectrum = np.abs(np.fft.rfft(phone))
+    assert spectrum[6000] < 0.01 * spectrum[440]  # 8 kHz channel removed the 6 kHz tone
+    noisy = augment.apply(clean_tone, augment.Augmentation(noise="white", snr_db=10.0), seed=1)
+    noise = noisy - clean_tone
+    snr = 10 * np.log10(np.mean(clean_tone**2) / np.mean(noise**2))
+    assert snr == pytest.approx(10.0, abs=0.5)
+    assert np.array_equal(
+        noisy, augment.apply(clean_tone, augment.Augmentation(noise="white", snr_db=10.0), 1)
+    )
+    quiet = augment.apply(clean_tone, augment.Augmentation(gain_db=-20.0), seed=0)
+    assert np.abs(quiet).max() == pytest.approx(0.1 * np.abs(clean_tone).max(), rel=1e-3)
+
+
+# ----------------------------------------------------------------------------- synthetic corpus
+
+CORPUS_ARGS = {"num_clips": 12, "seed": 7, "test_fraction": 0.25, "shard_size": 3}
+
+
+@pytest.fixture(scope="module")
+def corpus_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synthetic")
+    build_corpus(out, workers=2, keep_shards=True, **CORPUS_ARGS)
+    return out
+
+
+def test_corpus_audio_is_16k_non_silent_and_as_long_as_recorded(corpus_dir):
+    corpus = datasets.load_from_disk(str(corpus_dir))
+    assert set(corpus) == {"train", "test"} and len(corpus["train"]) == 9 and len(corpus["test"]) == 3
+    for split in corpus.values():
+        assert set(split["family"]) == set(FAMILIES)
+        for (audio, rate), row in zip(_decode(split), split.to_list(), strict=True):
+            assert rate == SAMPLE_RATE and audio.ndim == 1
+            assert np.sqrt(np.mean(audio**2)) > 1e-3, row["clip_id"]
+            assert len(audio) / SAMPLE_RATE == pytest.approx(row["duration"], abs=1e-3)
+            words_per_second = len(row["text"].split()) / row["duration"]
+            assert 0.8 < words_per_second < 5.0, (row["clip_id"], row["text"], row["duration"])
+            assert json.loads(row["tts_params"])
+            assert row["aug_noise"] in ("none", *augment.NOISE_KINDS)
+
+
+def test_corpus_splits_are_disjoint_by_text_and_voice(corpus_dir):
+    corpus = datasets.load_from_disk(str(corpus_dir))
+    train, test = corpus["train"], corpus["test"]
+    assert {text_key(t) for t in train["text"]}.isdisjoint(text_key(t) for t in test["text"])
+    assert set(train["voice"]).isdisjoint(test["voice"])
+    families = dict(zip(test["voice"], test["family"], strict=True))
+    assert all(is_test_voice(Voice(families[v], v.split("/", 1)[1])) for v in test["voice"])
+
+
+def test_corpus_resumes_and_same_seed_gives_same_corpus(corpus_dir, tmp_path):
+    first = datasets.load_from_disk(str(corpus_dir))
+    shards = sorted((corpus_dir / "shards").iterdir())
+    # A second build in a fresh folder, one process: identical clips, audio included.
+    second = build_corpus(tmp_path / "again", workers=1, keep_shards=True, **CORPUS_ARGS)
+    for split in ("train", "test"):
+        a, b = first[split].cast_column("audio", datasets.Audio(decode=False)), second[split]
+        b = b.cast_column("audio", datasets.Audio(decode=False))
+        assert a["text"] == b["text"] and a["voice"] == b["voice"] and a["tts_params"] == b["tts_params"]
+        assert [x["bytes"] for x in a["audio"]] == [x["bytes"] for x in b["audio"]]
+    # Interrupted build: final dataset and one shard gone; the rerun re-renders only that shard.
+    again = tmp_path / "again"
+    for name in ("dataset_dict.json", "train", "test"):
+        path = again / name
+        path.unlink() if path.is_file() else shutil.rmtree(path)
+    lost = again / "shards" / shards[1].name
+    shutil.rmtree(lost)
+    kept = {p.name: p.stat().st_mtime_ns for p in (again / "shards").iterdir()}
+    resumed = build_corpus(again, workers=1, keep_shards=True, **CORPUS_ARGS)
+    assert {p.name: p.stat().st_mtime_ns for p in (again / "shards").iterdir() if p.name in kept} == kept
+    assert lost.exists() and resumed["train"]["text"] == first["train"]["text"]
+    with pytest.raises(ValueError, match="built with"):
+        build_corpus(again, workers=1, **{**CORPUS_ARGS, "seed": 8})
+
+
+# ----------------------------------------------------------------------------- real speech
+
+
+def test_asterisk_references_are_normalised():
+    prompts = dict(asterisk_prompts())
+    assert len(prompts) > 500
+    assert not any(name.startswith("silence/") for name in prompts)
+    assert "beep" not in prompts and "ascending-2tone" not in prompts and "confbridge-join" not in prompts
+    assert not any(ch in text for text in prompts.values() for ch in '#*[]()<>"')
+    assert prompts["agent-newlocation"] == "Please enter a new extension, followed by pound."
+    assert "separated by star and then press the pound key" in prompts["demo-enterkeywords"]
+    assert prompts["letters/at"] == "at"
+    assert normalize_reference("press * to toggle pause, press # to enter") == (
+        "press star to toggle pause, press pound to enter"
+    )
+
+
+def test_real_speech_set_is_16k_with_jfk(tmp_path):
+    corpus = build_real_speech(tmp_path / "real", include_jfk=True, max_prompts=4)
+    test = corpus["test"]
+    assert len(test) == 5 and set(test["source"]) == {"asterisk", "jfk"}
+    rows = test.to_list()
+    wav_dir = debian_file(DATA_PACKAGES["asterisk-core-sounds-en-wav"], "asterisk-core-sounds-en-wav").parent
+    for (audio, rate), row in zip(_decode(test), rows, strict=True):
+        assert rate == SAMPLE_RATE and np.sqrt(np.mean(audio**2)) > 1e-3
+        assert len(audio) / SAMPLE_RATE == pytest.approx(row["duration"], abs=1e-3)
+    first = rows[0]
+    original = sf.info(str(wav_dir / (first["clip_id"].removeprefix("asterisk/") + ".wav")))
+    assert original.samplerate == 8000 and first["duration"] == pytest.approx(original.duration, abs=1e-3)
+    jfk = next(r for r in rows if r["source"] == "jfk")
+    assert jfk["text"] == JFK_TEXT and 10.5 < jfk["duration"] < 11.5
