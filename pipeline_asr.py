@@ -347,7 +347,6 @@ class TinyAudioASRPipeline(AutomaticSpeechRecognitionPipeline):
             processor=processor,
             **kwargs,
         )
-        self.type = "tiny_audio"
 
     def _sanitize_parameters(
         self,

@@ -91,12 +91,14 @@ def bench_rtfx(model_dir: str, dtype: str, batch_sizes: list[int], clip_count: i
         f"clips: {len(clips)}, {audio_seconds:.1f} s of audio (mean {audio_seconds / len(clips):.2f} s), "
         f"{new_tokens} new tokens each, dtype {dtype}, torch threads {__import__('torch').get_num_threads()}"
     )
+    print(f"load average before: {os.getloadavg()[0]:.1f} (the machine may be shared)")
     print(f"{'batch':>5} {'wall s':>8} {'RTFx':>7}")
     for batch_size in batch_sizes:
         start = time.perf_counter()
         pipe(clips, batch_size=batch_size, **exact)
         wall = time.perf_counter() - start
         print(f"{batch_size:>5} {wall:>8.2f} {audio_seconds / wall:>7.1f}")
+    print(f"load average after: {os.getloadavg()[0]:.1f}")
 
 
 def write_long_wav(path: Path, minutes: float) -> None:
@@ -159,10 +161,10 @@ def main() -> None:
         "--model", help="checkpoint folder (default: offline preset, else a tiny random model)"
     )
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--batch-sizes", type=int, nargs="*", default=[1, 4, 16], help="none: skip RTFx")
     parser.add_argument("--clips", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=24)
-    parser.add_argument("--long-minutes", type=float, nargs="+", default=[1, 10])
+    parser.add_argument("--long-minutes", type=float, nargs="*", default=[1, 10], help="none: skip memory")
     parser.add_argument("--probe-batch-size", type=int, default=8)
     parser.add_argument("--probe", help=argparse.SUPPRESS)  # internal: fresh-process memory measurement
     args = parser.parse_args()
@@ -174,8 +176,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench_serving_") as scratch:
         model_dir, description = resolve_model(args.model, Path(scratch))
         print(f"model: {description}")
-        bench_rtfx(model_dir, args.dtype, args.batch_sizes, args.clips, args.new_tokens)
-        bench_memory(model_dir, args.dtype, args.long_minutes, args.probe_batch_size, Path(scratch))
+        if args.batch_sizes:
+            bench_rtfx(model_dir, args.dtype, args.batch_sizes, args.clips, args.new_tokens)
+        if args.long_minutes:
+            bench_memory(model_dir, args.dtype, args.long_minutes, args.probe_batch_size, Path(scratch))
 
 
 if __name__ == "__main__":
