@@ -18,11 +18,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import librosa
 import matplotlib
 import numpy as np
 import torch
-from transformers import AutoModel, AutoProcessor
+from transformers import pipeline
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -47,7 +46,7 @@ class Trace:
 
     audio: np.ndarray
     sampling_rate: int
-    trimmed_seconds: float  # audio beyond the encoder window, left out of the trace
+    left_out_seconds: float  # audio after the first chunk, which the trace does not follow
     mel: bool
     features: np.ndarray  # [n_mels, frames] or [samples]
     feature_valid: int
@@ -65,10 +64,15 @@ class Trace:
     transcript: str
 
 
-def load_model(model_id: str) -> tuple[torch.nn.Module, object]:
-    model = AutoModel.from_pretrained(model_id, trust_remote_code=True).eval()
-    processor = AutoProcessor.from_pretrained(model_id, trust_remote_code=True)
-    return model, processor
+def first_chunk(asr, path: Path) -> tuple[np.ndarray, float]:
+    """The first piece of the file the ASR pipeline would transcribe (decoded, mono, resampled, cut at a pause
+    within the encoder window), and how many seconds of audio follow it."""
+    chunks = asr.preprocess(str(path))
+    first = next(chunks)
+    end = first.end
+    for chunk in chunks:
+        end = chunk.end
+    return first.samples, end - first.end
 
 
 @torch.inference_mode()
@@ -79,12 +83,11 @@ def trace_clip(
     task: str = "transcribe",
     top_k: int = TOP_TOKENS,
     max_new_tokens: int | None = None,
+    left_out_seconds: float = 0.0,
 ) -> Trace:
-    """Runs the clip stage by stage through the model's own public steps (encode_audio, project_audio, generate)."""
+    """Runs one clip (mono, at the processor's rate, at most one encoder window: see `first_chunk`) stage by
+    stage through the model's own public steps (encode_audio, project_audio, generate)."""
     rate = processor.sampling_rate
-    window = int(processor.max_audio_seconds * rate)
-    trimmed_seconds = max(0, audio.size - window) / rate
-    audio = audio[:window]
     inputs = processor(audio=audio, sampling_rate=rate, task=task, return_tensors="pt").to(model.device)
     features, features_mask = inputs["input_features"], inputs["input_features_mask"]
     encoder, encoder_mask = model.encode_audio(features, features_mask)
@@ -111,7 +114,7 @@ def trace_clip(
     return Trace(
         audio=audio,
         sampling_rate=rate,
-        trimmed_seconds=trimmed_seconds,
+        left_out_seconds=left_out_seconds,
         mel=processor.uses_mel_features,
         features=features[0].float().cpu().numpy(),
         feature_valid=int(features_mask[0].sum()),
@@ -289,10 +292,10 @@ def render_html(trace: Trace, model_name: str, audio_name: str) -> str:
         ("generated text tokens", str(trace.generated_tokens)),
     ]
     notes = []
-    if trace.trimmed_seconds:
+    if trace.left_out_seconds:
         notes.append(
-            f"The last {trace.trimmed_seconds:.1f} s were left out: one pass covers one encoder window "
-            "(the ASR pipeline transcribes long audio in chunks)."
+            f"Traced: the first chunk of the file. The ASR pipeline transcribes the remaining "
+            f"{trace.left_out_seconds:.1f} s in further chunks of at most one encoder window each."
         )
     body = [
         f"<h1>Tiny Audio data trace</h1><p>Model <code>{html.escape(model_name)}</code>, "
@@ -347,9 +350,16 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
 
-    model, processor = load_model(args.model)
-    audio, _ = librosa.load(args.audio, sr=processor.sampling_rate, mono=True)
-    trace = trace_clip(model, processor, audio, task=args.task, max_new_tokens=args.max_new_tokens)
+    asr = pipeline("automatic-speech-recognition", model=args.model, trust_remote_code=True)
+    audio, left_out = first_chunk(asr, args.audio)
+    trace = trace_clip(
+        asr.model.eval(),
+        asr.processor,
+        audio,
+        task=args.task,
+        max_new_tokens=args.max_new_tokens,
+        left_out_seconds=left_out,
+    )
     args.out.write_text(render_html(trace, args.model, args.audio.name), encoding="utf-8")
     print(f"wrote {args.out} ({args.out.stat().st_size / 1e3:.0f} kB)")
 

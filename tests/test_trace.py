@@ -16,7 +16,7 @@ from tiny_models import make_tiny_tiny_audio
 
 sys.path.insert(0, str(REPO_ROOT / "docs"))
 
-from trace_data import SECTIONS, render_html, trace_clip  # noqa: E402
+from trace_data import SECTIONS, main, render_html, trace_clip  # noqa: E402
 
 RATE = 16000
 
@@ -51,12 +51,18 @@ def test_every_encoder_kind_is_traced(encoder: str, tmp_path: Path) -> None:
         assert "no mel spectrogram" in page
 
 
-def test_long_clip_is_traced_over_one_window(tiny_model_and_processor) -> None:
-    model, processor = tiny_model_and_processor
-    window = processor.max_audio_seconds
-    trace = trace_clip(model, processor, speech_like(window + 4), max_new_tokens=4)
-    assert trace.audio.size == int(window * RATE) and trace.trimmed_seconds == pytest.approx(4)
-    assert "The last 4.0 s were left out" in render_html(trace, "tiny", "long.wav")
+def test_long_file_traces_the_first_chunk_of_the_pipeline(tiny_model_dir: str, tmp_path: Path) -> None:
+    seconds = 34.0  # over the tiny Whisper's 30 s window: the pipeline cuts it at a quiet point near 30 s
+    sf.write(tmp_path / "long.wav", speech_like(seconds), RATE)
+    out = tmp_path / "trace.html"
+    main(
+        ["--model", tiny_model_dir, "--audio", str(tmp_path / "long.wav"), "--out", str(out)]
+        + ["--max-new-tokens", "4"]
+    )
+    page = out.read_text(encoding="utf-8")
+    traced = float(re.search(r"<p>(\d+\.\d\d) s at 16000 Hz, mono\.</p>", page).group(1))
+    left_out = float(re.search(r"transcribes the remaining (\d+\.\d) s in further chunks", page).group(1))
+    assert 25 <= traced <= 30 and traced + left_out == pytest.approx(seconds, abs=0.06)
 
 
 def test_command_writes_a_page_that_renders_in_chromium(tiny_model_dir: str, tmp_path: Path) -> None:
