@@ -367,6 +367,47 @@ def _transcribe(pipe: Any, audios: list[np.ndarray], rate: int, settings: RunSet
     return [o["text"] for o in outputs]
 
 
+def _timed_transcripts(
+    pipe: Any, audios: list[np.ndarray], rate: int, settings: RunSettings
+) -> list[tuple[str, float] | Exception]:
+    """(text, seconds) per clip. A batch the pipeline rejects (e.g. stock Whisper cannot batch a clip over 30 s
+    with shorter ones) is retried clip by clip, so one clip cannot sink a run; a clip that still fails comes back
+    as its error."""
+    start = time.perf_counter()
+    try:
+        texts = _transcribe(pipe, audios, rate, settings)
+    except Exception as error:  # whatever the model raises, the run goes on and the clip is counted as failed
+        if len(audios) == 1:
+            return [error]
+        print(f"Batch of {len(audios)} failed ({error}); retrying its clips one at a time")
+        return [result for audio in audios for result in _timed_transcripts(pipe, [audio], rate, settings)]
+    per_clip = (time.perf_counter() - start) / len(audios)
+    return [(text, per_clip) for text in texts]
+
+
+def _scored_row(
+    index: int, sample_id: str, reference: str, prediction: str, audio_seconds: float, time_s: float
+) -> dict[str, Any]:
+    ref_norm, pred_norm = normalize(reference), normalize(prediction)
+    errors = WordErrors.of([ref_norm], [pred_norm])
+    return {
+        "index": index,
+        "id": sample_id,
+        "status": "ok",
+        "reference": reference,
+        "prediction": prediction,
+        "reference_normalized": ref_norm,
+        "prediction_normalized": pred_norm,
+        "wer": errors.wer,
+        "substitutions": errors.substitutions,
+        "deletions": errors.deletions,
+        "insertions": errors.insertions,
+        "reference_words": errors.reference_words,
+        "audio_seconds": audio_seconds,
+        "time_s": time_s,
+    }
+
+
 def _print_sample(number: int, row: dict[str, Any]) -> None:
     print(f"Sample {number}: WER = {_pct(row['wer'])}, Time = {row['time_s']:.2f}s")
     print(f"  Ref:  {row['reference_normalized']}")
@@ -399,6 +440,7 @@ def summarize(rows: list[dict[str, Any]], source: DatasetSource, settings: RunSe
         "n": len(scored),
         "skipped_bad_audio": sum(r["status"] == "bad_audio" for r in rows),
         "skipped_empty_reference": sum(r["status"] == "empty_reference" for r in rows),
+        "skipped_failed": sum(r["status"] == "failed" for r in rows),
         "max_samples": settings.max_samples,
         "seed": settings.seed,
         "wer": errors.wer,
@@ -423,7 +465,7 @@ def _print_summary(results: dict[str, Any], out_dir: Path) -> None:
     print(f"RESULTS: {results['model']} on {results['dataset']} ({results['split']})")
     print(
         f"  Samples: {results['n']} (skipped: {results['skipped_bad_audio']} bad audio, "
-        f"{results['skipped_empty_reference']} empty references)"
+        f"{results['skipped_empty_reference']} empty references, {results['skipped_failed']} failed)"
     )
     print(f"  Corpus WER: {_pct(results['wer'])}")
     print(
@@ -474,7 +516,7 @@ def evaluate(
             select(source.rows, settings.max_samples, settings.seed), len(rows), settings.batch_size
         ):
             done: dict[int, dict[str, Any]] = {}
-            todo: list[tuple[int, dict[str, Any], np.ndarray, str]] = []
+            todo: list[tuple[int, str, np.ndarray, str]] = []
             for index, row in batch:
                 sample_id = _sample_id(row, index, source.audio_column)
                 reference = str(row.get(source.text_column) or "")
@@ -493,34 +535,30 @@ def evaluate(
                     }
                     print(f"Skipped {sample_id}: audio failed to decode: {error}")
                     continue
-                todo.append((index, row, audio, reference))
+                todo.append((index, sample_id, audio, reference))
             if todo:
                 audios = [t[2] for t in todo]
                 if not warmed_up:  # first call pays for lazy init / kernel compilation: not timed
-                    _transcribe(pipe, audios, rate, settings)
+                    try:
+                        _transcribe(pipe, audios, rate, settings)
+                    except Exception:  # the timed call below reports and handles it
+                        pass
                     warmed_up = True
-                start = time.perf_counter()
-                predictions = _transcribe(pipe, audios, rate, settings)
-                per_sample = (time.perf_counter() - start) / len(todo)
-                for (index, row, audio, reference), prediction in zip(todo, predictions, strict=True):
-                    ref_norm, pred_norm = normalize(reference), normalize(prediction)
-                    errors = WordErrors.of([ref_norm], [pred_norm])
-                    done[index] = {
-                        "index": index,
-                        "id": _sample_id(row, index, source.audio_column),
-                        "status": "ok",
-                        "reference": reference,
-                        "prediction": prediction,
-                        "reference_normalized": ref_norm,
-                        "prediction_normalized": pred_norm,
-                        "wer": errors.wer,
-                        "substitutions": errors.substitutions,
-                        "deletions": errors.deletions,
-                        "insertions": errors.insertions,
-                        "reference_words": errors.reference_words,
-                        "audio_seconds": len(audio) / rate,
-                        "time_s": per_sample,
-                    }
+                outcomes = _timed_transcripts(pipe, audios, rate, settings)
+                for (index, sample_id, audio, reference), outcome in zip(todo, outcomes, strict=True):
+                    if isinstance(outcome, Exception):
+                        done[index] = {
+                            "index": index,
+                            "id": sample_id,
+                            "status": "failed",
+                            "error": str(outcome),
+                        }
+                        print(f"Skipped {sample_id}: transcription failed: {outcome}")
+                        continue
+                    prediction, seconds = outcome
+                    done[index] = _scored_row(
+                        index, sample_id, reference, prediction, len(audio) / rate, seconds
+                    )
             for index in sorted(done):
                 row = done[index]
                 rows.append(row)

@@ -376,6 +376,38 @@ def test_end_to_end_on_tiny_audio_checkpoint_over_two_datasets(
     assert f"{100 * (first['wer'] + second['wer']) / 2:.2f}%" in table[-1]
 
 
+def test_a_clip_the_model_cannot_take_is_counted_not_fatal(
+    tiny_whisper: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Stock Whisper cannot batch a 31 s clip with short ones, nor (without timestamp tokens) transcribe it alone:
+    the batch is retried clip by clip and only the long clip is lost, counted as failed."""
+    rng = np.random.default_rng(1)
+    rows = []
+    for i, seconds in enumerate((1, 31, 2)):
+        sf.write(tmp_path / f"{i}.wav", rng.normal(0, 0.1, 16000 * seconds).astype(np.float32), 16000)
+        rows.append({"audio": f"{i}.wav", "text": TRANSCRIPTS[i]})
+    (tmp_path / "long.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    args = [
+        tiny_whisper,
+        "--dataset",
+        str(tmp_path / "long.jsonl"),
+        "--output-dir",
+        str(out),
+        "--device",
+        "cpu",
+    ]
+    assert evaluation.main([*args, "--batch-size", "3"]) == 0
+
+    stdout = capsys.readouterr().out
+    assert stdout.count("Batch of 3 failed") == 1 and "Skipped 1.wav: transcription failed" in stdout
+    out_dir = out / evaluation._slug(tiny_whisper) / "long.jsonl"
+    statuses = [json.loads(line)["status"] for line in (out_dir / "samples.jsonl").read_text().splitlines()]
+    assert statuses == ["ok", "failed", "ok"]
+    results = json.loads((out_dir / "results.json").read_text())
+    assert (results["n"], results["skipped_failed"]) == (2, 1)
+
+
 # ----------------------------------------------------------------------------- leaderboard
 
 
