@@ -339,6 +339,7 @@ class RunSettings:
     dtype: str
     checkpoint_every: int
     generate_kwargs: dict[str, Any]
+    chunk_length_s: float | None
     contributor: str
     seed: int = SEED
 
@@ -362,7 +363,9 @@ def _batches(
 def _transcribe(pipe: Any, audios: list[np.ndarray], rate: int, settings: RunSettings) -> list[str]:
     # The pipeline pops keys from its input dicts, so each call gets fresh ones.
     inputs = [{"raw": a, "sampling_rate": rate} for a in audios]
-    kwargs = {"generate_kwargs": settings.generate_kwargs} if settings.generate_kwargs else {}
+    kwargs: dict[str, Any] = {"generate_kwargs": settings.generate_kwargs} if settings.generate_kwargs else {}
+    if settings.chunk_length_s:
+        kwargs["chunk_length_s"] = settings.chunk_length_s
     outputs = pipe(inputs, batch_size=settings.batch_size, **kwargs)
     return [o["text"] for o in outputs]
 
@@ -452,6 +455,8 @@ def summarize(rows: list[dict[str, Any]], source: DatasetSource, settings: RunSe
         "wall_seconds": wall_s,
         "rtfx": audio_s / wall_s if wall_s > 0 else 0.0,
         "batch_size": settings.batch_size,
+        "chunk_length_s": settings.chunk_length_s,
+        "generate_kwargs": settings.generate_kwargs,
         "device": settings.device,
         "dtype": settings.dtype,
         "contributor": settings.contributor,
@@ -491,6 +496,8 @@ def evaluate(
         "split": source.split,
         "max_samples": settings.max_samples,
         "seed": settings.seed,
+        "generate_kwargs": settings.generate_kwargs,
+        "chunk_length_s": settings.chunk_length_s,
     }
     rows: list[dict[str, Any]] = []
     if resume and run_path.exists():
@@ -620,6 +627,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--generate-kwargs", type=json.loads, default={}, help='JSON, e.g. \'{"language": "en"}\''
     )
+    parser.add_argument(
+        "--chunk-length-s",
+        type=float,
+        help="pipeline chunking for long clips (stock Whisper needs 30 for clips over 30 s)",
+    )
     parser.add_argument("--model-name", help="name in results and on the leaderboard (default: MODEL)")
     parser.add_argument("--contributor", help="name on the leaderboard (default: git config user.name)")
     return parser
@@ -651,6 +663,7 @@ def main(argv: list[str] | None = None) -> int:
         dtype=args.dtype,
         checkpoint_every=args.checkpoint_every,
         generate_kwargs=args.generate_kwargs,
+        chunk_length_s=args.chunk_length_s,
         contributor=args.contributor or _git_user(),
     )
     pipe = load_pipeline(args.model, settings.device, args.dtype)

@@ -407,6 +407,11 @@ def test_a_clip_the_model_cannot_take_is_counted_not_fatal(
     results = json.loads((out_dir / "results.json").read_text())
     assert (results["n"], results["skipped_failed"]) == (2, 1)
 
+    # The pipeline's own chunking takes the long clip.
+    assert evaluation.main([*args, "--batch-size", "3", "--chunk-length-s", "30"]) == 0
+    results = json.loads((out_dir / "results.json").read_text())
+    assert (results["n"], results["skipped_failed"], results["chunk_length_s"]) == (3, 0, 30.0)
+
 
 # ----------------------------------------------------------------------------- leaderboard
 
