@@ -305,8 +305,8 @@ def push_to_hub(folder: str, repo_id: str, private: bool = False) -> str:
     return str(url)
 
 
-def main(argv: Sequence[str] | None = None, callbacks: list[TrainerCallback] | None = None) -> dict:
-    """Runs training (console script `tiny-audio-train`); returns the final training metrics."""
+def run(argv: Sequence[str] | None = None, callbacks: list[TrainerCallback] | None = None) -> dict:
+    """Trains as the command line says (extra Trainer callbacks allowed); returns the final metrics."""
     model_args, data_args, run_args, training_args = parse_args(argv)
     logging.basicConfig(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -386,6 +386,11 @@ def main(argv: Sequence[str] | None = None, callbacks: list[TrainerCallback] | N
             push_to_hub(training_args.output_dir, run_args.push_to_hub_repo, run_args.hub_private),
         )
     return metrics
+
+
+def main() -> None:
+    """Console script `tiny-audio-train`."""
+    run()
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
     python -m offline_kit.preset                  # once: Whisper tiny.en + SmolLM2-135M in ~/.cache/tiny_audio/offline
     python benchmarks/bench_training.py [--steps 10] [--warmup 2] [--configs bf16-cache,fp32-live]
 
-Each configuration trains in its own process through `train.main` (the real CLI path, Trainer included) on
+Each configuration trains in its own process through `train.run` (the real CLI path, Trainer included) on
 batches of 8 clips of ~3.4 s and reports seconds per step, clips/s, audio hours per hour, the one-time cost of
 building the feature cache, and the process's peak memory. Without the preset, the same architectures are built
 with random weights (same compute, no meaningful loss) and the table says so.
@@ -102,73 +102,46 @@ def random_preset(directory: Path) -> tuple[str, str]:
     return str(directory / "whisper"), str(directory / "llm")
 
 
-def run_config(
-    name: str, models: tuple[str, str], data: Path, work: Path, steps: int, warmup: int, workers: int
-) -> dict:
+def run_config(name: str, models: list[str], work: Path, args: argparse.Namespace) -> dict:
     """One configuration in this process: train warmup + steps steps and time the measured ones."""
-    import torch
     from transformers import TrainerCallback
 
     import train
 
     class Timer(TrainerCallback):
         def __init__(self):
-            self.ends: list[float] = []
+            self.wall: list[float] = []
+            self.cpu: list[float] = []
             self.train_begin = 0.0
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.train_begin = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kwargs):
-            self.ends.append(time.perf_counter())
+            self.wall.append(time.perf_counter())
+            self.cpu.append(time.process_time())
 
     precision, mode = name.split("-")
-    argv = [
-        "--audio_model_id",
-        models[0],
-        "--text_model_id",
-        models[1],
-        "--train_datasets",
-        str(data),
-        "--output_dir",
-        str(work / name),
-        "--per_device_train_batch_size",
-        str(BATCH),
-        "--max_steps",
-        str(steps + warmup),
-        "--learning_rate",
-        "1e-3",
-        "--save_strategy",
-        "no",
-        "--report_to",
-        "none",
-        "--logging_steps",
-        "1000",
-        "--disable_tqdm",
-        "true",
-        "--dataloader_num_workers",
-        str(workers),
-        "--train_sampling_strategy",
-        "group_by_length",
-    ]
+    argv = (
+        f"--audio_model_id {models[0]} --text_model_id {models[1]} --train_datasets {work / 'clips'} "
+        f"--output_dir {work / name} --per_device_train_batch_size {BATCH} --max_steps {args.steps + args.warmup} "
+        "--learning_rate 1e-3 --save_strategy no --report_to none --logging_steps 1000 --disable_tqdm true "
+        f"--dataloader_num_workers {args.workers} --train_sampling_strategy group_by_length"
+    ).split()
     if precision == "bf16":
         argv.append("--bf16")
     if mode == "cache":
         argv += ["--feature_cache_dir", str(work / "cache")]
     timer = Timer()
     start = time.perf_counter()
-    train.main(argv, callbacks=[timer])
-    step_seconds = (
-        float(np.median(np.diff(timer.ends[warmup - 1 :])))
-        if warmup
-        else float(np.median(np.diff(timer.ends)))
-    )
+    train.run(argv, callbacks=[timer])
+    measured = slice(max(args.warmup - 1, 0), None)  # differences between step ends after the warm-up steps
     return {
         "config": name,
-        "seconds_per_step": step_seconds,
+        "seconds_per_step": float(np.median(np.diff(timer.wall[measured]))),
+        "cpu_seconds_per_step": float(np.median(np.diff(timer.cpu[measured]))),
         "prepare_seconds": timer.train_begin - start,
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-        "threads": torch.get_num_threads(),
     }
 
 
@@ -178,7 +151,8 @@ def main() -> None:
     )
     parser.add_argument("--steps", type=int, default=10, help="measured steps per configuration")
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--workers", type=int, default=1, help="dataloader workers")
+    parser.add_argument("--workers", type=int, default=0, help="dataloader workers")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--configs", default=",".join(CONFIGS))
     parser.add_argument("--work-dir", default=None)
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)  # one config, run in its own process
@@ -187,63 +161,70 @@ def main() -> None:
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench_training_"))
     work.mkdir(parents=True, exist_ok=True)
     if args.child:
-        models = tuple(json.loads((work / "models.json").read_text()))
-        result = run_config(args.child, models, work / "clips", work, args.steps, args.warmup, args.workers)
+        result = run_config(args.child, json.loads((work / "models.json").read_text()), work, args)
         print("RESULT " + json.dumps(result))
         return
 
     whisper, llm = PRESET / "whisper-tiny.en", PRESET / "smollm2-135m-instruct"
     if whisper.is_dir() and llm.is_dir():
-        models, source = (str(whisper), str(llm)), f"offline preset ({PRESET})"
+        models, source = [str(whisper), str(llm)], f"offline preset ({PRESET})"
     else:
-        models = random_preset(work / "random")
-        source = "RANDOM weights with the preset's architectures (offline preset absent: python -m offline_kit.preset)"
+        models = list(random_preset(work / "random"))
+        source = (
+            "RANDOM weights, preset architectures (offline preset absent: run python -m offline_kit.preset)"
+        )
     (work / "models.json").write_text(json.dumps(models))
     make_clips(work / "clips", BATCH * (args.steps + args.warmup))
 
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
+    load_before = os.getloadavg()[0]
     results = []
     for name in args.configs.split(","):
-        command = [
-            sys.executable,
-            __file__,
-            "--child",
-            name,
-            "--work-dir",
-            str(work),
-            "--steps",
-            str(args.steps),
-            "--warmup",
-            str(args.warmup),
-            "--workers",
-            str(args.workers),
-        ]
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-        output = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+        child = [sys.executable, __file__, "--child", name, "--work-dir", str(work)]
+        child += ["--steps", str(args.steps), "--warmup", str(args.warmup), "--workers", str(args.workers)]
+        output = subprocess.run(child, env=env, capture_output=True, text=True, check=False)
         lines = [line for line in output.stdout.splitlines() if line.startswith("RESULT ")]
         if output.returncode or not lines:
             sys.exit(f"{name} failed:\n{output.stderr[-4000:]}")
         results.append(json.loads(lines[-1][len("RESULT ") :]))
 
-    audio_seconds = BATCH * sum(CLIP_SECONDS) / 2
-    reference_clips = BATCH / REFERENCE_SECONDS_PER_STEP["bf16"]
+    clip_seconds = sum(CLIP_SECONDS) / 2
+    reference = BATCH / REFERENCE_SECONDS_PER_STEP["bf16"]
     print(f"Models: {source}")
     print(
-        f"Batches of {BATCH} clips of ~{audio_seconds / BATCH:.1f} s; {args.steps} measured steps after {args.warmup} warm-up"
+        f"Batches of {BATCH} clips of ~{clip_seconds:.1f} s, {args.steps} measured steps after {args.warmup} warm-up, "
+        f"torch threads: {args.threads or 'default'}, load average {load_before:.1f} -> {os.getloadavg()[0]:.1f}"
     )
-    print(
-        f"{'config':<12}{'s/step':>8}{'clips/s':>9}{'audio h/h':>11}{'vs ref bf16':>13}{'prepare s':>11}{'peak RSS GiB':>14}"
+    header = (
+        "config",
+        "s/step",
+        "CPU s/step",
+        "clips/s",
+        "audio h/h",
+        "vs ref bf16",
+        "prepare s",
+        "peak RSS GiB",
     )
+    print("".join(f"{h:>13}" for h in header))
     for row in results:
-        clips_per_second = BATCH / row["seconds_per_step"]
-        print(
-            f"{row['config']:<12}{row['seconds_per_step']:>8.3f}{clips_per_second:>9.1f}"
-            f"{clips_per_second * audio_seconds / BATCH:>11.1f}{clips_per_second / reference_clips:>12.1f}x"
-            f"{row['prepare_seconds']:>11.1f}{row['peak_rss_gib']:>14.2f}"
+        clips = BATCH / row["seconds_per_step"]
+        cells = (
+            row["config"],
+            f"{row['seconds_per_step']:.3f}",
+            f"{row['cpu_seconds_per_step']:.3f}",
+            f"{clips:.1f}",
+            f"{clips * clip_seconds:.1f}",
+            f"{clips / reference:.1f}x",
+            f"{row['prepare_seconds']:.1f}",
+            f"{row['peak_rss_gib']:.2f}",
         )
+        print("".join(f"{c:>13}" for c in cells))
     print(
-        f"Reference project: {REFERENCE_SECONDS_PER_STEP['bf16']} s/step bf16 ({reference_clips:.1f} clips/s), "
-        f"{REFERENCE_SECONDS_PER_STEP['fp32']} s/step fp32. 'prepare s' includes model load, data checks and, "
-        "for -cache, encoding every clip once."
+        f"Reference project: {REFERENCE_SECONDS_PER_STEP['bf16']} s/step bf16 ({reference:.1f} clips/s), "
+        f"{REFERENCE_SECONDS_PER_STEP['fp32']} s/step fp32. 'prepare s': model load, data checks and, for -cache, "
+        "encoding every clip once. Wall times are only comparable on an otherwise idle machine."
     )
 
 

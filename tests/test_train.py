@@ -126,7 +126,7 @@ def reference_run(workspace) -> dict:
     """One uninterrupted 6-step run with evaluation at the start and the end."""
     output_dir = os.path.join(workspace["root"], "reference")
     snapshot = Snapshot()
-    metrics = train.main(base_args(workspace, output_dir), callbacks=[snapshot])
+    metrics = train.run(base_args(workspace, output_dir), callbacks=[snapshot])
     return {"output_dir": output_dir, "snapshot": snapshot, "metrics": metrics}
 
 
@@ -297,7 +297,7 @@ def test_prompt_prefix_cache_gives_the_same_loss_and_gradient(workspace, tmp_pat
 def test_resume_after_a_crash_reproduces_the_uninterrupted_run(workspace, reference_run, monkeypatch):
     output_dir = os.path.join(workspace["root"], "crashed")
     with pytest.raises(KeyboardInterrupt):
-        train.main(base_args(workspace, output_dir, "--eval_strategy", "no"), callbacks=[Crash(step=4)])
+        train.run(base_args(workspace, output_dir, "--eval_strategy", "no"), callbacks=[Crash(step=4)])
     assert sorted(os.listdir(output_dir)) == ["checkpoint-3", "skipped_rows.json"]
 
     pushed = {}
@@ -308,7 +308,7 @@ def test_resume_after_a_crash_reproduces_the_uninterrupted_run(workspace, refere
     argv = base_args(
         workspace, output_dir, "--eval_strategy", "no", "--resume", "--push-to-hub", "me/tiny-audio"
     )
-    train.main(argv)
+    train.run(argv)
     expected = projector_of(reference_run["output_dir"])
     resumed = projector_of(output_dir)
     for name, tensor in expected.items():
@@ -363,4 +363,4 @@ class SaveRankWeights(TrainerCallback):
 
 if __name__ == "__main__":  # DDP worker: tests/test_train.py OUTPUT_DIR TRAIN_ARGS...
     torch.set_num_threads(1)
-    train.main(sys.argv[2:], callbacks=[SaveRankWeights(sys.argv[1])])
+    train.run(sys.argv[2:], callbacks=[SaveRankWeights(sys.argv[1])])

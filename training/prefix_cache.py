@@ -1,6 +1,6 @@
 """Prompt-prefix cache: the chat-template text before the audio is the same in every row, and the LLM is frozen.
 
-Its keys/values are computed once and handed to the LLM as `past_key_values`, so each step runs the LLM only from
+Its keys/values are computed once and handed to the LLM as its `cache`, so each step runs the LLM only from
 the first audio token on (SmolLM2's default system turn is ~24 of ~90 tokens for a 3.4 s clip, SmolLM3's is longer).
 The loss is unchanged: prefix positions carry no labels and no gradient reaches them.
 """
@@ -40,13 +40,13 @@ class PromptPrefixCache:
         with autocast:
             output = self.model.language_model(input_ids=prefix_ids[None], use_cache=True)
         self.prefix_ids = prefix_ids
-        self.layers = [(keys, values) for keys, values, *_ in output.past_key_values]
+        self.layers = [(keys, values) for keys, values, *_ in output.cache]
 
     def apply(self, inputs: dict, autocast: contextlib.AbstractContextManager | None = None) -> dict:
-        """`inputs` without the shared prefix tokens, plus `past_key_values` standing in for them."""
+        """`inputs` without the shared prefix tokens, plus a `cache` standing in for them."""
         input_ids = inputs["input_ids"]
         length = self._prefix_length(input_ids)
-        if length == 0 or "past_key_values" in inputs:
+        if length == 0 or "cache" in inputs:
             return inputs
         prefix_ids = input_ids[0, :length]
         if self.prefix_ids is None or not torch.equal(self.prefix_ids, prefix_ids):
@@ -63,5 +63,5 @@ class PromptPrefixCache:
         trimmed["input_ids"] = input_ids[:, length:]
         if "labels" in trimmed:
             trimmed["labels"] = trimmed["labels"][:, length:]
-        trimmed["past_key_values"] = past  # attention_mask keeps its full width: it covers past + new tokens
+        trimmed["cache"] = past  # attention_mask keeps its full width: it covers cached + new tokens
         return trimmed
