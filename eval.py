@@ -484,6 +484,33 @@ def _print_summary(results: dict[str, Any], out_dir: Path) -> None:
     print("=" * 60)
 
 
+def _skip(index: int, sample_id: str, status: str, reason: str) -> dict[str, Any]:
+    """The row of a clip that is counted but not scored."""
+    print(f"Skipped {sample_id}: {reason}")
+    return {"index": index, "id": sample_id, "status": status, "error": reason}
+
+
+def _prepare_batch(
+    batch: list[tuple[int, dict[str, Any]]], source: DatasetSource, rate: int
+) -> tuple[dict[int, dict[str, Any]], list[tuple[int, str, np.ndarray, str]]]:
+    """Rows skipped for an empty reference or undecodable audio, and (index, id, audio, reference) to transcribe."""
+    skipped: dict[int, dict[str, Any]] = {}
+    todo: list[tuple[int, str, np.ndarray, str]] = []
+    for index, row in batch:
+        sample_id = _sample_id(row, index, source.audio_column)
+        reference = str(row.get(source.text_column) or "")
+        if normalize(reference) in IGNORED_REFERENCES:
+            skipped[index] = _skip(index, sample_id, "empty_reference", "empty reference")
+            continue
+        try:
+            audio = decode_audio(row.get(source.audio_column), rate, source.base_dir)
+        except Exception as error:  # any decoder failure is one bad clip, not a failed run
+            skipped[index] = _skip(index, sample_id, "bad_audio", f"audio failed to decode: {error}")
+            continue
+        todo.append((index, sample_id, audio, reference))
+    return skipped, todo
+
+
 def evaluate(
     pipe: Any, source: DatasetSource, settings: RunSettings, out_dir: Path, resume: bool
 ) -> dict[str, Any]:
@@ -522,27 +549,7 @@ def evaluate(
         for batch in _batches(
             select(source.rows, settings.max_samples, settings.seed), len(rows), settings.batch_size
         ):
-            done: dict[int, dict[str, Any]] = {}
-            todo: list[tuple[int, str, np.ndarray, str]] = []
-            for index, row in batch:
-                sample_id = _sample_id(row, index, source.audio_column)
-                reference = str(row.get(source.text_column) or "")
-                if normalize(reference) in IGNORED_REFERENCES:
-                    done[index] = {"index": index, "id": sample_id, "status": "empty_reference"}
-                    print(f"Skipped {sample_id}: empty reference")
-                    continue
-                try:
-                    audio = decode_audio(row.get(source.audio_column), rate, source.base_dir)
-                except Exception as error:  # any decoder failure is one bad clip, not a failed run
-                    done[index] = {
-                        "index": index,
-                        "id": sample_id,
-                        "status": "bad_audio",
-                        "error": str(error),
-                    }
-                    print(f"Skipped {sample_id}: audio failed to decode: {error}")
-                    continue
-                todo.append((index, sample_id, audio, reference))
+            done, todo = _prepare_batch(batch, source, rate)
             if todo:
                 audios = [t[2] for t in todo]
                 if not warmed_up:  # first call pays for lazy init / kernel compilation: not timed
@@ -554,13 +561,7 @@ def evaluate(
                 outcomes = _timed_transcripts(pipe, audios, rate, settings)
                 for (index, sample_id, audio, reference), outcome in zip(todo, outcomes, strict=True):
                     if isinstance(outcome, Exception):
-                        done[index] = {
-                            "index": index,
-                            "id": sample_id,
-                            "status": "failed",
-                            "error": str(outcome),
-                        }
-                        print(f"Skipped {sample_id}: transcription failed: {outcome}")
+                        done[index] = _skip(index, sample_id, "failed", f"transcription failed: {outcome}")
                         continue
                     prediction, seconds = outcome
                     done[index] = _scored_row(
