@@ -7,6 +7,7 @@ so what the Hub reads (pipeline tag, base models, model-index with WER, widget) 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,7 @@ class WerResult:
     split: str
     wer: float
     dataset_id: str | None = None  # the Hub dataset id, when the set was not a local folder
+    config: str | None = None  # the Hub dataset's configuration (load_dataset's name)
     samples: int | None = None
     rtfx: float | None = None
 
@@ -43,13 +45,18 @@ def read_results(paths: list[Path]) -> list[WerResult]:
             missing = [key for key in RESULT_KEYS if not isinstance(entry, dict) or key not in entry]
             if missing:
                 raise ValueError(f"results file {path}, entry {index}: missing key(s) {missing}")
-            location = entry.get("dataset_location")
+            # eval.py writes "owner/name" or "owner/name (config)" for Hub sets, a path for local ones
+            location = re.fullmatch(
+                r"(?P<id>\S+?)(?: \((?P<config>[^)]+)\))?", entry.get("dataset_location") or ""
+            )
+            hub_set = location is not None and is_hub_id(location["id"])
             results.append(
                 WerResult(
                     dataset=str(entry["dataset"]),
                     split=str(entry["split"]),
                     wer=float(entry["wer"]),
-                    dataset_id=location if location and is_hub_id(location) else None,
+                    dataset_id=location["id"] if hub_set else None,
+                    config=location["config"] if hub_set else None,
                     samples=entry.get("n"),
                     rtfx=entry.get("rtfx"),
                 )
@@ -92,6 +99,7 @@ def build_card(
             task_name="Automatic Speech Recognition",
             dataset_type=result.dataset_id or result.dataset,
             dataset_name=result.dataset,
+            dataset_config=result.config,
             dataset_split=result.split,
             metric_type="wer",
             metric_name="WER",
@@ -131,7 +139,8 @@ def build_card(
         weights_size=weights_size,
         results=[
             {
-                "dataset": result.dataset_id or result.dataset,
+                "dataset": (result.dataset_id or result.dataset)
+                + (f" ({result.config})" if result.config else ""),
                 "split": result.split,
                 "samples": "" if result.samples is None else result.samples,
                 "wer": f"{100 * result.wer:.2f}",

@@ -26,7 +26,7 @@ VARIED = {"no_repeat_ngram_size": 1, "max_new_tokens": 8}
 EVAL_RESULTS = {
     "model": "outputs/run",
     "dataset": "librispeech",
-    "dataset_location": "openslr/librispeech_asr",
+    "dataset_location": "openslr/librispeech_asr (clean)",  # eval.py's form for a Hub set with a config
     "split": "test.clean",
     "n": 200,
     "wer": 0.0875,
@@ -173,6 +173,7 @@ def test_card_metadata_parses_and_validates(tmp_path: Path, inputs) -> None:
     assert result["dataset"] == {
         "name": "librispeech",
         "type": "openslr/librispeech_asr",
+        "config": "clean",
         "split": "test.clean",
     }
     assert result["metrics"] == [{"type": "wer", "value": 8.75, "name": "WER"}]
@@ -183,7 +184,7 @@ def test_card_metadata_parses_and_validates(tmp_path: Path, inputs) -> None:
         'pipeline("automatic-speech-recognition", model="alice/tiny-audio-demo", trust_remote_code=True)'
         in card.text
     )
-    assert "| openslr/librispeech_asr | test.clean | 200 | 8.75 | 41.3 |" in card.text
+    assert "| openslr/librispeech_asr (clean) | test.clean | 200 | 8.75 | 41.3 |" in card.text
     assert "rank-8 LoRA" in card.text and "learning_rate: 0.001" in card.text
     assert (
         "holds just those weights (49.4 MB)" in card.text and "12,345,678 trainable parameters" in card.text
@@ -245,6 +246,13 @@ def test_incomplete_checkpoint_names_the_missing_file(inputs, tmp_path: Path) ->
     (inputs.model_dir / "pipeline_asr.py").unlink()
     with pytest.raises(FileNotFoundError, match="missing: pipeline_asr.py"):
         build_upload_folder(inputs.model_dir, tmp_path / "out", "alice/x", inputs.clip, allow_local_base=True)
+
+
+def test_local_eval_set_is_named_without_a_hub_id(tmp_path: Path) -> None:
+    local = tmp_path / "results.json"
+    local.write_text(json.dumps({**EVAL_RESULTS, "dataset": "dev-real", "dataset_location": str(tmp_path)}))
+    [result] = read_results([local])
+    assert (result.dataset, result.dataset_id, result.config) == ("dev-real", None, None)
 
 
 def test_bad_results_file_is_named(tmp_path: Path) -> None:
