@@ -21,7 +21,7 @@ from pathlib import Path
 import matplotlib
 import numpy as np
 import torch
-from transformers import pipeline
+from transformers import Pipeline, pipeline
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -60,7 +60,7 @@ class Trace:
     prompt: str  # the LLM prompt, audio placeholder run collapsed
     prompt_tokens: int
     audio_placeholders: int
-    generated_tokens: int
+    transcript_tokens: int
     transcript: str
 
 
@@ -77,8 +77,7 @@ def first_chunk(asr, path: Path) -> tuple[np.ndarray, float]:
 
 @torch.inference_mode()
 def trace_clip(
-    model,
-    processor,
+    asr: Pipeline,
     audio: np.ndarray,
     task: str = "transcribe",
     top_k: int = TOP_TOKENS,
@@ -86,7 +85,9 @@ def trace_clip(
     left_out_seconds: float = 0.0,
 ) -> Trace:
     """Runs one clip (mono, at the processor's rate, at most one encoder window: see `first_chunk`) stage by
-    stage through the model's own public steps (encode_audio, project_audio, generate)."""
+    stage through the model's own public steps (encode_audio, project_audio); the transcript comes from the
+    ASR pipeline itself, so it is the one the demo and eval.py would give."""
+    model, processor = asr.model.eval(), asr.processor
     rate = processor.sampling_rate
     inputs = processor(audio=audio, sampling_rate=rate, task=task, return_tensors="pt").to(model.device)
     features, features_mask = inputs["input_features"], inputs["input_features_mask"]
@@ -108,8 +109,8 @@ def trace_clip(
 
     budget = (
         {} if max_new_tokens is None else {"max_new_tokens": max_new_tokens}
-    )  # default: scales with audio
-    generated = model.generate(**inputs, **budget)
+    )  # default: follows the audio
+    transcript = asr(audio, prompt=processor.instruction(task, None), **budget)["text"]
     audio_token_id = processor.tokenizer.convert_tokens_to_ids(processor.audio_token)
     return Trace(
         audio=audio,
@@ -132,8 +133,8 @@ def trace_clip(
         ),
         prompt_tokens=inputs["input_ids"].shape[1],
         audio_placeholders=int((inputs["input_ids"][0] == audio_token_id).sum()),
-        generated_tokens=generated.shape[1] - inputs["input_ids"].shape[1],
-        transcript=processor.decode_generated(generated, inputs)[0],
+        transcript_tokens=len(processor.tokenizer(transcript, add_special_tokens=False)["input_ids"]),
+        transcript=transcript,
     )
 
 
@@ -289,7 +290,7 @@ def render_html(trace: Trace, model_name: str, audio_name: str) -> str:
             f"{trace.projected.shape[0]} x {trace.projected.shape[1]} ({trace.projected_valid} real)",
         ),
         ("prompt tokens", f"{trace.prompt_tokens} ({trace.audio_placeholders} audio placeholders)"),
-        ("generated text tokens", str(trace.generated_tokens)),
+        ("transcript text tokens", str(trace.transcript_tokens)),
     ]
     notes = []
     if trace.left_out_seconds:
@@ -353,8 +354,7 @@ def main(argv: list[str] | None = None) -> None:
     asr = pipeline("automatic-speech-recognition", model=args.model, trust_remote_code=True)
     audio, left_out = first_chunk(asr, args.audio)
     trace = trace_clip(
-        asr.model.eval(),
-        asr.processor,
+        asr,
         audio,
         task=args.task,
         max_new_tokens=args.max_new_tokens,

@@ -14,6 +14,8 @@ from conftest import REPO_ROOT, speech_like
 from test_demo import CHROMIUM, CHROMIUM_ARGS
 from tiny_models import make_tiny_tiny_audio
 
+from pipeline_asr import TinyAudioASRPipeline
+
 sys.path.insert(0, str(REPO_ROOT / "docs"))
 
 from trace_data import SECTIONS, main, render_html, trace_clip  # noqa: E402
@@ -36,7 +38,9 @@ def check_page(page: str, trace) -> None:
 @pytest.mark.parametrize("encoder", ["whisper", "hubert", "wav2vec2", "wavlm"])
 def test_every_encoder_kind_is_traced(encoder: str, tmp_path: Path) -> None:
     model, processor = make_tiny_tiny_audio(tmp_path, encoder=encoder)
-    trace = trace_clip(model, processor, speech_like(1.5), max_new_tokens=4)
+    trace = trace_clip(
+        TinyAudioASRPipeline(model=model, processor=processor), speech_like(1.5), max_new_tokens=4
+    )
     page = render_html(trace, f"tiny-{encoder}", "clip.wav")
     check_page(page, trace)
     assert trace.mel == (encoder == "whisper")
