@@ -17,13 +17,12 @@ from pathlib import Path
 import pytest
 import soundfile as sf
 import torch
+from conftest import REPO_ROOT, speech_like
 from transformers import AutoModelForCausalLM
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "demo"))
+sys.path.insert(0, str(REPO_ROOT / "demo"))
 
 from app import AudioRejected, Backend, check_audio_file  # noqa: E402
-from conftest import speech_like  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -40,7 +39,7 @@ FAKE_MICROPHONE = ["--use-fake-device-for-media-stream", "--use-fake-ui-for-medi
 SPOKEN_TOKENS = ("Ġtiny", "Ġaudio")
 
 
-def write_tone(path: Path, seconds: float, rate: int = 16000) -> Path:
+def write_clip(path: Path, seconds: float, rate: int = 16000) -> Path:
     sf.write(path, speech_like(seconds, rate), rate)
     return path
 
@@ -83,7 +82,7 @@ def llm_token_id(llm_dir: str, token: str) -> int:
 
 
 def test_check_audio_file_returns_duration(tmp_path: Path) -> None:
-    assert check_audio_file(write_tone(tmp_path / "a.wav", 1.5)) == pytest.approx(1.5)
+    assert check_audio_file(write_clip(tmp_path / "a.wav", 1.5)) == pytest.approx(1.5)
 
 
 def test_check_audio_file_rejects_non_audio_files(tmp_path: Path) -> None:
@@ -97,7 +96,7 @@ def test_long_file_is_transcribed_in_chunks(talkative_model_dir: str, tmp_path: 
     backend = Backend.load(talkative_model_dir)
     window = backend.pipe.model.config.max_audio_seconds
     transcript, duration, elapsed, note = backend.transcribe(
-        str(write_tone(tmp_path / "long.wav", window + 5))
+        str(write_clip(tmp_path / "long.wav", window + 5))
     )
     assert duration == f"{window + 5:.2f} s (2 chunks)"
     assert transcript and note == ""
@@ -118,7 +117,7 @@ def demo_url(talkative_model_dir: str, tmp_path_factory: pytest.TempPathFactory)
     port = free_port()
     log = tmp_path_factory.mktemp("demo") / "app.log"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
-    command = [sys.executable, str(REPO / "demo" / "app.py"), "--model", talkative_model_dir]
+    command = [sys.executable, str(REPO_ROOT / "demo" / "app.py"), "--model", talkative_model_dir]
     command += ["--port", str(port), "--max-file-mb", "0.2"]
     with open(log, "w") as log_file:
         process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env)
@@ -193,7 +192,7 @@ def wait_for_transcript(page) -> str:
 @pytest.mark.parametrize("suffix", ["wav", "flac", "mp3"])
 def test_upload_shows_transcript_duration_and_time(page, tmp_path: Path, suffix: str) -> None:
     page.locator("#audio input[type=file]").set_input_files(
-        str(write_tone(tmp_path / f"speech.{suffix}", 2.0))
+        str(write_clip(tmp_path / f"speech.{suffix}", 2.0))
     )
     page.click("#transcribe-btn")
     transcript = wait_for_transcript(page)
@@ -248,7 +247,7 @@ def test_rejected_files_show_a_readable_message(
 ) -> None:
     path = tmp_path / name
     if content is None:
-        write_tone(path, 10.0)
+        write_clip(path, 10.0)
     else:
         path.write_bytes(content)
     page.locator("#audio input[type=file]").set_input_files(str(path))
