@@ -24,6 +24,7 @@ from huggingface_hub import HfApi
 from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.integrations import is_tensorboard_available, is_wandb_available
 from transformers.trainer import TRAINING_ARGS_NAME
+from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import SAFE_WEIGHTS_NAME
 
@@ -225,6 +226,23 @@ def build_model(
     return model, processor
 
 
+class SeededLengthGroupedSampler(LengthGroupedSampler):
+    """Length-grouped order drawn from (seed, epoch) alone, not the global RNG: a resumed run and every DDP rank
+    see exactly the batches of the uninterrupted run, whatever ran before (evaluation, cache building)."""
+
+    def __init__(self, batch_size: int, lengths: list, seed: int):
+        super().__init__(batch_size, lengths=lengths)
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        self.generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return super().__iter__()
+
+
 class TinyAudioTrainer(Trainer):
     """Trainer whose checkpoints hold only the trained weights and whose evaluation adds WER by generation."""
 
@@ -238,6 +256,12 @@ class TinyAudioTrainer(Trainer):
         self.prefix_cache = (
             PromptPrefixCache(model, model.config.audio_token_id) if prefix_cache and not llm_trains else None
         )
+
+    def _get_train_sampler(self, train_dataset=None):
+        sampler = super()._get_train_sampler(train_dataset)
+        if isinstance(sampler, LengthGroupedSampler):
+            return SeededLengthGroupedSampler(sampler.batch_size, list(sampler.lengths), self.args.seed)
+        return sampler
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.prefix_cache is not None:
@@ -376,10 +400,10 @@ def run(argv: Sequence[str] | None = None, callbacks: list[TrainerCallback] | No
             raise FileNotFoundError(f"--resume: no checkpoint-* folder in {training_args.output_dir}")
     result = trainer.train(resume_from_checkpoint=resume_from)
     trainer.save_model()
-    trainer.save_state()
     metrics = dict(result.metrics)
     if eval_dataset is not None:
         metrics.update(trainer.evaluate())
+    trainer.save_state()
     if run_args.push_to_hub_repo and trainer.is_world_process_zero():
         logger.info(
             "Pushed to %s",

@@ -32,6 +32,7 @@ from training.prefix_cache import PromptPrefixCache  # noqa: E402
 
 WORDS = "the quick brown fox jumps over the lazy dog one two three four five".split()
 RATE = 16000
+NO_EVAL = ("--eval_datasets", "", "--eval_on_start", "false")
 
 
 def wav_bytes(samples: np.ndarray, rate: int = RATE) -> bytes:
@@ -75,7 +76,7 @@ def base_args(workspace: dict, output_dir: str, *extra: str) -> list[str]:
         "text_model_id": workspace["llm"],
         "train_datasets": [{"path": workspace["data"], "split": "train"}],
         "eval_datasets": [{"path": workspace["data"], "split": "train", "max_samples": 8}],
-        "wer_eval_samples": 2,
+        "wer_eval_samples": 1,
         "output_dir": output_dir,
         "per_device_train_batch_size": 4,
         "per_device_eval_batch_size": 4,
@@ -83,9 +84,7 @@ def base_args(workspace: dict, output_dir: str, *extra: str) -> list[str]:
         "lr_scheduler_type": "constant",
         "max_steps": 6,
         "save_steps": 3,
-        "eval_strategy": "steps",
-        "eval_steps": 6,
-        "eval_on_start": True,
+        "eval_on_start": True,  # + the evaluation at the end: loss before and after training
         "logging_steps": 1,
         "train_sampling_strategy": "group_by_length",
         "report_to": ["wandb", "tensorboard"],  # absent packages must only be skipped
@@ -123,7 +122,7 @@ class Crash(TrainerCallback):
 
 @pytest.fixture(scope="module")
 def reference_run(workspace) -> dict:
-    """One uninterrupted 6-step run with evaluation at the start and the end."""
+    """One uninterrupted 6-step run with evaluation (loss + WER) at the start and the end."""
     output_dir = os.path.join(workspace["root"], "reference")
     snapshot = Snapshot()
     metrics = train.run(base_args(workspace, output_dir), callbacks=[snapshot])
@@ -244,22 +243,29 @@ def test_checkpoints_are_projector_only_and_load_back(reference_run):
     assert model.generate(**inputs, max_new_tokens=3).shape[1] <= inputs["input_ids"].shape[1] + 3
 
 
-def test_cached_encoder_features_give_the_live_loss(workspace, tmp_path):
+@pytest.fixture(scope="module")
+def model_and_test_rows(workspace, tmp_path_factory):
+    """A fresh model + processor from the tiny towers, and the checked rows of the test split."""
     model, processor = train.build_model(
         train.ModelArguments(audio_model_id=workspace["encoder"], text_model_id=workspace["llm"]),
-        train.TrainingArguments(output_dir=str(tmp_path), use_cpu=True),
+        train.TrainingArguments(output_dir=str(tmp_path_factory.mktemp("unused")), use_cpu=True),
     )
     options = dict(
         sampling_rate=RATE, max_audio_seconds=30.0, tasks=["transcribe"], default_task="transcribe"
     )
     dataset, _ = load_speech_data([DatasetSpec(path=workspace["data"], split="test")], **options)
+    return model, processor, dataset
+
+
+def test_cached_encoder_features_give_the_live_loss(model_and_test_rows, tmp_path):
+    model, processor, dataset = model_and_test_rows
     store = build_feature_cache(model, processor, dataset, str(tmp_path / "cache"), batch_size=3)
     assert len(store) == len(dataset)
     shards = sorted(os.listdir(store.directory))
+    again = build_feature_cache(model, processor, dataset, str(tmp_path / "cache"))
     assert (
-        build_feature_cache(model, processor, dataset, str(tmp_path / "cache")).directory == store.directory
-    )
-    assert sorted(os.listdir(store.directory)) == shards  # nothing re-encoded
+        again.directory == store.directory and sorted(os.listdir(store.directory)) == shards
+    )  # no re-encoding
 
     rows = list(dataset)
     live = SpeechCollator(processor)(rows)
@@ -273,15 +279,8 @@ def test_cached_encoder_features_give_the_live_loss(workspace, tmp_path):
     torch.testing.assert_close(cached_loss, live_loss, rtol=1e-3, atol=1e-3)
 
 
-def test_prompt_prefix_cache_gives_the_same_loss_and_gradient(workspace, tmp_path):
-    model, processor = train.build_model(
-        train.ModelArguments(audio_model_id=workspace["encoder"], text_model_id=workspace["llm"]),
-        train.TrainingArguments(output_dir=str(tmp_path), use_cpu=True),
-    )
-    options = dict(
-        sampling_rate=RATE, max_audio_seconds=30.0, tasks=["transcribe"], default_task="transcribe"
-    )
-    dataset, _ = load_speech_data([DatasetSpec(path=workspace["data"], split="test")], **options)
+def test_prompt_prefix_cache_gives_the_same_loss_and_gradient(model_and_test_rows):
+    model, processor, dataset = model_and_test_rows
     batch = SpeechCollator(processor)(list(dataset))
     trimmed = PromptPrefixCache(model, model.config.audio_token_id).apply(batch)
     assert 0 < trimmed["input_ids"].shape[1] < batch["input_ids"].shape[1]
@@ -291,13 +290,14 @@ def test_prompt_prefix_cache_gives_the_same_loss_and_gradient(workspace, tmp_pat
         loss = model(**inputs).loss
         loss.backward()
         results.append((loss.detach(), model.multi_modal_projector.linear_1.weight.grad.clone()))
+    model.zero_grad()
     torch.testing.assert_close(results[1], results[0], rtol=1e-4, atol=1e-5)
 
 
 def test_resume_after_a_crash_reproduces_the_uninterrupted_run(workspace, reference_run, monkeypatch):
     output_dir = os.path.join(workspace["root"], "crashed")
     with pytest.raises(KeyboardInterrupt):
-        train.run(base_args(workspace, output_dir, "--eval_strategy", "no"), callbacks=[Crash(step=4)])
+        train.run(base_args(workspace, output_dir, *NO_EVAL), callbacks=[Crash(step=4)])
     assert sorted(os.listdir(output_dir)) == ["checkpoint-3", "skipped_rows.json"]
 
     pushed = {}
@@ -305,9 +305,7 @@ def test_resume_after_a_crash_reproduces_the_uninterrupted_run(workspace, refere
         train.HfApi, "create_repo", lambda self, repo_id, **kw: pushed.update(repo=repo_id, **kw)
     )
     monkeypatch.setattr(train.HfApi, "upload_folder", lambda self, **kw: pushed.update(kw))
-    argv = base_args(
-        workspace, output_dir, "--eval_strategy", "no", "--resume", "--push-to-hub", "me/tiny-audio"
-    )
+    argv = base_args(workspace, output_dir, *NO_EVAL, "--resume", "--push-to-hub", "me/tiny-audio")
     train.run(argv)
     expected = projector_of(reference_run["output_dir"])
     resumed = projector_of(output_dir)
@@ -320,9 +318,7 @@ def test_resume_after_a_crash_reproduces_the_uninterrupted_run(workspace, refere
 
 def test_ddp_two_processes_end_with_identical_projectors(workspace):
     output_dir = os.path.join(workspace["root"], "ddp")
-    argv = base_args(
-        workspace, output_dir, "--eval_strategy", "no", "--max_steps", "3", "--save_strategy", "no"
-    )
+    argv = base_args(workspace, output_dir, *NO_EVAL, "--max_steps", "3", "--save_strategy", "no")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     command = [
         sys.executable,
