@@ -84,7 +84,7 @@ def test_text_split_is_disjoint_and_stable():
 # ----------------------------------------------------------------------------- voices and augmentation
 
 
-@pytest.mark.parametrize("voice_id", ["piper/joe@normal", "espeak/en-gb-scotland+m3", "flite/slt"])
+@pytest.mark.parametrize("voice_id", ["piper/joe@normal", "espeak/en-gb-scotland+m5", "flite/slt"])
 def test_each_engine_speaks_16k_audio_of_plausible_length(voice_id):
     family, name = voice_id.split("/")
     text = "The birch canoe slid on the smooth planks."
