@@ -341,6 +341,7 @@ class RunSettings:
     generate_kwargs: dict[str, Any]
     chunk_length_s: float | None
     contributor: str
+    git_hash: str  # taken when the run starts: the code that produced the numbers
     seed: int = SEED
 
 
@@ -460,7 +461,7 @@ def summarize(rows: list[dict[str, Any]], source: DatasetSource, settings: RunSe
         "device": settings.device,
         "dtype": settings.dtype,
         "contributor": settings.contributor,
-        "git_hash": git_hash(),
+        "git_hash": settings.git_hash,
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d"),
     }
 
@@ -666,6 +667,7 @@ def main(argv: list[str] | None = None) -> int:
         generate_kwargs=args.generate_kwargs,
         chunk_length_s=args.chunk_length_s,
         contributor=args.contributor or _git_user(),
+        git_hash=git_hash(),
     )
     pipe = load_pipeline(args.model, settings.device, args.dtype)
     all_results = []
