@@ -278,13 +278,17 @@ def whisper_config(
     )
 
 
+ENGLISH_ONLY_VOCAB_SIZE = 51864
+
+
 def whisper_generation_config(
     config: WhisperConfig, ct2_config: dict, tokenizer: WhisperTokenizer
 ) -> GenerationConfig:
     """The generation settings ``WhisperForConditionalGeneration.generate`` needs (languages, tasks, suppression)."""
     lang_ids = ct2_config.get("lang_ids") or []
     token = tokenizer.convert_tokens_to_ids
-    multilingual = bool(lang_ids)
+    # English-only Whisper (.en) has exactly 51864 tokens; CTranslate2 still lists language ids for it.
+    multilingual = bool(lang_ids) and config.vocab_size != ENGLISH_ONLY_VOCAB_SIZE
     extra = {}
     if multilingual:
         extra["lang_to_id"] = {tokenizer.convert_ids_to_tokens(i): i for i in lang_ids}
@@ -314,7 +318,8 @@ def _load_tokenizer(src: Path) -> WhisperTokenizer:
             f"{tokenizer_file} is missing: the CTranslate2 folder must contain the Whisper tokenizer.json "
             "(faster-whisper folders ship it; otherwise convert with --copy_files tokenizer.json)"
         )
-    return WhisperTokenizer(tokenizer_file=str(tokenizer_file))
+    # Whisper pads with <|endoftext|>; without a pad token the stock pipeline refuses to batch.
+    return WhisperTokenizer(tokenizer_file=str(tokenizer_file), pad_token="<|endoftext|>")
 
 
 def _load_feature_extractor(src: Path, num_mel_bins: int) -> WhisperFeatureExtractor:
