@@ -401,8 +401,10 @@ def run(argv: Sequence[str] | None = None, callbacks: list[TrainerCallback] | No
     result = trainer.train(resume_from_checkpoint=resume_from)
     trainer.save_model()
     metrics = dict(result.metrics)
+    history = trainer.state.log_history
+    final_eval = [e for e in history if "eval_loss" in e and e.get("step") == trainer.state.global_step]
     if eval_dataset is not None:
-        metrics.update(trainer.evaluate())
+        metrics.update(final_eval[-1] if final_eval else trainer.evaluate())
     trainer.save_state()
     if run_args.push_to_hub_repo and trainer.is_world_process_zero():
         logger.info(

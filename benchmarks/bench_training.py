@@ -152,7 +152,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="measured steps per configuration")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--workers", type=int, default=0, help="dataloader workers")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads; 1 by default because on a shared 2-core box OpenMP threads spin-wait for each other "
+        "(a step can take 5x longer with 2); use 2 on an idle machine",
+    )
     parser.add_argument("--configs", default=",".join(CONFIGS))
     parser.add_argument("--work-dir", default=None)
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)  # one config, run in its own process
@@ -177,8 +183,7 @@ def main() -> None:
     make_clips(work / "clips", BATCH * (args.steps + args.warmup))
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    if args.threads:
-        env["OMP_NUM_THREADS"] = str(args.threads)
+    env["OMP_NUM_THREADS"] = str(args.threads)
     load_before = os.getloadavg()[0]
     results = []
     for name in args.configs.split(","):
@@ -195,7 +200,7 @@ def main() -> None:
     print(f"Models: {source}")
     print(
         f"Batches of {BATCH} clips of ~{clip_seconds:.1f} s, {args.steps} measured steps after {args.warmup} warm-up, "
-        f"torch threads: {args.threads or 'default'}, load average {load_before:.1f} -> {os.getloadavg()[0]:.1f}"
+        f"torch threads: {args.threads}, load average {load_before:.1f} -> {os.getloadavg()[0]:.1f}"
     )
     header = (
         "config",
