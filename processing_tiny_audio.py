@@ -151,24 +151,16 @@ class TinyAudioProcessor(ProcessorMixin):
 
     def extract_features(self, clips: list[np.ndarray]) -> dict[str, torch.Tensor]:
         """`input_features` (mel frames or samples) and `input_features_mask` marking the real frames."""
-        if self.uses_mel_features:
-            features = self.feature_extractor(
-                clips,
-                sampling_rate=self.sampling_rate,
-                return_attention_mask=True,
-                padding="max_length",
-                return_tensors="pt",
-            )
-            values = features["input_features"]
-        else:
-            features = self.feature_extractor(
-                clips,
-                sampling_rate=self.sampling_rate,
-                return_attention_mask=True,
-                padding="longest",
-                return_tensors="pt",
-            )
-            values = features["input_values"]
+        # Whisper's encoder needs its full 30 s window; wav2vec-style encoders take the batch's longest clip.
+        padding = "max_length" if self.uses_mel_features else "longest"
+        features = self.feature_extractor(
+            clips,
+            sampling_rate=self.sampling_rate,
+            return_attention_mask=True,
+            padding=padding,
+            return_tensors="pt",
+        )
+        values = features["input_features" if self.uses_mel_features else "input_values"]
         return {"input_features": values, "input_features_mask": features["attention_mask"].long()}
 
     def audio_token_counts(self, input_features_mask: torch.Tensor) -> torch.Tensor:
