@@ -97,7 +97,7 @@ def bench_rtfx(model_dir: str, dtype: str, batch_sizes: list[int], clip_count: i
         start = time.perf_counter()
         pipe(clips, batch_size=batch_size, **exact)
         wall = time.perf_counter() - start
-        print(f"{batch_size:>5} {wall:>8.2f} {audio_seconds / wall:>7.1f}")
+        print(f"{batch_size:>5} {wall:>8.2f} {audio_seconds / wall:>7.1f}", flush=True)
     print(f"load average after: {os.getloadavg()[0]:.1f}")
 
 
@@ -124,7 +124,7 @@ def memory_probe(model_dir: str, dtype: str, wav: str, batch_size: int) -> None:
 
 
 def bench_memory(
-    model_dir: str, dtype: str, minutes_list: list[float], batch_size: int, scratch: Path
+    model_dir: str, dtype: str, minutes_list: list[float], batch_size: int, scratch: Path, threads: int | None
 ) -> None:
     print(
         f"{'audio':>8} {'chunks':>6} {'RSS after load MiB':>19} {'peak RSS MiB':>13} {'wall s':>7} {'RTFx':>6}"
@@ -143,12 +143,14 @@ def bench_memory(
             dtype,
             "--probe-batch-size",
             str(batch_size),
+            *(["--threads", str(threads)] if threads else []),
         ]
         done = subprocess.run(probe, capture_output=True, text=True, check=True)
         row = json.loads(done.stdout.strip().splitlines()[-1])
         print(
             f"{minutes:>6g} m {row['chunks']:>6} {row['loaded_mib']:>19.0f} {row['peak_mib']:>13.0f} "
-            f"{row['wall_s']:>7.1f} {minutes * 60 / row['wall_s']:>6.1f}"
+            f"{row['wall_s']:>7.1f} {minutes * 60 / row['wall_s']:>6.1f}",
+            flush=True,
         )
         wav.unlink()
 
@@ -160,16 +162,23 @@ def main() -> None:
     parser.add_argument(
         "--model", help="checkpoint folder (default: offline preset, else a tiny random model)"
     )
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--batch-sizes", type=int, nargs="*", default=[1, 4, 16], help="none: skip RTFx")
     parser.add_argument("--clips", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=24)
     parser.add_argument("--long-minutes", type=float, nargs="*", default=[1, 10], help="none: skip memory")
     parser.add_argument("--probe-batch-size", type=int, default=8)
+    parser.add_argument(
+        "--threads", type=int, help="torch threads (default: torch's); 1 is faster on a busy box"
+    )
     parser.add_argument("--probe", help=argparse.SUPPRESS)  # internal: fresh-process memory measurement
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.probe:
         memory_probe(args.model, args.dtype, args.probe, args.probe_batch_size)
         return
@@ -179,7 +188,9 @@ def main() -> None:
         if args.batch_sizes:
             bench_rtfx(model_dir, args.dtype, args.batch_sizes, args.clips, args.new_tokens)
         if args.long_minutes:
-            bench_memory(model_dir, args.dtype, args.long_minutes, args.probe_batch_size, Path(scratch))
+            bench_memory(
+                model_dir, args.dtype, args.long_minutes, args.probe_batch_size, Path(scratch), args.threads
+            )
 
 
 if __name__ == "__main__":
