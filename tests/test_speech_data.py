@@ -122,7 +122,8 @@ def test_augmentation_is_seeded_and_does_what_its_columns_say():
 
 # ----------------------------------------------------------------------------- synthetic corpus
 
-CORPUS_ARGS = {"num_clips": 12, "seed": 7, "test_fraction": 0.25, "shard_size": 3}
+# All three families (espeak-ng is opt-in for real builds, but its engine must keep working).
+CORPUS_ARGS = {"num_clips": 12, "seed": 7, "test_fraction": 0.25, "shard_size": 3, "families": FAMILIES}
 
 
 @pytest.fixture(scope="module")
