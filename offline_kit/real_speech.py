@@ -45,6 +45,9 @@ def normalize_reference(text: str) -> str | None:
         return None
     text = re.sub(r"\[[^\]]*\]|\([^)]*\)", " ", text)  # "at [@]", "(simple tone sound plays)"
     text = text.replace("#", " pound ").replace("*", " star ").replace('"', "")
+    text = re.sub(
+        r"\.{2,}|\u2026", " ", text
+    )  # "the time will be exactly..." : a trailing ellipsis is no word
     text = re.sub(r"\s+([,.?!])", r"\1", re.sub(r"\s+", " ", text)).strip()
     return text or None
 

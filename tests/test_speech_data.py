@@ -197,6 +197,7 @@ def test_asterisk_references_are_normalised():
     assert normalize_reference("press * to toggle pause, press # to enter") == (
         "press star to toggle pause, press pound to enter"
     )
+    assert normalize_reference("...to decrease the audio volume...") == "to decrease the audio volume"
 
 
 @pytest.fixture(scope="module")
