@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 from pathlib import Path
@@ -188,6 +189,7 @@ class TinyAudioForConditionalGeneration(TinyAudioPreTrainedModel, GenerationMixi
         config = kwargs.get("config")
         if not isinstance(config, TinyAudioConfig):
             config = TinyAudioConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
+        config.name_or_path = str(pretrained_model_name_or_path)
         dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
         dtype = None if dtype == "auto" else dtype
         audio_tower = load_audio_encoder(config.audio_model_id, dtype=dtype)
@@ -277,9 +279,10 @@ class TinyAudioForConditionalGeneration(TinyAudioPreTrainedModel, GenerationMixi
         if not standalone:
             kwargs["state_dict"] = {k: v.contiguous() for k, v in self.trainable_state_dict().items()}
         self.config.auto_map = dict(AUTO_MAP)
-        self.config.custom_pipelines = CUSTOM_PIPELINES
+        # A copy: transformers resolves the pipeline entry in place when it builds a pipeline.
+        self.config.custom_pipelines = copy.deepcopy(CUSTOM_PIPELINES)
         super().save_pretrained(save_directory, **kwargs)
-        copy_hub_code(save_directory)
+        copy_hub_code(save_directory, fallback_source=self.name_or_path)
 
     # ---- audio path: features -> encoder -> projector ---------------------------------------------------
 
@@ -438,13 +441,23 @@ def _best_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def copy_hub_code(save_directory: str | os.PathLike) -> None:
-    """Copies the model's code next to its weights, so the folder works as a `trust_remote_code` Hub repo."""
+def copy_hub_code(save_directory: str | os.PathLike, fallback_source: str | None = None) -> None:
+    """Copies the model's code next to its weights, so the folder works as a `trust_remote_code` Hub repo.
+
+    The code comes from this module's folder; a model loaded as remote code finds only the files it imported
+    there, so the rest (the pipeline) come from the folder or Hub repo it was loaded from.
+    """
     source_dir = Path(__file__).resolve().parent
     for name in HUB_CODE_FILES:
         source = source_dir / name
+        if not source.is_file() and fallback_source:
+            source = Path(
+                cached_file(fallback_source, name, _raise_exceptions_for_missing_entries=False) or source
+            )
         target = Path(save_directory) / name
-        if source.is_file() and source.resolve() != target.resolve():
+        if not source.is_file():
+            raise FileNotFoundError(f"Cannot save {name} with the model: not found next to {__file__}")
+        if source.resolve() != target.resolve():
             shutil.copyfile(source, target)
 
 

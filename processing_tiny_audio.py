@@ -38,7 +38,7 @@ class TinyAudioProcessor(ProcessorMixin):
     """Turns audio + a task (or a free prompt) into model inputs, and optionally transcripts into `labels`.
 
     Audio must be mono, 1-D, at `sampling_rate`; the ASR pipeline decodes files, resamples and downmixes.
-    Integer PCM arrays (int16/int32) are scaled to [-1, 1]. Clips longer than `max_audio_seconds` are
+    Signed integer PCM arrays (int16/int32) are scaled to [-1, 1). Clips longer than `max_audio_seconds` are
     refused here: the pipeline splits long audio into chunks.
     """
 
@@ -136,8 +136,8 @@ class TinyAudioProcessor(ProcessorMixin):
             )
         if audio.size == 0:
             raise ValueError(f"{name}: the audio is empty (0 samples)")
-        if np.issubdtype(audio.dtype, np.integer):
-            audio = audio.astype(np.float32) / np.iinfo(audio.dtype).max
+        if np.issubdtype(audio.dtype, np.signedinteger):
+            audio = audio.astype(np.float32) / -np.iinfo(audio.dtype).min  # int16 PCM: divide by 32768
         audio = audio.astype(np.float32, copy=False)
         if not np.isfinite(audio).all():
             raise ValueError(f"{name}: the audio contains NaN or infinite samples")

@@ -41,3 +41,34 @@ def speech_like(seconds: float, sampling_rate: int = 16000, seed: int = 0) -> np
     tone = sum(np.sin(2 * np.pi * f * t) / (i + 1) for i, f in enumerate((180.0, 360.0, 720.0)))
     envelope = 0.5 * (1 + np.sin(2 * np.pi * 4.0 * t))
     return (0.3 * tone * envelope + 0.01 * rng.standard_normal(t.size)).astype(np.float32)
+
+
+FRESH_PIPELINE_SCRIPT = """
+import json, sys
+from transformers import pipeline
+model_dir, audio, repo, kwargs = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+pipe = pipeline("automatic-speech-recognition", model=model_dir, trust_remote_code=True)
+out = pipe(audio, **kwargs)
+leaked = [p for p in sys.path if p and repo in p]
+print(json.dumps({"text": out["text"], "module": type(pipe).__module__, "leaked": leaked}))
+"""
+
+
+def pipeline_in_fresh_process(model_dir: str | Path, audio: str | Path, cwd: Path, **pipeline_kwargs) -> str:
+    """Transcribes `audio` through `pipeline(..., trust_remote_code=True)` in a new interpreter.
+
+    The interpreter runs in `cwd` with no PYTHONPATH and the Hub offline, so only the saved folder's own code can
+    serve; asserts the pipeline class came from that folder and the repository never got onto sys.path.
+    """
+    import json
+    import subprocess
+
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"} | {"HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-c", FRESH_PIPELINE_SCRIPT, str(model_dir), str(audio), str(REPO_ROOT)]
+    done = subprocess.run(
+        [*command, json.dumps(pipeline_kwargs)], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["leaked"] == [] and result["module"].startswith("transformers_modules.")
+    return result["text"]

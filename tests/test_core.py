@@ -327,3 +327,15 @@ def test_tied_llm_stays_tied_after_assembly(tmp_path):
     model, _ = make_tiny_tiny_audio(tmp_path / "assembled")
     llm = model.language_model
     assert llm.get_output_embeddings().weight.data_ptr() == llm.get_input_embeddings().weight.data_ptr()
+
+
+def test_resaving_a_remote_code_model_keeps_every_code_file(tmp_path, tiny_model_dir):
+    """A model loaded as remote code only imported some files; saving it again must still write the pipeline."""
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(tiny_model_dir, trust_remote_code=True)
+    assert type(model).__module__.startswith("transformers_modules.")
+    model.save_pretrained(tmp_path / "again")
+    assert {"pipeline_asr.py", "modeling_tiny_audio.py", "processing_tiny_audio.py"} <= set(
+        os.listdir(tmp_path / "again")
+    )

@@ -3,11 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
-import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +10,7 @@ import pytest
 import soundfile as sf
 import soxr
 import torch
+from conftest import pipeline_in_fresh_process
 
 from pipeline_asr import (
     AudioInputError,
@@ -405,22 +401,5 @@ def test_loads_in_a_fresh_process_outside_the_repo(tiny_model_dir, tmp_path, asr
     """Only the saved folder: no repo on sys.path, another cwd, hub offline."""
     audio = speech_with_pauses(3.0)[0]
     sf.write(tmp_path / "clip.flac", audio, RATE)
-    script = textwrap.dedent(
-        f"""
-        import json, sys
-        from transformers import pipeline
-        pipe = pipeline("automatic-speech-recognition", model={tiny_model_dir!r}, trust_remote_code=True)
-        out = pipe("clip.flac", **{VARIED!r})
-        leaked = [p for p in sys.path if p and {REPO!r} in p]
-        print(json.dumps({{"text": out["text"], "module": type(pipe).__module__, "leaked": leaked}}))
-        """
-    )
-    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    env["HF_HUB_OFFLINE"] = "1"
-    done = subprocess.run(
-        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    assert result["leaked"] == [] and result["module"].startswith("transformers_modules.")
-    assert result["text"] == text(asr, sf.read(tmp_path / "clip.flac", dtype="float32")[0])
+    result_text = pipeline_in_fresh_process(tiny_model_dir, "clip.flac", tmp_path, **VARIED)
+    assert result_text == text(asr, sf.read(tmp_path / "clip.flac", dtype="float32")[0])

@@ -4,17 +4,13 @@ and the Hub client receives that folder (HfApi's network calls are the only stan
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import soundfile as sf
-from conftest import REPO_ROOT, speech_like
+from conftest import pipeline_in_fresh_process, speech_like
 from huggingface_hub import HfApi, ModelCard, metadata_load
 
 from publish.card import build_card, read_results, validate_card
@@ -111,25 +107,7 @@ def test_push_uploads_a_folder_that_serves_from_a_fresh_process(
     assert f"{sum(p.numel() for p in projector.parameters()):,} trainable parameters" in card.text
     assert "holds just those weights" in card.text
 
-    script = textwrap.dedent(
-        f"""
-        import json, sys
-        from transformers import pipeline
-        pipe = pipeline("automatic-speech-recognition", model={str(hub.stored)!r}, trust_remote_code=True)
-        out = pipe({str(hub.stored / "example.flac")!r}, **{VARIED!r})
-        leaked = [p for p in sys.path if {str(REPO_ROOT)!r} in p]
-        print(json.dumps({{"text": out["text"], "module": type(pipe).__module__, "leaked": leaked}}))
-        """
-    )
-    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    env["HF_HUB_OFFLINE"] = "1"
-    done = subprocess.run(
-        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    assert result["leaked"] == [] and result["module"].startswith("transformers_modules.")
-    assert result["text"].strip()
+    assert pipeline_in_fresh_process(hub.stored, hub.stored / "example.flac", tmp_path, **VARIED).strip()
 
 
 def test_card_metadata_parses_and_validates(tmp_path: Path, inputs) -> None:
