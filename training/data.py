@@ -20,9 +20,9 @@ from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
-import librosa
 import numpy as np
 import soundfile
+import soxr
 import yaml
 from datasets import (
     Dataset,
@@ -119,7 +119,7 @@ def decode_audio(value: Any, sampling_rate: int) -> np.ndarray:
             ) from error
         array = array.mean(axis=1)
     if rate != sampling_rate:
-        array = librosa.resample(array, orig_sr=rate, target_sr=sampling_rate)
+        array = soxr.resample(array, rate, sampling_rate)
     return np.ascontiguousarray(array, dtype=np.float32)
 
 
