@@ -40,10 +40,20 @@ def audio_token_lengths(
     This is the single place that maps audio length to token count: the processor uses it to expand the
     placeholder and the model uses it to select the projector outputs that belong to real audio.
     """
+    return projector_token_lengths(encoder_frame_lengths(feature_lengths, conv_layers), downsample)
+
+
+def encoder_frame_lengths(feature_lengths: torch.Tensor, conv_layers: ConvLayers) -> torch.Tensor:
+    """Encoder frames that hold real audio, from the real feature frames (conv output-length arithmetic)."""
     lengths = feature_lengths.long()
     for kernel, stride, padding in conv_layers:
         lengths = torch.div(lengths + 2 * padding - kernel, stride, rounding_mode="floor") + 1
-    return torch.div(lengths.clamp(min=0) + downsample - 1, downsample, rounding_mode="floor")
+    return lengths.clamp(min=0)
+
+
+def projector_token_lengths(encoder_lengths: torch.Tensor, downsample: int) -> torch.Tensor:
+    """Audio tokens the projector makes from real encoder frames (its strided conv rounds up)."""
+    return torch.div(encoder_lengths + downsample - 1, downsample, rounding_mode="floor")
 
 
 class TinyAudioConfig(PreTrainedConfig):
@@ -133,4 +143,10 @@ class TinyAudioConfig(PreTrainedConfig):
         return int(self.min_new_tokens + self.max_new_tokens_per_second * audio_seconds)
 
 
-__all__ = ["TinyAudioConfig", "audio_token_lengths", "encoder_conv_layers"]
+__all__ = [
+    "TinyAudioConfig",
+    "audio_token_lengths",
+    "encoder_conv_layers",
+    "encoder_frame_lengths",
+    "projector_token_lengths",
+]

@@ -26,10 +26,20 @@ from transformers.models.whisper.modeling_whisper import WhisperEncoder
 from transformers.utils import SAFE_WEIGHTS_NAME, cached_file
 
 try:
-    from .configuration_tiny_audio import TinyAudioConfig, audio_token_lengths
+    from .configuration_tiny_audio import (
+        TinyAudioConfig,
+        audio_token_lengths,
+        encoder_frame_lengths,
+        projector_token_lengths,
+    )
     from .processing_tiny_audio import add_audio_token
 except ImportError:
-    from configuration_tiny_audio import TinyAudioConfig, audio_token_lengths
+    from configuration_tiny_audio import (
+        TinyAudioConfig,
+        audio_token_lengths,
+        encoder_frame_lengths,
+        projector_token_lengths,
+    )
     from processing_tiny_audio import add_audio_token
 
 # The Hub code: copied next to the weights so a saved folder serves with trust_remote_code alone.
@@ -298,9 +308,7 @@ class TinyAudioForConditionalGeneration(TinyAudioPreTrainedModel, GenerationMixi
                 use_mask = getattr(self.config.audio_config, "feat_extract_norm", "layer") == "layer"
                 hidden = self.audio_tower(features, attention_mask=input_features_mask if use_mask else None)
                 hidden = hidden.last_hidden_state
-        lengths = input_features_mask.sum(-1)
-        for kernel, stride, padding in self.config.encoder_conv_layers:
-            lengths = torch.div(lengths + 2 * padding - kernel, stride, rounding_mode="floor") + 1
+        lengths = encoder_frame_lengths(input_features_mask.sum(-1), self.config.encoder_conv_layers)
         frame_ids = torch.arange(hidden.shape[1], device=hidden.device)
         return hidden, frame_ids[None, :] < lengths[:, None].to(hidden.device)
 
@@ -311,12 +319,7 @@ class TinyAudioForConditionalGeneration(TinyAudioPreTrainedModel, GenerationMixi
         projector_dtype = self.multi_modal_projector.linear_1.weight.dtype
         encoder_hidden = encoder_hidden.to(projector_dtype) * encoder_mask[..., None].to(projector_dtype)
         embeds = self.multi_modal_projector(encoder_hidden)
-        frame_counts = encoder_mask.sum(-1)
-        token_counts = torch.div(
-            frame_counts + self.config.projector_downsample - 1,
-            self.config.projector_downsample,
-            rounding_mode="floor",
-        )
+        token_counts = projector_token_lengths(encoder_mask.sum(-1), self.config.projector_downsample)
         token_ids = torch.arange(embeds.shape[1], device=embeds.device)
         return embeds, token_ids[None, :] < token_counts[:, None].to(embeds.device)
 

@@ -203,9 +203,6 @@ class TinyAudioProcessor(ProcessorMixin):
         clips = [self.validate_audio(clip, index) for index, clip in enumerate(clips)]
         features = self.extract_features(clips)
         counts = self.audio_token_counts(features["input_features_mask"]).tolist()
-        template = self.prompt_text(f"{self.audio_token}\n{instruction}")
-        prompts = [template.replace(self.audio_token, self.audio_token * count, 1) for count in counts]
-
         answers = None
         if text is not None:
             answers = [text] if isinstance(text, str) else list(text)
@@ -213,9 +210,26 @@ class TinyAudioProcessor(ProcessorMixin):
                 raise ValueError(
                     f"Got {len(clips)} audio clips but {len(answers)} transcripts; they must match 1:1"
                 )
-        inputs = self._tokenize(prompts, answers, padding_side="left" if answers is None else "right")
+        inputs = self.text_inputs(counts, [instruction] * len(clips), answers)
         inputs.update(features)
         return inputs
+
+    def text_inputs(
+        self, audio_token_counts: list[int], instructions: list[str], texts: list[str] | None = None
+    ) -> BatchFeature:
+        """Token inputs for clips whose audio-token counts are known (e.g. from cached encoder outputs).
+
+        Each clip gets its own instruction; the instruction comes before the audio so that prompts of one task
+        share their whole prefix. With `texts`, rows are right-padded and carry `labels`; without, left-padded
+        for generation.
+        """
+        prompts = [
+            self.prompt_text(f"{instruction}\n{self.audio_token}").replace(
+                self.audio_token, self.audio_token * count, 1
+            )
+            for count, instruction in zip(audio_token_counts, instructions, strict=True)
+        ]
+        return self._tokenize(prompts, texts, padding_side="left" if texts is None else "right")
 
     def _tokenize(self, prompts: list[str], answers: list[str] | None, padding_side: str) -> BatchFeature:
         """Tokenizes prompts (and answers followed by EOS), pads the batch, and masks labels to the answers."""

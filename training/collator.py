@@ -6,20 +6,9 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 from transformers import BatchFeature
 
+from configuration_tiny_audio import projector_token_lengths
 from training.data import decode_audio
 from training.feature_cache import FeatureStore
-
-
-def text_inputs(processor, token_counts: list[int], tasks: list[str], texts: list[str]) -> BatchFeature:
-    """input_ids/attention_mask/labels for clips of known audio-token counts, each with its own task prompt.
-
-    The processor's own `__call__` takes one task per batch and needs the audio; the feature cache has neither.
-    """
-    prompts = []
-    for count, task in zip(token_counts, tasks, strict=True):
-        template = processor.prompt_text(f"{processor.audio_token}\n{processor.instruction(task, None)}")
-        prompts.append(template.replace(processor.audio_token, processor.audio_token * count, 1))
-    return processor._tokenize(prompts, texts, padding_side="right")
 
 
 class SpeechCollator:
@@ -48,10 +37,8 @@ class SpeechCollator:
                 "encoder_hidden_states": pad_sequence(hidden, batch_first=True),
                 "encoder_mask": torch.arange(int(lengths.max()))[None, :] < lengths[:, None],
             }
-            downsample = self.processor.projector_downsample
-            counts = torch.div(lengths + downsample - 1, downsample, rounding_mode="floor").tolist()
-        batch = text_inputs(
-            self.processor, counts, [row["task"] for row in rows], [row["text"] for row in rows]
-        )
+            counts = projector_token_lengths(lengths, self.processor.projector_downsample).tolist()
+        instructions = [self.processor.instruction(row["task"], None) for row in rows]
+        batch = self.processor.text_inputs(counts, instructions, [row["text"] for row in rows])
         batch.update(audio)
         return batch
