@@ -43,8 +43,22 @@ def speech_like(seconds: float, sampling_rate: int = 16000, seed: int = 0) -> np
     return (0.3 * tone * envelope + 0.01 * rng.standard_normal(t.size)).astype(np.float32)
 
 
-FRESH_PIPELINE_SCRIPT = """
-import json, sys
+# A fresh interpreter must not see this repository, even when it is pip-installed in editable mode: drop
+# setuptools' editable finder, then prove the model code is not importable.
+HIDE_REPO_PRELUDE = """
+import sys
+sys.meta_path[:] = [f for f in sys.meta_path if "__editable__" not in getattr(f, "__module__", "")]
+try:
+    import modeling_tiny_audio
+    raise SystemExit("the repository must not be importable here")
+except ImportError:
+    pass
+"""
+
+FRESH_PIPELINE_SCRIPT = (
+    HIDE_REPO_PRELUDE
+    + """
+import json
 from transformers import pipeline
 model_dir, audio, repo, kwargs = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
 pipe = pipeline("automatic-speech-recognition", model=model_dir, trust_remote_code=True)
@@ -52,6 +66,7 @@ out = pipe(audio, **kwargs)
 leaked = [p for p in sys.path if p and repo in p]
 print(json.dumps({"text": out["text"], "module": type(pipe).__module__, "leaked": leaked}))
 """
+)
 
 
 def pipeline_in_fresh_process(model_dir: str | Path, audio: str | Path, cwd: Path, **pipeline_kwargs) -> str:

@@ -11,7 +11,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from conftest import speech_like
+from conftest import HIDE_REPO_PRELUDE, speech_like
 from safetensors import safe_open
 from tiny_models import make_tiny_llm, make_tiny_tiny_audio
 from transformers import AutoModelForCausalLM
@@ -178,16 +178,11 @@ def test_projector_only_checkpoint(tiny_model_dir):
     assert "automatic-speech-recognition" in config["custom_pipelines"]
 
 
-FRESH_PROCESS_SCRIPT = textwrap.dedent(
+FRESH_PROCESS_SCRIPT = HIDE_REPO_PRELUDE + textwrap.dedent(
     """
-    import sys, numpy as np, torch
+    import numpy as np, torch
     from transformers import AutoModel, AutoProcessor
     folder, audio_file, out_file = sys.argv[1:4]
-    try:
-        import modeling_tiny_audio  # noqa: F401
-        raise SystemExit("the repository must not be importable here")
-    except ImportError:
-        pass
     model = AutoModel.from_pretrained(folder, trust_remote_code=True)
     processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
     inputs = processor(audio=list(np.load(audio_file)))
