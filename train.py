@@ -20,7 +20,6 @@ from collections.abc import Sequence
 import jiwer
 import torch
 import yaml
-from huggingface_hub import HfApi
 from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.integrations import is_tensorboard_available, is_wandb_available
 from transformers.trainer import TRAINING_ARGS_NAME
@@ -31,6 +30,7 @@ from transformers.utils import SAFE_WEIGHTS_NAME
 from configuration_tiny_audio import DEFAULT_AUDIO_MODEL_ID, DEFAULT_TEXT_MODEL_ID
 from modeling_tiny_audio import TinyAudioForConditionalGeneration
 from processing_tiny_audio import TinyAudioProcessor
+from publish.push import upload
 from training.collator import SpeechCollator
 from training.data import decode_audio, load_speech_data, parse_dataset_specs, write_skip_report
 from training.feature_cache import build_feature_cache
@@ -316,17 +316,8 @@ class TinyAudioTrainer(Trainer):
         )
 
 
-def push_to_hub(folder: str, repo_id: str, private: bool = False) -> str:
-    """Uploads a finished checkpoint folder (weights, config, processor, model code) to the Hub."""
-    api = HfApi()
-    url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-    api.upload_folder(
-        repo_id=repo_id,
-        folder_path=folder,
-        commit_message="Upload Tiny Audio checkpoint",
-        ignore_patterns=["checkpoint-*", "checkpoint-*/**", "runs/**", TRAINING_ARGS_NAME],
-    )
-    return str(url)
+# Trainer leftovers that a published checkpoint does not need (optimizer state, logs, pickled arguments).
+PUSH_IGNORE = ["checkpoint-*", "checkpoint-*/**", "runs/**", TRAINING_ARGS_NAME]
 
 
 def run(argv: Sequence[str] | None = None, callbacks: list[TrainerCallback] | None = None) -> dict:
@@ -409,7 +400,12 @@ def run(argv: Sequence[str] | None = None, callbacks: list[TrainerCallback] | No
     if run_args.push_to_hub_repo and trainer.is_world_process_zero():
         logger.info(
             "Pushed to %s",
-            push_to_hub(training_args.output_dir, run_args.push_to_hub_repo, run_args.hub_private),
+            upload(
+                training_args.output_dir,
+                run_args.push_to_hub_repo,
+                private=run_args.hub_private,
+                ignore_patterns=PUSH_IGNORE,
+            ),
         )
     return metrics
 

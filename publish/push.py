@@ -179,7 +179,13 @@ def _human_size(size: int) -> str:
     return f"{size / 1e6:.1f} MB" if size >= 1e6 else f"{size / 1e3:.1f} kB"
 
 
-def upload(folder: Path, repo_id: str, private: bool = False, token: str | None = None) -> str:
+def upload(
+    folder: Path,
+    repo_id: str,
+    private: bool = False,
+    token: str | None = None,
+    ignore_patterns: list[str] | None = None,
+) -> str:
     """Creates the repo if needed and uploads the folder in one commit; returns the commit URL."""
     api = HfApi(token=token)
     api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
@@ -188,6 +194,7 @@ def upload(folder: Path, repo_id: str, private: bool = False, token: str | None 
         repo_type="model",
         folder_path=str(folder),
         commit_message="Upload Tiny Audio checkpoint",
+        ignore_patterns=ignore_patterns,
     )
     return commit.commit_url
 

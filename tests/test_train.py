@@ -11,12 +11,14 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import soundfile
 import torch
 from datasets import Audio, Dataset, DatasetDict
+from huggingface_hub import HfApi
 from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
 
@@ -302,10 +304,12 @@ def test_resume_after_a_crash_reproduces_the_uninterrupted_run(workspace, refere
     assert sorted(set(os.listdir(output_dir)) - logs) == ["checkpoint-3", "skipped_rows.json"]
 
     pushed = {}
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: pushed.update(repo=repo_id, **kw))
     monkeypatch.setattr(
-        train.HfApi, "create_repo", lambda self, repo_id, **kw: pushed.update(repo=repo_id, **kw)
+        HfApi,
+        "upload_folder",
+        lambda self, **kw: pushed.update(kw) or SimpleNamespace(commit_url="https://hub/c"),
     )
-    monkeypatch.setattr(train.HfApi, "upload_folder", lambda self, **kw: pushed.update(kw))
     argv = base_args(workspace, output_dir, *NO_EVAL, "--resume", "--push-to-hub", "me/tiny-audio")
     train.run(argv)
     expected = projector_of(reference_run["output_dir"])
