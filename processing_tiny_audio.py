@@ -223,10 +223,10 @@ class TinyAudioProcessor(ProcessorMixin):
         share their whole prefix. With `texts`, rows are right-padded and carry `labels`; without, left-padded
         for generation.
         """
+        # One chat-template render per distinct instruction, not per clip (the collator calls this every batch).
+        templates = {text: self.prompt_text(f"{text}\n{self.audio_token}") for text in set(instructions)}
         prompts = [
-            self.prompt_text(f"{instruction}\n{self.audio_token}").replace(
-                self.audio_token, self.audio_token * count, 1
-            )
+            templates[instruction].replace(self.audio_token, self.audio_token * count, 1)
             for count, instruction in zip(audio_token_counts, instructions, strict=True)
         ]
         return self._tokenize(prompts, texts, padding_side="left" if texts is None else "right")
