@@ -329,6 +329,20 @@ class TinyAudioForConditionalGeneration(TinyAudioPreTrainedModel, GenerationMixi
         """Audio embeddings in the LLM's space and the mask of those that stand for real audio."""
         return self.project_audio(*self.encode_audio(input_features, input_features_mask))
 
+    def audio_embeddings(
+        self,
+        input_features: torch.Tensor | None = None,
+        input_features_mask: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Projected audio from features (live encoder) or from precomputed encoder outputs; None without audio."""
+        if input_features is not None:
+            return self.get_audio_features(input_features, input_features_mask)
+        if encoder_hidden_states is not None:
+            return self.project_audio(encoder_hidden_states, encoder_mask)
+        return None
+
     def audio_token_counts(self, input_features_mask: torch.Tensor) -> torch.Tensor:
         return audio_token_lengths(
             input_features_mask.sum(-1), self.config.encoder_conv_layers, self.config.projector_downsample
@@ -390,11 +404,9 @@ class TinyAudioForConditionalGeneration(TinyAudioPreTrainedModel, GenerationMixi
         were computed ahead of time (the training feature cache).
         """
         if inputs_embeds is None:
-            audio = None
-            if input_features is not None:
-                audio = self.get_audio_features(input_features, input_features_mask)
-            elif encoder_hidden_states is not None:
-                audio = self.project_audio(encoder_hidden_states, encoder_mask)
+            audio = self.audio_embeddings(
+                input_features, input_features_mask, encoder_hidden_states, encoder_mask
+            )
             inputs_embeds = self.embed_with_audio(input_ids, *(audio or (None, None)))
 
         if labels is not None:

@@ -32,6 +32,7 @@ from modeling_tiny_audio import TinyAudioForConditionalGeneration
 from processing_tiny_audio import TinyAudioProcessor
 from publish.push import upload
 from training.collator import SpeechCollator
+from training.ctc_alignment import EmbeddingCTCLoss
 from training.data import decode_audio, load_speech_data, parse_dataset_specs, write_skip_report
 from training.feature_cache import build_feature_cache
 from training.prefix_cache import PromptPrefixCache
@@ -77,6 +78,22 @@ class ModelArguments:
         metadata={
             "help": "dtype of the frozen encoder/LLM weights: auto (bf16 with --bf16), float32, bfloat16"
         },
+    )
+    ctc_weight: float = dataclasses.field(
+        default=0.0,
+        metadata={
+            "help": "Weight of the auxiliary CTC loss tying audio frames to the LLM's token embeddings "
+            "(training/ctc_alignment.py); 0 = off"
+        },
+    )
+    ctc_only_steps: int = dataclasses.field(
+        default=0,
+        metadata={
+            "help": "First steps trained on the CTC loss alone, without running the LLM (fast warm-up)"
+        },
+    )
+    ctc_blank_token: str = dataclasses.field(
+        default=" ", metadata={"help": "Token whose embedding CTC blank frames are pulled onto"}
     )
 
 
@@ -246,7 +263,16 @@ class SeededLengthGroupedSampler(LengthGroupedSampler):
 class TinyAudioTrainer(Trainer):
     """Trainer whose checkpoints hold only the trained weights and whose evaluation adds WER by generation."""
 
-    def __init__(self, *args, wer_rows: list[dict] | None = None, prefix_cache: bool = True, **kwargs):
+    def __init__(
+        self,
+        *args,
+        wer_rows: list[dict] | None = None,
+        prefix_cache: bool = True,
+        ctc_loss: EmbeddingCTCLoss | None = None,
+        ctc_weight: float = 0.0,
+        ctc_only_steps: int = 0,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
         self.wer_rows = wer_rows or []
         model = self.accelerator.unwrap_model(self.model)
@@ -256,6 +282,8 @@ class TinyAudioTrainer(Trainer):
         self.prefix_cache = (
             PromptPrefixCache(model, model.config.audio_token_id) if prefix_cache and not llm_trains else None
         )
+        self.ctc_loss, self.ctc_weight, self.ctc_only_steps = ctc_loss, ctc_weight, ctc_only_steps
+        self._ctc_logged: list[float] = []
 
     def _get_train_sampler(self, train_dataset=None):
         sampler = super()._get_train_sampler(train_dataset)
@@ -264,11 +292,40 @@ class TinyAudioTrainer(Trainer):
         return sampler
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = dict(inputs)
+        transcript_rows = inputs.pop("transcript_rows", None)
+        if self.ctc_loss is None:
+            if self.prefix_cache is not None:
+                inputs = self.prefix_cache.apply(inputs, self.accelerator.autocast())
+            return super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
+        # Project the audio once: the CTC loss reads the frames, the LLM reads them merged into the prompt.
+        unwrapped = self.accelerator.unwrap_model(model)
+        audio_keys = ("input_features", "input_features_mask", "encoder_hidden_states", "encoder_mask")
+        audio_embeds, audio_mask = unwrapped.audio_embeddings(**{k: inputs.pop(k, None) for k in audio_keys})
+        ctc = self.ctc_loss(audio_embeds, audio_mask, inputs["labels"], transcript_rows)
+        if model.training:
+            self._ctc_logged.append(float(ctc.detach()))
+            if self.state.global_step < self.ctc_only_steps:  # warm-up: the LLM is not run at all
+                return (ctc, None) if return_outputs else ctc
         if self.prefix_cache is not None:
             inputs = self.prefix_cache.apply(inputs, self.accelerator.autocast())
-        return super().compute_loss(
-            model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+        inputs["inputs_embeds"] = unwrapped.embed_with_audio(
+            inputs.pop("input_ids"), audio_embeds, audio_mask
         )
+        loss, outputs = super().compute_loss(
+            model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
+        )
+        if model.training:  # evaluation reports the plain LM loss, comparable across runs
+            loss = loss + self.ctc_weight * ctc
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        if self._ctc_logged and "loss" in logs:
+            logs["ctc_loss"] = round(sum(self._ctc_logged) / len(self._ctc_logged), 4)
+            self._ctc_logged = []
+        super().log(logs, *args, **kwargs)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         output_dir = output_dir or self.args.output_dir
@@ -371,16 +428,22 @@ def run(argv: Sequence[str] | None = None, callbacks: list[TrainerCallback] | No
     if eval_dataset is not None and data_args.wer_eval_samples:
         transcribe = (row for row in eval_dataset if row["task"] == "transcribe")
         wer_rows = list(itertools.islice(transcribe, data_args.wer_eval_samples))
+    use_ctc = model_args.ctc_weight > 0 or model_args.ctc_only_steps > 0
     trainer = TinyAudioTrainer(
         model=model,
         args=training_args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
-        data_collator=SpeechCollator(processor, store),
+        data_collator=SpeechCollator(processor, store, mark_transcripts=use_ctc),
         processing_class=processor,
         callbacks=callbacks,
         wer_rows=wer_rows,
         prefix_cache=model_args.prefix_cache,
+        ctc_loss=EmbeddingCTCLoss.for_model(model, processor.tokenizer, model_args.ctc_blank_token)
+        if use_ctc
+        else None,
+        ctc_weight=model_args.ctc_weight,
+        ctc_only_steps=model_args.ctc_only_steps,
     )
     resume_from = training_args.resume_from_checkpoint
     if run_args.resume and not resume_from:

@@ -365,3 +365,58 @@ class SaveRankWeights(TrainerCallback):
 if __name__ == "__main__":  # DDP worker: tests/test_train.py OUTPUT_DIR TRAIN_ARGS...
     torch.set_num_threads(1)
     train.run(sys.argv[2:], callbacks=[SaveRankWeights(sys.argv[1])])
+
+
+# ---- auxiliary CTC alignment ---------------------------------------------------------------------------------
+
+
+def test_ctc_loss_is_low_exactly_when_frames_sit_on_the_spoken_token_embeddings():
+    from training.ctc_alignment import EmbeddingCTCLoss
+
+    torch.manual_seed(0)
+    embeddings = torch.nn.Embedding(50, 16)
+    ctc = EmbeddingCTCLoss(embeddings, blank_id=3, skip_ids=[0])
+    spoken = [7, 7, 12, 30]  # a repeated token needs a blank between its two frames
+    path = [3, 7, 3, 7, 12, 12, 3, 30, 3]
+    frames = embeddings.weight.detach()[path][None]
+    labels = torch.tensor([[-100, -100, *spoken, 0]])  # prompt positions ignored, EOS (special) dropped
+    mask = torch.ones(1, len(path), dtype=torch.bool)
+
+    assert [t.tolist() for t in ctc.targets(labels)] == [spoken]
+    assert ctc.greedy_decode(frames, mask) == [spoken]
+    aligned = ctc(frames, mask, labels)
+    wrong = ctc(embeddings.weight.detach()[[3, 20, 3, 21, 22, 22, 3, 40, 3]][None], mask, labels)
+    assert aligned < 0.5 < wrong
+    assert (
+        ctc(frames, mask, labels, rows=torch.tensor([False])) == 0
+    )  # rows without a transcript are left out
+
+
+def test_ctc_warm_up_skips_the_llm_then_trains_on_both_losses(workspace, tmp_path):
+    """During `ctc_only_steps` the LLM never runs; afterwards the logged loss adds the LM loss to the CTC loss."""
+
+    class CountLLMCalls(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            self.calls_per_step, self.calls = [], 0
+
+            def hook(*_):
+                self.calls += 1
+
+            model.language_model.register_forward_hook(hook)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.calls_per_step.append(self.calls)
+            self.calls = 0
+
+    counter, snapshot = CountLLMCalls(), Snapshot()
+    output_dir = str(tmp_path / "ctc")
+    argv = base_args(workspace, output_dir, *NO_EVAL, "--ctc_only_steps", "3", "--ctc_weight", "0.5")
+    train.run(argv, callbacks=[counter, snapshot])
+    # (step 4 also runs the LLM once over the shared prompt prefix, for the prefix cache)
+    assert counter.calls_per_step[:3] == [0, 0, 0] and min(counter.calls_per_step[3:]) >= 1
+    history = json.loads(Path(output_dir, "trainer_state.json").read_text())["log_history"]
+    steps = [entry for entry in history if "loss" in entry]
+    assert all(entry["loss"] == pytest.approx(entry["ctc_loss"], rel=1e-3) for entry in steps[:3])
+    assert all(entry["loss"] > 0.5 * entry["ctc_loss"] + 0.1 for entry in steps[3:])
+    changed = {k for k in snapshot.before if not torch.equal(snapshot.before[k], snapshot.after[k])}
+    assert changed and all(k.startswith("multi_modal_projector.") for k in changed)

@@ -15,12 +15,14 @@ class SpeechCollator:
     """Turns checked rows (audio, text, task, audio_hash) into a training batch.
 
     Without a store the batch carries `input_features` for the live encoder; with one it carries the cached
-    `encoder_hidden_states` (trimmed clips padded to the longest of the batch) and `encoder_mask`.
+    `encoder_hidden_states` (trimmed clips padded to the longest of the batch) and `encoder_mask`. With
+    `mark_transcripts` it adds `transcript_rows`, true where the answer is a transcript (the CTC loss's rows).
     """
 
-    def __init__(self, processor, store: FeatureStore | None = None):
+    def __init__(self, processor, store: FeatureStore | None = None, mark_transcripts: bool = False):
         self.processor = processor
         self.store = store
+        self.mark_transcripts = mark_transcripts
 
     def __call__(self, rows: list[dict]) -> BatchFeature:
         if self.store is None:
@@ -41,4 +43,6 @@ class SpeechCollator:
         instructions = [self.processor.instruction(row["task"], None) for row in rows]
         batch = self.processor.text_inputs(counts, instructions, [row["text"] for row in rows])
         batch.update(audio)
+        if self.mark_transcripts:
+            batch["transcript_rows"] = torch.tensor([row["task"] == "transcribe" for row in rows])
         return batch
