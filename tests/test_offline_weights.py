@@ -330,6 +330,31 @@ def test_cache_dir_resolution(monkeypatch, tmp_path):
     assert preset.resolve_cache_dir(tmp_path / "flag") == tmp_path / "flag"
 
 
+def test_ship_copies_projector_only_weights_and_the_fields_that_shape_them(tiny_model_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    trained = preset.ship_checkpoint(Path(tiny_model_dir), tmp_path / "trained")
+    shipped = load_file(trained / preset.TRAINED_WEIGHTS)
+    original = load_file(Path(tiny_model_dir) / "model.safetensors")
+    assert shipped.keys() == original.keys() and all(torch.equal(shipped[k], original[k]) for k in shipped)
+    weights, settings = preset.shipped_weights(trained)
+    assert weights == trained / preset.TRAINED_WEIGHTS
+    config = json.loads((Path(tiny_model_dir) / "config.json").read_text())
+    assert settings == {field: config[field] for field in preset.SHIPPED_CONFIG_FIELDS}
+    assert preset.shipped_weights(tmp_path / "nothing-shipped") is None
+
+
+def test_ship_refuses_a_standalone_checkpoint(tiny_model_and_processor, tmp_path, capsys):
+    model, _ = tiny_model_and_processor
+    model.save_pretrained(tmp_path / "standalone", standalone=True)
+    shipped = preset.TRAINED_DIR / preset.TRAINED_WEIGHTS
+    before = shipped.read_bytes() if shipped.is_file() else None
+    with pytest.raises(SystemExit):
+        preset.main(["--ship", str(tmp_path / "standalone"), "--cache-dir", str(tmp_path / "cache")])
+    assert "holds encoder/LLM weights" in capsys.readouterr().err
+    assert (shipped.read_bytes() if shipped.is_file() else None) == before  # the shipped model is untouched
+
+
 @pytest.fixture(scope="module")
 def offline_cache(tmp_path_factory) -> Path:
     """The real `offline` preset built into a fresh cache, through its command line in a child process."""
