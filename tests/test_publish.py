@@ -263,3 +263,31 @@ def test_standalone_checkpoint_card_counts_only_trained_weights(
     projector = sum(parameter.numel() for parameter in model.multi_modal_projector.parameters())
     text = (out / "README.md").read_text()
     assert f"{projector:,} trainable parameters" in text and "holds every weight" in text
+
+
+def test_loss_curve_reads_every_logged_curve_and_draws_a_png(tmp_path):
+    from PIL import Image
+
+    from publish import loss_curve
+
+    history = [
+        {"step": 10, "loss": 9.0, "ctc_loss": 9.0},
+        {"step": 20, "loss": 5.0, "ctc_loss": 4.0},
+        {"step": 20, "eval_loss": 3.5},
+        {"step": 20, "train_runtime": 12.0},
+    ]
+    state = tmp_path / "trainer_state.json"
+    state.write_text(json.dumps({"log_history": history}))
+    curves = loss_curve.read_curves(state)
+    assert curves == {
+        "loss": ([10, 20], [9.0, 5.0]),
+        "ctc_loss": ([10, 20], [9.0, 4.0]),
+        "eval_loss": ([20], [3.5]),
+    }
+    png = loss_curve.plot(state, tmp_path / "plots" / "loss.png")
+    with Image.open(png) as image:
+        assert image.format == "PNG" and image.size == (840, 480)
+
+    state.write_text(json.dumps({"log_history": [{"step": 1, "train_runtime": 1.0}]}))
+    with pytest.raises(ValueError, match="no losses logged"):
+        loss_curve.read_curves(state)

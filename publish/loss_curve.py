@@ -1,0 +1,70 @@
+"""Draws a run's loss curves (training, CTC, evaluation) from the Trainer's trainer_state.json as a PNG.
+
+python -m publish.loss_curve outputs/offline-recipe/trainer_state.json docs/offline_loss.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+
+CURVES = (("loss", "training loss"), ("ctc_loss", "CTC loss (training)"), ("eval_loss", "eval LM loss"))
+
+
+def read_curves(state_file: Path) -> dict[str, tuple[list[int], list[float]]]:
+    """{log key: (steps, values)} for every curve logged in the Trainer state file."""
+    try:
+        history = json.loads(Path(state_file).read_text())["log_history"]
+    except (OSError, json.JSONDecodeError, KeyError) as err:
+        raise ValueError(f"{state_file}: not a Trainer trainer_state.json ({err})") from err
+    curves = {}
+    for key, _ in CURVES:
+        points = [(entry["step"], float(entry[key])) for entry in history if key in entry]
+        if points:
+            curves[key] = ([step for step, _ in points], [value for _, value in points])
+    if not curves:
+        raise ValueError(f"{state_file}: no losses logged")
+    return curves
+
+
+def plot(state_file: Path, out_file: Path, title: str | None = None) -> Path:
+    curves = read_curves(state_file)
+    figure, axes = plt.subplots(figsize=(7, 4), dpi=120)
+    for key, label in CURVES:
+        if key in curves:
+            steps, values = curves[key]
+            axes.plot(steps, values, label=label, marker="o" if key == "eval_loss" else None, linewidth=1.2)
+    axes.set_xlabel("optimizer step")
+    axes.set_ylabel("loss (nats per token)")
+    axes.set_title(title or Path(state_file).parent.name)
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    Path(out_file).parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out_file)
+    plt.close(figure)
+    return Path(out_file)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("state_file", type=Path, help="trainer_state.json of a run")
+    parser.add_argument("out_file", type=Path, help="PNG to write")
+    parser.add_argument("--title")
+    args = parser.parse_args(argv)
+    try:
+        print(plot(args.state_file, args.out_file, args.title))
+    except ValueError as err:
+        parser.exit(2, f"error: {err}\n")
+
+
+if __name__ == "__main__":
+    main()
