@@ -125,8 +125,10 @@ def tiny_audio_round(model_dir: Path, audio: np.ndarray, transcript: str) -> dic
     return {
         "loss": loss.item(),
         "params_with_grad": len(with_grad),
-        "only_projector_has_grad": bool(with_grad)
-        and all(name.startswith("multi_modal_projector.") for name in with_grad),
+        # the projector and, when the shipped model has them, its LoRA adapters: the pretrained weights stay frozen
+        "only_trainable_have_grad": bool(with_grad)
+        and all(model._is_trainable(name) for name in with_grad)
+        and any(name.startswith("multi_modal_projector.") for name in with_grad),
         "new_tokens": int(ids.shape[1] - inputs["input_ids"].shape[1]),
         "generated": generated,
     }
@@ -168,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
 
     report = tiny_audio_round(paths["model"], audios[0], SENTENCES[0])
     print(f"Tiny Audio offline model: {report}")
-    if not (report["only_projector_has_grad"] and np.isfinite(report["loss"]) and report["new_tokens"] > 0):
+    if not (report["only_trainable_have_grad"] and np.isfinite(report["loss"]) and report["new_tokens"] > 0):
         failures.append(f"Tiny Audio round failed: {report}")
 
     for failure in failures:

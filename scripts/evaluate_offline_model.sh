@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The shipped offline model and Whisper tiny.en (its own decoder, through the stock pipeline), on the same clips:
+# the real-speech set (551 Asterisk prompts + jfk) and the synthetic test split (500 clips of unseen text spoken by
+# held-out voices; byte-identical to the test split of the 10k training corpus, so it can be built on its own).
+#   bash scripts/evaluate_offline_model.sh           # needs the preset: python -m offline_kit.preset
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+CACHE=${TINY_AUDIO_CACHE:-$HOME/.cache/tiny_audio/offline}
+BATCH=${BATCH:-16}
+export HF_HUB_OFFLINE=1
+
+[ -f data/real_speech/dataset_dict.json ] || $PYTHON -m offline_kit.real_speech
+[ -f data/synthetic_test/dataset_dict.json ] ||
+  $PYTHON -m offline_kit.synthetic_corpus --num-clips 500 --test-fraction 1 --out data/synthetic_test
+for model in tiny-audio-offline whisper-tiny.en; do
+  $PYTHON eval.py "$CACHE/$model" --dataset data/real_speech data/synthetic_test --batch-size "$BATCH" \
+    --output-dir "outputs/eval/$model" --model-name "$model"
+done
