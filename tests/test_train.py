@@ -281,6 +281,21 @@ def test_cached_encoder_features_give_the_live_loss(model_and_test_rows, tmp_pat
     torch.testing.assert_close(cached_loss, live_loss, rtol=1e-3, atol=1e-3)
 
 
+def test_feature_cache_key_names_a_local_encoder_folder_however_it_is_spelled(model_and_test_rows, monkeypatch):
+    from training.feature_cache import encoder_key
+
+    model, processor, _ = model_and_test_rows
+    folder = Path(model.config.audio_model_id).resolve()
+    monkeypatch.setenv("HOME", str(folder.parent))
+    keys = set()
+    for spelling in (str(folder), f"~/{folder.name}", os.path.relpath(folder)):
+        monkeypatch.setattr(model.config, "audio_model_id", spelling)
+        keys.add(encoder_key(model, processor))
+    assert len(keys) == 1
+    monkeypatch.setattr(model.config, "audio_model_id", "someone/other-encoder")
+    assert encoder_key(model, processor) not in keys
+
+
 def test_prompt_prefix_cache_gives_the_same_loss_and_gradient(model_and_test_rows):
     model, processor, dataset = model_and_test_rows
     batch = SpeechCollator(processor)(list(dataset))

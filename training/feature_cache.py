@@ -33,7 +33,10 @@ SHARD_CLIPS = (
 def encoder_key(model, processor) -> str:
     """Hash naming the encoder: its id, config, feature extractor settings and a checksum of its weights."""
     digest = hashlib.sha256()
-    digest.update(str(model.config.audio_model_id).encode())
+    model_id = str(model.config.audio_model_id)
+    if os.path.isdir(os.path.expanduser(model_id)):  # "~/x", "./x" and "/abs/x" name the same local folder
+        model_id = os.path.realpath(os.path.expanduser(model_id))
+    digest.update(model_id.encode())
     digest.update(model.config.audio_config.to_json_string(use_diff=False).encode())
     digest.update(processor.feature_extractor.to_json_string().encode())
     for parameter in model.audio_tower.parameters():
