@@ -281,7 +281,9 @@ def test_cached_encoder_features_give_the_live_loss(model_and_test_rows, tmp_pat
     torch.testing.assert_close(cached_loss, live_loss, rtol=1e-3, atol=1e-3)
 
 
-def test_feature_cache_key_names_a_local_encoder_folder_however_it_is_spelled(model_and_test_rows, monkeypatch):
+def test_feature_cache_key_names_a_local_encoder_folder_however_it_is_spelled(
+    model_and_test_rows, monkeypatch
+):
     from training.feature_cache import encoder_key
 
     model, processor, _ = model_and_test_rows
