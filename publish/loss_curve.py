@@ -42,6 +42,7 @@ def plot(state_file: Path, out_file: Path, title: str | None = None) -> Path:
             axes.plot(steps, values, label=label, marker="o" if key == "eval_loss" else None, linewidth=1.2)
     axes.set_xlabel("optimizer step")
     axes.set_ylabel("loss (nats per token)")
+    axes.set_yscale("log")  # the first steps start an order of magnitude above where training settles
     axes.set_title(title or Path(state_file).parent.name)
     axes.grid(alpha=0.3)
     axes.legend()
