@@ -31,6 +31,7 @@ class WerResult:
     config: str | None = None  # the Hub dataset's configuration (load_dataset's name)
     samples: int | None = None
     rtfx: float | None = None
+    model: str | None = None  # eval.py's --model-name
 
 
 def read_results(paths: list[Path]) -> list[WerResult]:
@@ -59,6 +60,7 @@ def read_results(paths: list[Path]) -> list[WerResult]:
                     config=location["config"] if hub_set else None,
                     samples=entry.get("n"),
                     rtfx=entry.get("rtfx"),
+                    model=entry.get("model"),
                 )
             )
     return results
@@ -89,8 +91,13 @@ def build_card(
     weights_size: str,
     training_facts: list[tuple[str, str]],
     train_config: str | None,
+    baseline: list[WerResult] = (),
 ) -> ModelCard:
-    """Renders the card: metadata from the config and eval results, body from the Markdown template."""
+    """Renders the card: metadata from the config and eval results, body from the Markdown template.
+
+    `baseline` holds a reference model's results on the same sets (e.g. the encoder's own decoder), shown side by
+    side in the results table; only this model's results go into the metadata.
+    """
     encoder, llm = config["audio_model_id"], config["text_model_id"]
     model_name = repo_id.split("/")[-1]
     eval_results = [
@@ -124,6 +131,8 @@ def build_card(
             }
         ],
     )
+    reference = {(result.dataset, result.split): result for result in baseline}
+    baseline_names = sorted({result.model or "baseline" for result in baseline})
     return ModelCard.from_template(
         card_data,
         template_path=str(TEMPLATE_PATH),
@@ -143,14 +152,25 @@ def build_card(
                 + (f" ({result.config})" if result.config else ""),
                 "split": result.split,
                 "samples": "" if result.samples is None else result.samples,
-                "wer": f"{100 * result.wer:.2f}",
-                "rtfx": "" if result.rtfx is None else f"{result.rtfx:.1f}",
+                "wer": _wer(result),
+                "rtfx": _rtfx(result),
+                "baseline_wer": _wer(reference.get((result.dataset, result.split))),
+                "baseline_rtfx": _rtfx(reference.get((result.dataset, result.split))),
             }
             for result in results
         ],
+        baseline_name=" / ".join(baseline_names) if baseline else None,
         training_facts=training_facts,
         train_config=train_config.strip() if train_config else None,
     )
+
+
+def _wer(result: WerResult | None) -> str:
+    return "" if result is None else f"{100 * result.wer:.2f}"
+
+
+def _rtfx(result: WerResult | None) -> str:
+    return "" if result is None or result.rtfx is None else f"{result.rtfx:.1f}"
 
 
 def validate_card(path: Path) -> ModelCard:

@@ -122,6 +122,7 @@ def build_upload_folder(
     train_config: Path | None = None,
     base_ids: dict[str, str] | None = None,
     allow_local_base: bool = False,
+    baseline_files: list[Path] = (),
 ) -> Path:
     """Writes into `out_dir` exactly what will be uploaded, and checks the card; returns `out_dir`.
 
@@ -169,6 +170,7 @@ def build_upload_folder(
         weights_size=_human_size(sum(path.stat().st_size for path in weights)),
         training_facts=training_facts(model_dir),
         train_config=Path(train_config).read_text(encoding="utf-8") if train_config else None,
+        baseline=read_results(list(baseline_files)),
     )
     card.save(out_dir / "README.md")
     validate_card(out_dir / "README.md")
@@ -211,6 +213,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--results", type=Path, nargs="*", default=[], help="eval.py results.json files (WER)"
     )
+    parser.add_argument(
+        "--baseline-results",
+        type=Path,
+        nargs="*",
+        default=[],
+        help="a reference model's results.json files on the same sets, shown next to ours",
+    )
     parser.add_argument("--dataset", action="append", default=[], help="training dataset id (repeatable)")
     parser.add_argument("--language", action="append", default=[], help="language code, e.g. en (repeatable)")
     parser.add_argument("--license", default="apache-2.0")
@@ -244,6 +253,7 @@ def main(argv: list[str] | None = None) -> None:
                 train_config=args.train_config,
                 base_ids={key: getattr(args, key) for key in BASE_ID_KEYS if getattr(args, key)},
                 allow_local_base=args.allow_local_base,
+                baseline_files=args.baseline_results,
             )
         except (ValueError, OSError) as err:  # a bad input: one readable line, no traceback
             parser.exit(1, f"error: {err}\n")

@@ -13,7 +13,9 @@ export HF_HUB_OFFLINE=1
 [ -f data/real_speech/dataset_dict.json ] || $PYTHON -m offline_kit.real_speech
 [ -f data/synthetic_test/dataset_dict.json ] ||
   $PYTHON -m offline_kit.synthetic_corpus --num-clips 500 --test-fraction 1 --out data/synthetic_test
-for model in tiny-audio-offline whisper-tiny.en; do
-  $PYTHON eval.py "$CACHE/$model" --dataset data/real_speech data/synthetic_test --batch-size "$BATCH" \
-    --output-dir "outputs/eval/$model" --model-name "$model"
-done
+evaluate() {  # MODEL [eval.py flags]
+  $PYTHON eval.py "$CACHE/$1" --dataset data/real_speech data/synthetic_test --batch-size "$BATCH" \
+    --output-dir "outputs/eval/$1" --model-name "$1" "${@:2}"
+}
+evaluate tiny-audio-offline
+evaluate whisper-tiny.en --chunk-length-s 30  # three Asterisk prompts run past Whisper's 30 s window

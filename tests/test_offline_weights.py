@@ -358,9 +358,8 @@ def test_ship_refuses_a_standalone_checkpoint(tiny_model_and_processor, tmp_path
 
 
 SHIPPED_CHECK_CLIPS = 24  # Asterisk prompts, plus jfk.wav
-SHIPPED_MAX_WER = (
-    0.5  # the shipped model measures PLACEHOLDER on these clips; an untrained projector scores > 1
-)
+# The shipped model measures 0.74 on these clips (eval.py, batch 16); an untrained projector scores 2.2.
+SHIPPED_MAX_WER = 0.9
 
 
 @pytest.fixture(scope="module")

@@ -169,6 +169,25 @@ def test_card_metadata_parses_and_validates(tmp_path: Path, inputs) -> None:
     )
 
 
+def test_card_shows_a_baseline_next_to_each_result_but_claims_only_its_own(tmp_path: Path, inputs) -> None:
+    whisper = tmp_path / "whisper.json"
+    whisper.write_text(json.dumps({**EVAL_RESULTS, "model": "whisper-tiny.en", "wer": 0.0516, "rtfx": 1.5}))
+    out = build_upload_folder(
+        inputs.model_dir,
+        tmp_path / "out",
+        "alice/x",
+        inputs.clip,
+        results_files=[inputs.results],
+        baseline_files=[whisper],
+        allow_local_base=True,
+    )
+    text = (out / "README.md").read_text()
+    assert "| WER (%) | whisper-tiny.en WER (%) | RTFx | whisper-tiny.en RTFx |" in text
+    assert "| openslr/librispeech_asr (clean) | test.clean | 200 | 8.75 | 5.16 | 41.3 | 1.5 |" in text
+    [entry] = metadata_load(out / "README.md")["model-index"]
+    assert [result["metrics"][0]["value"] for result in entry["results"]] == [8.75]
+
+
 def test_validate_card_names_each_problem(tmp_path: Path) -> None:
     (tmp_path / "README.md").write_text(
         "---\nlibrary_name: transformers\nbase_model: /home/me/encoder\n---\n# card\n", encoding="utf-8"
