@@ -63,6 +63,9 @@ class ModelArguments:
     )
     lora_alpha: int = 16
     lora_dropout: float = 0.0
+    lora_target_modules: list[str] | None = dataclasses.field(
+        default=None, metadata={"help": "LLM modules LoRA adapts (default q_proj v_proj)", "nargs": "+"}
+    )
     attn_implementation: str = dataclasses.field(
         default="auto",
         metadata={
@@ -228,6 +231,7 @@ def build_model(
             lora_rank=model_args.lora_rank,
             lora_alpha=model_args.lora_alpha,
             lora_dropout=model_args.lora_dropout,
+            lora_target_modules=model_args.lora_target_modules,
         )
         processor = TinyAudioProcessor.from_components(
             model_args.audio_model_id, model_args.text_model_id, config=model.config

@@ -437,3 +437,19 @@ def test_ctc_warm_up_skips_the_llm_then_trains_on_both_losses(workspace, tmp_pat
     assert all(entry["loss"] > 0.5 * entry["ctc_loss"] + 0.1 for entry in steps[3:])
     changed = {k for k in snapshot.before if not torch.equal(snapshot.before[k], snapshot.after[k])}
     assert changed and all(k.startswith("multi_modal_projector.") for k in changed)
+
+
+def test_lora_trains_the_chosen_llm_modules_and_nothing_else_of_the_llm(workspace, tmp_path):
+    snapshot, output_dir = Snapshot(), str(tmp_path / "lora")
+    argv = base_args(
+        workspace, output_dir, *NO_EVAL, "--lora_rank", "4", "--lora_target_modules", "k_proj", "up_proj"
+    )
+    train.run(argv, callbacks=[snapshot])
+    changed = {k for k in snapshot.before if not torch.equal(snapshot.before[k], snapshot.after[k])}
+    in_llm = {k for k in changed if not k.startswith("multi_modal_projector.")}
+    assert in_llm and all("lora_" in k for k in in_llm)
+    assert {k.split(".lora_")[0].rsplit(".", 1)[-1] for k in in_llm} == {"k_proj", "up_proj"}
+    assert json.loads(Path(output_dir, "config.json").read_text())["lora_target_modules"] == [
+        "k_proj",
+        "up_proj",
+    ]
