@@ -298,30 +298,25 @@ class TinyAudioTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
         transcript_rows = inputs.pop("transcript_rows", None)
-        if self.ctc_loss is None:
-            if self.prefix_cache is not None:
-                inputs = self.prefix_cache.apply(inputs, self.accelerator.autocast())
-            return super().compute_loss(
-                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
-            )
-        # Project the audio once: the CTC loss reads the frames, the LLM reads them merged into the prompt.
-        unwrapped = self.accelerator.unwrap_model(model)
-        audio_keys = ("input_features", "input_features_mask", "encoder_hidden_states", "encoder_mask")
-        audio_embeds, audio_mask = unwrapped.audio_embeddings(**{k: inputs.pop(k, None) for k in audio_keys})
-        ctc = self.ctc_loss(audio_embeds, audio_mask, inputs["labels"], transcript_rows)
-        if model.training:
-            self._ctc_logged.append(float(ctc.detach()))
-            if self.state.global_step < self.ctc_only_steps:  # warm-up: the LLM is not run at all
-                return (ctc, None) if return_outputs else ctc
+        ctc = None
+        if self.ctc_loss is not None:
+            # Project the audio once: the CTC loss reads the frames, the LLM reads them merged into the prompt.
+            unwrapped = self.accelerator.unwrap_model(model)
+            audio_keys = ("input_features", "input_features_mask", "encoder_hidden_states", "encoder_mask")
+            audio = unwrapped.audio_embeddings(**{key: inputs.pop(key, None) for key in audio_keys})
+            ctc = self.ctc_loss(*audio, inputs["labels"], transcript_rows)
+            if model.training:
+                self._ctc_logged.append(float(ctc.detach()))
+                if self.state.global_step < self.ctc_only_steps:  # warm-up: the LLM is not run at all
+                    return (ctc, None) if return_outputs else ctc
         if self.prefix_cache is not None:
             inputs = self.prefix_cache.apply(inputs, self.accelerator.autocast())
-        inputs["inputs_embeds"] = unwrapped.embed_with_audio(
-            inputs.pop("input_ids"), audio_embeds, audio_mask
-        )
+        if ctc is not None:
+            inputs["inputs_embeds"] = unwrapped.embed_with_audio(inputs.pop("input_ids"), *audio)
         loss, outputs = super().compute_loss(
             model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
         )
-        if model.training:  # evaluation reports the plain LM loss, comparable across runs
+        if ctc is not None and model.training:  # evaluation reports the plain LM loss, comparable across runs
             loss = loss + self.ctc_weight * ctc
         return (loss, outputs) if return_outputs else loss
 

@@ -74,13 +74,3 @@ class EmbeddingCTCLoss:
             zero_infinity=True,  # a clip too short for its transcript adds nothing rather than inf
         )
         return loss / target_lengths.sum().clamp(min=1)
-
-    @torch.no_grad()
-    def greedy_decode(self, audio_embeds: torch.Tensor, audio_mask: torch.Tensor) -> list[list[int]]:
-        """Best-path token ids of each clip (repeats merged, blanks dropped): a quick view of the alignment."""
-        best = self.frame_log_probs(audio_embeds).argmax(-1)
-        decoded = []
-        for path, length in zip(best, audio_mask.sum(-1).tolist(), strict=True):
-            path = torch.unique_consecutive(path[:length])
-            decoded.append(path[path != self.blank_id].tolist())
-        return decoded
