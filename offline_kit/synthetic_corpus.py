@@ -67,7 +67,12 @@ def clip_seed(*parts: object) -> int:
 
 
 def plan_corpus(
-    num_clips: int, seed: int, test_fraction: float, families: tuple[str, ...], sources: tuple[str, ...]
+    num_clips: int,
+    seed: int,
+    test_fraction: float,
+    families: tuple[str, ...],
+    sources: tuple[str, ...],
+    first_clip: int = 0,
 ) -> dict[str, list[ClipPlan]]:
     """Assign text, source and voice to every clip: test clips get test-only sentences and held-out voices.
 
@@ -84,7 +89,9 @@ def plan_corpus(
         random.Random(clip_seed(seed, split, "texts")).shuffle(texts)
         by_family = {f: [v for v in voices if v.family == f] for f in families}
         plans[split] = []
-        for i in range(counts[split]):
+        # An extension corpus starts where an earlier one stopped: fresh sentences, clip ids that do not clash.
+        start = first_clip if split == "train" else 0
+        for i in range(start, start + counts[split]):
             rng = random.Random(clip_seed(seed, split, i))
             sentence = texts[i % len(texts)]
             voice = rng.choice(by_family[families[i % len(families)]])
@@ -176,12 +183,15 @@ def build_corpus(
     shard_size: int = 50,
     workers: int | None = None,
     keep_shards: bool = False,
+    first_clip: int = 0,
 ) -> datasets.DatasetDict:
     """Render (or resume) the corpus into ``out`` and return it loaded from disk."""
     settings = {
         "num_clips": num_clips, "seed": seed, "test_fraction": test_fraction, "families": list(families),
         "sources": list(sources), "augment": use_augment, "shard_size": shard_size,
     }  # fmt: skip
+    if first_clip:
+        settings["first_clip"] = first_clip
     out.mkdir(parents=True, exist_ok=True)
     settings_file = out / "corpus_settings.json"
     if settings_file.exists() and json.loads(settings_file.read_text()) != settings:
@@ -192,7 +202,7 @@ def build_corpus(
     if (out / "dataset_dict.json").exists():
         return datasets.load_from_disk(str(out))
 
-    plans = plan_corpus(num_clips, seed, test_fraction, families, sources)
+    plans = plan_corpus(num_clips, seed, test_fraction, families, sources, first_clip)
     shard_root = out / "shards"
     shard_root.mkdir(exist_ok=True)
     jobs, done = [], 0
@@ -244,6 +254,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shard-size", type=int, default=50)
     parser.add_argument("--workers", type=int, default=None, help="processes (default: one per core)")
     parser.add_argument("--keep-shards", action="store_true", help="keep per-shard datasets after assembly")
+    parser.add_argument(
+        "--first-clip",
+        type=int,
+        default=0,
+        help="index of the first training clip: continue a corpus of that many clips with unused sentences",
+    )
     parser.add_argument("--no-install", action="store_true", help="fail instead of installing missing deps")
     args = parser.parse_args(argv)
     ensure_data_deps(install=not args.no_install)
@@ -258,6 +274,7 @@ def main(argv: list[str] | None = None) -> None:
         shard_size=args.shard_size,
         workers=args.workers,
         keep_shards=args.keep_shards,
+        first_clip=args.first_clip,
     )
     print(f"synthetic corpus in {args.out}")
     print(summarize(corpus))

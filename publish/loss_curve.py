@@ -1,6 +1,7 @@
 """Draws a run's loss curves (training, CTC, evaluation) from the Trainer's trainer_state.json as a PNG.
 
 python -m publish.loss_curve outputs/offline-recipe/trainer_state.json docs/offline_loss.png
+Several state files are consecutive stages of one model (each continues the last): one step axis, stages marked.
 """
 
 from __future__ import annotations
@@ -33,9 +34,29 @@ def read_curves(state_file: Path) -> dict[str, tuple[list[int], list[float]]]:
     return curves
 
 
-def plot(state_file: Path, out_file: Path, title: str | None = None) -> Path:
-    curves = read_curves(state_file)
+def join_stages(stages: list[dict[str, tuple[list[int], list[float]]]]) -> tuple[dict, list[int]]:
+    """Curves of consecutive stages on one step axis, and the steps where the later stages start."""
+    joined: dict[str, tuple[list[int], list[float]]] = {}
+    starts, offset = [], 0
+    for curves in stages:
+        if joined:
+            starts.append(offset)
+        for key, (steps, values) in curves.items():
+            joined_steps, joined_values = joined.setdefault(key, ([], []))
+            joined_steps.extend(step + offset for step in steps)
+            joined_values.extend(values)
+        offset += max(max(steps) for steps, _ in curves.values())
+    return joined, starts
+
+
+def plot(state_files: Path | list[Path], out_file: Path, title: str | None = None) -> Path:
+    state_files = [state_files] if isinstance(state_files, (str, Path)) else list(state_files)
+    curves, stage_starts = join_stages([read_curves(path) for path in state_files])
     figure, axes = plt.subplots(figsize=(7, 4), dpi=120)
+    for number, start in enumerate(stage_starts, start=2):
+        axes.axvline(start, color="grey", linestyle="--", linewidth=0.8)
+        axes.annotate(f"stage {number}", (start, 1), xycoords=("data", "axes fraction"), xytext=(3, -12),
+                      textcoords="offset points", fontsize=8, color="grey")  # fmt: skip
     for key, label in CURVES:
         if key in curves:
             steps, values = curves[key]
@@ -43,7 +64,7 @@ def plot(state_file: Path, out_file: Path, title: str | None = None) -> Path:
     axes.set_xlabel("optimizer step")
     axes.set_ylabel("loss (nats per token)")
     axes.set_yscale("log")  # the first steps start an order of magnitude above where training settles
-    axes.set_title(title or Path(state_file).parent.name)
+    axes.set_title(title or Path(state_files[-1]).parent.name)
     axes.grid(alpha=0.3)
     axes.legend()
     figure.tight_layout()
@@ -57,12 +78,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("state_file", type=Path, help="trainer_state.json of a run")
+    parser.add_argument(
+        "state_files", type=Path, nargs="+", help="trainer_state.json of a run, or of its stages in order"
+    )
     parser.add_argument("out_file", type=Path, help="PNG to write")
     parser.add_argument("--title")
     args = parser.parse_args(argv)
     try:
-        print(plot(args.state_file, args.out_file, args.title))
+        print(plot(args.state_files, args.out_file, args.title))
     except ValueError as err:
         parser.exit(2, f"error: {err}\n")
 

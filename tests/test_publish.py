@@ -307,6 +307,19 @@ def test_loss_curve_reads_every_logged_curve_and_draws_a_png(tmp_path):
     with Image.open(png) as image:
         assert image.format == "PNG" and image.size == (840, 480)
 
+    # A second stage continues on the same axis, after the first stage's last step.
+    second = tmp_path / "stage2.json"
+    second.write_text(
+        json.dumps({"log_history": [{"step": 10, "loss": 2.0}, {"step": 10, "eval_loss": 1.5}]})
+    )
+    joined, starts = loss_curve.join_stages([loss_curve.read_curves(state), loss_curve.read_curves(second)])
+    assert starts == [20]
+    assert joined["loss"] == ([10, 20, 30], [9.0, 5.0, 2.0])
+    assert joined["eval_loss"] == ([20, 30], [3.5, 1.5])
+    assert joined["ctc_loss"] == ([10, 20], [9.0, 4.0])
+    loss_curve.main([str(state), str(second), str(tmp_path / "both.png")])
+    assert (tmp_path / "both.png").stat().st_size > 0
+
     state.write_text(json.dumps({"log_history": [{"step": 1, "train_runtime": 1.0}]}))
     with pytest.raises(ValueError, match="no losses logged"):
         loss_curve.read_curves(state)

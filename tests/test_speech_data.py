@@ -19,7 +19,7 @@ import soundfile as sf
 from offline_kit import augment, sanity_check
 from offline_kit.data_deps import DATA_PACKAGES, debian_file, ensure_data_deps, missing_deps
 from offline_kit.real_speech import JFK_TEXT, asterisk_prompts, build_real_speech, normalize_reference
-from offline_kit.synthetic_corpus import build_corpus
+from offline_kit.synthetic_corpus import build_corpus, plan_corpus
 from offline_kit.text_sources import (
     HARVARD_COUNT,
     clean,
@@ -155,6 +155,20 @@ def test_corpus_splits_are_disjoint_by_text_and_voice(corpus_dir):
     assert set(train["voice"]).isdisjoint(test["voice"])
     families = dict(zip(test["voice"], test["family"], strict=True))
     assert all(is_test_voice(Voice(families[v], v.split("/", 1)[1])) for v in test["voice"])
+
+
+def test_extension_corpus_continues_with_unused_sentences_and_no_test_text():
+    args = dict(seed=0, families=("piper", "flite"), sources=("harvard",))
+    first = plan_corpus(40, test_fraction=0.1, **args)
+    extension = plan_corpus(40, test_fraction=0.0, first_clip=36, **args)
+    assert extension["test"] == [] and len(extension["train"]) == 40
+    first_train = first["train"]
+    assert {p.clip_id for p in first_train}.isdisjoint(p.clip_id for p in extension["train"])
+    assert {p.text for p in first_train}.isdisjoint(p.text for p in extension["train"])
+    assert {text_key(p.text) for p in extension["train"]}.isdisjoint(text_key(p.text) for p in first["test"])
+    # The extension is the tail of one longer corpus: same sentences, same voices, same seeds.
+    longer = plan_corpus(80, test_fraction=0.0, **args)["train"]
+    assert longer[36:76] == extension["train"]
 
 
 def test_corpus_resumes_and_same_seed_gives_same_corpus(corpus_dir, tmp_path):

@@ -453,3 +453,18 @@ def test_lora_trains_the_chosen_llm_modules_and_nothing_else_of_the_llm(workspac
         "k_proj",
         "up_proj",
     ]
+
+
+def test_feature_cache_key_is_the_same_for_a_saved_and_reloaded_processor(model_and_test_rows, tmp_path):
+    """A run continued from a saved checkpoint must find the cache its first stage built."""
+    from processing_tiny_audio import TinyAudioProcessor
+    from training.feature_cache import encoder_key
+
+    model, processor, _ = model_and_test_rows
+    fresh_key = encoder_key(model, processor)
+    processor.save_pretrained(tmp_path)
+    reloaded = TinyAudioProcessor.from_pretrained(tmp_path)
+    assert getattr(reloaded.feature_extractor, "auto_map", None)  # saved: it records where its code lives
+    assert encoder_key(model, reloaded) == fresh_key
+    reloaded.feature_extractor.n_fft *= 2
+    assert encoder_key(model, reloaded) != fresh_key

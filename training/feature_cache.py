@@ -38,7 +38,11 @@ def encoder_key(model, processor) -> str:
         model_id = os.path.realpath(os.path.expanduser(model_id))
     digest.update(model_id.encode())
     digest.update(model.config.audio_config.to_json_string(use_diff=False).encode())
-    digest.update(processor.feature_extractor.to_json_string().encode())
+    settings = json.loads(processor.feature_extractor.to_json_string())
+    # Saved processors also record where their code lives; that does not change the features.
+    for where_the_code_lives in ("auto_map", "processor_class"):
+        settings.pop(where_the_code_lives, None)
+    digest.update((json.dumps(settings, indent=2, sort_keys=True) + "\n").encode())
     for parameter in model.audio_tower.parameters():
         digest.update(parameter.detach().float().sum().cpu().numpy().tobytes())
     return digest.hexdigest()[:24]
