@@ -145,12 +145,18 @@ def ship_checkpoint(checkpoint: Path, trained_dir: Path = TRAINED_DIR) -> Path:
     settings = {
         "config": {field: config[field] for field in SHIPPED_CONFIG_FIELDS if field in config},
         "trained_from": {
-            "audio_model_id": config["audio_model_id"],
-            "text_model_id": config["text_model_id"],
+            "audio_model_id": _home_relative(config["audio_model_id"]),
+            "text_model_id": _home_relative(config["text_model_id"]),
         },
     }
     (trained_dir / TRAINED_SETTINGS).write_text(json.dumps(settings, indent=2) + "\n")
     return trained_dir
+
+
+def _home_relative(model_id: str) -> str:
+    """A local folder under the home directory as ~/..., so the shipped settings name no one's machine."""
+    home = str(Path.home())
+    return "~" + model_id[len(home) :] if model_id.startswith(home + os.sep) else model_id
 
 
 def _file_digest(path: Path) -> str:

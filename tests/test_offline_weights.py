@@ -332,10 +332,22 @@ def test_cache_dir_resolution(monkeypatch, tmp_path):
     assert preset.resolve_cache_dir(tmp_path / "flag") == tmp_path / "flag"
 
 
-def test_ship_copies_projector_only_weights_and_the_fields_that_shape_them(tiny_model_dir, tmp_path):
+def test_ship_copies_projector_only_weights_and_the_fields_that_shape_them(
+    tiny_model_dir, tmp_path, monkeypatch
+):
     from safetensors.torch import load_file
 
-    trained = preset.ship_checkpoint(Path(tiny_model_dir), tmp_path / "trained")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    checkpoint = tmp_path / "run"
+    shutil.copytree(tiny_model_dir, checkpoint)
+    config_file = checkpoint / "config.json"
+    config = json.loads(config_file.read_text())
+    config["text_model_id"] = str(tmp_path / "models" / "llm")
+    config_file.write_text(json.dumps(config))
+    trained = preset.ship_checkpoint(checkpoint, tmp_path / "trained")
+    trained_from = json.loads((trained / preset.TRAINED_SETTINGS).read_text())["trained_from"]
+    assert trained_from["text_model_id"] == "~/models/llm"  # no one's home directory in the repo
+    assert trained_from["audio_model_id"] == config["audio_model_id"]
     shipped = load_file(trained / preset.TRAINED_WEIGHTS)
     original = load_file(Path(tiny_model_dir) / "model.safetensors")
     assert shipped.keys() == original.keys() and all(torch.equal(shipped[k], original[k]) for k in shipped)
