@@ -97,6 +97,17 @@ def training_facts(model_dir: Path) -> list[tuple[str, str]]:
     return facts
 
 
+def quote_train_configs(paths: list[Path]) -> str | None:
+    """The training YAML for the card; a staged recipe as one YAML document per stage, in order."""
+    if not paths:
+        return None
+    documents = [Path(path).read_text(encoding="utf-8").strip() for path in paths]
+    if len(documents) == 1:
+        return documents[0]
+    header = f"# {len(documents)} stages, in order; the steps, epochs and loss above are the last stage's."
+    return header + "\n" + "\n---\n".join(documents)
+
+
 def count_trainable(weight_files: list[Path]) -> tuple[int, bool]:
     """Parameters of the projector (and LoRA adapters) in the weight files, and whether the files also hold
     the frozen encoder and LLM (a standalone checkpoint)."""
@@ -119,7 +130,7 @@ def build_upload_folder(
     license: str = "apache-2.0",
     datasets: list[str] = (),
     language: list[str] = (),
-    train_config: Path | None = None,
+    train_configs: list[Path] = (),
     base_ids: dict[str, str] | None = None,
     allow_local_base: bool = False,
     baseline_files: list[Path] = (),
@@ -169,7 +180,7 @@ def build_upload_folder(
         standalone=standalone,
         weights_size=_human_size(sum(path.stat().st_size for path in weights)),
         training_facts=training_facts(model_dir),
-        train_config=Path(train_config).read_text(encoding="utf-8") if train_config else None,
+        train_config=quote_train_configs(list(train_configs)),
         baseline=read_results(list(baseline_files)),
     )
     card.save(out_dir / "README.md")
@@ -223,7 +234,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dataset", action="append", default=[], help="training dataset id (repeatable)")
     parser.add_argument("--language", action="append", default=[], help="language code, e.g. en (repeatable)")
     parser.add_argument("--license", default="apache-2.0")
-    parser.add_argument("--train-config", type=Path, help="training YAML to quote in the card")
+    parser.add_argument(
+        "--train-config",
+        type=Path,
+        nargs="+",
+        default=[],
+        help="training YAML to quote in the card; several for a model trained in stages, in order",
+    )
     parser.add_argument(
         "--out", type=Path, help="build the upload folder here (kept); default: a temporary one"
     )
@@ -250,7 +267,7 @@ def main(argv: list[str] | None = None) -> None:
                 license=args.license,
                 datasets=args.dataset,
                 language=args.language,
-                train_config=args.train_config,
+                train_configs=args.train_config,
                 base_ids={key: getattr(args, key) for key in BASE_ID_KEYS if getattr(args, key)},
                 allow_local_base=args.allow_local_base,
                 baseline_files=args.baseline_results,

@@ -44,5 +44,5 @@ $PYTHON -m publish.push "$RUN" --repo tiny-audio/tiny-audio-offline --dry-run --
   --results "$TRAINED"/results/tiny-audio-offline-*.json \
   --baseline-results "$TRAINED"/results/whisper-tiny.en-*.json \
   --audio-model-id openai/whisper-tiny.en --text-model-id HuggingFaceTB/SmolLM2-135M-Instruct \
-  --train-config configs/offline_recipe_stage2.yaml --language en
+  --train-config configs/offline_recipe.yaml configs/offline_recipe_stage2.yaml --language en
 cp "$RUN/hub/README.md" "$TRAINED/README.md"

@@ -370,8 +370,8 @@ def test_ship_refuses_a_standalone_checkpoint(tiny_model_and_processor, tmp_path
 
 
 SHIPPED_CHECK_CLIPS = 24  # Asterisk prompts, plus jfk.wav
-# The shipped model measures 0.74 on these clips (eval.py, batch 16); an untrained projector scores 2.2.
-SHIPPED_MAX_WER = 0.9
+# The shipped model measures 0.68 on these clips (stage 1 alone: 0.74); an untrained projector scores 2.2.
+SHIPPED_MAX_WER = 0.8
 
 
 @pytest.fixture(scope="module")

@@ -323,3 +323,21 @@ def test_loss_curve_reads_every_logged_curve_and_draws_a_png(tmp_path):
     state.write_text(json.dumps({"log_history": [{"step": 1, "train_runtime": 1.0}]}))
     with pytest.raises(ValueError, match="no losses logged"):
         loss_curve.read_curves(state)
+
+
+def test_a_staged_recipe_is_quoted_as_one_yaml_document_per_stage(tmp_path):
+    import yaml
+
+    from publish.push import quote_train_configs
+
+    first, second = tmp_path / "stage1.yaml", tmp_path / "stage2.yaml"
+    first.write_text("# stage 1\nlearning_rate: 0.001\nmax_steps: 10\n")
+    second.write_text("model_name_or_path: outputs/stage1\nmax_steps: 5\n")
+    assert quote_train_configs([]) is None
+    assert quote_train_configs([first]) == first.read_text().strip()
+    quoted = quote_train_configs([first, second])
+    assert list(yaml.safe_load_all(quoted)) == [
+        {"learning_rate": 0.001, "max_steps": 10},
+        {"model_name_or_path": "outputs/stage1", "max_steps": 5},
+    ]
+    assert quoted.startswith("# 2 stages, in order")
