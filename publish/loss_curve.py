@@ -64,7 +64,7 @@ def plot(state_files: Path | list[Path], out_file: Path, title: str | None = Non
     axes.set_xlabel("optimizer step")
     axes.set_ylabel("loss (nats per token)")
     axes.set_yscale("log")  # the first steps start an order of magnitude above where training settles
-    axes.set_title(title or Path(state_files[-1]).parent.name)
+    axes.set_title(title or Path(state_files[-1]).parent.name, fontsize=10)
     axes.grid(alpha=0.3)
     axes.legend()
     figure.tight_layout()
