@@ -32,6 +32,7 @@ class WerResult:
     samples: int | None = None
     rtfx: float | None = None
     model: str | None = None  # eval.py's --model-name
+    generate_kwargs: dict | None = None  # eval.py's --generate-kwargs ({} = the pipeline's own defaults)
 
 
 def read_results(paths: list[Path]) -> list[WerResult]:
@@ -61,6 +62,7 @@ def read_results(paths: list[Path]) -> list[WerResult]:
                     samples=entry.get("n"),
                     rtfx=entry.get("rtfx"),
                     model=entry.get("model"),
+                    generate_kwargs=entry.get("generate_kwargs"),
                 )
             )
     return results
@@ -95,8 +97,8 @@ def build_card(
 ) -> ModelCard:
     """Renders the card: metadata from the config and eval results, body from the Markdown template.
 
-    `baseline` holds a reference model's results on the same sets (e.g. the encoder's own decoder), shown side by
-    side in the results table; only this model's results go into the metadata.
+    `baseline` holds reference models' results on the same sets (e.g. the encoder's own decoder, with beam search
+    and greedy), one column per model in the results table; only this model's results go into the metadata.
     """
     encoder, llm = config["audio_model_id"], config["text_model_id"]
     model_name = repo_id.split("/")[-1]
@@ -131,8 +133,8 @@ def build_card(
             }
         ],
     )
-    reference = {(result.dataset, result.split): result for result in baseline}
-    baseline_names = sorted({result.model or "baseline" for result in baseline})
+    reference = {(result.model or "baseline", result.dataset, result.split): result for result in baseline}
+    baselines = {result.model or "baseline": result.generate_kwargs for result in baseline}
     return ModelCard.from_template(
         card_data,
         template_path=str(TEMPLATE_PATH),
@@ -154,12 +156,19 @@ def build_card(
                 "samples": "" if result.samples is None else result.samples,
                 "wer": _wer(result),
                 "rtfx": _rtfx(result),
-                "baseline_wer": _wer(reference.get((result.dataset, result.split))),
-                "baseline_rtfx": _rtfx(reference.get((result.dataset, result.split))),
+                "baseline_wer": [
+                    _wer(reference.get((name, result.dataset, result.split))) for name in baselines
+                ],
+                "baseline_rtfx": [
+                    _rtfx(reference.get((name, result.dataset, result.split))) for name in baselines
+                ],
             }
             for result in results
         ],
-        baseline_name=" / ".join(baseline_names) if baseline else None,
+        baselines=[
+            {"name": name, "decoding": f"`{json.dumps(kwargs)}`" if kwargs else "the pipeline's own defaults"}
+            for name, kwargs in baselines.items()
+        ],
         training_facts=training_facts,
         train_config=train_config.strip() if train_config else None,
     )

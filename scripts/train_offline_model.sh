@@ -33,7 +33,7 @@ TRAINED=offline_kit/trained
 $PYTHON -m publish.loss_curve outputs/offline-recipe/trainer_state.json "$RUN/trainer_state.json" "$TRAINED/loss_curve.png" \
   --title "Tiny Audio offline: Whisper tiny.en + SmolLM2-135M, projector + LoRA r=8"
 mkdir -p "$TRAINED/results"
-for model in tiny-audio-offline whisper-tiny.en; do
+for model in tiny-audio-offline whisper-tiny.en whisper-tiny.en-greedy; do
   for set in real_speech synthetic_test; do
     cp outputs/eval/$model/*/$set/results.json "$TRAINED/results/$model-$set.json"
   done

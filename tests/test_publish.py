@@ -170,20 +170,39 @@ def test_card_metadata_parses_and_validates(tmp_path: Path, inputs) -> None:
 
 
 def test_card_shows_a_baseline_next_to_each_result_but_claims_only_its_own(tmp_path: Path, inputs) -> None:
-    whisper = tmp_path / "whisper.json"
+    whisper, greedy = tmp_path / "whisper.json", tmp_path / "greedy.json"
     whisper.write_text(json.dumps({**EVAL_RESULTS, "model": "whisper-tiny.en", "wer": 0.0516, "rtfx": 1.5}))
+    greedy.write_text(
+        json.dumps(
+            {
+                **EVAL_RESULTS,
+                "model": "whisper-greedy",
+                "wer": 0.0561,
+                "rtfx": 7.5,
+                "generate_kwargs": {"num_beams": 1},
+            }
+        )
+    )
     out = build_upload_folder(
         inputs.model_dir,
         tmp_path / "out",
         "alice/x",
         inputs.clip,
         results_files=[inputs.results],
-        baseline_files=[whisper],
+        baseline_files=[whisper, greedy],
         allow_local_base=True,
     )
     text = (out / "README.md").read_text()
-    assert "| WER (%) | whisper-tiny.en WER (%) | RTFx | whisper-tiny.en RTFx |" in text
-    assert "| openslr/librispeech_asr (clean) | test.clean | 200 | 8.75 | 5.16 | 41.3 | 1.5 |" in text
+    header = "| WER (%) | whisper-tiny.en WER (%) | whisper-greedy WER (%) | RTFx | whisper-tiny.en RTFx | whisper-greedy RTFx |"
+    assert header in text
+    assert (
+        "| openslr/librispeech_asr (clean) | test.clean | 200 | 8.75 | 5.16 | 5.61 | 41.3 | 1.5 | 7.5 |"
+        in text
+    )
+    assert (
+        "- `whisper-tiny.en`: the pipeline's own defaults" in text
+        and '- `whisper-greedy`: `{"num_beams": 1}`' in text
+    )
     [entry] = metadata_load(out / "README.md")["model-index"]
     assert [result["metrics"][0]["value"] for result in entry["results"]] == [8.75]
 
