@@ -92,7 +92,8 @@ class ModelArguments:
     ctc_only_steps: int = dataclasses.field(
         default=0,
         metadata={
-            "help": "First steps trained on the CTC loss alone, without running the LLM (fast warm-up)"
+            "help": "First steps trained on the CTC loss alone, without running the LLM (fast warm-up; "
+            "single process only)"
         },
     )
     ctc_blank_token: str = dataclasses.field(
@@ -197,6 +198,12 @@ def parse_args(
     # Rows keep their raw columns (the collator needs them); eval predictions are answer-only logits.
     training_args.remove_unused_columns = False
     training_args.prediction_loss_only = True
+    if model_args.ctc_only_steps and training_args.world_size > 1:
+        # The warm-up projects audio outside the DDP wrapper (the LLM is skipped), so gradients would not be averaged.
+        raise ValueError(
+            f"--ctc_only_steps {model_args.ctc_only_steps} runs in a single process only, not in "
+            f"{training_args.world_size}; with several processes drop it and keep --ctc_weight (CTC next to the LM loss)"
+        )
     if training_args.ddp_find_unused_parameters is None:
         training_args.ddp_find_unused_parameters = False  # every trainable weight is used in every step
     wanted = [name for entry in training_args.report_to for name in entry.split(",") if name]

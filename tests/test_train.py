@@ -338,9 +338,37 @@ def test_resume_after_a_crash_reproduces_the_uninterrupted_run(workspace, refere
     assert pushed["folder_path"] == output_dir and "checkpoint-*" in pushed["ignore_patterns"]
 
 
-def test_ddp_two_processes_end_with_identical_projectors(workspace):
-    output_dir = os.path.join(workspace["root"], "ddp")
-    argv = base_args(workspace, output_dir, *NO_EVAL, "--max_steps", "3", "--save_strategy", "no")
+@pytest.mark.parametrize("extra", [(), ("--ctc_weight", "0.5")], ids=["lm-loss", "lm-and-ctc-loss"])
+def test_ddp_two_processes_end_with_identical_projectors(workspace, extra):
+    output_dir = os.path.join(workspace["root"], "ddp-" + "-".join(extra))
+    result = _run_ddp(workspace, output_dir, *extra)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank0, rank1 = (load_file(os.path.join(output_dir, f"rank{rank}.safetensors")) for rank in (0, 1))
+    start = load_file(os.path.join(output_dir, "start.safetensors"))
+    for name in rank0:
+        torch.testing.assert_close(rank0[name], rank1[name], rtol=0, atol=0)
+    assert any(not torch.equal(rank0[name], start[name]) for name in rank0)
+    state = json.loads(Path(output_dir, "trainer_state.json").read_text())
+    assert state["global_step"] == 3
+
+
+def test_ddp_refuses_the_ctc_only_warm_up_by_name(workspace):
+    """The warm-up skips the DDP wrapper, so its gradients would differ per process: refused up front."""
+    result = _run_ddp(
+        workspace,
+        os.path.join(workspace["root"], "ddp-warm-up"),
+        "--ctc_weight",
+        "0.5",
+        "--ctc_only_steps",
+        "1",
+    )
+    assert result.returncode != 0
+    assert "--ctc_only_steps 1 runs in a single process only, not in 2" in result.stderr
+
+
+def _run_ddp(workspace, output_dir: str, *extra: str) -> subprocess.CompletedProcess:
+    """train.py in two real processes under torchrun (this file is the worker)."""
+    argv = base_args(workspace, output_dir, *NO_EVAL, "--max_steps", "3", "--save_strategy", "no", *extra)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     command = [
         sys.executable,
@@ -352,15 +380,7 @@ def test_ddp_two_processes_end_with_identical_projectors(workspace):
         output_dir,
         *argv,
     ]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
-    assert result.returncode == 0, result.stderr[-3000:]
-    rank0, rank1 = (load_file(os.path.join(output_dir, f"rank{rank}.safetensors")) for rank in (0, 1))
-    start = load_file(os.path.join(output_dir, "start.safetensors"))
-    for name in rank0:
-        torch.testing.assert_close(rank0[name], rank1[name], rtol=0, atol=0)
-    assert any(not torch.equal(rank0[name], start[name]) for name in rank0)
-    state = json.loads(Path(output_dir, "trainer_state.json").read_text())
-    assert state["global_step"] == 3
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
 
 
 class SaveRankWeights(TrainerCallback):
