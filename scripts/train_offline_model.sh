@@ -28,7 +28,7 @@ train configs/offline_recipe_stage2.yaml "$RUN"
 $PYTHON -m offline_kit.preset --ship "$RUN"                       # now the preset transcribes with these weights
 MAX_SAMPLES= bash scripts/evaluate_offline_model.sh               # every clip: these results ship
 
-# What ships next to the weights: the loss curve, both models' results.json files and the model card.
+# What ships next to the weights: the loss curve (both stages), every model's results.json and the model card.
 TRAINED=offline_kit/trained
 $PYTHON -m publish.loss_curve outputs/offline-recipe/trainer_state.json "$RUN/trainer_state.json" "$TRAINED/loss_curve.png" \
   --title "Tiny Audio offline: Whisper tiny.en + SmolLM2-135M, projector + LoRA r=8"
