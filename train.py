@@ -92,8 +92,7 @@ class ModelArguments:
     ctc_only_steps: int = dataclasses.field(
         default=0,
         metadata={
-            "help": "First steps trained on the CTC loss alone, without running the LLM (fast warm-up; "
-            "single process only)"
+            "help": "First steps trained on the CTC loss alone, without running the LLM (fast warm-up)"
         },
     )
     ctc_blank_token: str = dataclasses.field(
@@ -198,12 +197,6 @@ def parse_args(
     # Rows keep their raw columns (the collator needs them); eval predictions are answer-only logits.
     training_args.remove_unused_columns = False
     training_args.prediction_loss_only = True
-    if model_args.ctc_only_steps and training_args.world_size > 1:
-        # The warm-up projects audio outside the DDP wrapper (the LLM is skipped), so gradients would not be averaged.
-        raise ValueError(
-            f"--ctc_only_steps {model_args.ctc_only_steps} runs in a single process only, not in "
-            f"{training_args.world_size}; with several processes drop it and keep --ctc_weight (CTC next to the LM loss)"
-        )
     if training_args.ddp_find_unused_parameters is None:
         training_args.ddp_find_unused_parameters = False  # every trainable weight is used in every step
     wanted = [name for entry in training_args.report_to for name in entry.split(",") if name]
@@ -314,7 +307,9 @@ class TinyAudioTrainer(Trainer):
             ctc = self.ctc_loss(*audio, inputs["labels"], transcript_rows)
             if model.training:
                 self._ctc_logged.append(float(ctc.detach()))
-                if self.state.global_step < self.ctc_only_steps:  # warm-up: the LLM is not run at all
+                # A mean per micro-batch: scaled like the LM loss, which is normalised over the accumulated batch.
+                ctc = ctc / self.current_gradient_accumulation_steps
+                if self._in_ctc_warm_up():  # the LLM is not run at all
                     return (ctc, None) if return_outputs else ctc
         if self.prefix_cache is not None:
             inputs = self.prefix_cache.apply(inputs, self.accelerator.autocast())
@@ -326,6 +321,19 @@ class TinyAudioTrainer(Trainer):
         if ctc is not None and model.training:  # evaluation reports the plain LM loss, comparable across runs
             loss = loss + self.ctc_weight * ctc
         return (loss, outputs) if return_outputs else loss
+
+    def _in_ctc_warm_up(self) -> bool:
+        return self.ctc_loss is not None and self.state.global_step < self.ctc_only_steps
+
+    def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self._in_ctc_warm_up() and self.accelerator.num_processes > 1 and self.accelerator.sync_gradients:
+            # The warm-up projects audio outside the DDP wrapper, so DDP's gradient averaging never ran: do it here.
+            for parameter in model.parameters():
+                if parameter.grad is not None:
+                    torch.distributed.all_reduce(parameter.grad)
+                    parameter.grad /= self.accelerator.num_processes
+        return loss
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if self._ctc_logged and "loss" in logs:
