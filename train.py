@@ -329,10 +329,10 @@ class TinyAudioTrainer(Trainer):
         loss = super().training_step(model, inputs, num_items_in_batch)
         if self._in_ctc_warm_up() and self.accelerator.num_processes > 1 and self.accelerator.sync_gradients:
             # The warm-up projects audio outside the DDP wrapper, so DDP's gradient averaging never ran: do it here.
-            for parameter in model.parameters():
-                if parameter.grad is not None:
-                    torch.distributed.all_reduce(parameter.grad)
-                    parameter.grad /= self.accelerator.num_processes
+            trained = [parameter for parameter in model.parameters() if parameter.grad is not None]
+            averaged = self.accelerator.reduce([parameter.grad for parameter in trained], reduction="mean")
+            for parameter, grad in zip(trained, averaged, strict=True):
+                parameter.grad = grad
         return loss
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
