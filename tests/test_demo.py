@@ -181,10 +181,15 @@ def page(browser, demo_url: str, tmp_path: Path) -> Iterator:
     page.close()
 
 
-def wait_for_transcript(page) -> str:
+def wait_for_filled(page, selector: str) -> None:
+    """Polls on a timer: requestAnimationFrame polling (the default) can stall in a headless page."""
     page.wait_for_function(
-        "document.querySelector('#transcript textarea').value.trim().length > 0", timeout=60_000
+        f"document.querySelector('{selector}').value.trim().length > 0", timeout=60_000, polling=250
     )
+
+
+def wait_for_transcript(page) -> str:
+    wait_for_filled(page, "#transcript textarea")
     return page.locator("#transcript textarea").input_value()
 
 
@@ -223,9 +228,7 @@ def test_text_mode_answers(page) -> None:
     page.get_by_role("tab", name="Text").click()
     page.locator("#prompt textarea").fill("What is the capital of France?")
     page.click("#ask-btn")
-    page.wait_for_function(
-        "document.querySelector('#answer textarea').value.trim().length > 0", timeout=60_000
-    )
+    wait_for_filled(page, "#answer textarea")
     assert set(page.locator("#answer textarea").input_value().split()) <= {"tiny", "audio"}
     assert re.fullmatch(
         r"\d+\.\d\d s", page.locator("#answer-time textarea, #answer-time input").input_value()
