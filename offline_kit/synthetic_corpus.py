@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from offline_kit import augment
 from offline_kit.data_deps import ensure_data_deps
-from offline_kit.text_sources import SOURCES, load_sentences, split_by_text
+from offline_kit.text_sources import SOURCES, load_sentences, number_phrase, short_phrase, split_by_text
 from offline_kit.voices import FAMILIES, SAMPLE_RATE, Voice, all_voices, split_voices, synthesize
 
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "data" / "synthetic"
@@ -48,6 +48,8 @@ AUGMENT_ODDS = {
     "flite": {"p_telephone": 0.0, "p_noise": 0.3},
     "espeak": {"p_telephone": 0.0, "p_noise": 0.0},
 }
+# In a short-utterance corpus (--max-words) every fifth clip is a number: digits, the way transcripts write them.
+NUMBER_EVERY = 5
 
 
 @dataclass(frozen=True)
@@ -73,11 +75,13 @@ def plan_corpus(
     families: tuple[str, ...],
     sources: tuple[str, ...],
     first_clip: int = 0,
+    max_words: int | None = None,
 ) -> dict[str, list[ClipPlan]]:
     """Assign text, source and voice to every clip: test clips get test-only sentences and held-out voices.
 
     Families take turns so even a tiny corpus has every family in both splits; sentences are shuffled once
-    per split and reused in order only when there are more clips than sentences.
+    per split and reused in order only when there are more clips than sentences.  With ``max_words`` a clip
+    speaks a span of 1 to ``max_words`` words of its sentence instead, or (one clip in ``NUMBER_EVERY``) a number.
     """
     train_text, test_text = split_by_text(load_sentences(sources), test_fraction=0.05, seed=seed)
     train_voices, test_voices = split_voices(all_voices(families))
@@ -95,9 +99,12 @@ def plan_corpus(
             rng = random.Random(clip_seed(seed, split, i))
             sentence = texts[i % len(texts)]
             voice = rng.choice(by_family[families[i % len(families)]])
-            plans[split].append(
-                ClipPlan(f"{split}-{i:06d}", sentence.text, sentence.source, voice.id, rng.getrandbits(63))
-            )
+            text, source = sentence.text, sentence.source
+            if max_words and i % NUMBER_EVERY == 0:
+                text, source = number_phrase(rng), "numbers"
+            elif max_words:
+                text = short_phrase(text, rng, max_words)
+            plans[split].append(ClipPlan(f"{split}-{i:06d}", text, source, voice.id, rng.getrandbits(63)))
     return plans
 
 
@@ -184,6 +191,7 @@ def build_corpus(
     workers: int | None = None,
     keep_shards: bool = False,
     first_clip: int = 0,
+    max_words: int | None = None,
 ) -> datasets.DatasetDict:
     """Render (or resume) the corpus into ``out`` and return it loaded from disk."""
     settings = {
@@ -192,6 +200,8 @@ def build_corpus(
     }  # fmt: skip
     if first_clip:
         settings["first_clip"] = first_clip
+    if max_words:
+        settings["max_words"] = max_words
     out.mkdir(parents=True, exist_ok=True)
     settings_file = out / "corpus_settings.json"
     if settings_file.exists() and json.loads(settings_file.read_text()) != settings:
@@ -202,7 +212,7 @@ def build_corpus(
     if (out / "dataset_dict.json").exists():
         return datasets.load_from_disk(str(out))
 
-    plans = plan_corpus(num_clips, seed, test_fraction, families, sources, first_clip)
+    plans = plan_corpus(num_clips, seed, test_fraction, families, sources, first_clip, max_words)
     shard_root = out / "shards"
     shard_root.mkdir(exist_ok=True)
     jobs, done = [], 0
@@ -260,6 +270,12 @@ def main(argv: list[str] | None = None) -> None:
         default=0,
         help="index of the first training clip: continue a corpus of that many clips with unused sentences",
     )
+    parser.add_argument(
+        "--max-words",
+        type=int,
+        default=None,
+        help="short utterances: each clip speaks 1 to N words of a sentence, every fifth one a number",
+    )
     parser.add_argument("--no-install", action="store_true", help="fail instead of installing missing deps")
     args = parser.parse_args(argv)
     ensure_data_deps(install=not args.no_install)
@@ -275,6 +291,7 @@ def main(argv: list[str] | None = None) -> None:
         workers=args.workers,
         keep_shards=args.keep_shards,
         first_clip=args.first_clip,
+        max_words=args.max_words,
     )
     print(f"synthetic corpus in {args.out}")
     print(summarize(corpus))

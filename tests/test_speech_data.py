@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import random
+import re
 import shutil
 
 import datasets
@@ -19,7 +20,7 @@ import soundfile as sf
 from offline_kit import augment, sanity_check
 from offline_kit.data_deps import DATA_PACKAGES, debian_file, ensure_data_deps, missing_deps
 from offline_kit.real_speech import JFK_TEXT, asterisk_prompts, build_real_speech, normalize_reference
-from offline_kit.synthetic_corpus import build_corpus, plan_corpus
+from offline_kit.synthetic_corpus import NUMBER_EVERY, build_corpus, plan_corpus
 from offline_kit.text_sources import (
     HARVARD_COUNT,
     clean,
@@ -169,6 +170,28 @@ def test_extension_corpus_continues_with_unused_sentences_and_no_test_text():
     # The extension is the tail of one longer corpus: same sentences, same voices, same seeds.
     longer = plan_corpus(80, test_fraction=0.0, **args)["train"]
     assert longer[36:76] == extension["train"]
+
+
+def test_short_utterance_corpus_speaks_spans_of_its_sentences_and_numbers(tmp_path):
+    args = dict(seed=0, test_fraction=0.0, families=FAMILIES, sources=("harvard",))
+    full = plan_corpus(60, **args)["train"]
+    short = plan_corpus(60, max_words=3, **args)["train"]
+    numbers = [p for p in short if p.source == "numbers"]
+    assert len(numbers) == 60 // NUMBER_EVERY and all(re.fullmatch(r"\d+(st|nd|rd|th)?", p.text) for p in numbers)
+    assert any(p.text.endswith(("st", "nd", "rd", "th")) for p in numbers)
+    spans = [p for p in short if p.source != "numbers"]
+    lengths = {len(p.text.split()) for p in spans}
+    assert lengths == {1, 2, 3}
+    for long, span in zip(full, short, strict=True):
+        # Same voice and sentence order as the full-sentence corpus; the text is a span of that sentence.
+        assert span.voice == long.voice and span.clip_id == long.clip_id
+        if span.source != "numbers":
+            words = [w.strip(",.;:?!-'\"") for w in long.text.split()]
+            assert any(words[i : i + len(span.text.split())] == span.text.split() for i in range(len(words)))
+    corpus = build_corpus(tmp_path / "short", num_clips=6, max_words=3, workers=1, **args)
+    for row, (audio, _) in zip(corpus["train"].to_list(), _decode(corpus["train"]), strict=True):
+        assert 1 <= len(row["text"].split()) <= 3 and np.sqrt(np.mean(audio**2)) > 1e-3, row["clip_id"]
+        assert row["duration"] < 5.0, (row["text"], row["duration"])
 
 
 def test_corpus_resumes_and_same_seed_gives_same_corpus(corpus_dir, tmp_path):
