@@ -147,6 +147,26 @@ def test_yaml_config_with_command_line_overrides(workspace, tmp_path):
         parse_dataset_specs('[{"path": "x", "colums": 1}]')
 
 
+@pytest.mark.parametrize("config", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda path: path.name)
+def test_checked_in_configs_parse(config):
+    model_args, data_args, _, training_args = train.parse_args([str(config)])
+    assert parse_dataset_specs(data_args.train_datasets) and training_args.output_dir
+    assert model_args.model_name_or_path or model_args.audio_model_id
+
+
+def test_offline_recipe_stages_chain_and_the_script_runs_each_one():
+    """Each stage starts from the previous stage's output, and train_offline_model.sh trains and ships the last."""
+    script = (ROOT / "scripts" / "train_offline_model.sh").read_text()
+    stages = [ROOT / "configs" / "offline_recipe.yaml", *sorted((ROOT / "configs").glob("offline_recipe_stage*.yaml"))]
+    previous_output = None
+    for config in stages:
+        model_args, _, _, training_args = train.parse_args([str(config)])
+        assert model_args.model_name_or_path == previous_output, config.name
+        assert f"train configs/{config.name} " in script, config.name
+        previous_output = training_args.output_dir
+    assert f"RUN={previous_output}\n" in script and 'preset --ship "$RUN"' in script
+
+
 def test_bad_rows_are_skipped_and_counted(tmp_path):
     """Every source kind; bad rows of each sort are dropped and counted, good ones all kept, sources mixed."""
     rng = np.random.default_rng(0)
