@@ -52,7 +52,7 @@ def join_stages(stages: list[dict[str, tuple[list[int], list[float]]]]) -> tuple
 def plot(state_files: Path | list[Path], out_file: Path, title: str | None = None) -> Path:
     state_files = [state_files] if isinstance(state_files, (str, Path)) else list(state_files)
     curves, stage_starts = join_stages([read_curves(path) for path in state_files])
-    figure, axes = plt.subplots(figsize=(7, 4), dpi=120)
+    figure, axes = plt.subplots(figsize=(7, 4.4), dpi=120)
     for number, start in enumerate(stage_starts, start=2):
         axes.axvline(start, color="grey", linestyle="--", linewidth=0.8)
         axes.annotate(f"stage {number}", (start, 1), xycoords=("data", "axes fraction"), xytext=(3, -12),
@@ -66,7 +66,7 @@ def plot(state_files: Path | list[Path], out_file: Path, title: str | None = Non
     axes.set_yscale("log")  # the first steps start an order of magnitude above where training settles
     axes.set_title(title or Path(state_files[-1]).parent.name, fontsize=10)
     axes.grid(alpha=0.3)
-    axes.legend()
+    axes.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=len(CURVES), fontsize=8)  # clear of the curves
     figure.tight_layout()
     Path(out_file).parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(out_file)
