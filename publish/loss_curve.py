@@ -66,7 +66,8 @@ def plot(state_files: Path | list[Path], out_file: Path, title: str | None = Non
     axes.set_yscale("log")  # the first steps start an order of magnitude above where training settles
     axes.set_title(title or Path(state_files[-1]).parent.name, fontsize=10)
     axes.grid(alpha=0.3)
-    axes.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=len(CURVES), fontsize=8)  # clear of the curves
+    # Below the axes, clear of the curves and the stage markers.
+    axes.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=len(CURVES), fontsize=8)
     figure.tight_layout()
     Path(out_file).parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(out_file)

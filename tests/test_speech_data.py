@@ -177,7 +177,9 @@ def test_short_utterance_corpus_speaks_spans_of_its_sentences_and_numbers(tmp_pa
     full = plan_corpus(60, **args)["train"]
     short = plan_corpus(60, max_words=3, **args)["train"]
     numbers = [p for p in short if p.source == "numbers"]
-    assert len(numbers) == 60 // NUMBER_EVERY and all(re.fullmatch(r"\d+(st|nd|rd|th)?", p.text) for p in numbers)
+    assert len(numbers) == 60 // NUMBER_EVERY and all(
+        re.fullmatch(r"\d+(st|nd|rd|th)?", p.text) for p in numbers
+    )
     assert any(p.text.endswith(("st", "nd", "rd", "th")) for p in numbers)
     spans = [p for p in short if p.source != "numbers"]
     lengths = {len(p.text.split()) for p in spans}

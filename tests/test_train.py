@@ -157,7 +157,10 @@ def test_checked_in_configs_parse(config):
 def test_offline_recipe_stages_chain_and_the_script_runs_each_one():
     """Each stage starts from the previous stage's output, and train_offline_model.sh trains and ships the last."""
     script = (ROOT / "scripts" / "train_offline_model.sh").read_text()
-    stages = [ROOT / "configs" / "offline_recipe.yaml", *sorted((ROOT / "configs").glob("offline_recipe_stage*.yaml"))]
+    stages = [
+        ROOT / "configs" / "offline_recipe.yaml",
+        *sorted((ROOT / "configs").glob("offline_recipe_stage*.yaml")),
+    ]
     previous_output = None
     for config in stages:
         model_args, _, _, training_args = train.parse_args([str(config)])
