@@ -324,7 +324,7 @@ def test_loss_curve_reads_every_logged_curve_and_draws_a_png(tmp_path):
     }
     png = loss_curve.plot(state, tmp_path / "plots" / "loss.png")
     with Image.open(png) as image:
-        assert image.format == "PNG" and image.size == (840, 480)
+        assert image.format == "PNG" and image.size == (840, 528)
 
     # A second stage continues on the same axis, after the first stage's last step.
     second = tmp_path / "stage2.json"
