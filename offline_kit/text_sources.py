@@ -156,14 +156,18 @@ def text_key(text: str) -> str:
     return " ".join(re.sub(r"[^a-z0-9' ]", " ", text.lower()).split())
 
 
+def sentence_words(text: str) -> list[str]:
+    """The words of a sentence with the punctuation at their edges stripped ("don't" keeps its apostrophe)."""
+    return [word for word in (w.strip(",.;:?!-'\"") for w in text.split()) if word]
+
+
 def short_phrase(text: str, rng: random.Random, max_words: int) -> str:
     """A span of 1 to ``max_words`` words of a sentence, edge punctuation stripped.
 
     Sentences never teach a model to stop after one word or a short command; these spans do.  A single word is
     drawn from the words of four letters or more, so isolated words are content words, not "the" or "of".
     """
-    words = [w.strip(",.;:?!-'\"") for w in text.split()]
-    words = [w for w in words if w]
+    words = sentence_words(text)
     if not words:
         raise ValueError(f"no words in {text!r}")
     n = rng.randint(1, min(max_words, len(words)))
@@ -177,7 +181,7 @@ def number_phrase(rng: random.Random) -> str:
     """A number written the way transcripts write it: a cardinal in digits (0-999) or an ordinal (1st-31st)."""
     if rng.random() < 0.3:
         day = rng.randint(1, 31)
-        suffix = "th" if 11 <= day % 100 <= 13 else {1: "st", 2: "nd", 3: "rd"}.get(day % 10, "th")
+        suffix = "th" if 11 <= day <= 13 else {1: "st", 2: "nd", 3: "rd"}.get(day % 10, "th")
         return f"{day}{suffix}"
     return str(rng.choice([rng.randint(0, 20), rng.randint(21, 99), rng.randint(100, 999)]))
 

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import soundfile
 import torch
+import yaml
 from datasets import Audio, Dataset, DatasetDict
 from huggingface_hub import HfApi
 from safetensors.torch import load_file, save_file
@@ -149,9 +150,12 @@ def test_yaml_config_with_command_line_overrides(workspace, tmp_path):
 
 @pytest.mark.parametrize("config", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda path: path.name)
 def test_checked_in_configs_parse(config):
-    model_args, data_args, _, training_args = train.parse_args([str(config)])
-    assert parse_dataset_specs(data_args.train_datasets) and training_args.output_dir
-    assert model_args.model_name_or_path or model_args.audio_model_id
+    written = yaml.safe_load(config.read_text())
+    _, data_args, _, training_args = train.parse_args([str(config)])
+    specs = parse_dataset_specs(data_args.train_datasets)
+    assert [spec.path for spec in specs] == [entry["path"] for entry in written["train_datasets"]]
+    for key in ("output_dir", "learning_rate", "max_steps"):
+        assert getattr(training_args, key) == written[key], key
 
 
 def test_offline_recipe_stages_chain_and_the_script_runs_each_one():
