@@ -2,6 +2,8 @@
 
     python -m offline_kit.synthetic_corpus --num-clips 200            # smoke set, seconds
     python -m offline_kit.synthetic_corpus --num-clips 30000          # training set, ~30 h of audio
+    python -m offline_kit.synthetic_corpus --max-words 3 ...          # short utterances: 1-3 words, numbers
+    python -m offline_kit.synthetic_corpus --min-words 30 ...         # long form: sentences joined, 10-25 s
 
 Output (default ``data/synthetic``) is a ``datasets.DatasetDict`` saved with ``save_to_disk``: splits ``train``
 and ``test``; columns ``audio`` (Audio, 16 kHz FLAC bytes), ``text``, ``voice``, ``speaker``, ``family``,
@@ -76,13 +78,17 @@ def plan_corpus(
     sources: tuple[str, ...],
     first_clip: int = 0,
     max_words: int | None = None,
+    min_words: int | None = None,
 ) -> dict[str, list[ClipPlan]]:
     """Assign text, source and voice to every clip: test clips get test-only sentences and held-out voices.
 
     Families take turns so even a tiny corpus has every family in both splits; sentences are shuffled once
     per split and reused in order only when there are more clips than sentences.  With ``max_words`` a clip
     speaks a span of 1 to ``max_words`` words of its sentence instead, or (one clip in ``NUMBER_EVERY``) a number.
+    With ``min_words`` a clip speaks the next sentences in order, joined until it has at least ``min_words`` words.
     """
+    if max_words and min_words:
+        raise ValueError("--max-words (short utterances) and --min-words (long form) exclude each other")
     train_text, test_text = split_by_text(load_sentences(sources), test_fraction=0.05, seed=seed)
     train_voices, test_voices = split_voices(all_voices(families))
     n_test = max(len(families), round(num_clips * test_fraction)) if test_fraction > 0 else 0
@@ -95,11 +101,16 @@ def plan_corpus(
         plans[split] = []
         # An extension corpus starts where an earlier one stopped: fresh sentences, clip ids that do not clash.
         start = first_clip if split == "train" else 0
+        next_sentence = start
         for i in range(start, start + counts[split]):
             rng = random.Random(clip_seed(seed, split, i))
-            sentence = texts[i % len(texts)]
             voice = rng.choice(by_family[families[i % len(families)]])
-            text, source = sentence.text, sentence.source
+            joined = [texts[next_sentence % len(texts)]]
+            while min_words and sum(len(s.text.split()) for s in joined) < min_words:
+                joined.append(texts[(next_sentence + len(joined)) % len(texts)])
+            next_sentence += len(joined)
+            text = " ".join(s.text for s in joined)
+            source = "+".join(sorted({s.source for s in joined}))
             if max_words and i % NUMBER_EVERY == 0:
                 text, source = number_phrase(rng), "numbers"
             elif max_words:
@@ -192,6 +203,7 @@ def build_corpus(
     keep_shards: bool = False,
     first_clip: int = 0,
     max_words: int | None = None,
+    min_words: int | None = None,
 ) -> datasets.DatasetDict:
     """Render (or resume) the corpus into ``out`` and return it loaded from disk."""
     settings = {
@@ -202,6 +214,8 @@ def build_corpus(
         settings["first_clip"] = first_clip
     if max_words:
         settings["max_words"] = max_words
+    if min_words:
+        settings["min_words"] = min_words
     out.mkdir(parents=True, exist_ok=True)
     settings_file = out / "corpus_settings.json"
     if settings_file.exists() and json.loads(settings_file.read_text()) != settings:
@@ -212,7 +226,7 @@ def build_corpus(
     if (out / "dataset_dict.json").exists():
         return datasets.load_from_disk(str(out))
 
-    plans = plan_corpus(num_clips, seed, test_fraction, families, sources, first_clip, max_words)
+    plans = plan_corpus(num_clips, seed, test_fraction, families, sources, first_clip, max_words, min_words)
     shard_root = out / "shards"
     shard_root.mkdir(exist_ok=True)
     jobs, done = [], 0
@@ -276,6 +290,12 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="short utterances: each clip speaks 1 to N words of a sentence, every fifth one a number",
     )
+    parser.add_argument(
+        "--min-words",
+        type=int,
+        default=None,
+        help="long form: each clip speaks whole sentences joined until it has at least N words",
+    )
     parser.add_argument("--no-install", action="store_true", help="fail instead of installing missing deps")
     args = parser.parse_args(argv)
     ensure_data_deps(install=not args.no_install)
@@ -292,6 +312,7 @@ def main(argv: list[str] | None = None) -> None:
         keep_shards=args.keep_shards,
         first_clip=args.first_clip,
         max_words=args.max_words,
+        min_words=args.min_words,
     )
     print(f"synthetic corpus in {args.out}")
     print(summarize(corpus))
