@@ -203,7 +203,7 @@ def test_long_form_corpus_joins_consecutive_sentences_and_continues_where_it_sto
     long_form = plan_corpus(20, min_words=30, **args)["train"]
     # Each clip is the next run of sentences, in order, none skipped or repeated, stopping at 30 words or more.
     joined, used = [], 0
-    for plan in long_form:
+    for _ in long_form:
         run = []
         while len(" ".join(run).split()) < 30:
             run.append(sentences[used + len(run)])
