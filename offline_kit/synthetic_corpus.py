@@ -3,7 +3,7 @@
     python -m offline_kit.synthetic_corpus --num-clips 200            # smoke set, seconds
     python -m offline_kit.synthetic_corpus --num-clips 30000          # training set, ~30 h of audio
     python -m offline_kit.synthetic_corpus --max-words 3 ...          # short utterances: 1-3 words, numbers
-    python -m offline_kit.synthetic_corpus --min-words 30 ...         # long form: sentences joined, 10-25 s
+    python -m offline_kit.synthetic_corpus --min-words 30 ...         # long form: sentences joined, 7-23 s at 30
 
 Output (default ``data/synthetic``) is a ``datasets.DatasetDict`` saved with ``save_to_disk``: splits ``train``
 and ``test``; columns ``audio`` (Audio, 16 kHz FLAC bytes), ``text``, ``voice``, ``speaker``, ``family``,
