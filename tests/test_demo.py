@@ -113,12 +113,16 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def demo_url(talkative_model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """`python demo/app.py` as a user starts it, on a free port, with a 0.2 MB upload limit."""
+    """`python demo/app.py` as a user starts it, on a free port, with a 0.5 MB upload limit.
+
+    The limit must stay well above a microphone recording (48 kHz 16-bit mono, about 96 kB a second: a slow
+    machine stretches the 2 s take) and below `long.wav` in the rejection test (20 s at 16 kHz, 640 kB).
+    """
     port = free_port()
     log = tmp_path_factory.mktemp("demo") / "app.log"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
     command = [sys.executable, str(REPO_ROOT / "demo" / "app.py"), "--model", talkative_model_dir]
-    command += ["--port", str(port), "--max-file-mb", "0.2"]
+    command += ["--port", str(port), "--max-file-mb", "0.5"]
     with open(log, "w") as log_file:
         process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}/"
@@ -182,10 +186,19 @@ def page(browser, demo_url: str, tmp_path: Path) -> Iterator:
 
 
 def wait_for_filled(page, selector: str) -> None:
-    """Polls on a timer: requestAnimationFrame polling (the default) can stall in a headless page."""
-    page.wait_for_function(
-        f"document.querySelector('{selector}').value.trim().length > 0", timeout=60_000, polling=250
-    )
+    """Polls on a timer: requestAnimationFrame polling (the default) can stall in a headless page.
+
+    On a timeout the failure quotes what the page told the user instead (the demo's error line, Gradio's toasts).
+    """
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    try:
+        page.wait_for_function(
+            f"document.querySelector('{selector}').value.trim().length > 0", timeout=60_000, polling=250
+        )
+    except PlaywrightTimeout:
+        shown = [page.locator("#audio-error").inner_text(), *page.locator(".toast-body").all_inner_texts()]
+        pytest.fail(f"{selector} stayed empty for 60 s; the page showed: {[text for text in shown if text]}")
 
 
 def wait_for_transcript(page) -> str:
@@ -241,7 +254,7 @@ def test_text_mode_answers(page) -> None:
     ("name", "content", "message"),
     [  # refused by Gradio on upload (type, then --max-file-mb), and by the demo's check (text named .wav)
         ("notes.txt", b"meeting notes\n", r"Invalid file type: notes\.txt"),
-        ("long.wav", None, r'File\(s\) exceed the maximum allowed size of 204\.8 Kb: "long\.wav"'),
+        ("long.wav", None, r'File\(s\) exceed the maximum allowed size of 512\.0 Kb: "long\.wav"'),
         ("notes.wav", b"meeting notes\n", r"Not an audio file: 'notes\.wav'"),
     ],
 )
@@ -250,7 +263,7 @@ def test_rejected_files_show_a_readable_message(
 ) -> None:
     path = tmp_path / name
     if content is None:
-        write_clip(path, 10.0)
+        write_clip(path, 20.0)
     else:
         path.write_bytes(content)
     page.locator("#audio input[type=file]").set_input_files(str(path))
