@@ -1,8 +1,9 @@
-"""Seeded augmentations that move clean TTS audio towards real recordings: telephone band, noise, gain.
+"""Seeded augmentations that move clean TTS audio towards real recordings: telephone, narrowband, noise, gain.
 
 ``sample_augmentation`` draws the settings for one clip from a seeded ``random.Random``; ``apply`` renders
 them with a numpy generator seeded from the same clip seed.  The settings go into the corpus columns
-(``aug_telephone``, ``aug_noise``, ``aug_snr_db``, ``aug_gain_db``) so a training run can filter or stratify.
+(``aug_telephone``, ``aug_noise``, ``aug_snr_db``, ``aug_gain_db``, ``aug_narrowband``) so a training run can
+filter or stratify.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ class Augmentation:
     noise: str = "none"
     snr_db: float | None = None
     gain_db: float = 0.0
+    narrowband: bool = False
 
     def columns(self) -> dict:
         return {f"aug_{key}": value for key, value in asdict(self).items()}
@@ -43,16 +45,19 @@ def sample_augmentation(
     p_telephone: float = 0.2,
     p_noise: float = 0.35,
     gain_db: tuple[float, float] = (-18.0, 4.0),
+    p_narrowband: float = 0.0,
 ) -> Augmentation:
-    """Draw one clip's augmentation; about half the clips stay clean apart from gain."""
+    """Draw one clip's augmentation; about half the clips stay clean apart from gain.
+
+    The narrowband draw comes last and only when asked for, so corpora built without it keep their clips.
+    """
     telephone = rng.random() < p_telephone
     noisy = rng.random() < p_noise
-    return Augmentation(
-        telephone=telephone,
-        noise=rng.choice(NOISE_KINDS) if noisy else "none",
-        snr_db=rng.choice(SNRS_DB) if noisy else None,
-        gain_db=round(rng.uniform(*gain_db), 2),
-    )
+    noise = rng.choice(NOISE_KINDS) if noisy else "none"
+    snr_db = rng.choice(SNRS_DB) if noisy else None
+    gain = round(rng.uniform(*gain_db), 2)
+    narrowband = p_narrowband > 0 and rng.random() < p_narrowband
+    return Augmentation(telephone, noise, snr_db, gain, narrowband)
 
 
 def telephone(audio: np.ndarray) -> np.ndarray:
@@ -66,6 +71,13 @@ def telephone(audio: np.ndarray) -> np.ndarray:
     return soxr.resample(expanded, TELEPHONE_RATE, SAMPLE_RATE)[: len(audio)]
 
 
+def narrowband(audio: np.ndarray) -> np.ndarray:
+    """An 8 kHz recording played at 16 kHz (Asterisk's prompts): nothing above 4 kHz, nothing else changed."""
+    return soxr.resample(soxr.resample(audio, SAMPLE_RATE, TELEPHONE_RATE), TELEPHONE_RATE, SAMPLE_RATE)[
+        : len(audio)
+    ]
+
+
 def _noise(kind: str, n: int, gen: np.random.Generator) -> np.ndarray:
     white = gen.standard_normal(n)
     if kind == "white":
@@ -77,7 +89,10 @@ def _noise(kind: str, n: int, gen: np.random.Generator) -> np.ndarray:
 
 
 def apply(audio: np.ndarray, aug: Augmentation, seed: int) -> np.ndarray:
-    """Render ``aug`` on 16 kHz float audio; noise is scaled to ``snr_db`` against the speech power."""
+    """Render ``aug`` on 16 kHz float audio; noise is scaled to ``snr_db`` against the speech power.
+
+    Narrowband comes after the noise, as for a noisy room recorded at 8 kHz: the whole clip ends at 4 kHz.
+    """
     out = np.asarray(audio, dtype=np.float64)
     if aug.telephone:
         out = telephone(out)
@@ -85,6 +100,8 @@ def apply(audio: np.ndarray, aug: Augmentation, seed: int) -> np.ndarray:
         noise = _noise(aug.noise, len(out), np.random.default_rng(seed))
         speech_power = np.mean(out**2)
         out = out + noise * np.sqrt(speech_power / (np.mean(noise**2) * 10 ** (aug.snr_db / 10)))
+    if aug.narrowband:
+        out = narrowband(out)
     out = out * 10 ** (aug.gain_db / 20)
     return np.clip(out, -1.0, 1.0).astype(np.float32)
 
@@ -98,13 +115,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--noise", choices=("none", *NOISE_KINDS), default="none")
     parser.add_argument("--snr-db", type=float, default=10.0)
     parser.add_argument("--gain-db", type=float, default=0.0)
+    parser.add_argument("--narrowband", action="store_true", help="8 kHz recording: nothing above 4 kHz")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     audio, rate = sf.read(args.input, dtype="float32")
     if rate != SAMPLE_RATE or audio.ndim != 1:
         raise SystemExit(f"{args.input}: need 16 kHz mono, got {rate} Hz with shape {audio.shape}")
     aug = Augmentation(
-        args.telephone, args.noise, args.snr_db if args.noise != "none" else None, args.gain_db
+        args.telephone,
+        args.noise,
+        args.snr_db if args.noise != "none" else None,
+        args.gain_db,
+        args.narrowband,
     )
     sf.write(args.output, apply(audio, aug, args.seed), SAMPLE_RATE)
     print(f"wrote {args.output}: {aug}")

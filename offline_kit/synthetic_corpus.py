@@ -137,14 +137,17 @@ def to_audio_dataset(rows: list[dict]) -> datasets.Dataset:
     return dataset.cast_column("audio", datasets.Audio(sampling_rate=SAMPLE_RATE))
 
 
-def render_clip(plan: ClipPlan, voice: Voice, use_augment: bool, session_seed: int) -> dict:
-    """Synthesize, augment and encode one clip into a dataset row."""
+def render_clip(
+    plan: ClipPlan, voice: Voice, use_augment: bool, narrowband: float, session_seed: int
+) -> dict:
+    """Synthesize, augment and encode one clip into a dataset row (``narrowband``: odds of an 8 kHz channel)."""
     rng = random.Random(plan.seed)
     try:
         audio, params = synthesize(voice, plan.text, rng, session_seed)
     except Exception as err:
         raise RuntimeError(f"clip {plan.clip_id} ({plan.voice}): {plan.text!r}: {err}") from err
-    aug = augment.sample_augmentation(rng, **AUGMENT_ODDS[voice.family]) if use_augment else augment.NONE
+    odds = {**AUGMENT_ODDS[voice.family], "p_narrowband": narrowband}
+    aug = augment.sample_augmentation(rng, **odds) if use_augment else augment.NONE
     audio = augment.apply(audio, aug, plan.seed)
     return {
         "audio": {"bytes": encode_flac(audio), "path": f"{plan.clip_id}.flac"},
@@ -160,11 +163,11 @@ def render_clip(plan: ClipPlan, voice: Voice, use_augment: bool, session_seed: i
     }
 
 
-def render_shard(job: tuple[Path, list[ClipPlan], bool, int]) -> int:
+def render_shard(job: tuple[Path, list[ClipPlan], bool, float, int]) -> int:
     """Render one shard to ``shard_dir`` (written under a temporary name, renamed when complete)."""
-    shard_dir, plans, use_augment, session_seed = job
+    shard_dir, plans, use_augment, narrowband, session_seed = job
     voices = {v.id: v for v in all_voices()}
-    rows = [render_clip(plan, voices[plan.voice], use_augment, session_seed) for plan in plans]
+    rows = [render_clip(plan, voices[plan.voice], use_augment, narrowband, session_seed) for plan in plans]
     partial = shard_dir.with_name(shard_dir.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     datasets.disable_progress_bars()
@@ -186,7 +189,8 @@ def summarize(corpus: datasets.DatasetDict) -> str:
                 lines.append(f"  {column}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
         if "aug_noise" in dataset.column_names:
             tel, noisy = sum(dataset["aug_telephone"]), sum(n != "none" for n in dataset["aug_noise"])
-            lines.append(f"  augmented: telephone {tel}, noise {noisy}")
+            narrow = sum(dataset["aug_narrowband"]) if "aug_narrowband" in dataset.column_names else 0
+            lines.append(f"  augmented: telephone {tel}, narrowband {narrow}, noise {noisy}")
     return "\n".join(lines)
 
 
@@ -204,8 +208,11 @@ def build_corpus(
     first_clip: int = 0,
     max_words: int | None = None,
     min_words: int | None = None,
+    narrowband: float = 0.0,
 ) -> datasets.DatasetDict:
     """Render (or resume) the corpus into ``out`` and return it loaded from disk."""
+    if narrowband and not use_augment:
+        raise ValueError("--narrowband is an augmentation: it cannot go with --no-augment")
     settings = {
         "num_clips": num_clips, "seed": seed, "test_fraction": test_fraction, "families": list(families),
         "sources": list(sources), "augment": use_augment, "shard_size": shard_size,
@@ -216,6 +223,8 @@ def build_corpus(
         settings["max_words"] = max_words
     if min_words:
         settings["min_words"] = min_words
+    if narrowband:
+        settings["narrowband"] = narrowband
     out.mkdir(parents=True, exist_ok=True)
     settings_file = out / "corpus_settings.json"
     if settings_file.exists() and json.loads(settings_file.read_text()) != settings:
@@ -237,7 +246,7 @@ def build_corpus(
             if shard_dir.exists():
                 done += len(chunk)
             else:
-                jobs.append((shard_dir, chunk, use_augment, clip_seed(seed, shard_dir.name)))
+                jobs.append((shard_dir, chunk, use_augment, narrowband, clip_seed(seed, shard_dir.name)))
     workers = workers or os.cpu_count() or 1
     with tqdm(total=num_clips, initial=done, unit="clip", desc="synthesizing") as progress:
         if workers == 1 or len(jobs) <= 1:
@@ -296,6 +305,12 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="long form: each clip speaks whole sentences joined until it has at least N words",
     )
+    parser.add_argument(
+        "--narrowband",
+        type=float,
+        default=0.0,
+        help="share of clips cut to 4 kHz after any noise, like audio recorded at 8 kHz",
+    )
     parser.add_argument("--no-install", action="store_true", help="fail instead of installing missing deps")
     args = parser.parse_args(argv)
     ensure_data_deps(install=not args.no_install)
@@ -313,6 +328,7 @@ def main(argv: list[str] | None = None) -> None:
         first_clip=args.first_clip,
         max_words=args.max_words,
         min_words=args.min_words,
+        narrowband=args.narrowband,
     )
     print(f"synthetic corpus in {args.out}")
     print(summarize(corpus))

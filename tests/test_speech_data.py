@@ -6,6 +6,7 @@ dependencies are installed first by offline_kit/install_data_deps.sh, exactly as
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import random
@@ -20,7 +21,7 @@ import soundfile as sf
 from offline_kit import augment, sanity_check
 from offline_kit.data_deps import DATA_PACKAGES, debian_file, ensure_data_deps, missing_deps
 from offline_kit.real_speech import JFK_TEXT, asterisk_prompts, build_real_speech, normalize_reference
-from offline_kit.synthetic_corpus import NUMBER_EVERY, build_corpus, plan_corpus
+from offline_kit.synthetic_corpus import NUMBER_EVERY, build_corpus, plan_corpus, summarize
 from offline_kit.text_sources import (
     HARVARD_COUNT,
     clean,
@@ -120,6 +121,20 @@ def test_augmentation_is_seeded_and_does_what_its_columns_say():
     )
     quiet = augment.apply(clean_tone, augment.Augmentation(gain_db=-20.0), seed=0)
     assert np.abs(quiet).max() == pytest.approx(0.1 * np.abs(clean_tone).max(), rel=1e-3)
+    narrow = np.abs(np.fft.rfft(augment.apply(clean_tone, augment.Augmentation(narrowband=True), seed=0)))
+    assert narrow[6000] < 1e-3 * narrow[440]  # cut at 4 kHz, and no mu-law: the 440 Hz tone is intact
+    assert narrow[440] == pytest.approx(np.abs(np.fft.rfft(clean_tone))[440], rel=1e-2)
+
+
+def test_narrowband_odds_leave_other_draws_alone():
+    """Asking for narrowband must not change a clip's other settings, so older corpora rebuild identically."""
+    for seed in range(50):
+        plain = augment.sample_augmentation(random.Random(seed), p_telephone=0.3, p_noise=0.5)
+        narrow = augment.sample_augmentation(
+            random.Random(seed), p_telephone=0.3, p_noise=0.5, p_narrowband=1.0
+        )
+        assert dataclasses.replace(narrow, narrowband=False) == plain and not plain.narrowband
+        assert narrow.narrowband
 
 
 # ----------------------------------------------------------------------------- synthetic corpus
@@ -223,6 +238,19 @@ def test_long_form_corpus_joins_consecutive_sentences_and_continues_where_it_sto
         assert 5.0 < row["duration"] < 30.0, (row["voice"], row["duration"])
         assert np.sqrt(np.mean(audio[-SAMPLE_RATE * 2 :] ** 2)) > 1e-3, "the last sentence is spoken too"
     assert json.loads((tmp_path / "long" / "corpus_settings.json").read_text())["min_words"] == 30
+
+
+def test_narrowband_corpus_has_nothing_above_4_khz(tmp_path):
+    args = dict(seed=0, test_fraction=0.0, families=FAMILIES, sources=("harvard",), workers=1)
+    corpus = build_corpus(tmp_path / "narrow", num_clips=3, narrowband=1.0, **args)["train"]
+    for row, (audio, _) in zip(corpus.to_list(), _decode(corpus), strict=True):
+        power = np.abs(np.fft.rfft(audio)) ** 2
+        above_4k = power[np.fft.rfftfreq(len(audio), 1 / SAMPLE_RATE) > 4100].sum() / power.sum()
+        assert row["aug_narrowband"] and above_4k < 1e-4, (row["voice"], above_4k)
+    assert json.loads((tmp_path / "narrow" / "corpus_settings.json").read_text())["narrowband"] == 1.0
+    assert "narrowband 3" in summarize(datasets.DatasetDict({"train": corpus}))
+    with pytest.raises(ValueError, match="cannot go with --no-augment"):
+        build_corpus(tmp_path / "clean", num_clips=3, narrowband=1.0, use_augment=False, **args)
 
 
 def test_corpus_resumes_and_same_seed_gives_same_corpus(corpus_dir, tmp_path):
