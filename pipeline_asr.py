@@ -256,13 +256,15 @@ def iter_chunks(
 
 
 def find_repetition_loop(
-    tokens: list[int], max_period: int = 12, min_repeats: int = 4, min_span: int = 16
+    tokens: list[int], max_period: int = 12, min_repeats: int = 4, min_span: int = 16, near_period: int = 6
 ) -> tuple[int, int] | None:
     """(start, period) of a trailing run where a ``period``-token unit repeats to cover at least
     ``max(min_repeats * period, min_span)`` tokens; None if there is none.
 
     A short unit must repeat many times ("okay" x16), a long one only a few times (a sentence x4), which normal
-    speech ("no no no", "very very") does not reach.
+    speech ("no no no", "very very") does not reach.  Units of ``near_period`` tokens or more also count when each
+    copy differs from the one before in a single token: a counting loop ("or 13 to increase the volume, or 14 to
+    increase the volume, ...") changes only its number.
     """
     n = len(tokens)
     for period in range(1, max_period + 1):
@@ -270,9 +272,23 @@ def find_repetition_loop(
         while run < n - period and tokens[n - 1 - run] == tokens[n - 1 - run - period]:
             run += 1
         span = run + period
+        if period >= near_period:
+            span = max(span, _near_copies(tokens, period) * period)
         if span >= max(min_repeats * period, min_span):
             return n - span, period
     return None
+
+
+def _near_copies(tokens: list[int], period: int) -> int:
+    """How many trailing ``period``-token blocks each differ from the next in at most one token."""
+    copies = 1
+    while (copies + 1) * period <= len(tokens):
+        later = tokens[len(tokens) - copies * period :][:period]
+        earlier = tokens[len(tokens) - (copies + 1) * period :][:period]
+        if sum(a != b for a, b in zip(earlier, later, strict=True)) > 1:
+            break
+        copies += 1
+    return copies
 
 
 class RepetitionLoopGuard(StoppingCriteria):

@@ -163,6 +163,12 @@ def _file_digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
+def _hub_code_digests() -> dict[str, str]:
+    """The Hub code ``save_pretrained`` copies into the model folder: a new version rebuilds the folder."""
+    names = ("configuration_tiny_audio", "modeling_tiny_audio", "processing_tiny_audio", "pipeline_asr")
+    return {name: _file_digest(Path(importlib.util.find_spec(name).origin)) for name in names}
+
+
 def _build_tiny_audio(whisper_dir: Path, llm_dir: Path, out: Path, trained: tuple[Path, dict] | None) -> None:
     from modeling_tiny_audio import TinyAudioForConditionalGeneration
     from processing_tiny_audio import TinyAudioProcessor
@@ -211,7 +217,12 @@ def build_offline_preset(
     llm_stamp = _source_stamp(gguf_src)
     # The shipped weights were trained on the packaged Whisper and LLM: other components get a fresh projector.
     trained = shipped_weights(trained_dir) if not (whisper_dir or gguf_file) else None
-    model_stamp = {"whisper": whisper_stamp, "llm": llm_stamp, "seed": PROJECTOR_SEED}
+    model_stamp = {
+        "whisper": whisper_stamp,
+        "llm": llm_stamp,
+        "seed": PROJECTOR_SEED,
+        "code": _hub_code_digests(),
+    }
     if trained is not None:
         model_stamp["trained"] = _file_digest(trained[0])
     steps = [

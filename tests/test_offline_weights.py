@@ -421,6 +421,20 @@ class TestRealWeights:
         preset.build_offline_preset(offline_cache, progress=False)
         assert [w.stat().st_mtime_ns for w in weights] == before
         assert not list(offline_cache.glob("*.partial"))
+        # A folder built by an older version of the Hub code (here: its copy and stamp edited) is rebuilt.
+        model_dir = offline_cache / preset.MODEL_FOLDER
+        stamp = json.loads((model_dir / preset.STAMP).read_text())
+        stamp["code"]["pipeline_asr"] = "an older version"
+        (model_dir / preset.STAMP).write_text(json.dumps(stamp))
+        (model_dir / "pipeline_asr.py").write_text("# an older pipeline\n")
+        preset.build_offline_preset(offline_cache, progress=False)
+        for name in (
+            "configuration_tiny_audio",
+            "modeling_tiny_audio",
+            "processing_tiny_audio",
+            "pipeline_asr",
+        ):
+            assert (model_dir / f"{name}.py").read_text() == (REPO_ROOT / f"{name}.py").read_text(), name
 
     def test_converted_tiny_en_transcribes_speech(self, offline_cache, speech):
         sentences = check.SENTENCES[: len(speech)]

@@ -210,10 +210,26 @@ def test_repetition_loop_is_found_and_trimmed():
     assert trim_repetition_loop(prefix + [1, 2, 3, 4, 5] * 4) == prefix + [1, 2, 3, 4, 5]
 
 
+def test_counting_loop_is_found_and_trimmed():
+    """A unit whose copies differ in one token (the number of "or 13 to increase the volume, or 14 ...")."""
+    prefix = [5, 6, 7, 8]
+    copies = [[30, number, 31, 32, 33, 34, 35] for number in range(40, 46)]
+    tokens = prefix + [token for copy in copies for token in copy]
+    assert find_repetition_loop(tokens) == (4, 7)
+    assert trim_repetition_loop(tokens) == prefix + copies[0]
+    assert find_repetition_loop(tokens[: 4 + 7 * 3]) is None  # three copies could be a real list
+
+
 def test_normal_repetition_is_left_alone():
     assert find_repetition_loop([3, 3, 3, 4, 5, 4, 5, 1, 2, 9, 9, 9, 9]) is None
     sentence = list(range(20))
     assert trim_repetition_loop(sentence * 2) == sentence * 2  # a sentence said twice is kept
+    menu = [
+        [30, digit, 31, 32, other, 33, 34] for digit, other in zip(range(40, 46), range(50, 56), strict=True)
+    ]
+    assert (
+        find_repetition_loop([token for item in menu for token in item]) is None
+    )  # two words change each time
 
 
 # ---- the pipeline end to end (tiny random model) -----------------------------------------------------------
