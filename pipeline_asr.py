@@ -262,33 +262,38 @@ def find_repetition_loop(
     ``max(min_repeats * period, min_span)`` tokens; None if there is none.
 
     A short unit must repeat many times ("okay" x16), a long one only a few times (a sentence x4), which normal
-    speech ("no no no", "very very") does not reach.  Units of ``near_period`` tokens or more also count when each
-    copy differs from the one before in a single token: a counting loop ("or 13 to increase the volume, or 14 to
-    increase the volume, ...") changes only its number.
+    speech ("no no no", "very very") does not reach.  Units of ``near_period`` tokens or more may differ from the
+    copy before in one token: a counting loop ("or 13 to increase the volume, or 14 to increase the volume, ...")
+    changes only its number.
     """
     n = len(tokens)
     for period in range(1, max_period + 1):
-        run = 0
-        while run < n - period and tokens[n - 1 - run] == tokens[n - 1 - run - period]:
-            run += 1
+        run = _repeating_run(tokens, period, tolerate_one=period >= near_period)
         span = run + period
-        if period >= near_period:
-            span = max(span, _near_copies(tokens, period) * period)
         if span >= max(min_repeats * period, min_span):
             return n - span, period
     return None
 
 
-def _near_copies(tokens: list[int], period: int) -> int:
-    """How many trailing ``period``-token blocks each differ from the next in at most one token."""
-    copies = 1
-    while (copies + 1) * period <= len(tokens):
-        later = tokens[len(tokens) - copies * period :][:period]
-        earlier = tokens[len(tokens) - (copies + 1) * period :][:period]
-        if sum(a != b for a, b in zip(earlier, later, strict=True)) > 1:
-            break
-        copies += 1
-    return copies
+def _repeating_run(tokens: list[int], period: int, tolerate_one: bool) -> int:
+    """How many trailing tokens equal the token ``period`` before them, walking back from the end.
+
+    With ``tolerate_one``, a mismatch is let through when the previous one is at least a period away.  When the
+    walk then stops, a let-through mismatch that recurred every period was the loop's changing token and the loop
+    starts at the stop; a lone one was already the text before the loop, so the loop starts after it.
+    """
+    n = len(tokens)
+    mismatches: list[int] = []
+    for run in range(n - period):
+        i = n - 1 - run
+        if tokens[i] == tokens[i - period]:
+            continue
+        if tolerate_one and (not mismatches or mismatches[-1] - i >= period):
+            mismatches.append(i)
+            continue
+        periodic = len(mismatches) >= 2 and mismatches[-2] - mismatches[-1] == period
+        return run if periodic or not mismatches else n - 1 - mismatches[-1]
+    return n - period
 
 
 class RepetitionLoopGuard(StoppingCriteria):

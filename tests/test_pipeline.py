@@ -218,6 +218,10 @@ def test_counting_loop_is_found_and_trimmed():
     assert find_repetition_loop(tokens) == (4, 7)
     assert trim_repetition_loop(tokens) == prefix + copies[0]
     assert find_repetition_loop(tokens[: 4 + 7 * 3]) is None  # three copies could be a real list
+    # An exact loop whose unit ends like the text before it: the first copy is kept whole.
+    said, unit = [5, 6, 7, 20, 21], [22, 23, 24, 25, 26, 21]  # "... to me, | or un m ute yourself ,"
+    looped = said + unit * 4 + unit[:4]
+    assert trim_repetition_loop(looped) == said + unit[:5]
 
 
 def test_normal_repetition_is_left_alone():
