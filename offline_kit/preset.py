@@ -165,8 +165,10 @@ def _file_digest(path: Path) -> str:
 
 def _hub_code_digests() -> dict[str, str]:
     """The Hub code ``save_pretrained`` copies into the model folder: a new version rebuilds the folder."""
-    names = ("configuration_tiny_audio", "modeling_tiny_audio", "processing_tiny_audio", "pipeline_asr")
-    return {name: _file_digest(Path(importlib.util.find_spec(name).origin)) for name in names}
+    import modeling_tiny_audio
+
+    source_dir = Path(modeling_tiny_audio.__file__).resolve().parent  # where copy_hub_code takes them from
+    return {name: _file_digest(source_dir / name) for name in modeling_tiny_audio.HUB_CODE_FILES}
 
 
 def _build_tiny_audio(whisper_dir: Path, llm_dir: Path, out: Path, trained: tuple[Path, dict] | None) -> None:

@@ -33,6 +33,7 @@ from transformers import (
 
 from benchmarks import check_offline_weights as check
 from eval import score
+from modeling_tiny_audio import HUB_CODE_FILES
 from offline_kit import gguf_llm, preset, whisper_ct2
 from offline_kit.whisper_ct2 import convert_ct2_whisper, read_ct2_model
 
@@ -425,17 +426,12 @@ class TestRealWeights:
         # A folder built by an older version of the Hub code (here: its copy and stamp edited) is rebuilt.
         model_dir = offline_cache / preset.MODEL_FOLDER
         stamp = json.loads((model_dir / preset.STAMP).read_text())
-        stamp["code"]["pipeline_asr"] = "an older version"
+        stamp["code"]["pipeline_asr.py"] = "an older version"
         (model_dir / preset.STAMP).write_text(json.dumps(stamp))
         (model_dir / "pipeline_asr.py").write_text("# an older pipeline\n")
         preset.build_offline_preset(offline_cache, progress=False)
-        for name in (
-            "configuration_tiny_audio",
-            "modeling_tiny_audio",
-            "processing_tiny_audio",
-            "pipeline_asr",
-        ):
-            assert (model_dir / f"{name}.py").read_text() == (REPO_ROOT / f"{name}.py").read_text(), name
+        for name in HUB_CODE_FILES:
+            assert (model_dir / name).read_text() == (REPO_ROOT / name).read_text(), name
 
     def test_converted_tiny_en_transcribes_speech(self, offline_cache, speech):
         sentences = check.SENTENCES[: len(speech)]
