@@ -119,6 +119,10 @@ class TinyAudioConfig(PreTrainedConfig):
     max_audio_seconds: float = 30.0
     max_new_tokens_per_second: float = 8.0
     min_new_tokens: int = 16
+    # Joint CTC/attention decoding (modeling_tiny_audio.CTCPrefixScorer), for models trained with the auxiliary
+    # CTC loss: the blank's token id, and the CTC share of each step's score (0 = the LLM alone decides).
+    ctc_blank_token_id: int | None = None
+    ctc_decoding_weight: float = 0.0
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):

@@ -18,6 +18,8 @@ from transformers import (
     AutoTokenizer,
     GenerationConfig,
     GenerationMixin,
+    LogitsProcessor,
+    LogitsProcessorList,
     PreTrainedModel,
 )
 from transformers.activations import ACT2FN
@@ -64,6 +66,8 @@ CUSTOM_PIPELINES = {
     }
 }
 TRAINABLE_PREFIXES = ("multi_modal_projector.",)
+# Precomputed encoder outputs stand in for input_features, so like them they are read at prefill only.
+PREFILL_ONLY_INPUTS = ("encoder_hidden_states", "encoder_mask")
 
 
 def load_audio_encoder(model_id: str, dtype: torch.dtype | None = None, **hub_kwargs) -> PreTrainedModel:
@@ -430,13 +434,58 @@ class TinyAudioForConditionalGeneration(TinyAudioPreTrainedModel, GenerationMixi
         outputs.loss = loss / denominator
         return outputs
 
-    def generate(self, *args, **kwargs) -> torch.LongTensor:
-        """`GenerationMixin.generate` with a budget that follows the audio length when none is given."""
+    def generate(
+        self, *args, ctc_weight: float | None = None, ctc_top_k: int = 8, **kwargs
+    ) -> torch.LongTensor:
+        """`GenerationMixin.generate` with a budget that follows the audio length when none is given, and joint
+        CTC/attention decoding when `ctc_weight` (default: `config.ctc_decoding_weight`) is above 0."""
         features_mask = kwargs.get("input_features_mask")
         if "max_new_tokens" not in kwargs and "generation_config" not in kwargs and features_mask is not None:
             seconds = self.feature_seconds(features_mask).max().item()
             kwargs["max_new_tokens"] = self.config.max_new_tokens_for(seconds)
+        ctc_weight = self.config.ctc_decoding_weight if ctc_weight is None else ctc_weight
+        if ctc_weight > 0:
+            kwargs = self._with_ctc_scorer(kwargs, ctc_weight, ctc_top_k)
         return super().generate(*args, **kwargs)
+
+    def _with_ctc_scorer(self, kwargs: dict, weight: float, top_k: int) -> dict:
+        """Runs the encoder once, hands its outputs to generation and adds a CTCPrefixScorer on the same audio."""
+        if self.config.ctc_blank_token_id is None:
+            raise ValueError(
+                "ctc_weight > 0 needs config.ctc_blank_token_id: this checkpoint was not trained with the CTC loss."
+            )
+        if "input_features" in kwargs:
+            kwargs["encoder_hidden_states"], kwargs["encoder_mask"] = self.encode_audio(
+                kwargs.pop("input_features"), kwargs.pop("input_features_mask")
+            )
+        if kwargs.get("encoder_hidden_states") is None:
+            raise ValueError("ctc_weight > 0 needs audio: pass input_features and input_features_mask.")
+        with torch.no_grad():
+            audio_embeds, audio_mask = self.project_audio(
+                kwargs["encoder_hidden_states"], kwargs["encoder_mask"]
+            )
+        generation_config = kwargs.get("generation_config") or self.generation_config
+        eos = generation_config.eos_token_id
+        scorer = CTCPrefixScorer(
+            audio_embeds,
+            audio_mask,
+            self.get_input_embeddings().weight,
+            blank_id=self.config.ctc_blank_token_id,
+            eos_token_ids=[eos] if isinstance(eos, int) else list(eos or []),
+            weight=weight,
+            prompt_length=kwargs["input_ids"].shape[1],
+            top_k=max(top_k, 2 * (kwargs.get("num_beams") or generation_config.num_beams or 1)),
+            pad_token_id=generation_config.pad_token_id,
+        )
+        kwargs["logits_processor"] = LogitsProcessorList([*kwargs.get("logits_processor", []), scorer])
+        return kwargs
+
+    def prepare_inputs_for_generation(self, *args, is_first_iteration: bool = False, **kwargs) -> dict:
+        inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
+        if not is_first_iteration and kwargs.get("use_cache", True):
+            for key in PREFILL_ONLY_INPUTS:
+                inputs.pop(key, None)
+        return inputs
 
     def feature_seconds(self, input_features_mask: torch.Tensor) -> torch.Tensor:
         """Audio duration of each clip, from its count of real feature frames."""
@@ -444,6 +493,169 @@ class TinyAudioForConditionalGeneration(TinyAudioPreTrainedModel, GenerationMixi
         if self.config.audio_config.model_type == "whisper":
             return frames * 160 / self.config.sampling_rate
         return frames / self.config.sampling_rate
+
+
+def embedding_ctc_logits(
+    audio_embeds: torch.Tensor, embeddings: torch.Tensor, squared_norms: torch.Tensor
+) -> torch.Tensor:
+    """CTC logits of projected audio frames over tokens: -||h - e||^2, less the ||h||^2 that every token shares.
+
+    A frame scores a token highly when it lies close to that token's LLM input embedding. The auxiliary training
+    loss and joint decoding both score with this. `embeddings` is [vocab, dim] or per row [rows, tokens, dim].
+    """
+    logits = 2 * audio_embeds.to(embeddings.dtype) @ embeddings.detach().transpose(-1, -2)
+    return logits.float() - squared_norms.unsqueeze(-2)
+
+
+class CTCPrefixScorer(LogitsProcessor):
+    """Joint CTC/attention decoding (Watanabe et al., 2017) as a logits processor.
+
+    Each step the LLM's `top_k` likeliest next tokens and EOS are rescored with
+    `(1 - weight) * log p_llm(token) + weight * (log p_ctc(prefix + token) - log p_ctc(prefix))`, where
+    p_ctc(prefix) is the CTC probability (from `embedding_ctc_logits`) that the audio starts with that prefix, and
+    for EOS that it holds exactly the prefix. Every other token is ruled out. Stopping early leaves audio
+    unexplained and a repeated phrase has no frames to come from, so both cost CTC probability. A row's state is
+    found by its prefix, not its position, which makes beam search's reordering harmless.
+    """
+
+    def __init__(
+        self,
+        audio_embeds: torch.Tensor,
+        audio_mask: torch.Tensor,
+        embeddings: torch.Tensor,
+        blank_id: int,
+        eos_token_ids: list[int],
+        weight: float,
+        prompt_length: int,
+        top_k: int = 8,
+        pad_token_id: int | None = None,
+    ):
+        if not 0.0 < weight <= 1.0:
+            raise ValueError(f"ctc_weight must be in (0, 1], got {weight}")
+        self.embeddings = embeddings.detach()
+        self.squared_norms = self.embeddings.float().pow(2).sum(-1)
+        self.audio = audio_embeds.detach()
+        self.lengths = audio_mask.sum(-1).long()
+        self.blank_id, self.eos_ids, self.weight = blank_id, sorted(set(eos_token_ids)), weight
+        # Tokens the CTC side never emits: the blank, and the EOS/padding that finished rows keep receiving.
+        self.silent_ids = {blank_id, *self.eos_ids} | ({pad_token_id} if pad_token_id is not None else set())
+        self.prompt_length, self.top_k = prompt_length, top_k
+        # Normaliser and blank column of every frame; the other tokens' columns are computed when they are candidates.
+        normalizers, blanks = [], []
+        for row in self.audio:  # one row at a time: [frames, vocab] logits are large
+            logits = embedding_ctc_logits(row, self.embeddings, self.squared_norms)
+            normalizers.append(logits.logsumexp(-1))
+            blanks.append(logits[:, blank_id])
+        self.normalizers = torch.stack(normalizers).double()
+        blank_log_probs = torch.stack(blanks).double() - self.normalizers
+        frames = torch.arange(self.audio.shape[1], device=self.audio.device)
+        self.valid = frames[None, :] < self.lengths[:, None]
+        # state of a prefix: log p(first t+1 frames emit it, ending in a token | in a blank), and its prefix score
+        self.blank_cumulative = blank_log_probs.cumsum(-1)
+        self.states: dict[tuple[int, tuple[int, ...]], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def _token_log_probs(self, audio_index: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """[rows, k, frames] CTC log-probabilities of `tokens` [rows, k] on each row's audio."""
+        logits = embedding_ctc_logits(
+            self.audio[audio_index], self.embeddings[tokens], self.squared_norms[tokens]
+        )
+        return logits.double().transpose(1, 2) - self.normalizers[audio_index][:, None, :]
+
+    def _empty_state(self, audio_index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        no_token = torch.full_like(self.blank_cumulative[audio_index], -torch.inf)
+        return no_token, self.blank_cumulative[audio_index], self.blank_cumulative.new_zeros(())
+
+    def _state(
+        self, audio_index: int, prefix: tuple[int, ...]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A prefix's state: scored as a candidate one step earlier, or rebuilt token by token if it was not."""
+        if not prefix:
+            return self._empty_state(audio_index)
+        key = (audio_index, prefix)
+        if key not in self.states:
+            index = torch.tensor([audio_index], device=self.audio.device)
+            parent = self._state(audio_index, prefix[:-1])
+            token = torch.tensor([[prefix[-1]]], device=self.audio.device)
+            self.states[key] = tuple(
+                part[0, 0] for part in self._extend(index, [prefix[:-1]], [parent], token)
+            )
+        return self.states[key]
+
+    def _extend(
+        self,
+        audio_index: torch.Tensor,
+        prefixes: list[tuple[int, ...]],
+        parents: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+        tokens: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """States of every parent prefix extended by each of its candidate `tokens` [rows, k].
+
+        The CTC forward recursions r_t = (r_{t-1} + phi_{t-1}) * p_t are linear, so each is solved for all frames
+        at once: r = cumprod(p) * cumsum(phi / cumprod(p)), in log space with logcumsumexp.
+        """
+        ends_in_token = torch.stack([state[0] for state in parents])[:, None, :]
+        ends_in_blank = torch.stack([state[1] for state in parents])[:, None, :]
+        last = torch.tensor([prefix[-1] if prefix else -1 for prefix in prefixes], device=tokens.device)
+        log_probs = self._token_log_probs(audio_index, tokens)
+        # phi: paths that may emit the new token next; a repeated token needs a blank in between.
+        phi = torch.where(
+            (tokens == last[:, None])[..., None],
+            ends_in_blank,
+            torch.logaddexp(ends_in_token, ends_in_blank),
+        )
+        empty = torch.tensor([not prefix for prefix in prefixes], device=tokens.device)
+        first = torch.where(empty[:, None, None], log_probs[..., :1], -torch.inf)
+        token_cumulative = log_probs.cumsum(-1)
+        steps = torch.cat([first - token_cumulative[..., :1], (phi - token_cumulative)[..., :-1]], -1)
+        new_ends_in_token = token_cumulative + steps.logcumsumexp(-1)
+        blank_cumulative = self.blank_cumulative[audio_index][:, None, :]
+        no_path = torch.full_like(first, -torch.inf)
+        steps = torch.cat([no_path, (new_ends_in_token - blank_cumulative)[..., :-1]], -1)
+        new_ends_in_blank = blank_cumulative + steps.logcumsumexp(-1)
+        emitted = torch.cat([first, phi[..., :-1] + log_probs[..., 1:]], -1)
+        valid = self.valid[audio_index][:, None, :]
+        prefix_scores = emitted.masked_fill(~valid, -torch.inf).logsumexp(-1)
+        return new_ends_in_token, new_ends_in_blank, prefix_scores
+
+    def _prefix(self, tokens: list[int]) -> tuple[int, ...]:
+        return tuple(token for token in tokens if token not in self.silent_ids)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        rows = input_ids.shape[0]
+        audio_index = torch.arange(rows, device=input_ids.device) // (rows // self.audio.shape[0])
+        prefixes = [self._prefix(row) for row in input_ids[:, self.prompt_length :].tolist()]
+        parents = [self._state(int(a), p) for a, p in zip(audio_index.tolist(), prefixes, strict=True)]
+        llm_log_probs = scores.float().log_softmax(-1)
+        ruled_out = llm_log_probs.clone()
+        ruled_out[:, sorted(self.silent_ids)] = -torch.inf
+        candidates = ruled_out.topk(min(self.top_k, ruled_out.shape[-1]), -1).indices
+        ends_in_token, ends_in_blank, prefix_scores = self._extend(audio_index, prefixes, parents, candidates)
+        parent_scores = torch.stack([state[2] for state in parents])
+        # A prefix the audio cannot hold (forced in from outside) leaves the choice to the LLM alone.
+        possible = parent_scores.isfinite()
+        out = torch.full_like(llm_log_probs, -torch.inf)
+        ctc_gain = torch.where(possible[:, None], prefix_scores - parent_scores[:, None], 0.0).float()
+        # picked is -inf only where the vocabulary has fewer than top_k tokens to offer
+        picked = ruled_out.gather(-1, candidates)
+        joint = (1 - self.weight) * picked + self.weight * ctc_gain
+        out.scatter_(-1, candidates, joint.masked_fill(picked.isinf(), -torch.inf))
+        last_frame = (self.lengths[audio_index] - 1).clamp(min=0).tolist()
+        whole = torch.stack(
+            [torch.logaddexp(r[0][t], r[1][t]) for r, t in zip(parents, last_frame, strict=True)]
+        )
+        eos_gain = torch.where(possible, whole - parent_scores, 0.0).float()[:, None]
+        out[:, self.eos_ids] = (1 - self.weight) * llm_log_probs[:, self.eos_ids] + self.weight * eos_gain
+        # Keep what the next step can ask for: this step's prefixes (finished rows) and their candidates.
+        self.states = {}
+        for row, (audio, prefix) in enumerate(zip(audio_index.tolist(), prefixes, strict=True)):
+            self.states[(audio, prefix)] = parents[row]
+            for k, token in enumerate(candidates[row].tolist()):
+                self.states[(audio, prefix + (token,))] = (
+                    ends_in_token[row, k],
+                    ends_in_blank[row, k],
+                    prefix_scores[row, k],
+                )
+        return out
 
 
 def _holds_pretrained_weights(weights_file: str) -> bool:

@@ -443,6 +443,15 @@ def run(argv: Sequence[str] | None = None, callbacks: list[TrainerCallback] | No
         transcribe = (row for row in eval_dataset if row["task"] == "transcribe")
         wer_rows = list(itertools.islice(transcribe, data_args.wer_eval_samples))
     use_ctc = model_args.ctc_weight > 0 or model_args.ctc_only_steps > 0
+    ctc_loss = (
+        EmbeddingCTCLoss.for_model(model, processor.tokenizer, model_args.ctc_blank_token)
+        if use_ctc
+        else None
+    )
+    if (
+        ctc_loss is not None
+    ):  # the saved model can then decode jointly with its CTC head (ctc_decoding_weight)
+        model.config.ctc_blank_token_id = ctc_loss.blank_id
     trainer = TinyAudioTrainer(
         model=model,
         args=training_args,
@@ -453,9 +462,7 @@ def run(argv: Sequence[str] | None = None, callbacks: list[TrainerCallback] | No
         callbacks=callbacks,
         wer_rows=wer_rows,
         prefix_cache=model_args.prefix_cache,
-        ctc_loss=EmbeddingCTCLoss.for_model(model, processor.tokenizer, model_args.ctc_blank_token)
-        if use_ctc
-        else None,
+        ctc_loss=ctc_loss,
         ctc_weight=model_args.ctc_weight,
         ctc_only_steps=model_args.ctc_only_steps,
     )

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import os
 import subprocess
 import sys
@@ -17,7 +19,7 @@ from tiny_models import make_tiny_llm, make_tiny_tiny_audio
 from transformers import AutoModelForCausalLM
 
 from configuration_tiny_audio import TinyAudioConfig, audio_token_lengths
-from modeling_tiny_audio import TinyAudioForConditionalGeneration
+from modeling_tiny_audio import CTCPrefixScorer, TinyAudioForConditionalGeneration, embedding_ctc_logits
 
 CLIPS = [speech_like(2.0, seed=1), speech_like(0.7, seed=2), speech_like(3.3, seed=3)]
 TRANSCRIPTS = ["hello world", "one two three", "the quick brown fox"]
@@ -334,3 +336,115 @@ def test_resaving_a_remote_code_model_keeps_every_code_file(tmp_path, tiny_model
     assert {"pipeline_asr.py", "modeling_tiny_audio.py", "processing_tiny_audio.py"} <= set(
         os.listdir(tmp_path / "again")
     )
+
+
+# ---- joint CTC/attention decoding ------------------------------------------------------------------------------
+
+BLANK, EOS = 0, 4  # a five-token vocabulary: blank, three word tokens, EOS
+
+
+def ctc_labelling_probabilities(log_probs: torch.Tensor, blank: int) -> dict[tuple[int, ...], float]:
+    """Probability of every CTC output over `log_probs` [frames, vocab], by enumerating all frame paths."""
+    frames, vocab = log_probs.shape
+    totals: dict[tuple[int, ...], float] = {}
+    for path in itertools.product(range(vocab), repeat=frames):
+        labels = tuple(k for t, k in enumerate(path) if k != blank and (t == 0 or path[t - 1] != k))
+        totals[labels] = totals.get(labels, 0.0) + math.exp(sum(log_probs[t, k] for t, k in enumerate(path)))
+    return totals
+
+
+def expected_ctc_gains(totals: dict[tuple[int, ...], float], prefix: tuple[int, ...]) -> dict[int, float]:
+    """log p(prefix + token...) - log p(prefix...) for each word token, and log p(exactly prefix) for EOS."""
+
+    def starting_with(head: tuple[int, ...]) -> float:
+        return sum(p for labels, p in totals.items() if labels[: len(head)] == head)
+
+    def log(p: float) -> float:
+        return math.log(p) if p > 0 else -math.inf  # more tokens than a short clip has frames
+
+    base = log(starting_with(prefix))
+    gains = {token: log(starting_with((*prefix, token))) - base for token in (1, 2, 3)}
+    gains[EOS] = log(totals.get(prefix, 0.0)) - base
+    return gains
+
+
+@pytest.fixture(scope="module")
+def ctc_toy():
+    """Two clips of 5 and 3 audio frames (the second padded to 5) over a random five-token embedding table."""
+    generator = torch.Generator().manual_seed(0)
+    embeddings = torch.randn(5, 3, generator=generator)
+    audio = torch.randn(2, 5, 3, generator=generator)
+    mask = torch.tensor([[True] * 5, [True] * 3 + [False] * 2])
+    frame_log_probs = embedding_ctc_logits(audio, embeddings, embeddings.pow(2).sum(-1)).log_softmax(-1)
+    totals = [ctc_labelling_probabilities(frame_log_probs[i, : int(mask[i].sum())], BLANK) for i in range(2)]
+    return audio, mask, embeddings, totals
+
+
+def score_prefixes(scorer: CTCPrefixScorer, prefixes: list[tuple[int, ...]]) -> torch.Tensor:
+    """One decoding step with a flat LLM: rows hold a two-token prompt and then their prefix."""
+    input_ids = torch.tensor([[7, 7, *prefix] for prefix in prefixes])
+    return scorer(input_ids, torch.zeros(len(prefixes), 5))
+
+
+@pytest.mark.parametrize("prefix", [(), (2,), (2, 2), (1, 3)])
+def test_ctc_prefix_scores_match_enumerated_paths(ctc_toy, prefix):
+    """With weight 1 a token's score is its CTC prefix gain: checked against all 5^5 paths of each clip, for two
+    beams per clip, including a repeated token (which needs a blank between) and a padded clip."""
+    audio, mask, embeddings, totals = ctc_toy
+    scorer = CTCPrefixScorer(audio, mask, embeddings, BLANK, [EOS], weight=1.0, prompt_length=2, top_k=5)
+    scores = score_prefixes(scorer, [prefix] * 4)  # rows 0-1: clip 0; rows 2-3: clip 1
+    for row in range(4):
+        expected = expected_ctc_gains(totals[row // 2], prefix)
+        for token, gain in expected.items():
+            assert scores[row, token].item() == pytest.approx(gain, abs=1e-4)
+        assert scores[row, BLANK] == -torch.inf  # the blank is never emitted as a token
+
+
+def test_ctc_prefix_states_carry_over_between_steps(ctc_toy):
+    """Scoring step by step (states cached from the step before) gives what scoring each prefix afresh gives."""
+    audio, mask, embeddings, totals = ctc_toy
+    scorer = CTCPrefixScorer(
+        audio[:1], mask[:1], embeddings, BLANK, [EOS], weight=1.0, prompt_length=2, top_k=5
+    )
+    for prefix in [(), (1,), (1, 3), (1, 3, 3)]:
+        scores = score_prefixes(scorer, [prefix])
+        expected = expected_ctc_gains(totals[0], prefix)
+        assert [scores[0, t].item() for t in expected] == pytest.approx(list(expected.values()), abs=1e-4)
+
+
+def test_ctc_weight_mixes_llm_and_ctc_and_rules_out_the_rest(ctc_toy):
+    audio, mask, embeddings, totals = ctc_toy
+    scorer = CTCPrefixScorer(
+        audio[:1], mask[:1], embeddings, BLANK, [EOS], weight=0.25, prompt_length=2, top_k=2
+    )
+    llm_logits = torch.tensor([[0.0, 3.0, 2.0, 1.0, 0.5]])
+    scores = scorer(torch.tensor([[7, 7]]), llm_logits)
+    llm = llm_logits.log_softmax(-1)[0]
+    expected = expected_ctc_gains(totals[0], ())
+    for token in (1, 2, EOS):  # the LLM's two best word tokens, and EOS
+        assert scores[0, token].item() == pytest.approx(0.75 * llm[token] + 0.25 * expected[token], abs=1e-4)
+    assert scores[0, 3] == -torch.inf and scores[0, BLANK] == -torch.inf
+
+
+def test_joint_ctc_decoding_batches_like_single_clips(tmp_path):
+    """generate(ctc_weight=...) runs the encoder once, scores every clip against its own audio (padding ignored),
+    and works with beam search; a checkpoint without a CTC blank says why it cannot."""
+    model, processor = make_tiny_tiny_audio(tmp_path)
+    torch.manual_seed(0)
+    for param in model.multi_modal_projector.parameters():
+        param.data.normal_(0, 0.5)
+    settings = {"max_new_tokens": 5, "ctc_weight": 0.5}
+    with pytest.raises(ValueError, match="ctc_blank_token_id"):
+        model.generate(**processor(audio=CLIPS[0]), **settings)
+    model.config.ctc_blank_token_id = processor.tokenizer(" ", add_special_tokens=False)["input_ids"][0]
+    batch = processor(audio=CLIPS)
+    batched = model.generate(**batch, **settings)[:, batch["input_ids"].shape[1] :]
+    llm_only = model.generate(**batch, max_new_tokens=5)[:, batch["input_ids"].shape[1] :]
+    assert not torch.equal(batched, llm_only)  # the CTC side changes what is said
+    for row, clip in enumerate(CLIPS):
+        inputs = processor(audio=clip)
+        single = model.generate(**inputs, **settings)[0, inputs["input_ids"].shape[1] :]
+        width = min(len(single), batched.shape[1])
+        assert batched[row, :width].tolist() == single[:width].tolist()
+    beams = model.generate(**batch, **settings, num_beams=3)
+    assert beams.shape[0] == len(CLIPS)

@@ -376,7 +376,7 @@ class StepCounter:
 
     def __call__(self, input_ids, scores, **kwargs):
         self.steps += 1
-        return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
 def test_repetition_loop_is_stopped_early_and_trimmed(asr):
@@ -396,6 +396,21 @@ def test_default_budget_follows_audio_length(asr):
         counter = StepCounter()
         asr(speech_with_pauses(seconds)[0], no_repeat_ngram_size=1, stopping_criteria=[counter])
         assert counter.steps == config.max_new_tokens_for(seconds)
+
+
+def test_joint_ctc_decoding_through_the_pipeline(asr):
+    """`generate_kwargs={"ctc_weight": ...}` reaches the model's joint CTC decoding, batched and on the pipeline's
+    device, and a batch transcribes each clip as it would alone."""
+    asr.model.config.ctc_blank_token_id = asr.tokenizer(" ", add_special_tokens=False)["input_ids"][0]
+    try:
+        clips = [speech_with_pauses(seconds)[0] for seconds in (1.0, 2.5)]
+        options = {"generate_kwargs": {"ctc_weight": 0.5}, "max_new_tokens": 8}
+        batched = asr(clips, batch_size=2, **options)
+        assert [out["text"] for out in batched] == [asr(clip, **options)["text"] for clip in clips]
+        with pytest.raises(ValueError, match="ctc_weight must be in"):  # the option does reach the scorer
+            asr(clips[0], generate_kwargs={"ctc_weight": 1.5})
+    finally:
+        asr.model.config.ctc_blank_token_id = None
 
 
 def test_bad_input_in_a_batch(asr, tmp_path):

@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from modeling_tiny_audio import embedding_ctc_logits
+
 IGNORE_INDEX = -100
 
 
@@ -35,11 +37,10 @@ class EmbeddingCTCLoss:
 
     def frame_log_probs(self, audio_embeds: torch.Tensor) -> torch.Tensor:
         """[batch, frames, vocab] log-probabilities: logit_v = -||h - e_v||^2 (the ||h||^2 term cancels)."""
-        table = self.embeddings.weight.detach()  # the LLM's dtype: bf16 halves the cost of this large matmul
+        table = self.embeddings.weight  # the LLM's dtype: bf16 halves the cost of this large matmul
         if self._squared_norms is None:
-            self._squared_norms = table.float().pow(2).sum(-1)
-        logits = 2 * audio_embeds.to(table.dtype) @ table.T
-        return (logits.float() - self._squared_norms).log_softmax(-1)
+            self._squared_norms = table.detach().float().pow(2).sum(-1)
+        return embedding_ctc_logits(audio_embeds, table, self._squared_norms).log_softmax(-1)
 
     def targets(self, labels: torch.Tensor) -> list[torch.Tensor]:
         """The spoken tokens of each row: its answer labels without special tokens (EOS) or blanks."""
