@@ -98,6 +98,13 @@ class ModelArguments:
     ctc_blank_token: str = dataclasses.field(
         default=" ", metadata={"help": "Token whose embedding CTC blank frames are pulled onto"}
     )
+    ctc_decoding_weight: float | None = dataclasses.field(
+        default=None,
+        metadata={
+            "help": "CTC share of each decoding step's score in the saved model (joint CTC/attention decoding; "
+            "needs the CTC loss); default: keep the starting checkpoint's, 0 for a new model"
+        },
+    )
 
 
 @dataclasses.dataclass
@@ -236,6 +243,8 @@ def build_model(
         processor = TinyAudioProcessor.from_components(
             model_args.audio_model_id, model_args.text_model_id, config=model.config
         )
+    if model_args.ctc_decoding_weight is not None:
+        model.config.ctc_decoding_weight = model_args.ctc_decoding_weight
     for parameter in model.parameters():
         if parameter.requires_grad:
             parameter.data = parameter.data.float()
@@ -448,10 +457,13 @@ def run(argv: Sequence[str] | None = None, callbacks: list[TrainerCallback] | No
         if use_ctc
         else None
     )
-    if (
-        ctc_loss is not None
-    ):  # the saved model can then decode jointly with its CTC head (ctc_decoding_weight)
+    if ctc_loss is not None:  # then the saved model can decode jointly with its CTC head
         model.config.ctc_blank_token_id = ctc_loss.blank_id
+    if model.config.ctc_decoding_weight > 0 and model.config.ctc_blank_token_id is None:
+        raise ValueError(
+            f"ctc_decoding_weight {model.config.ctc_decoding_weight} needs a CTC head: train with --ctc_weight > 0 "
+            "(or start from a checkpoint that was)"
+        )
     trainer = TinyAudioTrainer(
         model=model,
         args=training_args,

@@ -49,6 +49,8 @@ SHIPPED_CONFIG_FIELDS = (
     "lora_alpha",
     "lora_dropout",
     "lora_target_modules",
+    "ctc_blank_token_id",
+    "ctc_decoding_weight",
 )
 
 
@@ -225,8 +227,8 @@ def build_offline_preset(
         "seed": PROJECTOR_SEED,
         "code": _hub_code_digests(),
     }
-    if trained is not None:
-        model_stamp["trained"] = _file_digest(trained[0])
+    if trained is not None:  # the weights and the config fields shipped with them (how it decodes, say)
+        model_stamp["trained"] = {"weights": _file_digest(trained[0]), "config": trained[1]}
     steps = [
         ("whisper", whisper_stamp, lambda out: convert_ct2_whisper(whisper_src, out)),
         ("llm", llm_stamp, lambda out: convert_gguf_llm(gguf_src, out)),

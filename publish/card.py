@@ -143,6 +143,7 @@ def build_card(
         encoder=encoder,
         llm=llm,
         lora_rank=config.get("lora_rank", 0),
+        ctc_decoding_weight=config.get("ctc_decoding_weight", 0.0),
         projector_downsample=config.get("projector_downsample"),
         projector_activation=config.get("projector_activation"),
         trainable_params=f"{trainable_params:,}",

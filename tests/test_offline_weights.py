@@ -344,6 +344,7 @@ def test_ship_copies_projector_only_weights_and_the_fields_that_shape_them(
     config_file = checkpoint / "config.json"
     config = json.loads(config_file.read_text())
     config["text_model_id"] = str(tmp_path / "models" / "llm")
+    config["ctc_blank_token_id"], config["ctc_decoding_weight"] = 5, 0.3  # how it decodes ships with it
     config_file.write_text(json.dumps(config))
     trained = preset.ship_checkpoint(checkpoint, tmp_path / "trained")
     trained_from = json.loads((trained / preset.TRAINED_SETTINGS).read_text())["trained_from"]
@@ -354,8 +355,8 @@ def test_ship_copies_projector_only_weights_and_the_fields_that_shape_them(
     assert shipped.keys() == original.keys() and all(torch.equal(shipped[k], original[k]) for k in shipped)
     weights, settings = preset.shipped_weights(trained)
     assert weights == trained / preset.TRAINED_WEIGHTS
-    config = json.loads((Path(tiny_model_dir) / "config.json").read_text())
     assert settings == {field: config[field] for field in preset.SHIPPED_CONFIG_FIELDS}
+    assert settings["ctc_decoding_weight"] == 0.3
     assert preset.shipped_weights(tmp_path / "nothing-shipped") is None
 
 
@@ -412,7 +413,7 @@ class TestRealWeights:
         ),
     ]
 
-    def test_preset_layout_and_idempotence(self, offline_cache):
+    def test_preset_layout_and_idempotence(self, offline_cache, tmp_path):
         model_config = json.loads((offline_cache / preset.MODEL_FOLDER / "config.json").read_text())
         assert model_config["audio_model_id"] == str(offline_cache / preset.WHISPER_FOLDER)
         assert model_config["text_model_id"] == str(offline_cache / preset.LLM_FOLDER)
@@ -432,6 +433,16 @@ class TestRealWeights:
         preset.build_offline_preset(offline_cache, progress=False)
         for name in HUB_CODE_FILES:
             assert (model_dir / name).read_text() == (REPO_ROOT / name).read_text(), name
+        # So is one whose shipped settings changed (here: how it decodes) while the weights did not.
+        trained = tmp_path / "trained"
+        shutil.copytree(preset.TRAINED_DIR, trained)
+        settings = json.loads((trained / preset.TRAINED_SETTINGS).read_text())
+        settings["config"]["ctc_decoding_weight"] = 0.05
+        (trained / preset.TRAINED_SETTINGS).write_text(json.dumps(settings))
+        preset.build_offline_preset(offline_cache, progress=False, trained_dir=trained)
+        assert json.loads((model_dir / "config.json").read_text())["ctc_decoding_weight"] == 0.05
+        preset.build_offline_preset(offline_cache, progress=False)  # back to the shipped settings
+        assert json.loads((model_dir / "config.json").read_text()) == model_config
 
     def test_converted_tiny_en_transcribes_speech(self, offline_cache, speech):
         sentences = check.SENTENCES[: len(speech)]

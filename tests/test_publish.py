@@ -117,6 +117,7 @@ def test_card_metadata_parses_and_validates(tmp_path: Path, inputs) -> None:
         "projector_downsample": 4,
         "projector_activation": "gelu",
         "lora_rank": 8,
+        "ctc_decoding_weight": 0.3,
     }
     card = build_card(
         repo_id="alice/tiny-audio-demo",
@@ -164,6 +165,7 @@ def test_card_metadata_parses_and_validates(tmp_path: Path, inputs) -> None:
     )
     assert "| openslr/librispeech_asr (clean) | test.clean | 200 | 8.75 | 41.3 |" in card.text
     assert "rank-8 LoRA" in card.text and "learning_rate: 0.001" in card.text
+    assert "| decoding | greedy, joint CTC/attention (CTC weight 0.3) |" in card.text
     assert (
         "holds just those weights (49.4 MB)" in card.text and "12,345,678 trainable parameters" in card.text
     )

@@ -469,7 +469,17 @@ def test_ctc_warm_up_skips_the_llm_then_trains_on_both_losses(workspace, tmp_pat
 
     counter, snapshot = CountLLMCalls(), Snapshot()
     output_dir = str(tmp_path / "ctc")
-    argv = base_args(workspace, output_dir, *NO_EVAL, "--ctc_only_steps", "3", "--ctc_weight", "0.5")
+    argv = base_args(
+        workspace,
+        output_dir,
+        *NO_EVAL,
+        "--ctc_only_steps",
+        "3",
+        "--ctc_weight",
+        "0.5",
+        "--ctc_decoding_weight",
+        "0.3",
+    )
     train.run([*argv, "--gradient_accumulation_steps", str(accumulation)], callbacks=[counter, snapshot])
     # (step 4 also runs the LLM once over the shared prompt prefix, for the prefix cache)
     assert counter.calls_per_step[:3] == [0, 0, 0] and min(counter.calls_per_step[3:]) >= 1
@@ -479,11 +489,18 @@ def test_ctc_warm_up_skips_the_llm_then_trains_on_both_losses(workspace, tmp_pat
     assert all(entry["loss"] > 0.5 * entry["ctc_loss"] + 0.1 for entry in steps[3:])
     changed = {k for k in snapshot.before if not torch.equal(snapshot.before[k], snapshot.after[k])}
     assert changed and all(k.startswith("multi_modal_projector.") for k in changed)
-    # the saved model knows its CTC blank, so it can decode jointly with its CTC head
-    blank = json.loads(Path(output_dir, "config.json").read_text())["ctc_blank_token_id"]
-    assert [blank] == AutoTokenizer.from_pretrained(workspace["llm"])(" ", add_special_tokens=False)[
-        "input_ids"
-    ]
+    # the saved model knows its CTC blank and decodes jointly with its CTC head at the weight asked for
+    saved = json.loads(Path(output_dir, "config.json").read_text())
+    assert saved["ctc_decoding_weight"] == 0.3
+    space = AutoTokenizer.from_pretrained(workspace["llm"])(" ", add_special_tokens=False)["input_ids"]
+    assert [saved["ctc_blank_token_id"]] == space
+
+
+def test_ctc_decoding_weight_without_a_ctc_head_is_refused(workspace, tmp_path):
+    argv = base_args(workspace, str(tmp_path / "no-ctc"), *NO_EVAL, "--ctc_decoding_weight", "0.3")
+    with pytest.raises(ValueError, match="ctc_decoding_weight 0.3 needs a CTC head"):
+        train.run(argv)
+    assert not (tmp_path / "no-ctc" / "model.safetensors").exists()
 
 
 def test_lora_trains_the_chosen_llm_modules_and_nothing_else_of_the_llm(workspace, tmp_path):
