@@ -540,14 +540,16 @@ class CTCPrefixScorer(LogitsProcessor):
         # Tokens the CTC side never emits: the blank, and the EOS/padding that finished rows keep receiving.
         self.silent_ids = {blank_id, *self.eos_ids} | ({pad_token_id} if pad_token_id is not None else set())
         self.prompt_length, self.top_k = prompt_length, top_k
-        # Normaliser and blank column of every frame; the other tokens' columns are computed when they are candidates.
-        normalizers, blanks = [], []
-        for row in self.audio:  # one row at a time: [frames, vocab] logits are large
-            logits = embedding_ctc_logits(row, self.embeddings, self.squared_norms)
-            normalizers.append(logits.logsumexp(-1))
-            blanks.append(logits[:, blank_id])
-        self.normalizers = torch.stack(normalizers).double()
-        blank_log_probs = torch.stack(blanks).double() - self.normalizers
+        # Normaliser and blank column of every real frame (padding keeps zeros: nothing reads past a row's length);
+        # the other tokens' columns are computed when they are candidates.
+        self.normalizers = self.audio.new_zeros(self.audio.shape[:2], dtype=torch.float64)
+        blank_log_probs = torch.zeros_like(self.normalizers)
+        for row, length in enumerate(
+            self.lengths.tolist()
+        ):  # one row at a time: [frames, vocab] logits are large
+            logits = embedding_ctc_logits(self.audio[row, :length], self.embeddings, self.squared_norms)
+            self.normalizers[row, :length] = logits.logsumexp(-1).double()
+            blank_log_probs[row, :length] = logits[:, blank_id].double() - self.normalizers[row, :length]
         frames = torch.arange(self.audio.shape[1], device=self.audio.device)
         self.valid = frames[None, :] < self.lengths[:, None]
         # state of a prefix: log p(first t+1 frames emit it, ending in a token | in a blank), and its prefix score
