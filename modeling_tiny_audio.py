@@ -544,9 +544,8 @@ class CTCPrefixScorer(LogitsProcessor):
         # the other tokens' columns are computed when they are candidates.
         self.normalizers = self.audio.new_zeros(self.audio.shape[:2], dtype=torch.float64)
         blank_log_probs = torch.zeros_like(self.normalizers)
-        for row, length in enumerate(
-            self.lengths.tolist()
-        ):  # one row at a time: [frames, vocab] logits are large
+        # one row at a time: [frames, vocab] logits are large
+        for row, length in enumerate(self.lengths.tolist()):
             logits = embedding_ctc_logits(self.audio[row, :length], self.embeddings, self.squared_norms)
             self.normalizers[row, :length] = logits.logsumexp(-1).double()
             blank_log_probs[row, :length] = logits[:, blank_id].double() - self.normalizers[row, :length]
