@@ -577,25 +577,25 @@ class CTCPrefixScorer(LogitsProcessor):
             index = torch.tensor([audio_index], device=self.audio.device)
             parent = self._state(audio_index, prefix[:-1])
             token = torch.tensor([[prefix[-1]]], device=self.audio.device)
-            self.states[key] = tuple(
-                part[0, 0] for part in self._extend(index, [prefix[:-1]], [parent], token)
-            )
+            extended = self._extend(index, [prefix[:-1]], parent[0][None], parent[1][None], token)
+            self.states[key] = tuple(part[0, 0] for part in extended)
         return self.states[key]
 
     def _extend(
         self,
         audio_index: torch.Tensor,
         prefixes: list[tuple[int, ...]],
-        parents: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+        ends_in_token: torch.Tensor,
+        ends_in_blank: torch.Tensor,
         tokens: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """States of every parent prefix extended by each of its candidate `tokens` [rows, k].
+        """States of every prefix (its [rows, frames] forward variables) extended by each of its candidate `tokens`
+        [rows, k].
 
         The CTC forward recursions r_t = (r_{t-1} + phi_{t-1}) * p_t are linear, so each is solved for all frames
         at once: r = cumprod(p) * cumsum(phi / cumprod(p)), in log space with logcumsumexp.
         """
-        ends_in_token = torch.stack([state[0] for state in parents])[:, None, :]
-        ends_in_blank = torch.stack([state[1] for state in parents])[:, None, :]
+        ends_in_token, ends_in_blank = ends_in_token[:, None, :], ends_in_blank[:, None, :]
         last = torch.tensor([prefix[-1] if prefix else -1 for prefix in prefixes], device=tokens.device)
         log_probs = self._token_log_probs(audio_index, tokens)
         # phi: paths that may emit the new token next; a repeated token needs a blank in between.
@@ -626,12 +626,16 @@ class CTCPrefixScorer(LogitsProcessor):
         audio_index = torch.arange(rows, device=input_ids.device) // (rows // self.audio.shape[0])
         prefixes = [self._prefix(row) for row in input_ids[:, self.prompt_length :].tolist()]
         parents = [self._state(int(a), p) for a, p in zip(audio_index.tolist(), prefixes, strict=True)]
+        ends_in_token, ends_in_blank, parent_scores = (
+            torch.stack(part) for part in zip(*parents, strict=True)
+        )
         llm_log_probs = scores.float().log_softmax(-1)
         ruled_out = llm_log_probs.clone()
         ruled_out[:, sorted(self.silent_ids)] = -torch.inf
         candidates = ruled_out.topk(min(self.top_k, ruled_out.shape[-1]), -1).indices
-        ends_in_token, ends_in_blank, prefix_scores = self._extend(audio_index, prefixes, parents, candidates)
-        parent_scores = torch.stack([state[2] for state in parents])
+        child_token, child_blank, prefix_scores = self._extend(
+            audio_index, prefixes, ends_in_token, ends_in_blank, candidates
+        )
         # A prefix the audio cannot hold (forced in from outside) leaves the choice to the LLM alone.
         possible = parent_scores.isfinite()
         out = torch.full_like(llm_log_probs, -torch.inf)
@@ -640,10 +644,8 @@ class CTCPrefixScorer(LogitsProcessor):
         picked = ruled_out.gather(-1, candidates)
         joint = (1 - self.weight) * picked + self.weight * ctc_gain
         out.scatter_(-1, candidates, joint.masked_fill(picked.isinf(), -torch.inf))
-        last_frame = (self.lengths[audio_index] - 1).clamp(min=0).tolist()
-        whole = torch.stack(
-            [torch.logaddexp(r[0][t], r[1][t]) for r, t in zip(parents, last_frame, strict=True)]
-        )
+        last_frame = (self.lengths[audio_index] - 1).clamp(min=0)[:, None]
+        whole = torch.logaddexp(ends_in_token, ends_in_blank).gather(-1, last_frame)[:, 0]
         eos_gain = torch.where(possible, whole - parent_scores, 0.0).float()[:, None]
         out[:, self.eos_ids] = (1 - self.weight) * llm_log_probs[:, self.eos_ids] + self.weight * eos_gain
         # Keep what the next step can ask for: this step's prefixes (finished rows) and their candidates.
@@ -652,8 +654,8 @@ class CTCPrefixScorer(LogitsProcessor):
             self.states[(audio, prefix)] = parents[row]
             for k, token in enumerate(candidates[row].tolist()):
                 self.states[(audio, prefix + (token,))] = (
-                    ends_in_token[row, k],
-                    ends_in_blank[row, k],
+                    child_token[row, k],
+                    child_blank[row, k],
                     prefix_scores[row, k],
                 )
         return out
