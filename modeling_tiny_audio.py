@@ -487,6 +487,37 @@ class TinyAudioForConditionalGeneration(TinyAudioPreTrainedModel, GenerationMixi
                 inputs.pop(key, None)
         return inputs
 
+    def _prefill(
+        self,
+        input_ids: torch.LongTensor,
+        generation_config: GenerationConfig,
+        model_kwargs: dict,
+        is_first_iteration: bool = True,
+    ) -> CausalLMOutputWithPast:
+        """Prefills each clip once when generation has repeated its rows (beams, several returned sequences), then
+        repeats the cache: the prompt, audio included, is most of the compute, and its copies would cost as much."""
+        copies = max(generation_config.num_beams or 1, generation_config.num_return_sequences or 1)
+        rows = input_ids.shape[0]
+        cache = model_kwargs.get("cache")
+        if (
+            copies == 1
+            or rows % copies
+            or not is_first_iteration
+            or (cache is not None and cache.get_seq_length())
+        ):
+            return super()._prefill(input_ids, generation_config, model_kwargs, is_first_iteration)
+        # Rows come as repeat_interleave copies: keep the first of each clip (1-D tensors such as positions stay).
+        once = {
+            key: value[::copies]
+            if torch.is_tensor(value) and value.dim() > 1 and value.shape[0] == rows
+            else value
+            for key, value in model_kwargs.items()
+        }
+        outputs = super()._prefill(input_ids[::copies], generation_config, once, is_first_iteration)
+        outputs.logits = outputs.logits.repeat_interleave(copies, dim=0)
+        outputs.cache.batch_repeat_interleave(copies)
+        return outputs
+
     def feature_seconds(self, input_features_mask: torch.Tensor) -> torch.Tensor:
         """Audio duration of each clip, from its count of real feature frames."""
         frames = input_features_mask.sum(-1).float()

@@ -16,7 +16,7 @@ import torch
 from conftest import HIDE_REPO_PRELUDE, speech_like
 from safetensors import safe_open
 from tiny_models import make_tiny_llm, make_tiny_tiny_audio
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, GenerationMixin
 
 from configuration_tiny_audio import TinyAudioConfig, audio_token_lengths
 from modeling_tiny_audio import CTCPrefixScorer, TinyAudioForConditionalGeneration, embedding_ctc_logits
@@ -448,3 +448,27 @@ def test_joint_ctc_decoding_batches_like_single_clips(tmp_path):
         assert batched[row, :width].tolist() == single[:width].tolist()
     beams = model.generate(**batch, **settings, num_beams=3)
     assert beams.shape[0] == len(CLIPS)
+
+
+@pytest.mark.parametrize("settings", [{"num_beams": 3}, {"num_beams": 3, "num_return_sequences": 2}])
+def test_beam_search_prefills_each_clip_once(tmp_path, monkeypatch, settings):
+    """Beam search repeats every clip's rows; the prompt (audio included) is run once per clip and its cache
+    repeated, which gives the same beams and scores as prefilling every copy."""
+    model, processor = make_tiny_tiny_audio(tmp_path)
+    torch.manual_seed(0)
+    for param in model.multi_modal_projector.parameters():
+        param.data.normal_(0, 0.5)
+    batch = processor(audio=CLIPS)
+    settings = {**settings, "max_new_tokens": 6, "output_scores": True, "return_dict_in_generate": True}
+    encoder_rows = []
+    model.audio_tower.register_forward_hook(
+        lambda module, args, output: encoder_rows.append(args[0].shape[0])
+    )
+    once = model.generate(**batch, **settings)
+    assert encoder_rows == [len(CLIPS)]  # the encoder (and the whole prompt) ran on one copy of each clip
+
+    monkeypatch.setattr(TinyAudioForConditionalGeneration, "_prefill", GenerationMixin._prefill)
+    every_copy = model.generate(**batch, **settings)
+    assert encoder_rows[1] == len(CLIPS) * settings["num_beams"]
+    assert once.sequences.tolist() == every_copy.sequences.tolist()
+    torch.testing.assert_close(once.sequences_scores, every_copy.sequences_scores, atol=1e-4, rtol=1e-4)
