@@ -105,6 +105,13 @@ class ModelArguments:
             "needs the CTC loss); default: keep the starting checkpoint's, 0 for a new model"
         },
     )
+    num_beams: int | None = dataclasses.field(
+        default=None,
+        metadata={
+            "help": "Beams the saved model decodes with (its generation_config.json); default: keep the starting "
+            "checkpoint's, 1 (greedy) for a new model"
+        },
+    )
 
 
 @dataclasses.dataclass
@@ -245,6 +252,8 @@ def build_model(
         )
     if model_args.ctc_decoding_weight is not None:
         model.config.ctc_decoding_weight = model_args.ctc_decoding_weight
+    if model_args.num_beams is not None:
+        model.generation_config.num_beams = model_args.num_beams
     for parameter in model.parameters():
         if parameter.requires_grad:
             parameter.data = parameter.data.float()

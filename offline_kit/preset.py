@@ -23,6 +23,7 @@ import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from tqdm.auto import tqdm
@@ -52,6 +53,16 @@ SHIPPED_CONFIG_FIELDS = (
     "ctc_blank_token_id",
     "ctc_decoding_weight",
 )
+# Generation settings that ship with them: how the trained model decodes by default.
+SHIPPED_GENERATION_FIELDS = ("num_beams",)
+
+
+class ShippedWeights(NamedTuple):
+    """The trained weights in the repo, the config fields that shape them and the generation settings they use."""
+
+    weights: Path
+    config: dict
+    generation: dict
 
 
 class MissingPackageError(RuntimeError):
@@ -126,17 +137,20 @@ def _build_once(folder: Path, stamp: dict, build: Callable[[Path], object], forc
     partial.rename(folder)
 
 
-def shipped_weights(trained_dir: Path = TRAINED_DIR) -> tuple[Path, dict] | None:
-    """The shipped trained weights file and the config fields it was trained with, if the repo has them."""
-    weights, settings = trained_dir / TRAINED_WEIGHTS, trained_dir / TRAINED_SETTINGS
+def shipped_weights(trained_dir: Path = TRAINED_DIR) -> ShippedWeights | None:
+    """The shipped trained weights and their settings, if the repo has them."""
+    weights, settings_file = trained_dir / TRAINED_WEIGHTS, trained_dir / TRAINED_SETTINGS
     if not weights.is_file():
         return None
-    return weights, json.loads(settings.read_text())["config"]
+    settings = json.loads(settings_file.read_text())
+    return ShippedWeights(weights, settings["config"], settings.get("generation", {}))
 
 
 def ship_checkpoint(checkpoint: Path, trained_dir: Path = TRAINED_DIR) -> Path:
-    """Copies a training run's projector-only weights (and the fields that shape them) into `trained_dir`."""
+    """Copies a training run's projector-only weights (and the settings they go with) into `trained_dir`."""
     config = json.loads((checkpoint / "config.json").read_text())
+    generation_file = checkpoint / "generation_config.json"
+    generation = json.loads(generation_file.read_text()) if generation_file.is_file() else {}
     weights = checkpoint / TRAINED_WEIGHTS
     from modeling_tiny_audio import _holds_pretrained_weights
 
@@ -146,6 +160,9 @@ def ship_checkpoint(checkpoint: Path, trained_dir: Path = TRAINED_DIR) -> Path:
     shutil.copyfile(weights, trained_dir / TRAINED_WEIGHTS)
     settings = {
         "config": {field: config[field] for field in SHIPPED_CONFIG_FIELDS if field in config},
+        "generation": {
+            field: generation[field] for field in SHIPPED_GENERATION_FIELDS if field in generation
+        },
         "trained_from": {
             "audio_model_id": _home_relative(config["audio_model_id"]),
             "text_model_id": _home_relative(config["text_model_id"]),
@@ -173,16 +190,18 @@ def _hub_code_digests() -> dict[str, str]:
     return {name: _file_digest(source_dir / name) for name in modeling_tiny_audio.HUB_CODE_FILES}
 
 
-def _build_tiny_audio(whisper_dir: Path, llm_dir: Path, out: Path, trained: tuple[Path, dict] | None) -> None:
+def _build_tiny_audio(whisper_dir: Path, llm_dir: Path, out: Path, trained: ShippedWeights | None) -> None:
     from modeling_tiny_audio import TinyAudioForConditionalGeneration
     from processing_tiny_audio import TinyAudioProcessor
 
-    weights, settings = trained or (None, {})
     with torch.random.fork_rng():
         torch.manual_seed(PROJECTOR_SEED)
-        model = TinyAudioForConditionalGeneration.from_components(str(whisper_dir), str(llm_dir), **settings)
-    if weights is not None:
-        model.load_trainable_weights(str(weights))
+        model = TinyAudioForConditionalGeneration.from_components(
+            str(whisper_dir), str(llm_dir), **(trained.config if trained else {})
+        )
+    if trained is not None:
+        model.load_trainable_weights(str(trained.weights))
+        model.generation_config.update(**trained.generation)
     processor = TinyAudioProcessor.from_components(str(whisper_dir), str(llm_dir), config=model.config)
     model.save_pretrained(out)
     processor.save_pretrained(out)
@@ -227,8 +246,12 @@ def build_offline_preset(
         "seed": PROJECTOR_SEED,
         "code": _hub_code_digests(),
     }
-    if trained is not None:  # the weights and the config fields shipped with them (how it decodes, say)
-        model_stamp["trained"] = {"weights": _file_digest(trained[0]), "config": trained[1]}
+    if trained is not None:  # the weights and the settings shipped with them (how it decodes, say)
+        model_stamp["trained"] = {
+            "weights": _file_digest(trained.weights),
+            "config": trained.config,
+            "generation": trained.generation,
+        }
     steps = [
         ("whisper", whisper_stamp, lambda out: convert_ct2_whisper(whisper_src, out)),
         ("llm", llm_stamp, lambda out: convert_gguf_llm(gguf_src, out)),

@@ -77,6 +77,12 @@ def read_config(model_dir: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+def read_generation_config(model_dir: Path) -> dict:
+    """The checkpoint's default decoding settings; empty when it has no generation_config.json."""
+    path = model_dir / "generation_config.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
 def _code_files(config: dict) -> set[str]:
     """Python files that `trust_remote_code` will fetch, named by the config's auto_map and custom_pipelines."""
     references = list(config.get("auto_map", {}).values())
@@ -171,6 +177,7 @@ def build_upload_folder(
     card = build_card(
         repo_id=repo_id,
         config=config,
+        num_beams=read_generation_config(model_dir).get("num_beams", 1),
         results=read_results(list(results_files)),
         example_file=example_name,
         license=license,

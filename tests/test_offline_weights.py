@@ -346,6 +346,8 @@ def test_ship_copies_projector_only_weights_and_the_fields_that_shape_them(
     config["text_model_id"] = str(tmp_path / "models" / "llm")
     config["ctc_blank_token_id"], config["ctc_decoding_weight"] = 5, 0.3  # how it decodes ships with it
     config_file.write_text(json.dumps(config))
+    generation_file = checkpoint / "generation_config.json"
+    generation_file.write_text(json.dumps({**json.loads(generation_file.read_text()), "num_beams": 3}))
     trained = preset.ship_checkpoint(checkpoint, tmp_path / "trained")
     trained_from = json.loads((trained / preset.TRAINED_SETTINGS).read_text())["trained_from"]
     assert trained_from["text_model_id"] == "~/models/llm"  # no one's home directory in the repo
@@ -353,10 +355,10 @@ def test_ship_copies_projector_only_weights_and_the_fields_that_shape_them(
     shipped = load_file(trained / preset.TRAINED_WEIGHTS)
     original = load_file(Path(tiny_model_dir) / "model.safetensors")
     assert shipped.keys() == original.keys() and all(torch.equal(shipped[k], original[k]) for k in shipped)
-    weights, settings = preset.shipped_weights(trained)
+    weights, settings, generation = preset.shipped_weights(trained)
     assert weights == trained / preset.TRAINED_WEIGHTS
     assert settings == {field: config[field] for field in preset.SHIPPED_CONFIG_FIELDS}
-    assert settings["ctc_decoding_weight"] == 0.3
+    assert settings["ctc_decoding_weight"] == 0.3 and generation == {"num_beams": 3}
     assert preset.shipped_weights(tmp_path / "nothing-shipped") is None
 
 
@@ -438,9 +440,11 @@ class TestRealWeights:
         shutil.copytree(preset.TRAINED_DIR, trained)
         settings = json.loads((trained / preset.TRAINED_SETTINGS).read_text())
         settings["config"]["ctc_decoding_weight"] = 0.05
+        settings["generation"]["num_beams"] = 2
         (trained / preset.TRAINED_SETTINGS).write_text(json.dumps(settings))
         preset.build_offline_preset(offline_cache, progress=False, trained_dir=trained)
         assert json.loads((model_dir / "config.json").read_text())["ctc_decoding_weight"] == 0.05
+        assert json.loads((model_dir / "generation_config.json").read_text())["num_beams"] == 2
         preset.build_offline_preset(offline_cache, progress=False)  # back to the shipped settings
         assert json.loads((model_dir / "config.json").read_text()) == model_config
 
@@ -477,12 +481,16 @@ class TestRealWeights:
     def test_preset_holds_the_shipped_trained_weights(self, offline_cache):
         from safetensors.torch import load_file
 
-        weights, settings = preset.shipped_weights()
+        weights, settings, generation = preset.shipped_weights()
         built = load_file(offline_cache / preset.MODEL_FOLDER / "model.safetensors")
         shipped = load_file(weights)
         assert built.keys() == shipped.keys() and all(torch.equal(built[k], shipped[k]) for k in built)
         config = json.loads((offline_cache / preset.MODEL_FOLDER / "config.json").read_text())
         assert all(config[field] == value for field, value in settings.items())
+        built_generation = json.loads(
+            (offline_cache / preset.MODEL_FOLDER / "generation_config.json").read_text()
+        )
+        assert all(built_generation[field] == value for field, value in generation.items())
 
     def test_shipped_model_transcribes_real_speech_through_the_stock_pipeline(self, offline_cache, tmp_path):
         """Real human recordings (Asterisk prompts + jfk), never seen in training, in a fresh pipeline."""

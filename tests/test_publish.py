@@ -86,6 +86,9 @@ EXPECTED_FILES = [
 def test_push_uploads_a_folder_that_serves_from_a_fresh_process(
     inputs, hub, tiny_model_and_processor, tmp_path: Path, capsys
 ) -> None:
+    generation_file = inputs.model_dir / "generation_config.json"
+    generation = json.loads(generation_file.read_text())
+    generation_file.write_text(json.dumps({**generation, "num_beams": 2}))  # how it decodes shows on the card
     main(
         [str(inputs.model_dir), "--repo", "alice/tiny-audio-demo", "--example-audio", str(inputs.clip)]
         + ["--results", str(inputs.results), "--dataset", "openslr/librispeech_asr", "--allow-local-base"]
@@ -106,6 +109,7 @@ def test_push_uploads_a_folder_that_serves_from_a_fresh_process(
     projector = tiny_model_and_processor[0].multi_modal_projector
     assert f"{sum(p.numel() for p in projector.parameters()):,} trainable parameters" in card.text
     assert "holds just those weights" in card.text
+    assert "| decoding | beam search (2 beams) |" in card.text
 
     assert pipeline_in_fresh_process(hub.stored, hub.stored / "example.flac", tmp_path, **VARIED).strip()
 
@@ -123,6 +127,7 @@ def test_card_metadata_parses_and_validates(tmp_path: Path, inputs) -> None:
         repo_id="alice/tiny-audio-demo",
         config=config,
         results=read_results([inputs.results]),
+        num_beams=3,
         example_file="example.flac",
         license="apache-2.0",
         datasets=["openslr/librispeech_asr"],
@@ -165,7 +170,7 @@ def test_card_metadata_parses_and_validates(tmp_path: Path, inputs) -> None:
     )
     assert "| openslr/librispeech_asr (clean) | test.clean | 200 | 8.75 | 41.3 |" in card.text
     assert "rank-8 LoRA" in card.text and "learning_rate: 0.001" in card.text
-    assert "| decoding | greedy, joint CTC/attention (CTC weight 0.3) |" in card.text
+    assert "| decoding | beam search (3 beams), joint CTC/attention (CTC weight 0.3) |" in card.text
     assert (
         "holds just those weights (49.4 MB)" in card.text and "12,345,678 trainable parameters" in card.text
     )

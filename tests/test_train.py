@@ -479,6 +479,8 @@ def test_ctc_warm_up_skips_the_llm_then_trains_on_both_losses(workspace, tmp_pat
         "0.5",
         "--ctc_decoding_weight",
         "0.3",
+        "--num_beams",
+        "2",
     )
     train.run([*argv, "--gradient_accumulation_steps", str(accumulation)], callbacks=[counter, snapshot])
     # (step 4 also runs the LLM once over the shared prompt prefix, for the prefix cache)
@@ -492,6 +494,7 @@ def test_ctc_warm_up_skips_the_llm_then_trains_on_both_losses(workspace, tmp_pat
     # the saved model knows its CTC blank and decodes jointly with its CTC head at the weight asked for
     saved = json.loads(Path(output_dir, "config.json").read_text())
     assert saved["ctc_decoding_weight"] == 0.3
+    assert json.loads(Path(output_dir, "generation_config.json").read_text())["num_beams"] == 2
     space = AutoTokenizer.from_pretrained(workspace["llm"])(" ", add_special_tokens=False)["input_ids"]
     assert [saved["ctc_blank_token_id"]] == space
 
