@@ -438,12 +438,17 @@ class TinyAudioForConditionalGeneration(TinyAudioPreTrainedModel, GenerationMixi
         self, *args, ctc_weight: float | None = None, ctc_top_k: int = 8, **kwargs
     ) -> torch.LongTensor:
         """`GenerationMixin.generate` with a budget that follows the audio length when none is given, and joint
-        CTC/attention decoding when `ctc_weight` (default: `config.ctc_decoding_weight`) is above 0."""
+        CTC/attention decoding when `ctc_weight` (default: `config.ctc_decoding_weight` when there is audio, so
+        text-only prompts still work) is above 0."""
         features_mask = kwargs.get("input_features_mask")
         if "max_new_tokens" not in kwargs and "generation_config" not in kwargs and features_mask is not None:
             seconds = self.feature_seconds(features_mask).max().item()
             kwargs["max_new_tokens"] = self.config.max_new_tokens_for(seconds)
-        ctc_weight = self.config.ctc_decoding_weight if ctc_weight is None else ctc_weight
+        if ctc_weight is None:
+            has_audio = any(
+                kwargs.get(key) is not None for key in ("input_features", "encoder_hidden_states")
+            )
+            ctc_weight = self.config.ctc_decoding_weight if has_audio else 0.0
         if ctc_weight > 0:
             kwargs = self._with_ctc_scorer(kwargs, ctc_weight, ctc_top_k)
         return super().generate(*args, **kwargs)

@@ -448,6 +448,15 @@ def test_joint_ctc_decoding_batches_like_single_clips(tmp_path):
         assert batched[row, :width].tolist() == single[:width].tolist()
     beams = model.generate(**batch, **settings, num_beams=3)
     assert beams.shape[0] == len(CLIPS)
+    # The config's weight applies to audio only: a text prompt decodes with the LLM alone, unless asked otherwise.
+    model.config.ctc_decoding_weight = 0.5
+    text = processor.text_prompt("the quick brown fox")
+    assert (
+        model.generate(**text, max_new_tokens=3).tolist()
+        == model.generate(**text, max_new_tokens=3, ctc_weight=0.0).tolist()
+    )
+    with pytest.raises(ValueError, match="needs audio"):
+        model.generate(**text, max_new_tokens=3, ctc_weight=0.5)
 
 
 @pytest.mark.parametrize("settings", [{"num_beams": 3}, {"num_beams": 3, "num_return_sequences": 2}])
