@@ -148,11 +148,16 @@ def shipped_weights(trained_dir: Path = TRAINED_DIR) -> ShippedWeights | None:
 
 def ship_checkpoint(checkpoint: Path, trained_dir: Path = TRAINED_DIR) -> Path:
     """Copies a training run's projector-only weights (and the settings they go with) into `trained_dir`."""
-    config = json.loads((checkpoint / "config.json").read_text())
-    generation_file = checkpoint / "generation_config.json"
-    generation = json.loads(generation_file.read_text()) if generation_file.is_file() else {}
-    weights = checkpoint / TRAINED_WEIGHTS
+    from transformers import GenerationConfig
+
     from modeling_tiny_audio import _holds_pretrained_weights
+
+    config = json.loads((checkpoint / "config.json").read_text())
+    try:
+        generation = GenerationConfig.from_pretrained(checkpoint)  # every save_pretrained writes one
+    except OSError:
+        generation = GenerationConfig()
+    weights = checkpoint / TRAINED_WEIGHTS
 
     if _holds_pretrained_weights(str(weights)):
         raise ValueError(f"{weights} holds encoder/LLM weights: ship a projector-only checkpoint")
@@ -160,9 +165,7 @@ def ship_checkpoint(checkpoint: Path, trained_dir: Path = TRAINED_DIR) -> Path:
     shutil.copyfile(weights, trained_dir / TRAINED_WEIGHTS)
     settings = {
         "config": {field: config[field] for field in SHIPPED_CONFIG_FIELDS if field in config},
-        "generation": {
-            field: generation[field] for field in SHIPPED_GENERATION_FIELDS if field in generation
-        },
+        "generation": {field: getattr(generation, field) for field in SHIPPED_GENERATION_FIELDS},
         "trained_from": {
             "audio_model_id": _home_relative(config["audio_model_id"]),
             "text_model_id": _home_relative(config["text_model_id"]),

@@ -77,10 +77,14 @@ def read_config(model_dir: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def read_generation_config(model_dir: Path) -> dict:
-    """The checkpoint's default decoding settings; empty when it has no generation_config.json."""
-    path = model_dir / "generation_config.json"
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+def default_num_beams(model_dir: Path) -> int:
+    """Beams the checkpoint decodes with by default (its generation_config.json; greedy without one)."""
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(model_dir).num_beams
+    except OSError:
+        return 1
 
 
 def _code_files(config: dict) -> set[str]:
@@ -177,7 +181,7 @@ def build_upload_folder(
     card = build_card(
         repo_id=repo_id,
         config=config,
-        num_beams=read_generation_config(model_dir).get("num_beams", 1),
+        num_beams=default_num_beams(model_dir),
         results=read_results(list(results_files)),
         example_file=example_name,
         license=license,
