@@ -229,7 +229,9 @@ def test_microphone_recording_is_transcribed(page) -> None:
     page.get_by_label("Record audio").click()
     page.get_by_role("button", name="Record").first.click()
     page.wait_for_timeout(2000)
-    page.get_by_role("button", name="Stop").first.click()
+    # The recording is shown at once but reaches the server by a separate upload: Transcribe waits for it
+    with page.expect_response(lambda response: "/upload" in response.url and response.ok, timeout=30_000):
+        page.get_by_role("button", name="Stop").first.click()
     page.locator("#audio audio, #audio [data-testid='waveform-controls']").first.wait_for(state="attached")
     page.click("#transcribe-btn")
     assert wait_for_transcript(page)
