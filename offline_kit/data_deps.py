@@ -21,6 +21,8 @@ DATA_PACKAGES = {
     "r-cran-stringr": "usr/lib/R/site-library/stringr/data/Rdata.rdb",
     "wordnet-base": "usr/share/wordnet/data.noun",
     "sword-text-web": "usr/share/sword/modules/texts/ztext/engWEB2015eb/ot.bzz",
+    "gnome-user-docs": "usr/share/help/C/gnome-help/index.page",
+    "fortunes": "usr/share/games/fortunes/wisdom",
     "asterisk-core-sounds-en-wav": "usr/share/asterisk/sounds/en_US_f_Allison/beep.wav",
     "asterisk-core-sounds-en": "usr/share/doc/asterisk-core-sounds-en/core-sounds-en.txt.gz",
 }

@@ -34,7 +34,14 @@ from tqdm import tqdm
 
 from offline_kit import augment
 from offline_kit.data_deps import ensure_data_deps
-from offline_kit.text_sources import SOURCES, load_sentences, number_phrase, short_phrase, split_by_text
+from offline_kit.text_sources import (
+    DEFAULT_SOURCES,
+    SOURCES,
+    load_sentences,
+    number_phrase,
+    short_phrase,
+    split_by_text,
+)
 from offline_kit.voices import FAMILIES, SAMPLE_RATE, Voice, all_voices, split_voices, synthesize
 
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "data" / "synthetic"
@@ -200,7 +207,7 @@ def build_corpus(
     seed: int = 0,
     test_fraction: float = 0.05,
     families: tuple[str, ...] = DEFAULT_FAMILIES,
-    sources: tuple[str, ...] = SOURCES,
+    sources: tuple[str, ...] = DEFAULT_SOURCES,
     use_augment: bool = True,
     shard_size: int = 50,
     workers: int | None = None,
@@ -282,7 +289,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--families", nargs="+", default=list(DEFAULT_FAMILIES), choices=FAMILIES, help="voice families"
     )
-    parser.add_argument("--sources", nargs="+", default=list(SOURCES), choices=SOURCES)
+    parser.add_argument("--sources", nargs="+", default=list(DEFAULT_SOURCES), choices=SOURCES)
     parser.add_argument("--no-augment", action="store_true", help="clean TTS audio only")
     parser.add_argument("--shard-size", type=int, default=50)
     parser.add_argument("--workers", type=int, default=None, help="processes (default: one per core)")

@@ -6,6 +6,12 @@ Sources (all public domain or permissively licensed, installed by ``offline_kit/
   (``stringr::sentences``), a zlib-compressed R serialization that we decode here.
 - ``wordnet``: the quoted usage examples in WordNet 3.0 glosses (``wordnet-base``).
 - ``web``: the World English Bible SWORD module (``sword-text-web``): zlib blocks of OSIS markup.
+- ``help``: paragraphs of the GNOME desktop help (``gnome-user-docs``, Mallard XML): present-day instructions
+  ("press", "menu", "password", "volume") that the three sources above almost never use.
+- ``fortunes``: the everyday-English quotation files of fortune-mod (``fortunes``), one sentence at a time.
+
+The first three are the default (the shipped corpora were built from them); ``help`` and ``fortunes`` are asked
+for by name.
 
 ``load_sentences`` cleans, filters and deduplicates them; ``split_by_text`` makes a test split that shares no
 sentence (after normalisation) with train.
@@ -24,10 +30,17 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from xml.etree import ElementTree
 
 from offline_kit.data_deps import DATA_PACKAGES, debian_file
 
-SOURCES = ("harvard", "wordnet", "web")
+DEFAULT_SOURCES = ("harvard", "wordnet", "web")
+MALLARD = "{http://projectmallard.org/1.0/}"
+# fortune-mod files of plain quotations; dialogue, verse, jokes about groups and ASCII art are left out.
+FORTUNE_FILES = (
+    "computers", "education", "food", "kids", "law", "linux", "medicine", "miscellaneous", "news", "people",
+    "pets", "platitudes", "politics", "science", "sports", "wisdom", "work",
+)  # fmt: skip
 HARVARD_COUNT = 720
 
 MIN_WORDS = 4
@@ -139,6 +152,27 @@ def web_bible_sentences() -> list[str]:
     return out
 
 
+def gnome_help_sentences() -> list[str]:
+    """Sentences of every paragraph of the GNOME help pages (markup inside a paragraph kept as its text)."""
+    help_root = debian_file(DATA_PACKAGES["gnome-user-docs"], "gnome-user-docs").parent.parent
+    out = []
+    for page in sorted(help_root.glob("*/*.page")):
+        for paragraph in ElementTree.parse(page).getroot().iter(f"{MALLARD}p"):
+            out.extend(_SENTENCE_END.split(" ".join("".join(paragraph.itertext()).split())))
+    return out
+
+
+def fortune_sentences() -> list[str]:
+    """Sentences of the quotations in ``FORTUNE_FILES``: entries end at a line of "%", attributions dropped."""
+    directory = debian_file(DATA_PACKAGES["fortunes"], "fortunes").parent
+    out = []
+    for name in FORTUNE_FILES:
+        for entry in re.split(r"^%$", (directory / name).read_text(encoding="utf-8"), flags=re.M):
+            lines = [line for line in entry.splitlines() if not line.strip().startswith("--")]
+            out.extend(_SENTENCE_END.split(" ".join(" ".join(lines).split())))
+    return out
+
+
 def clean(text: str) -> str | None:
     """Normalise quotes/space and keep only sentences a TTS engine reads unambiguously; None = reject."""
     text = re.sub(r"\s+", " ", text.translate(_TRANSLATE).replace('"', " ")).strip()
@@ -186,10 +220,17 @@ def number_phrase(rng: random.Random) -> str:
     return str(rng.choice([rng.randint(0, 20), rng.randint(21, 99), rng.randint(100, 999)]))
 
 
-READERS = {"harvard": harvard_sentences, "wordnet": wordnet_examples, "web": web_bible_sentences}
+READERS = {
+    "harvard": harvard_sentences,
+    "wordnet": wordnet_examples,
+    "web": web_bible_sentences,
+    "help": gnome_help_sentences,
+    "fortunes": fortune_sentences,
+}
+SOURCES = tuple(READERS)
 
 
-def load_sentences(sources: Iterable[str] = SOURCES) -> list[Sentence]:
+def load_sentences(sources: Iterable[str] = DEFAULT_SOURCES) -> list[Sentence]:
     """Cleaned, deduplicated sentences from the given sources, in a stable order (first source wins)."""
     seen: set[str] = set()
     out = []
@@ -224,7 +265,7 @@ def split_by_text(
 def main(argv: list[str] | None = None) -> None:
     """Print how many sentences each source yields, with examples."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sources", nargs="+", default=list(SOURCES), choices=SOURCES)
+    parser.add_argument("--sources", nargs="+", default=list(DEFAULT_SOURCES), choices=SOURCES)
     parser.add_argument("--examples", type=int, default=2, help="sentences to show per source")
     args = parser.parse_args(argv)
     sentences = load_sentences(args.sources)

@@ -23,6 +23,7 @@ from offline_kit.data_deps import DATA_PACKAGES, debian_file, ensure_data_deps, 
 from offline_kit.real_speech import JFK_TEXT, asterisk_prompts, build_real_speech, normalize_reference
 from offline_kit.synthetic_corpus import NUMBER_EVERY, build_corpus, plan_corpus, summarize
 from offline_kit.text_sources import (
+    DEFAULT_SOURCES,
     HARVARD_COUNT,
     clean,
     harvard_sentences,
@@ -63,6 +64,20 @@ def test_sources_are_large_clean_and_deduplicated():
     assert all(clean(s.text) == s.text for s in sentences[::97])
     web = [s.text for s in sentences if s.source == "web"]
     assert not any("<" in t or "strong:" in t for t in web)
+    assert {s.source for s in sentences} == set(DEFAULT_SOURCES)  # the shipped corpora were built from these
+
+
+def test_present_day_sources_bring_words_the_default_sources_lack():
+    """GNOME help and fortune quotations: the instructions and everyday words of phone menus and dictation."""
+    default_words = {w.lower() for s in load_sentences() for w in sentence_words(s.text)}
+    sentences = load_sentences(("help", "fortunes"))
+    counts = {source: sum(s.source == source for s in sentences) for source in ("help", "fortunes")}
+    assert counts["help"] > 3000 and counts["fortunes"] > 9000, counts
+    assert all(clean(s.text) == s.text for s in sentences)
+    new_words = {w.lower() for s in sentences for w in sentence_words(s.text)} - default_words
+    assert len(new_words) > 4000 and {"user", "login", "unmute"} <= new_words
+    help_text = " ".join(s.text for s in sentences if s.source == "help")
+    assert "<" not in help_text and "Press Enter" in help_text  # markup inside a paragraph keeps its text
 
 
 def test_clean_rejects_what_tts_would_misread():
