@@ -225,15 +225,24 @@ def test_upload_shows_transcript_duration_and_time(page, tmp_path: Path, suffix:
 
 @pytest.mark.browser
 def test_microphone_recording_is_transcribed(page) -> None:
-    """Chromium's fake capture device (a beep every second) stands in for a microphone."""
+    """Chromium's fake capture device (a beep every second) stands in for a microphone.
+
+    The recording reaches the server by its own upload after Stop. On a slow network (every request delayed by
+    1.5 s here) a click on Transcribe straight after Stop must wait for that upload, not send no audio.
+    """
+    from playwright.sync_api import expect
+
+    transcribe = page.locator("#transcribe-btn")
     page.get_by_label("Record audio").click()
     page.get_by_role("button", name="Record").first.click()
+    expect(transcribe).to_be_disabled()
     page.wait_for_timeout(2000)
-    # The recording is shown at once but reaches the server by a separate upload: Transcribe waits for it
-    with page.expect_response(lambda response: "/upload" in response.url and response.ok, timeout=30_000):
-        page.get_by_role("button", name="Stop").first.click()
-    page.locator("#audio audio, #audio [data-testid='waveform-controls']").first.wait_for(state="attached")
-    page.click("#transcribe-btn")
+    network = page.context.new_cdp_session(page)
+    network.send("Network.enable")
+    conditions = {"offline": False, "latency": 1500, "downloadThroughput": -1, "uploadThroughput": -1}
+    network.send("Network.emulateNetworkConditions", conditions)
+    page.get_by_role("button", name="Stop").first.click()
+    transcribe.click(timeout=30_000)  # waits while the button is disabled
     assert wait_for_transcript(page)
     assert re.fullmatch(r"\d\.\d\d s", page.locator("#duration textarea, #duration input").input_value())
 
