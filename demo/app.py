@@ -125,8 +125,8 @@ def build_demo(backend: Backend, title: str, max_file_mb: float = DEFAULT_MAX_FI
             )
             # A recording reaches the server by its own upload after Stop, and Gradio fires stop_recording once
             # it has landed: until then Transcribe would send no audio, so it stays disabled.
-            for event, ready in ((audio.start_recording, False), (audio.stop_recording, True)):
-                event(lambda ready=ready: gr.Button(interactive=ready), outputs=transcribe_btn, queue=False)
+            audio.start_recording(lambda: gr.Button(interactive=False), outputs=transcribe_btn, queue=False)
+            audio.stop_recording(lambda: gr.Button(interactive=True), outputs=transcribe_btn, queue=False)
         with gr.Tab("Text", elem_id="tab-text"):
             gr.Markdown("The language model alone, no audio: what does the decoder know by itself?")
             prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt")
