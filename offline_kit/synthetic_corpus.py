@@ -54,6 +54,7 @@ DEFAULT_FAMILIES = ("piper", "flite")
 # clean (noise/telephone pushed its WER from ~35% to 60-110%), so the robotic voices get gain only.
 AUGMENT_ODDS = {
     "piper": {"p_telephone": 0.25, "p_noise": 0.4},
+    "kokoro": {"p_telephone": 0.25, "p_noise": 0.4},
     "flite": {"p_telephone": 0.0, "p_noise": 0.3},
     "espeak": {"p_telephone": 0.0, "p_noise": 0.0},
 }

