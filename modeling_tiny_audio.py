@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -236,7 +237,7 @@ class TinyAudioForConditionalGeneration(TinyAudioPreTrainedModel, GenerationMixi
             max_new_tokens=128,
         )
 
-    def _add_lora(self) -> None:
+    def _add_lora(self, target_modules: Sequence[str] | None = None) -> None:
         try:
             from peft import LoraConfig, inject_adapter_in_model
         except ImportError as error:
@@ -246,9 +247,28 @@ class TinyAudioForConditionalGeneration(TinyAudioPreTrainedModel, GenerationMixi
             r=self.config.lora_rank,
             lora_alpha=self.config.lora_alpha,
             lora_dropout=self.config.lora_dropout,
-            target_modules=list(self.config.lora_target_modules),
+            target_modules=list(target_modules or self.config.lora_target_modules),
         )
         inject_adapter_in_model(lora, self.language_model)
+
+    def extend_lora(self, target_modules: Sequence[str]) -> None:
+        """Adapts more LLM modules with LoRA, keeping the trained adapters: a continued run can widen LoRA.
+
+        The new adapters start at zero (LoRA's B), so the model's output is unchanged until they train.
+        """
+        current = list(self.config.lora_target_modules)
+        if self.config.lora_rank == 0:
+            raise ValueError("this checkpoint has no LoRA (lora_rank 0): train a new model to add it")
+        dropped = sorted(set(current) - set(target_modules))
+        if dropped:
+            raise ValueError(
+                f"lora_target_modules must keep the checkpoint's trained adapters; missing {dropped}"
+            )
+        added = [module for module in target_modules if module not in current]
+        if added:
+            self._add_lora(added)
+            self.config.lora_target_modules = current + added
+            self.freeze_pretrained()
 
     def freeze_pretrained(self) -> None:
         """Freezes encoder and LLM; leaves the projector and LoRA adapters trainable."""

@@ -64,7 +64,11 @@ class ModelArguments:
     lora_alpha: int = 16
     lora_dropout: float = 0.0
     lora_target_modules: list[str] | None = dataclasses.field(
-        default=None, metadata={"help": "LLM modules LoRA adapts (default q_proj v_proj)", "nargs": "+"}
+        default=None,
+        metadata={
+            "help": "LLM modules LoRA adapts (default q_proj v_proj); with model_name_or_path, adds modules",
+            "nargs": "+",
+        },
     )
     attn_implementation: str = dataclasses.field(
         default="auto",
@@ -235,6 +239,8 @@ def build_model(
     if model_args.model_name_or_path:
         model = TinyAudioForConditionalGeneration.from_pretrained(model_args.model_name_or_path, dtype=dtype)
         processor = TinyAudioProcessor.from_pretrained(model_args.model_name_or_path)
+        if model_args.lora_target_modules:
+            model.extend_lora(model_args.lora_target_modules)
     else:
         model = TinyAudioForConditionalGeneration.from_components(
             model_args.audio_model_id,

@@ -246,6 +246,34 @@ def test_lora_option(tmp_path):
     torch.testing.assert_close(reloaded(**inputs).logits, model(**inputs).logits, rtol=0, atol=0)
 
 
+def test_extending_lora_keeps_the_trained_adapters_and_the_outputs(tmp_path):
+    model, processor = make_tiny_tiny_audio(tmp_path, lora_rank=4)
+    for name, param in model.named_parameters():
+        if ".lora_B" in name:
+            param.data.normal_(0, 0.1)
+    inputs = processor(audio=CLIPS[:1])
+    before = model(**inputs).logits
+    trained = {name: param.detach().clone() for name, param in model.named_parameters() if ".lora_" in name}
+
+    model.extend_lora(["q_proj", "v_proj", "k_proj", "up_proj"])
+    torch.testing.assert_close(model(**inputs).logits, before, rtol=0, atol=0)  # new adapters start at zero
+    trainable = [name for name, param in model.named_parameters() if param.requires_grad]
+    assert all(name.startswith("multi_modal_projector.") or ".lora_" in name for name in trainable)
+    adapted = {name.split(".lora_")[0].rsplit(".", 1)[-1] for name in trainable if ".lora_" in name}
+    assert adapted == {"q_proj", "v_proj", "k_proj", "up_proj"}
+    assert all(torch.equal(dict(model.named_parameters())[name], value) for name, value in trained.items())
+    for name, param in model.named_parameters():
+        if ".lora_B" in name and name not in trained:
+            param.data.normal_(0, 0.1)  # as if trained: the reload must bring the new adapters back too
+    model.save_pretrained(tmp_path / "wider")
+    processor.save_pretrained(tmp_path / "wider")
+    reloaded = TinyAudioForConditionalGeneration.from_pretrained(tmp_path / "wider")
+    assert reloaded.config.lora_target_modules == ["q_proj", "v_proj", "k_proj", "up_proj"]
+    torch.testing.assert_close(reloaded(**inputs).logits, model(**inputs).logits, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"keep the checkpoint's trained adapters; missing \['v_proj'\]"):
+        reloaded.extend_lora(["q_proj", "k_proj", "up_proj"])
+
+
 @pytest.mark.parametrize("encoder", ["hubert", "wav2vec2", "wavlm"])
 def test_wav2vec_style_encoders(tmp_path, encoder):
     model, processor = make_tiny_tiny_audio(tmp_path, encoder=encoder)

@@ -521,6 +521,32 @@ def test_lora_trains_the_chosen_llm_modules_and_nothing_else_of_the_llm(workspac
         "up_proj",
     ]
 
+    # A continued run may widen LoRA: the trained adapters carry on and the new ones train from zero.
+    wider, widened = Snapshot(), str(tmp_path / "lora-wider")
+    argv = base_args(
+        workspace,
+        widened,
+        *NO_EVAL,
+        "--model_name_or_path",
+        output_dir,
+        "--lora_target_modules",
+        "k_proj",
+        "up_proj",
+        "v_proj",
+    )
+    train.run(argv, callbacks=[wider])
+    trained = [k for k in snapshot.after if ".lora_" in k or k.startswith("multi_modal_projector.")]
+    assert all(torch.equal(wider.before[k], snapshot.after[k]) for k in trained)
+    new = {k for k in wider.before if ".lora_" in k and k not in snapshot.after}
+    assert new and all(".v_proj.lora_" in k for k in new)
+    assert all(not wider.before[k].any() for k in new if ".lora_B" in k)
+    assert all(not torch.equal(wider.before[k], wider.after[k]) for k in new if ".lora_B" in k)
+    assert json.loads(Path(widened, "config.json").read_text())["lora_target_modules"] == [
+        "k_proj",
+        "up_proj",
+        "v_proj",
+    ]
+
 
 def test_feature_cache_key_is_the_same_for_a_saved_and_reloaded_processor(model_and_test_rows, tmp_path):
     """A run continued from a saved checkpoint must find the cache its first stage built."""
