@@ -256,9 +256,9 @@ class TinyAudioForConditionalGeneration(TinyAudioPreTrainedModel, GenerationMixi
 
         The new adapters start at zero (LoRA's B), so the model's output is unchanged until they train.
         """
-        current = list(self.config.lora_target_modules)
         if self.config.lora_rank == 0:
             raise ValueError("this checkpoint has no LoRA (lora_rank 0): train a new model to add it")
+        current = list(self.config.lora_target_modules)
         dropped = sorted(set(current) - set(target_modules))
         if dropped:
             raise ValueError(

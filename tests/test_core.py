@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from collections.abc import Container
 
 import numpy as np
 import pytest
@@ -231,14 +232,19 @@ def test_standalone_checkpoint_round_trip(tmp_path, tiny_model_and_processor):
     assert llm.get_output_embeddings().weight.data_ptr() == llm.get_input_embeddings().weight.data_ptr()
 
 
+def randomise_lora_b(model, keep: Container[str] = ()) -> None:
+    """LoRA's B starts at zero: random values (as if trained) make the adapters matter."""
+    for name, param in model.named_parameters():
+        if ".lora_B" in name and name not in keep:
+            param.data.normal_(0, 0.1)
+
+
 def test_lora_option(tmp_path):
     model, processor = make_tiny_tiny_audio(tmp_path, lora_rank=4)
     trainable = {name for name, param in model.named_parameters() if param.requires_grad}
     assert any(".lora_" in name for name in trainable)
     assert all(name.startswith("multi_modal_projector.") or ".lora_" in name for name in trainable)
-    for name, param in model.named_parameters():
-        if ".lora_B" in name:
-            param.data.normal_(0, 0.1)  # LoRA B starts at zero: make the adapter matter
+    randomise_lora_b(model)
     model.save_pretrained(tmp_path / "ckpt")
     processor.save_pretrained(tmp_path / "ckpt")
     reloaded = TinyAudioForConditionalGeneration.from_pretrained(tmp_path / "ckpt")
@@ -248,9 +254,7 @@ def test_lora_option(tmp_path):
 
 def test_extending_lora_keeps_the_trained_adapters_and_the_outputs(tmp_path):
     model, processor = make_tiny_tiny_audio(tmp_path, lora_rank=4)
-    for name, param in model.named_parameters():
-        if ".lora_B" in name:
-            param.data.normal_(0, 0.1)
+    randomise_lora_b(model)
     inputs = processor(audio=CLIPS[:1])
     before = model(**inputs).logits
     trained = {name: param.detach().clone() for name, param in model.named_parameters() if ".lora_" in name}
@@ -261,10 +265,9 @@ def test_extending_lora_keeps_the_trained_adapters_and_the_outputs(tmp_path):
     assert all(name.startswith("multi_modal_projector.") or ".lora_" in name for name in trainable)
     adapted = {name.split(".lora_")[0].rsplit(".", 1)[-1] for name in trainable if ".lora_" in name}
     assert adapted == {"q_proj", "v_proj", "k_proj", "up_proj"}
-    assert all(torch.equal(dict(model.named_parameters())[name], value) for name, value in trained.items())
-    for name, param in model.named_parameters():
-        if ".lora_B" in name and name not in trained:
-            param.data.normal_(0, 0.1)  # as if trained: the reload must bring the new adapters back too
+    parameters = dict(model.named_parameters())
+    assert all(torch.equal(parameters[name], value) for name, value in trained.items())
+    randomise_lora_b(model, keep=trained)  # the reload must bring the new adapters back too
     model.save_pretrained(tmp_path / "wider")
     processor.save_pretrained(tmp_path / "wider")
     reloaded = TinyAudioForConditionalGeneration.from_pretrained(tmp_path / "wider")
