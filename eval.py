@@ -21,6 +21,7 @@ import re
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from importlib.resources import files
@@ -44,6 +45,8 @@ TEXT_COLUMNS = ("text", "sentence", "transcription", "transcript", "normalized_t
 ID_COLUMNS = ("id", "ID", "clip_id", "segment_id", "utterance_id", "file_name", "audio_filepath", "path")
 MANIFEST_SUFFIXES = {".csv": "csv", ".jsonl": "json", ".json": "json"}
 AUDIOFOLDER_METADATA = ("metadata.csv", "metadata.jsonl")
+# Resamples of the clips behind the 95% interval of a paired comparison (--compare-with).
+BOOTSTRAP_DRAWS = 2000
 
 
 @dataclass(frozen=True)
@@ -586,6 +589,92 @@ def evaluate(
     return results
 
 
+# ----------------------------------------------------------------------------- paired comparison
+
+
+def baseline_samples(directory: Path, dataset_slug: str) -> Path:
+    """The samples.jsonl of one dataset in an earlier run's --output-dir (or in its model folder)."""
+    found = [
+        path
+        for path in [
+            directory / dataset_slug / "samples.jsonl",
+            *directory.glob(f"*/{dataset_slug}/samples.jsonl"),
+        ]
+        if path.is_file()
+    ]
+    if len(found) != 1:
+        what = (
+            "no run"
+            if not found
+            else f"runs of {len(found)} models ({', '.join(str(p.parent.parent) for p in found)})"
+        )
+        raise ValueError(
+            f"--compare-with {directory}: {what} of dataset {dataset_slug}; pass the folder of one eval.py run"
+        )
+    return found[0]
+
+
+def _scored_by_clip(rows: list[dict[str, Any]]) -> dict[tuple[str, int], dict[str, Any]]:
+    """Scored rows keyed by (clip id, how many rows with that id came before): a dataset may repeat an id."""
+    seen: Counter[str] = Counter()
+    keyed = {}
+    for row in rows:
+        key = (row["id"], seen[row["id"]])
+        seen[row["id"]] += 1
+        if row["status"] == "ok":
+            keyed[key] = row
+    return keyed
+
+
+def _errors(row: dict[str, Any]) -> int:
+    return row["substitutions"] + row["deletions"] + row["insertions"]
+
+
+def compare_runs(
+    baseline: list[dict[str, Any]],
+    candidate: list[dict[str, Any]],
+    draws: int = BOOTSTRAP_DRAWS,
+    seed: int = SEED,
+) -> dict[str, Any]:
+    """Candidate against baseline on the clips both scored: corpus WERs, clips better and worse, and a 95% interval
+    of the WER change from resampling those clips with replacement (the same clips for both runs, so the
+    interval reflects which model is better, not which clips happen to be hard)."""
+    before, after = _scored_by_clip(baseline), _scored_by_clip(candidate)
+    shared = [key for key in after if key in before]
+    if not shared:
+        raise ValueError("the two runs share no scored clip: were they made on the same dataset?")
+    for key in shared:
+        if before[key]["reference_normalized"] != after[key]["reference_normalized"]:
+            raise ValueError(f"clip {key[0]} has a different reference in each run: not the same dataset")
+    words = np.array([before[key]["reference_words"] for key in shared])
+    errors_before = np.array([_errors(before[key]) for key in shared])
+    errors_after = np.array([_errors(after[key]) for key in shared])
+    picks = np.random.default_rng(seed).integers(0, len(shared), (draws, len(shared)))
+    changes = (errors_after[picks].sum(axis=1) - errors_before[picks].sum(axis=1)) / words[picks].sum(axis=1)
+    low, high = np.percentile(changes, [2.5, 97.5])
+    return {
+        "clips": len(shared),
+        "baseline_wer": errors_before.sum() / words.sum(),
+        "candidate_wer": errors_after.sum() / words.sum(),
+        "wer_change": (errors_after.sum() - errors_before.sum()) / words.sum(),
+        "wer_change_95": [float(low), float(high)],
+        "bootstrap_draws": draws,
+        "clips_better": int((errors_after < errors_before).sum()),
+        "clips_worse": int((errors_after > errors_before).sum()),
+        "clips_same": int((errors_after == errors_before).sum()),
+    }
+
+
+def format_comparison(comparison: dict[str, Any], baseline: Path) -> str:
+    low, high = comparison["wer_change_95"]
+    return (
+        f"Against {baseline} ({comparison['clips']} clips): WER {_pct(comparison['baseline_wer'])} -> "
+        f"{_pct(comparison['candidate_wer'])}, change {100 * comparison['wer_change']:+.2f} points "
+        f"(95% interval {100 * low:+.2f} to {100 * high:+.2f}); clips better {comparison['clips_better']}, "
+        f"worse {comparison['clips_worse']}, same {comparison['clips_same']}"
+    )
+
+
 def format_table(results: list[dict[str, Any]]) -> str:
     """Markdown table of one model over several datasets, with the plain average WER the leaderboard uses."""
     lines = ["| Dataset | Split | Samples | WER | RTFx |", "|---|---|---:|---:|---:|"]
@@ -636,6 +725,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--model-name", help="name in results and on the leaderboard (default: MODEL)")
     parser.add_argument("--contributor", help="name on the leaderboard (default: git config user.name)")
+    parser.add_argument(
+        "--compare-with",
+        type=Path,
+        help="an earlier run's --output-dir: pairs the clips and prints the WER change with a bootstrap 95%% "
+        "interval (also saved as comparison.json)",
+    )
     return parser
 
 
@@ -671,11 +766,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     pipe = load_pipeline(args.model, settings.device, args.dtype)
     all_results = []
+    comparisons = []
     for name in names:
         source = load_source(name, args.split, args.audio_column, args.text_column)
         out_dir = args.output_dir / _slug(args.model) / _slug(source.name)
+        baseline = args.compare_with and baseline_samples(args.compare_with, _slug(source.name))
         all_results.append(evaluate(pipe, source, settings, out_dir, args.resume))
+        if baseline:
+            comparison = compare_runs(read_finished(baseline), read_finished(out_dir / "samples.jsonl"))
+            (out_dir / "comparison.json").write_text(
+                json.dumps({"baseline": str(baseline), **comparison}, indent=2) + "\n"
+            )
+            comparisons.append(format_comparison(comparison, baseline.parent))
     print(format_table(all_results))
+    for line in comparisons:
+        print(line)
     return 0
 
 

@@ -342,6 +342,73 @@ def test_resume_continues_after_last_finished_sample(
         evaluation.main([*args, "--max-samples", "4", "--resume"])
 
 
+def _row(clip: str, errors: int, words: int = 4, reference: str = "a b c d") -> dict:
+    return {
+        "id": clip,
+        "status": "ok",
+        "reference_normalized": reference,
+        "substitutions": errors,
+        "deletions": 0,
+        "insertions": 0,
+        "reference_words": words,
+    }
+
+
+def test_paired_comparison_counts_clips_and_bounds_the_change() -> None:
+    """Clips pair by id (a repeated id by its order), unscored ones drop out, and the interval brackets the change."""
+    skipped = {"id": "x", "status": "bad_audio"}
+    baseline = [_row("a", 2), _row("b", 1), _row("b", 3), _row("c", 0), skipped, _row("d", 1)]
+    candidate = [_row("a", 0), _row("b", 1), _row("b", 1), _row("c", 1), _row("x", 0)]  # "d" not run
+    comparison = evaluation.compare_runs(baseline, candidate)
+    assert comparison["clips"] == 4
+    assert (comparison["clips_better"], comparison["clips_worse"], comparison["clips_same"]) == (2, 1, 1)
+    assert comparison["baseline_wer"] == pytest.approx(6 / 16)
+    assert comparison["candidate_wer"] == pytest.approx(3 / 16)
+    assert comparison["wer_change"] == pytest.approx(-3 / 16)
+    low, high = comparison["wer_change_95"]
+    assert low <= -3 / 16 <= high and low < high
+
+    # Better on every one of 40 clips: the whole interval lies below zero.
+    many_before = [_row(str(i), 1 + i % 3) for i in range(40)]
+    many_after = [_row(str(i), i % 3) for i in range(40)]
+    assert evaluation.compare_runs(many_before, many_after)["wer_change_95"][1] < 0
+
+    with pytest.raises(ValueError, match="clip a has a different reference"):
+        evaluation.compare_runs(baseline, [_row("a", 0, reference="other words")])
+    with pytest.raises(ValueError, match="share no scored clip"):
+        evaluation.compare_runs(baseline, [_row("zz", 0)])
+
+
+def test_compare_with_an_earlier_run(
+    tiny_whisper: str, manifest: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--compare-with finds the earlier run of the same dataset and writes comparison.json next to results.json."""
+    args = [tiny_whisper, "--dataset", str(manifest), "--device", "cpu"]
+    assert evaluation.main([*args, "--output-dir", str(tmp_path / "new")]) == 0
+    new_dir = tmp_path / "new" / evaluation._slug(tiny_whisper) / "manifest.jsonl"
+    rows = evaluation.read_finished(new_dir / "samples.jsonl")
+    # The earlier run: the same clips, with two more substitutions on the first scored one.
+    old_dir = tmp_path / "old" / "some-model" / "manifest.jsonl"
+    old_dir.mkdir(parents=True)
+    first = next(i for i, row in enumerate(rows) if row["status"] == "ok")
+    old_rows = [dict(row) for row in rows]
+    old_rows[first]["substitutions"] += 2
+    (old_dir / "samples.jsonl").write_text("".join(json.dumps(row) + "\n" for row in old_rows))
+    capsys.readouterr()
+
+    compare = ["--output-dir", str(tmp_path / "new"), "--resume", "--compare-with"]
+    assert evaluation.main([*args, *compare, str(tmp_path / "old")]) == 0
+    assert f"Against {old_dir} (5 clips)" in capsys.readouterr().out
+    comparison = json.loads((new_dir / "comparison.json").read_text())
+    assert comparison["baseline"] == str(old_dir / "samples.jsonl")
+    assert (comparison["clips_better"], comparison["clips_worse"], comparison["clips_same"]) == (1, 0, 4)
+    words = sum(row["reference_words"] for row in rows if row["status"] == "ok")
+    assert comparison["wer_change"] == pytest.approx(-2 / words)
+
+    with pytest.raises(ValueError, match="no run of dataset manifest.jsonl"):
+        evaluation.main([*args, *compare, str(tmp_path / "nowhere")])
+
+
 def test_end_to_end_on_tiny_audio_checkpoint_over_two_datasets(
     tiny_model_dir: str, manifest: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
