@@ -49,13 +49,21 @@ def join_stages(stages: list[dict[str, tuple[list[int], list[float]]]]) -> tuple
     return joined, starts
 
 
-def plot(state_files: Path | list[Path], out_file: Path, title: str | None = None) -> Path:
+def stage_markers(stage_starts: list[int], first_stage: int = 1) -> list[tuple[int, str]]:
+    """Where each later stage starts, and its label: the first file is stage `first_stage`."""
+    return [(start, f"stage {first_stage + n}") for n, start in enumerate(stage_starts, start=1)]
+
+
+def plot(
+    state_files: Path | list[Path], out_file: Path, title: str | None = None, first_stage: int = 1
+) -> Path:
+    """Draws the curves; `first_stage` numbers the first file's stage when the files start part-way into a recipe."""
     state_files = [state_files] if isinstance(state_files, (str, Path)) else list(state_files)
     curves, stage_starts = join_stages([read_curves(path) for path in state_files])
     figure, axes = plt.subplots(figsize=(7, 4.4), dpi=120)
-    for number, start in enumerate(stage_starts, start=2):
+    for start, label in stage_markers(stage_starts, first_stage):
         axes.axvline(start, color="grey", linestyle="--", linewidth=0.8)
-        axes.annotate(f"stage {number}", (start, 1), xycoords=("data", "axes fraction"), xytext=(3, -12),
+        axes.annotate(label, (start, 1), xycoords=("data", "axes fraction"), xytext=(3, -12),
                       textcoords="offset points", fontsize=8, color="grey")  # fmt: skip
     for key, label in CURVES:
         if key in curves:
@@ -84,9 +92,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("out_file", type=Path, help="PNG to write")
     parser.add_argument("--title")
+    parser.add_argument(
+        "--first-stage", type=int, default=1, help="stage number of the first state file (default: 1)"
+    )
     args = parser.parse_args(argv)
     try:
-        print(plot(args.state_files, args.out_file, args.title))
+        print(plot(args.state_files, args.out_file, args.title, args.first_stage))
     except ValueError as err:
         parser.exit(2, f"error: {err}\n")
 

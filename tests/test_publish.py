@@ -345,6 +345,11 @@ def test_loss_curve_reads_every_logged_curve_and_draws_a_png(tmp_path):
     assert joined["ctc_loss"] == ([10, 20], [9.0, 4.0])
     loss_curve.main([str(state), str(second), str(tmp_path / "both.png")])
     assert (tmp_path / "both.png").stat().st_size > 0
+    # A picture of the last stages of a recipe numbers them from where it starts.
+    assert loss_curve.stage_markers(starts) == [(20, "stage 2")]
+    assert loss_curve.stage_markers([20, 50], first_stage=6) == [(20, "stage 7"), (50, "stage 8")]
+    loss_curve.main([str(state), str(second), str(tmp_path / "late.png"), "--first-stage", "6"])
+    assert (tmp_path / "late.png").read_bytes() != (tmp_path / "both.png").read_bytes()
 
     state.write_text(json.dumps({"log_history": [{"step": 1, "train_runtime": 1.0}]}))
     with pytest.raises(ValueError, match="no losses logged"):
