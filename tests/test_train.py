@@ -561,3 +561,49 @@ def test_feature_cache_key_is_the_same_for_a_saved_and_reloaded_processor(model_
     assert encoder_key(model, reloaded) == fresh_key
     reloaded.feature_extractor.n_fft *= 2
     assert encoder_key(model, reloaded) != fresh_key
+
+
+def test_averaging_checkpoints_gives_a_checkpoint_with_the_mean_weights(tmp_path):
+    """training.average: the (weighted) mean of the trained weights, loadable like any checkpoint; it refuses
+    checkpoints of different models and a folder that already holds something."""
+    from tiny_models import make_tiny_tiny_audio
+
+    from modeling_tiny_audio import TinyAudioForConditionalGeneration
+    from training import average
+
+    model, processor = make_tiny_tiny_audio(tmp_path, lora_rank=4)
+    saved = []
+    for name, shift in (("first", 0.0), ("second", 0.3)):
+        with torch.no_grad():
+            for param in model.parameters():
+                if param.requires_grad:
+                    param.add_(shift)
+        model.save_pretrained(tmp_path / name)
+        processor.save_pretrained(tmp_path / name)
+        saved.append(load_file(tmp_path / name / "model.safetensors"))
+
+    average.main([str(tmp_path / "mean"), str(tmp_path / "first"), str(tmp_path / "second")])
+    averaged = TinyAudioForConditionalGeneration.from_pretrained(tmp_path / "mean")
+    state = averaged.trainable_state_dict()
+    assert state.keys() == saved[0].keys() and any(".lora_B" in name for name in state)
+    for name, tensor in state.items():
+        torch.testing.assert_close(tensor, (saved[0][name] + saved[1][name]) / 2)
+    record = json.loads((tmp_path / "mean" / "averaged_from.json").read_text())
+    assert record["weights"] == [0.5, 0.5]
+
+    average.main(
+        [str(tmp_path / "weighted"), str(tmp_path / "first"), str(tmp_path / "second"), "--weights", "3", "1"]
+    )
+    weighted = load_file(tmp_path / "weighted" / "model.safetensors")
+    for name, tensor in weighted.items():
+        torch.testing.assert_close(tensor, 0.75 * saved[0][name] + 0.25 * saved[1][name])
+
+    with pytest.raises(FileExistsError, match="is not empty"):
+        average.average_checkpoints([tmp_path / "first", tmp_path / "second"], tmp_path / "mean")
+    other, _ = make_tiny_tiny_audio(tmp_path / "other", lora_rank=2)
+    other.save_pretrained(tmp_path / "rank2")
+    with pytest.raises(ValueError, match="rank2 and .*first are not the same model: their config fields"):
+        average.average_checkpoints([tmp_path / "first", tmp_path / "rank2"], tmp_path / "bad")
+    with pytest.raises(SystemExit, match="2"):
+        average.main([str(tmp_path / "bad"), str(tmp_path / "first"), str(tmp_path / "nothing-here")])
+    assert not (tmp_path / "bad").exists()
