@@ -23,6 +23,7 @@ from huggingface_hub import HfApi
 from safetensors import safe_open
 
 from publish.card import build_card, is_hub_id, read_results, validate_card
+from training.average import AVERAGE_RECORD
 
 BASE_ID_KEYS = ("audio_model_id", "text_model_id")
 FROZEN_PREFIXES = ("audio_tower.", "language_model.")  # weight names of the pretrained parts
@@ -95,12 +96,23 @@ def _code_files(config: dict) -> set[str]:
 
 
 def training_facts(model_dir: Path) -> list[tuple[str, str]]:
-    """Steps, epochs and final loss from the Trainer's state, when the checkpoint folder has one."""
+    """Steps, epochs and final loss from the Trainer's state, when the checkpoint folder has one; a checkpoint made
+    by `training.average` says what it averages, and the last of those checkpoints gives the Trainer's state."""
+    facts = []
+    record = model_dir / AVERAGE_RECORD
+    if record.is_file():
+        averaged = json.loads(record.read_text(encoding="utf-8"))
+        parts = [
+            f"{path} x {weight:.2f}"
+            for path, weight in zip(averaged["checkpoints"], averaged["weights"], strict=True)
+        ]
+        facts.append(("weights", "mean of " + ", ".join(parts) + " (`python -m training.average`)"))
+        model_dir = Path(averaged["checkpoints"][-1])
     state_file = model_dir / "trainer_state.json"
     if not state_file.is_file():
-        return []
+        return facts
     state = json.loads(state_file.read_text(encoding="utf-8"))
-    facts = [("optimizer steps", str(state.get("global_step"))), ("epochs", f"{state.get('epoch', 0):.2f}")]
+    facts += [("optimizer steps", str(state.get("global_step"))), ("epochs", f"{state.get('epoch', 0):.2f}")]
     losses = [entry["loss"] for entry in state.get("log_history", []) if "loss" in entry]
     if losses:
         facts.append(("final training loss", f"{losses[-1]:.4f}"))

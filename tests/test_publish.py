@@ -372,3 +372,19 @@ def test_a_staged_recipe_is_quoted_as_one_yaml_document_per_stage(tmp_path):
         {"model_name_or_path": "outputs/stage1", "max_steps": 5},
     ]
     assert quoted.startswith("# 2 stages, in order")
+
+
+def test_an_averaged_checkpoint_card_names_what_it_averages(inputs, tmp_path):
+    """training.average's record: the card lists the averaged checkpoints and the last one's Trainer facts."""
+    from publish.push import training_facts
+
+    averaged = tmp_path / "averaged"
+    averaged.mkdir()
+    record = {"checkpoints": [str(tmp_path / "earlier"), str(inputs.model_dir)], "weights": [0.25, 0.75]}
+    (averaged / "averaged_from.json").write_text(json.dumps(record))
+    facts = dict(training_facts(averaged))
+    assert facts["weights"] == (
+        f"mean of {tmp_path / 'earlier'} x 0.25, {inputs.model_dir} x 0.75 (`python -m training.average`)"
+    )
+    assert (facts["optimizer steps"], facts["final training loss"]) == ("5", "2.2500")
+    assert training_facts(tmp_path / "earlier") == []  # no record and no Trainer state: nothing to say
