@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Reproduces the shipped offline model (offline_kit/trained) from nothing, on CPU:
-# offline kit -> synthetic corpora -> stages 1 to 6 (configs/offline_recipe{,_stage2,...,_stage6}.yaml)
-# -> ship -> evaluate against Whisper tiny.en.
+# offline kit -> synthetic corpora -> stages 1 to 7 (configs/offline_recipe{,_stage2,...,_stage7}.yaml)
+# -> the mean of stages 6 and 7 -> ship -> evaluate against Whisper tiny.en.
 #   bash scripts/train_offline_model.sh              # resumable: run it again after an interruption
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-RUN=outputs/offline-recipe-stage6
+RUN=outputs/offline-avg-stage6-7
 export HF_HUB_OFFLINE=1
 
 $PYTHON -m offline_kit.preset
@@ -38,6 +38,10 @@ corpus replay_modern_short1k --num-clips 1000 --test-fraction 0 --first-clip 400
   --sources help fortunes --families espeak piper flite
 corpus replay_long300 --num-clips 300 --test-fraction 0 --first-clip 24000 --min-words 30 \
   --families espeak piper flite
+# Stage 7: sentences no earlier stage used.
+corpus synthetic_fresh6k --num-clips 6000 --test-fraction 0 --first-clip 50000 --families espeak piper flite
+corpus synthetic_fresh_short2k --num-clips 2000 --test-fraction 0 --first-clip 60000 --max-words 3 \
+  --families espeak piper flite
 
 # train CONFIG OUTPUT_DIR: skipped once the stage saved its final model, resumed from its last checkpoint if any.
 train() {
@@ -50,7 +54,11 @@ train configs/offline_recipe_stage2.yaml outputs/offline-recipe-stage2
 train configs/offline_recipe_stage3.yaml outputs/offline-recipe-stage3
 train configs/offline_recipe_stage4.yaml outputs/offline-recipe-stage4
 train configs/offline_recipe_stage5.yaml outputs/offline-recipe-stage5
-train configs/offline_recipe_stage6.yaml "$RUN"
+train configs/offline_recipe_stage6.yaml outputs/offline-recipe-stage6
+train configs/offline_recipe_stage7.yaml outputs/offline-recipe-stage7
+# What ships: the mean of stages 6 and 7 (stage 7 alone reads the synthetic voices better and real speech worse).
+[ -f "$RUN/model.safetensors" ] ||
+  $PYTHON -m training.average "$RUN" outputs/offline-recipe-stage6 outputs/offline-recipe-stage7
 $PYTHON -m offline_kit.preset --ship "$RUN"                       # now the preset transcribes with these weights
 MAX_SAMPLES= bash scripts/evaluate_offline_model.sh               # every clip: these results ship
 
@@ -58,7 +66,8 @@ MAX_SAMPLES= bash scripts/evaluate_offline_model.sh               # every clip: 
 TRAINED=offline_kit/trained
 $PYTHON -m publish.loss_curve outputs/offline-recipe/trainer_state.json outputs/offline-recipe-stage2/trainer_state.json \
   outputs/offline-recipe-stage3/trainer_state.json outputs/offline-recipe-stage4/trainer_state.json \
-  outputs/offline-recipe-stage5/trainer_state.json "$RUN/trainer_state.json" "$TRAINED/loss_curve.png" \
+  outputs/offline-recipe-stage5/trainer_state.json outputs/offline-recipe-stage6/trainer_state.json \
+  outputs/offline-recipe-stage7/trainer_state.json "$TRAINED/loss_curve.png" \
   --title "Tiny Audio offline: Whisper tiny.en + SmolLM2-135M, projector + LoRA r=8"
 mkdir -p "$TRAINED/results"
 for model in tiny-audio-offline whisper-tiny.en whisper-tiny.en-greedy; do
@@ -74,5 +83,6 @@ $PYTHON -m publish.push "$RUN" --repo tiny-audio/tiny-audio-offline --dry-run --
   --audio-model-id openai/whisper-tiny.en --text-model-id HuggingFaceTB/SmolLM2-135M-Instruct \
   --train-config configs/offline_recipe.yaml configs/offline_recipe_stage2.yaml configs/offline_recipe_stage3.yaml \
     configs/offline_recipe_stage4.yaml configs/offline_recipe_stage5.yaml configs/offline_recipe_stage6.yaml \
+    configs/offline_recipe_stage7.yaml \
   --language en
 cp "$RUN/hub/README.md" "$TRAINED/README.md"

@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -159,7 +160,8 @@ def test_checked_in_configs_parse(config):
 
 
 def test_offline_recipe_stages_chain_and_the_script_runs_each_one():
-    """Each stage starts from the previous stage's output, and train_offline_model.sh trains and ships the last."""
+    """Each stage starts from the previous stage's output, and train_offline_model.sh trains them all and ships the
+    last, alone or averaged with others (training.average)."""
     script = (ROOT / "scripts" / "train_offline_model.sh").read_text()
     stages = [
         ROOT / "configs" / "offline_recipe.yaml",
@@ -171,7 +173,10 @@ def test_offline_recipe_stages_chain_and_the_script_runs_each_one():
         assert model_args.model_name_or_path == previous_output, config.name
         assert f"train configs/{config.name} " in script, config.name
         previous_output = training_args.output_dir
-    assert f"RUN={previous_output}\n" in script and 'preset --ship "$RUN"' in script
+    run = re.search(r"^RUN=(\S+)$", script, re.MULTILINE).group(1)
+    averaged = re.search(r'-m training\.average "\$RUN" (.+)$', script, re.MULTILINE)
+    assert run == previous_output or previous_output in averaged.group(1).split()
+    assert 'preset --ship "$RUN"' in script
 
 
 def test_bad_rows_are_skipped_and_counted(tmp_path):
