@@ -770,7 +770,10 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         source = load_source(name, args.split, args.audio_column, args.text_column)
         out_dir = args.output_dir / _slug(args.model) / _slug(source.name)
-        baseline = args.compare_with and baseline_samples(args.compare_with, _slug(source.name))
+        try:
+            baseline = args.compare_with and baseline_samples(args.compare_with, _slug(source.name))
+        except ValueError as error:
+            parser.error(str(error))
         all_results.append(evaluate(pipe, source, settings, out_dir, args.resume))
         if baseline:
             comparison = compare_runs(read_finished(baseline), read_finished(out_dir / "samples.jsonl"))

@@ -405,8 +405,9 @@ def test_compare_with_an_earlier_run(
     words = sum(row["reference_words"] for row in rows if row["status"] == "ok")
     assert comparison["wer_change"] == pytest.approx(-2 / words)
 
-    with pytest.raises(ValueError, match="no run of dataset manifest.jsonl"):
+    with pytest.raises(SystemExit):
         evaluation.main([*args, *compare, str(tmp_path / "nowhere")])
+    assert "no run of dataset manifest.jsonl" in capsys.readouterr().err
 
 
 def test_end_to_end_on_tiny_audio_checkpoint_over_two_datasets(
