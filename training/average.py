@@ -64,12 +64,16 @@ def average_checkpoints(
         .contiguous()
         for name, tensor in states[0].items()
     }
-    shutil.copytree(
-        checkpoints[-1], out, ignore=shutil.ignore_patterns(SAFE_WEIGHTS_NAME, *RUN_FILES), dirs_exist_ok=True
-    )
-    save_file(averaged, out / SAFE_WEIGHTS_NAME, metadata={"format": "pt"})
+    # Written next to `out` and renamed once complete: an interrupted run leaves no half checkpoint behind.
+    partial = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.copytree(checkpoints[-1], partial, ignore=shutil.ignore_patterns(SAFE_WEIGHTS_NAME, *RUN_FILES))
+    save_file(averaged, partial / SAFE_WEIGHTS_NAME, metadata={"format": "pt"})
     record = {"checkpoints": [str(c) for c in checkpoints], "weights": [w / total for w in weights]}
-    (out / AVERAGE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    (partial / AVERAGE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    if out.exists():
+        out.rmdir()  # empty, checked above
+    partial.rename(out)
     return out
 
 
