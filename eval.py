@@ -318,6 +318,8 @@ def load_pipeline(model: str, device: str, dtype: str) -> Any:
     pipe = pipeline(
         "automatic-speech-recognition", model=model, trust_remote_code=True, device=device, dtype=torch_dtype
     )
+    if hasattr(pipe.model, "merge_lora"):  # Tiny Audio: LoRA folded into the LLM, the same transcripts sooner
+        pipe.model.merge_lora()
     tokenizer = getattr(pipe, "tokenizer", None)
     if tokenizer is not None and tokenizer.pad_token_id is None:
         # The stock pipeline refuses to batch without one (some converted Whisper folders lack it); EOS is what

@@ -270,6 +270,27 @@ class TinyAudioForConditionalGeneration(TinyAudioPreTrainedModel, GenerationMixi
             self.config.lora_target_modules = current + added
             self.freeze_pretrained()
 
+    def _lora_layers(self) -> list[torch.nn.Module]:
+        if self.config.lora_rank == 0:
+            return []
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        return [module for module in self.language_model.modules() if isinstance(module, BaseTunerLayer)]
+
+    @property
+    def lora_merged(self) -> bool:
+        return any(layer.merged for layer in self._lora_layers())
+
+    def merge_lora(self) -> None:
+        """Folds each LoRA adapter into its LLM weight for serving: the same outputs without the adapters' matmuls.
+
+        One way only (unmerging is not exact in low precision): a merged model refuses to train and to save its
+        full weights. Its trainable weights are untouched, so a projector-only save stays correct.
+        """
+        for layer in self._lora_layers():
+            if not layer.merged:
+                layer.merge()
+
     def freeze_pretrained(self) -> None:
         """Freezes encoder and LLM; leaves the projector and LoRA adapters trainable."""
         for name, param in self.named_parameters():
@@ -283,6 +304,11 @@ class TinyAudioForConditionalGeneration(TinyAudioPreTrainedModel, GenerationMixi
 
     def train(self, mode: bool = True) -> TinyAudioForConditionalGeneration:
         """Only the projector switches to training mode: the frozen towers never use dropout."""
+        if mode and self.lora_merged:
+            raise RuntimeError(
+                "this model's LoRA adapters were merged into the LLM for serving (merge_lora): "
+                "load the checkpoint again to train it"
+            )
         super().train(mode)
         self.audio_tower.eval()
         self.language_model.eval()
@@ -310,6 +336,11 @@ class TinyAudioForConditionalGeneration(TinyAudioPreTrainedModel, GenerationMixi
 
         A projector-only folder references the encoder and LLM by `audio_model_id` / `text_model_id`.
         """
+        if standalone and self.lora_merged:
+            raise ValueError(
+                "this model's LoRA adapters were merged into the LLM for serving (merge_lora), so its full "
+                "weights would apply them twice: save without standalone=True, or load the checkpoint again"
+            )
         if not standalone:
             kwargs["state_dict"] = {k: v.contiguous() for k, v in self.trainable_state_dict().items()}
         self.config.auto_map = dict(AUTO_MAP)

@@ -346,6 +346,8 @@ class TinyAudioASRPipeline(AutomaticSpeechRecognitionPipeline):
     prompt), ``return_timestamps=True`` (chunk-level ``chunks``), ``skip_errors=True`` (a bad input yields
     ``{"text": "", "error": ...}`` instead of raising), ``loop_guard=False`` (keep degenerate repetition loops),
     ``max_new_tokens`` / ``generate_kwargs`` (default budget: ``config.max_new_tokens_for(chunk seconds)``).
+    Construction option: ``merge_lora=True`` folds the LoRA adapters into the LLM for faster serving; the model
+    then cannot train again (load it anew for that), so it is for a model the pipeline loaded itself.
     """
 
     _load_processor = None  # optional: a checkpoint saved without processor files rebuilds it from its config
@@ -353,7 +355,11 @@ class TinyAudioASRPipeline(AutomaticSpeechRecognitionPipeline):
     _load_feature_extractor = False
     _default_generation_config = None  # greedy, and max_new_tokens follows the audio length
 
-    def __init__(self, model: Any, processor: TinyAudioProcessor | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self, model: Any, processor: TinyAudioProcessor | None = None, merge_lora: bool = False, **kwargs: Any
+    ) -> None:
+        if merge_lora:
+            model.merge_lora()
         if processor is None:
             config = model.config
             processor = TinyAudioProcessor.from_components(

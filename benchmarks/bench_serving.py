@@ -4,7 +4,8 @@ RTFx = seconds of audio transcribed per wall-clock second, over a fixed set of c
 exactly ``--new-tokens`` generated per clip as in the reference measurement (Whisper tiny.en + SmolLM2-135M,
 one ~3.4 s clip at a time, 24 new tokens, bf16: RTFx ~5). Peak memory is the peak RSS of a fresh process while it
 transcribes a long WAV file (44.1 kHz stereo, streamed, resampled and chunked by the pipeline) for 1, 5 and 10
-minutes: flat memory means 5 and 10 minutes peak the same (1 minute fills only part of a batch).
+minutes: flat memory means 5 and 10 minutes peak the same (1 minute fills only part of a batch). A model with
+LoRA adapters is timed twice, adapters apart and merged into the LLM (``pipeline(..., merge_lora=True)``).
 
 Model: ``--model`` if given, else the offline preset (``python -m offline_kit.preset``) when built, else a tiny
 random model; the script prints which.
@@ -66,7 +67,7 @@ def fixed_clips(count: int) -> list[np.ndarray]:
     return [speech_with_pauses(rng.uniform(2.5, 4.5), RATE, rng) for _ in range(count)]
 
 
-def load_pipeline(model_dir: str, dtype: str):
+def load_pipeline(model_dir: str, dtype: str, merge_lora: bool = True):
     """The standard factory, but with this checkout's pipeline class (a checkpoint holds a copy that may be older)."""
     from transformers import pipeline
 
@@ -79,26 +80,34 @@ def load_pipeline(model_dir: str, dtype: str):
         trust_remote_code=True,
         dtype=dtype,
         pipeline_class=TinyAudioASRPipeline,
+        merge_lora=merge_lora,
     )
 
 
 def bench_rtfx(model_dir: str, dtype: str, batch_sizes: list[int], clip_count: int, new_tokens: int) -> None:
-    pipe = load_pipeline(model_dir, dtype)
+    """RTFx per batch size; a model with LoRA is timed with its adapters apart and merged (as eval.py serves it)."""
+    unmerged = load_pipeline(model_dir, dtype, merge_lora=False)
+    if unmerged.model.config.lora_rank:
+        variants = {"unmerged": unmerged, "merged": load_pipeline(model_dir, dtype, merge_lora=True)}
+    else:
+        variants = {"none": unmerged}
     clips = fixed_clips(clip_count)
     audio_seconds = sum(len(clip) for clip in clips) / RATE
     exact = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "loop_guard": False}
-    pipe(clips[:2], batch_size=2, **exact)  # warm-up
+    for warm in variants.values():
+        warm(clips[:2], batch_size=2, **exact)
     print(
         f"clips: {len(clips)}, {audio_seconds:.1f} s of audio (mean {audio_seconds / len(clips):.2f} s), "
         f"{new_tokens} new tokens each, dtype {dtype}, torch threads {__import__('torch').get_num_threads()}"
     )
     print(f"load average before: {os.getloadavg()[0]:.1f} (the machine may be shared)")
-    print(f"{'batch':>5} {'wall s':>8} {'RTFx':>7}")
+    print(f"{'LoRA':>8} {'batch':>5} {'wall s':>8} {'RTFx':>7}")
     for batch_size in batch_sizes:
-        start = time.perf_counter()
-        pipe(clips, batch_size=batch_size, **exact)
-        wall = time.perf_counter() - start
-        print(f"{batch_size:>5} {wall:>8.2f} {audio_seconds / wall:>7.1f}", flush=True)
+        for name, variant in variants.items():  # alternated, so both see the same load on a shared machine
+            start = time.perf_counter()
+            variant(clips, batch_size=batch_size, **exact)
+            wall = time.perf_counter() - start
+            print(f"{name:>8} {batch_size:>5} {wall:>8.2f} {audio_seconds / wall:>7.1f}", flush=True)
     print(f"load average after: {os.getloadavg()[0]:.1f}")
 
 

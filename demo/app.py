@@ -62,6 +62,8 @@ class Backend:
     @classmethod
     def load(cls, model: str) -> Backend:
         pipe = transformers.pipeline("automatic-speech-recognition", model=model, trust_remote_code=True)
+        if hasattr(pipe.model, "merge_lora"):  # absent from the code of checkpoints saved before it existed
+            pipe.model.merge_lora()
         return cls(pipe=pipe, processor=pipe.processor)
 
     def transcribe(self, path: str | None) -> tuple[str, str, str, str]:

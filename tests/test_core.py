@@ -252,6 +252,36 @@ def test_lora_option(tmp_path):
     torch.testing.assert_close(reloaded(**inputs).logits, model(**inputs).logits, rtol=0, atol=0)
 
 
+def test_merged_lora_gives_the_same_outputs_and_saves_the_same_checkpoint(tmp_path):
+    model, processor = make_tiny_tiny_audio(tmp_path, lora_rank=4, lora_target_modules=["q_proj", "up_proj"])
+    randomise_lora_b(model)
+    inputs = processor(audio=CLIPS[:2])
+    before = model(**inputs).logits
+    adapters = {name: tensor.clone() for name, tensor in model.trainable_state_dict().items()}
+    assert not model.lora_merged
+
+    model.merge_lora()
+    assert model.lora_merged
+    merged = model(**inputs).logits
+    assert not torch.equal(merged, before)  # the base weights changed...
+    torch.testing.assert_close(merged, before, rtol=1e-4, atol=1e-4)  # ...to give the same outputs
+    saved = model.trainable_state_dict()
+    assert saved.keys() == adapters.keys() and all(torch.equal(saved[k], v) for k, v in adapters.items())
+
+    model.save_pretrained(tmp_path / "from-merged")  # projector + adapters only: reloads unmerged
+    processor.save_pretrained(tmp_path / "from-merged")
+    reloaded = TinyAudioForConditionalGeneration.from_pretrained(tmp_path / "from-merged")
+    assert not reloaded.lora_merged
+    torch.testing.assert_close(reloaded(**inputs).logits, before, rtol=0, atol=0)
+    reloaded.train()  # an unmerged model trains
+
+    with pytest.raises(RuntimeError, match=r"merged into the LLM for serving \(merge_lora\)"):
+        model.train()
+    with pytest.raises(ValueError, match="would apply them twice"):
+        model.save_pretrained(tmp_path / "standalone", standalone=True)
+    assert not (tmp_path / "standalone").exists()
+
+
 def test_extending_lora_keeps_the_trained_adapters_and_the_outputs(tmp_path):
     model, processor = make_tiny_tiny_audio(tmp_path, lora_rank=4)
     randomise_lora_b(model)

@@ -549,3 +549,15 @@ def test_leaderboard_from_two_results_files(tmp_path: Path) -> None:
 
 def test_committed_leaderboard_is_up_to_date() -> None:
     assert leaderboard.main(["--check"]) == 0
+
+
+def test_tiny_audio_is_evaluated_with_its_lora_merged(tmp_path):
+    """Merged adapters transcribe as unmerged ones (tests/test_pipeline.py) and spare their matmuls."""
+    from test_core import randomise_lora_b
+    from tiny_models import make_tiny_tiny_audio
+
+    model, processor = make_tiny_tiny_audio(tmp_path, lora_rank=4)
+    randomise_lora_b(model)
+    model.save_pretrained(tmp_path / "ckpt")
+    processor.save_pretrained(tmp_path / "ckpt")
+    assert evaluation.load_pipeline(str(tmp_path / "ckpt"), "cpu", "float32").model.lora_merged

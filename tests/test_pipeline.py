@@ -438,3 +438,21 @@ def test_loads_in_a_fresh_process_outside_the_repo(tiny_model_dir, tmp_path, asr
     sf.write(tmp_path / "clip.flac", audio, RATE)
     result_text = pipeline_in_fresh_process(tiny_model_dir, "clip.flac", tmp_path, **VARIED)
     assert result_text == text(asr, sf.read(tmp_path / "clip.flac", dtype="float32")[0])
+
+
+def test_merge_lora_serves_the_same_text_from_merged_weights(tmp_path):
+    """`pipeline(..., merge_lora=True)` folds the adapters into the LLM and transcribes as the adapters did."""
+    from test_core import randomise_lora_b
+    from tiny_models import make_tiny_tiny_audio
+    from transformers import pipeline
+
+    model, processor = make_tiny_tiny_audio(tmp_path, lora_rank=4, lora_target_modules=["q_proj", "v_proj"])
+    randomise_lora_b(model)
+    model.save_pretrained(tmp_path / "ckpt")
+    processor.save_pretrained(tmp_path / "ckpt")
+    load = {"model": str(tmp_path / "ckpt"), "trust_remote_code": True}
+    adapters = pipeline("automatic-speech-recognition", **load)
+    merged = pipeline("automatic-speech-recognition", merge_lora=True, **load)
+    assert merged.model.lora_merged and not adapters.model.lora_merged
+    clips = [speech_with_pauses(seconds, seed=seed)[0] for seed, seconds in enumerate((1.0, 2.5, 4.0))]
+    assert [text(merged, clip) for clip in clips] == [text(adapters, clip) for clip in clips]
