@@ -350,10 +350,15 @@ class RunSettings:
     seed: int = SEED
 
 
+# Clips handed to the pipeline per call, in batches: Tiny Audio's pipeline batches a window of 4 batches shortest
+# first (less padding; 64 shuffled real-speech clips at batch 16: 101 s -> 63 s), given that many to choose from.
+CALL_BATCHES = 4
+
+
 def _batches(
     rows: Iterable[dict[str, Any]], skip: int, size: int
 ) -> Iterator[list[tuple[int, dict[str, Any]]]]:
-    """Batches of (position in selection, row), after the `skip` rows an interrupted run already finished."""
+    """Groups of (position in selection, row), after the `skip` rows an interrupted run already finished."""
     batch: list[tuple[int, dict[str, Any]]] = []
     for index, row in enumerate(rows):
         if index < skip:
@@ -553,14 +558,16 @@ def evaluate(
     warmed_up = False
     with samples_path.open("a") as out:
         for batch in _batches(
-            select(source.rows, settings.max_samples, settings.seed), len(rows), settings.batch_size
+            select(source.rows, settings.max_samples, settings.seed),
+            len(rows),
+            settings.batch_size * CALL_BATCHES,
         ):
             done, todo = _prepare_batch(batch, source, rate)
             if todo:
                 audios = [t[2] for t in todo]
                 if not warmed_up:  # first call pays for lazy init / kernel compilation: not timed
                     try:
-                        _transcribe(pipe, audios, rate, settings)
+                        _transcribe(pipe, audios[: settings.batch_size], rate, settings)
                     except Exception:  # the timed call below reports and handles it
                         pass
                     warmed_up = True

@@ -7,7 +7,8 @@
   long recording never sits in memory at its native rate;
 * cuts audio longer than the encoder window at the quietest point near the window's end: chunks do not overlap, so
   the stitched text has nothing to reconcile and no word is transcribed twice;
-* batches chunks of one or many inputs into a single `generate` call, with left-padded prompts;
+* batches chunks of one or many inputs into a single `generate` call, with left-padded prompts, grouping chunks of
+  similar length from a window of a few batches so that short clips do not pay for a long one's padding;
 * scales `max_new_tokens` with chunk duration and stops degenerate repetition loops;
 * reports unreadable inputs with one clear error naming the input, or (``skip_errors=True``) as an error entry.
 """
@@ -40,6 +41,9 @@ CUT_SEARCH_SECONDS = 5.0
 # Energy is measured over frames of this length, smoothed over CUT_SMOOTH_FRAMES frames.
 CUT_FRAME_SECONDS = 0.02
 CUT_SMOOTH_FRAMES = 5
+# Chunks held and sorted by length before batching, in batches: a prompt carries ~12 audio tokens per second, so a
+# batch of short clips with one 30 s chunk would otherwise run every row at the long one's length.
+SORT_WINDOW_BATCHES = 4
 
 
 class AudioInputError(ValueError):
@@ -468,20 +472,24 @@ class TinyAudioASRPipeline(AutomaticSpeechRecognitionPipeline):
         forward_params: dict,
         postprocess_params: dict,
     ) -> Iterator[dict[str, Any]]:
-        """Chunks of consecutive inputs fill batches of ``batch_size``; results come out in input order as soon as
-        every chunk of an input is transcribed. Only one batch of chunks is held at a time."""
+        """Chunks of consecutive inputs fill a window of ``SORT_WINDOW_BATCHES`` batches, transcribed shortest
+        first in batches of ``batch_size``; results come out in input order as soon as every chunk of an input is
+        transcribed. Only one window of chunks is held at a time."""
         preprocess_params = dict(preprocess_params)
         skip_errors = preprocess_params.pop("skip_errors", False)
         prompt = preprocess_params.pop("prompt", None)
         order: deque[_Pending] = deque()
-        batch: list[tuple[_Pending, int, AudioChunk]] = []
+        window: list[tuple[_Pending, int, AudioChunk]] = []
 
-        def run_batch() -> None:
-            model_inputs = self._collate([chunk for _, _, chunk in batch], prompt)
-            texts = self.forward(model_inputs, **forward_params)["text"]
-            for (pending, index, _), text in zip(batch, texts, strict=True):
-                pending.texts[index] = text
-            batch.clear()
+        def run_window() -> None:
+            window.sort(key=lambda item: item[2].samples.size)
+            for start in range(0, len(window), batch_size):
+                batch = window[start : start + batch_size]
+                model_inputs = self._collate([chunk for _, _, chunk in batch], prompt)
+                texts = self.forward(model_inputs, **forward_params)["text"]
+                for (pending, index, _), text in zip(batch, texts, strict=True):
+                    pending.texts[index] = text
+            window.clear()
 
         def drain() -> Iterator[dict[str, Any]]:
             while order and order[0].complete:
@@ -493,17 +501,17 @@ class TinyAudioASRPipeline(AutomaticSpeechRecognitionPipeline):
             try:
                 for chunk in self.preprocess(source, **preprocess_params):
                     pending.chunks.append((chunk.start, chunk.end))
-                    batch.append((pending, len(pending.chunks) - 1, chunk))
-                    if len(batch) >= batch_size:
-                        run_batch()
+                    window.append((pending, len(pending.chunks) - 1, chunk))
+                    if len(window) >= batch_size * SORT_WINDOW_BATCHES:
+                        run_window()
                         yield from drain()
             except AudioInputError as error:
                 if not skip_errors:
                     raise
                 pending.error = str(error)
-                batch[:] = [item for item in batch if item[0] is not pending]
+                window[:] = [item for item in window if item[0] is not pending]
             pending.done_reading = True
             yield from drain()
-        if batch:
-            run_batch()
+        if window:
+            run_window()
         yield from drain()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -320,6 +321,31 @@ def test_batch_gives_the_same_text_as_one_at_a_time(asr):
     single = [asr(source, batch_size=1, **VARIED) for source in inputs]
     assert asr(inputs, batch_size=4, **VARIED) == single
     assert asr(inputs, batch_size=16, **VARIED) == single
+
+
+def test_batches_group_chunks_of_similar_length_and_results_keep_input_order(asr, monkeypatch):
+    """Long and short clips alternate; each batch holds like lengths (shortest first), the output is in input order."""
+    seconds = (9.0, 1.0, 8.0, 1.5, 7.0, 2.0, 6.0, 2.5, 5.0, 3.0)
+    inputs = [speech_with_pauses(length, seed=seed)[0] for seed, length in enumerate(seconds)]
+    single = [asr(clip, batch_size=1, **VARIED)["text"] for clip in inputs]
+    batches: list[list[float]] = []
+    collate = asr._collate
+
+    def recording_collate(chunks, prompt):
+        batches.append([round(chunk.samples.size / RATE, 1) for chunk in chunks])
+        return collate(chunks, prompt)
+
+    monkeypatch.setattr(asr, "_collate", recording_collate)
+    assert [r["text"] for r in asr(inputs, batch_size=2, **VARIED)] == single
+    window = 2 * asr_module(asr).SORT_WINDOW_BATCHES  # chunks per window
+    assert len(batches) == 5 and all(len(batch) == 2 for batch in batches)
+    for start in range(0, len(seconds), window):
+        assert sum(batches[start // 2 : (start + window) // 2], []) == sorted(seconds[start : start + window])
+
+
+def asr_module(asr):
+    """The module of the checkpoint's copy of pipeline_asr.py that this pipeline runs."""
+    return sys.modules[type(asr).__module__]
 
 
 def test_generator_input_streams_results(asr):
