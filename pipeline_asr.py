@@ -472,14 +472,17 @@ class TinyAudioASRPipeline(AutomaticSpeechRecognitionPipeline):
         forward_params: dict,
         postprocess_params: dict,
     ) -> Iterator[dict[str, Any]]:
-        """Chunks of consecutive inputs fill a window of ``SORT_WINDOW_BATCHES`` batches, transcribed shortest
-        first in batches of ``batch_size``; results come out in input order as soon as every chunk of an input is
+        """Chunks of consecutive inputs fill a window of ``SORT_WINDOW_BATCHES`` batches (one chunk at batch size
+        1), transcribed shortest first in batches of ``batch_size``; results come out in input order as soon as every chunk of an input is
         transcribed. Only one window of chunks is held at a time."""
         preprocess_params = dict(preprocess_params)
         skip_errors = preprocess_params.pop("skip_errors", False)
         prompt = preprocess_params.pop("prompt", None)
         order: deque[_Pending] = deque()
         window: list[tuple[_Pending, int, AudioChunk]] = []
+        window_size = (
+            batch_size * SORT_WINDOW_BATCHES if batch_size > 1 else 1
+        )  # one at a time: nothing to sort
 
         def run_window() -> None:
             window.sort(key=lambda item: item[2].samples.size)
@@ -502,7 +505,7 @@ class TinyAudioASRPipeline(AutomaticSpeechRecognitionPipeline):
                 for chunk in self.preprocess(source, **preprocess_params):
                     pending.chunks.append((chunk.start, chunk.end))
                     window.append((pending, len(pending.chunks) - 1, chunk))
-                    if len(window) >= batch_size * SORT_WINDOW_BATCHES:
+                    if len(window) >= window_size:
                         run_window()
                         yield from drain()
             except AudioInputError as error:

@@ -343,6 +343,20 @@ def test_batches_group_chunks_of_similar_length_and_results_keep_input_order(asr
         assert sum(batches[start // 2 : (start + window) // 2], []) == sorted(seconds[start : start + window])
 
 
+def test_one_at_a_time_a_result_comes_before_the_next_input_is_read(asr):
+    """At batch size 1 there is nothing to sort, so a stream of clips is not held back by the sorting window."""
+    read = []
+
+    def clips():
+        for seconds in (1.5, 2.5, 3.5):
+            read.append(seconds)
+            yield speech_with_pauses(seconds, seed=4)[0]
+
+    results = asr(clips(), batch_size=1, **VARIED)
+    next(iter(results))
+    assert read == [1.5]
+
+
 def asr_module(asr):
     """The module of the checkpoint's copy of pipeline_asr.py that this pipeline runs."""
     return sys.modules[type(asr).__module__]
