@@ -50,10 +50,10 @@ def average_checkpoints(
 
     configs = [_read_config(c) for c in checkpoints]
     states = [load_file(c / SAFE_WEIGHTS_NAME) for c in checkpoints]
+    first_shapes = {name: tensor.shape for name, tensor in states[0].items()}
     for checkpoint, config, state in zip(checkpoints[1:], configs[1:], states[1:], strict=True):
         differing = [field for field in SAME_MODEL_FIELDS if config.get(field) != configs[0].get(field)]
-        shapes = {name: tensor.shape for name, tensor in state.items()}
-        if differing or shapes != {name: tensor.shape for name, tensor in states[0].items()}:
+        if differing or {name: tensor.shape for name, tensor in state.items()} != first_shapes:
             what = f"config fields {differing}" if differing else "weight names or shapes"
             raise ValueError(f"{checkpoint} and {checkpoints[0]} are not the same model: their {what} differ")
 
