@@ -4,6 +4,8 @@
     python -m offline_kit.synthetic_corpus --num-clips 30000          # training set, ~30 h of audio
     python -m offline_kit.synthetic_corpus --max-words 3 ...          # short utterances: 1-3 words, numbers
     python -m offline_kit.synthetic_corpus --min-words 30 ...         # long form: sentences joined, 7-23 s at 30
+    python -m offline_kit.synthetic_corpus --isolated-words 4000 ...  # one word per clip: frequent words, letters,
+                                                                      # weekdays, months, numbers
 
 Output (default ``data/synthetic``) is a ``datasets.DatasetDict`` saved with ``save_to_disk``: splits ``train``
 and ``test``; columns ``audio`` (Audio, 16 kHz FLAC bytes), ``text``, ``voice``, ``speaker``, ``family``,
@@ -37,10 +39,12 @@ from offline_kit.data_deps import ensure_data_deps
 from offline_kit.text_sources import (
     DEFAULT_SOURCES,
     SOURCES,
+    isolated_word,
     load_sentences,
     number_phrase,
     short_phrase,
     split_by_text,
+    word_vocabulary,
 )
 from offline_kit.voices import FAMILIES, SAMPLE_RATE, Voice, all_voices, split_voices, synthesize
 
@@ -58,7 +62,7 @@ AUGMENT_ODDS = {
     "flite": {"p_telephone": 0.0, "p_noise": 0.3},
     "espeak": {"p_telephone": 0.0, "p_noise": 0.0},
 }
-# In a short-utterance corpus (--max-words) every fifth clip is a number: digits, the way transcripts write them.
+# In a short-utterance or isolated-word corpus (--max-words, --isolated-words) every fifth clip is a number: digits, the way transcripts write them.
 NUMBER_EVERY = 5
 
 
@@ -87,6 +91,7 @@ def plan_corpus(
     first_clip: int = 0,
     max_words: int | None = None,
     min_words: int | None = None,
+    isolated_words: int | None = None,
 ) -> dict[str, list[ClipPlan]]:
     """Assign text, source and voice to every clip: test clips get test-only sentences and held-out voices.
 
@@ -94,9 +99,13 @@ def plan_corpus(
     per split and reused in order only when there are more clips than sentences.  With ``max_words`` a clip
     speaks a span of 1 to ``max_words`` words of its sentence instead, or (one clip in ``NUMBER_EVERY``) a number.
     With ``min_words`` a clip speaks the next sentences in order, joined until it has at least ``min_words`` words.
+    With ``isolated_words`` a clip speaks one word (``text_sources.isolated_word``) of the ``isolated_words`` most
+    frequent words of its split's sentences, or a number as with ``max_words``.
     """
-    if max_words and min_words:
-        raise ValueError("--max-words (short utterances) and --min-words (long form) exclude each other")
+    if sum(map(bool, (max_words, min_words, isolated_words))) > 1:
+        raise ValueError(
+            "--max-words (short utterances), --min-words (long form) and --isolated-words exclude each other"
+        )
     train_text, test_text = split_by_text(load_sentences(sources), test_fraction=0.05, seed=seed)
     train_voices, test_voices = split_voices(all_voices(families))
     n_test = max(len(families), round(num_clips * test_fraction)) if test_fraction > 0 else 0
@@ -106,6 +115,7 @@ def plan_corpus(
         texts = list(texts)
         random.Random(clip_seed(seed, split, "texts")).shuffle(texts)
         by_family = {f: [v for v in voices if v.family == f] for f in families}
+        vocabulary = word_vocabulary((s.text for s in texts), isolated_words) if isolated_words else []
         plans[split] = []
         # An extension corpus starts where an earlier one stopped: fresh sentences, clip ids that do not clash.
         start = first_clip if split == "train" else 0
@@ -119,8 +129,10 @@ def plan_corpus(
             next_sentence += len(joined)
             text = " ".join(s.text for s in joined)
             source = "+".join(sorted({s.source for s in joined}))
-            if max_words and i % NUMBER_EVERY == 0:
+            if (max_words or isolated_words) and i % NUMBER_EVERY == 0:
                 text, source = number_phrase(rng), "numbers"
+            elif isolated_words:
+                text, source = isolated_word(rng, vocabulary)
             elif max_words:
                 text = short_phrase(text, rng, max_words)
             plans[split].append(ClipPlan(f"{split}-{i:06d}", text, source, voice.id, rng.getrandbits(63)))
@@ -217,6 +229,7 @@ def build_corpus(
     max_words: int | None = None,
     min_words: int | None = None,
     narrowband: float = 0.0,
+    isolated_words: int | None = None,
 ) -> datasets.DatasetDict:
     """Render (or resume) the corpus into ``out`` and return it loaded from disk."""
     if narrowband and not use_augment:
@@ -233,6 +246,8 @@ def build_corpus(
         settings["min_words"] = min_words
     if narrowband:
         settings["narrowband"] = narrowband
+    if isolated_words:
+        settings["isolated_words"] = isolated_words
     out.mkdir(parents=True, exist_ok=True)
     settings_file = out / "corpus_settings.json"
     if settings_file.exists() and json.loads(settings_file.read_text()) != settings:
@@ -243,7 +258,9 @@ def build_corpus(
     if (out / "dataset_dict.json").exists():
         return datasets.load_from_disk(str(out))
 
-    plans = plan_corpus(num_clips, seed, test_fraction, families, sources, first_clip, max_words, min_words)
+    plans = plan_corpus(
+        num_clips, seed, test_fraction, families, sources, first_clip, max_words, min_words, isolated_words
+    )
     shard_root = out / "shards"
     shard_root.mkdir(exist_ok=True)
     jobs, done = [], 0
@@ -314,6 +331,13 @@ def main(argv: list[str] | None = None) -> None:
         help="long form: each clip speaks whole sentences joined until it has at least N words",
     )
     parser.add_argument(
+        "--isolated-words",
+        type=int,
+        default=None,
+        metavar="N",
+        help="one word per clip: one of the N most frequent words, a letter, weekday or month, every fifth a number",
+    )
+    parser.add_argument(
         "--narrowband",
         type=float,
         default=0.0,
@@ -337,6 +361,7 @@ def main(argv: list[str] | None = None) -> None:
         max_words=args.max_words,
         min_words=args.min_words,
         narrowband=args.narrowband,
+        isolated_words=args.isolated_words,
     )
     print(f"synthetic corpus in {args.out}")
     print(summarize(corpus))

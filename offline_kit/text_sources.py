@@ -24,9 +24,10 @@ import hashlib
 import html
 import random
 import re
+import string
 import struct
 import zlib
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,17 @@ MIN_WORDS = 4
 MAX_WORDS = 30
 MAX_CHARS = 200
 _ALLOWED = re.compile(r"^[A-Za-z0-9 ,.;:?!'\-]+$")
+_WORD = re.compile(r"[A-Za-z]+(?:'[A-Za-z]+)?")
+MIN_VOCABULARY_LETTERS = 3
+# Words said alone more than running text says them: letter names (written as transcripts write them), weekdays
+# and months.  ``isolated_word`` draws one of these for a quarter of its clips.
+WEEKDAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
+MONTHS = (
+    "January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
+    "November", "December",
+)  # fmt: skip
+CLOSED_CLASS_WORDS = tuple(string.ascii_uppercase) + WEEKDAYS + MONTHS
+CLOSED_CLASS_SHARE = 0.25
 _TRANSLATE = str.maketrans({"\u2018": "'", "\u2019": "'", "\u201c": '"', "\u201d": '"', "\u2014": " - "})
 
 
@@ -209,6 +221,40 @@ def short_phrase(text: str, rng: random.Random, max_words: int) -> str:
         return rng.choice([w for w in words if len(w) >= 4] or words)
     start = rng.randrange(len(words) - n + 1)
     return " ".join(words[start : start + n])
+
+
+def word_vocabulary(texts: Iterable[str], size: int) -> list[str]:
+    """The ``size`` most frequent words of three letters or more in ``texts``, most frequent first.
+
+    A word is spelt in lowercase unless it is only ever seen capitalised inside a sentence ("Israel"): the
+    capital a sentence starts with says nothing.  Ties go alphabetically, so the list depends only on the texts.
+    """
+    counts: Counter[str] = Counter()
+    inner_spellings: defaultdict[str, Counter[str]] = defaultdict(Counter)
+    for text in texts:
+        for position, word in enumerate(sentence_words(text)):
+            if len(word) >= MIN_VOCABULARY_LETTERS and _WORD.fullmatch(word):
+                counts[word.lower()] += 1
+                if position:
+                    inner_spellings[word.lower()][word] += 1
+    ranked = sorted(counts, key=lambda key: (-counts[key], key))[:size]
+    return [
+        inner_spellings[key].most_common(1)[0][0]
+        if inner_spellings[key] and key not in inner_spellings[key]
+        else key
+        for key in ranked
+    ]
+
+
+def isolated_word(rng: random.Random, vocabulary: list[str]) -> tuple[str, str]:
+    """(word, source) for a clip of one word: a letter, weekday or month name, or a frequent word.
+
+    Frequent words of running text are rarely letters, weekdays or months, yet people say those alone all the
+    time (spelling, dates), so ``CLOSED_CLASS_SHARE`` of the clips draw from those.
+    """
+    if rng.random() < CLOSED_CLASS_SHARE:
+        return rng.choice(CLOSED_CLASS_WORDS), "closed-class"
+    return rng.choice(vocabulary), "vocabulary"
 
 
 def number_phrase(rng: random.Random) -> str:

@@ -24,6 +24,7 @@ from offline_kit.data_deps import DATA_PACKAGES, debian_file, ensure_data_deps, 
 from offline_kit.real_speech import JFK_TEXT, asterisk_prompts, build_real_speech, normalize_reference
 from offline_kit.synthetic_corpus import NUMBER_EVERY, build_corpus, plan_corpus, summarize
 from offline_kit.text_sources import (
+    CLOSED_CLASS_WORDS,
     DEFAULT_SOURCES,
     HARVARD_COUNT,
     clean,
@@ -32,6 +33,7 @@ from offline_kit.text_sources import (
     sentence_words,
     split_by_text,
     text_key,
+    word_vocabulary,
 )
 from offline_kit.voices import (
     FAMILIES,
@@ -248,6 +250,43 @@ def test_short_utterance_corpus_speaks_spans_of_its_sentences_and_numbers(tmp_pa
     for row, (audio, _) in zip(corpus["train"].to_list(), _decode(corpus["train"]), strict=True):
         assert 1 <= len(row["text"].split()) <= 3 and np.sqrt(np.mean(audio**2)) > 1e-3, row["clip_id"]
         assert row["duration"] < 5.0, (row["text"], row["duration"])
+
+
+def test_word_vocabulary_ranks_words_by_count_in_their_lowercase_spelling():
+    texts = ["The cat saw the dog.", "The dog ran to Rome.", "Dogs and a cat: the end, don't."]
+    # "the" 4 (two of them capitalised), "cat" 2, "dog" 2, then the words seen once, alphabetically; words under
+    # three letters ("to", "a") are left out.  "Rome" is capitalised inside its sentence and keeps its capital;
+    # "Dogs" only starts one and loses it.
+    assert word_vocabulary(texts, 6) == ["the", "cat", "dog", "and", "dogs", "don't"]
+    assert "Rome" in word_vocabulary(texts, 20) and "to" not in word_vocabulary(texts, 20)
+
+
+def test_isolated_word_corpus_speaks_one_frequent_word_letter_weekday_month_or_number(tmp_path):
+    args = dict(seed=0, test_fraction=0.0, families=FAMILIES, sources=("harvard",))
+    full = plan_corpus(200, **args)["train"]
+    isolated = plan_corpus(200, isolated_words=300, **args)["train"]
+    train_sentences, _ = split_by_text(load_sentences(("harvard",)), seed=0)
+    vocabulary = set(word_vocabulary((s.text for s in train_sentences), 300))
+    by_source = {
+        source: [p.text for p in isolated if p.source == source] for source in {p.source for p in isolated}
+    }
+    assert set(by_source) == {"numbers", "closed-class", "vocabulary"}
+    assert len(by_source["numbers"]) == 200 // NUMBER_EVERY
+    assert all(re.fullmatch(r"\d+(st|nd|rd|th)?", text) for text in by_source["numbers"])
+    assert (
+        set(by_source["closed-class"]) <= set(CLOSED_CLASS_WORDS)
+        and 25 <= len(by_source["closed-class"]) <= 75
+    )
+    assert set(by_source["vocabulary"]) <= vocabulary and len(set(by_source["vocabulary"])) > 50
+    # Voices and clip ids as in the sentence corpus: only the text changes.
+    assert [(p.voice, p.clip_id) for p in isolated] == [(p.voice, p.clip_id) for p in full]
+    with pytest.raises(ValueError, match="exclude each other"):
+        plan_corpus(2, max_words=3, isolated_words=300, **args)
+    corpus = build_corpus(tmp_path / "isolated", num_clips=6, isolated_words=300, workers=1, **args)
+    assert json.loads((tmp_path / "isolated" / "corpus_settings.json").read_text())["isolated_words"] == 300
+    for row, (audio, _) in zip(corpus["train"].to_list(), _decode(corpus["train"]), strict=True):
+        assert len(row["text"].split()) == 1 and np.sqrt(np.mean(audio**2)) > 1e-3, row["clip_id"]
+        assert row["duration"] < 3.0, (row["text"], row["duration"])
 
 
 def test_long_form_corpus_joins_consecutive_sentences_and_continues_where_it_stopped(tmp_path):
