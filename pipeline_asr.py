@@ -472,17 +472,16 @@ class TinyAudioASRPipeline(AutomaticSpeechRecognitionPipeline):
         forward_params: dict,
         postprocess_params: dict,
     ) -> Iterator[dict[str, Any]]:
-        """Chunks of consecutive inputs fill a window of ``SORT_WINDOW_BATCHES`` batches (one chunk at batch size
-        1), transcribed shortest first in batches of ``batch_size``; results come out in input order as soon as every chunk of an input is
-        transcribed. Only one window of chunks is held at a time."""
+        """Chunks of consecutive inputs fill a window of ``SORT_WINDOW_BATCHES`` batches, transcribed shortest first
+        in batches of ``batch_size``; results come out in input order as soon as every chunk of an input is
+        transcribed. Only one window of chunks is held at a time; at batch size 1 a window is one chunk, since
+        sorting only saves padding inside a batch."""
         preprocess_params = dict(preprocess_params)
         skip_errors = preprocess_params.pop("skip_errors", False)
         prompt = preprocess_params.pop("prompt", None)
         order: deque[_Pending] = deque()
         window: list[tuple[_Pending, int, AudioChunk]] = []
-        window_size = (
-            batch_size * SORT_WINDOW_BATCHES if batch_size > 1 else 1
-        )  # one at a time: nothing to sort
+        window_size = batch_size * SORT_WINDOW_BATCHES if batch_size > 1 else 1
 
         def run_window() -> None:
             window.sort(key=lambda item: item[2].samples.size)

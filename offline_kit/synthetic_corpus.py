@@ -62,7 +62,8 @@ AUGMENT_ODDS = {
     "flite": {"p_telephone": 0.0, "p_noise": 0.3},
     "espeak": {"p_telephone": 0.0, "p_noise": 0.0},
 }
-# In a short-utterance or isolated-word corpus (--max-words, --isolated-words) every fifth clip is a number: digits, the way transcripts write them.
+# In a short-utterance or isolated-word corpus (--max-words, --isolated-words) every fifth clip is a number:
+# digits, the way transcripts write them.
 NUMBER_EVERY = 5
 
 

@@ -238,12 +238,8 @@ def word_vocabulary(texts: Iterable[str], size: int) -> list[str]:
                 if position:
                     inner_spellings[word.lower()][word] += 1
     ranked = sorted(counts, key=lambda key: (-counts[key], key))[:size]
-    return [
-        inner_spellings[key].most_common(1)[0][0]
-        if inner_spellings[key] and key not in inner_spellings[key]
-        else key
-        for key in ranked
-    ]
+    only_capitalised = {key for key in ranked if inner_spellings[key] and key not in inner_spellings[key]}
+    return [inner_spellings[key].most_common(1)[0][0] if key in only_capitalised else key for key in ranked]
 
 
 def isolated_word(rng: random.Random, vocabulary: list[str]) -> tuple[str, str]:
