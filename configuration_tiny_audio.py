@@ -114,6 +114,12 @@ class TinyAudioConfig(PreTrainedConfig):
     lora_alpha: int = 16
     lora_dropout: float = 0.0
     lora_target_modules: list | None = None
+    # SpecAugment in training only, on the encoder's output frames (the encoder is frozen and its outputs may be
+    # cached, so its input cannot be masked): spans of frames and of channels are zeroed; 0 = off.
+    mask_time_prob: float = 0.0
+    mask_time_length: int = 10
+    mask_feature_prob: float = 0.0
+    mask_feature_length: int = 10
     # Audio limits and the generation budget, which scales with the audio length.
     sampling_rate: int = 16000
     max_audio_seconds: float = 30.0

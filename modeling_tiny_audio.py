@@ -25,7 +25,7 @@ from transformers import (
 )
 from transformers.activations import ACT2FN
 from transformers.modeling_outputs import CausalLMOutputWithPast
-from transformers.models.whisper.modeling_whisper import WhisperEncoder
+from transformers.models.whisper.modeling_whisper import WhisperEncoder, _compute_mask_indices
 from transformers.utils import SAFE_WEIGHTS_NAME, cached_file
 
 try:
@@ -373,10 +373,34 @@ class TinyAudioForConditionalGeneration(TinyAudioPreTrainedModel, GenerationMixi
         """Runs the projector on real encoder frames (padding zeroed, so trimmed cached frames give the same result)."""
         projector_dtype = self.multi_modal_projector.linear_1.weight.dtype
         encoder_hidden = encoder_hidden.to(projector_dtype) * encoder_mask[..., None].to(projector_dtype)
+        if self.training:
+            encoder_hidden = self.spec_augment(encoder_hidden, encoder_mask)
         embeds = self.multi_modal_projector(encoder_hidden)
         token_counts = projector_token_lengths(encoder_mask.sum(-1), self.config.projector_downsample)
         token_ids = torch.arange(embeds.shape[1], device=embeds.device)
         return embeds, token_ids[None, :] < token_counts[:, None].to(embeds.device)
+
+    def spec_augment(self, encoder_hidden: torch.Tensor, encoder_mask: torch.Tensor) -> torch.Tensor:
+        """Zeroes random spans of real frames and of channels (SpecAugment; the config's mask_* fields)."""
+        config = self.config
+        keep = torch.ones(encoder_hidden.shape[:2], dtype=torch.bool, device=encoder_hidden.device)
+        if config.mask_time_prob > 0:
+            spans = _compute_mask_indices(
+                tuple(encoder_mask.shape),
+                config.mask_time_prob,
+                config.mask_time_length,
+                attention_mask=encoder_mask.long().cpu(),
+                min_masks=1,
+            )
+            keep &= ~torch.from_numpy(spans).to(keep.device)
+        encoder_hidden = encoder_hidden * keep[..., None]
+        if config.mask_feature_prob > 0:
+            batch, _, channels = encoder_hidden.shape
+            spans = _compute_mask_indices(
+                (batch, channels), config.mask_feature_prob, config.mask_feature_length
+            )
+            encoder_hidden = encoder_hidden * ~torch.from_numpy(spans).to(encoder_hidden.device)[:, None, :]
+        return encoder_hidden
 
     def get_audio_features(
         self, input_features: torch.Tensor, input_features_mask: torch.Tensor

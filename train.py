@@ -41,6 +41,14 @@ logger = logging.getLogger("tiny_audio.train")
 
 # Reporting integrations that need a package of their own; a missing one is dropped with a warning.
 OPTIONAL_REPORTERS = {"wandb": is_wandb_available, "tensorboard": is_tensorboard_available}
+# Model arguments that, when given, override the starting checkpoint's config (None keeps it).
+CONFIG_OVERRIDES = (
+    "ctc_decoding_weight",
+    "mask_time_prob",
+    "mask_time_length",
+    "mask_feature_prob",
+    "mask_feature_length",
+)
 BOOLEANS = {"true", "false", "yes", "no", "1", "0"}
 WER_NORMALIZE = jiwer.Compose(
     [jiwer.ToLowerCase(), jiwer.RemovePunctuation(), jiwer.RemoveMultipleSpaces(), jiwer.Strip()]
@@ -109,6 +117,19 @@ class ModelArguments:
             "needs the CTC loss); default: keep the starting checkpoint's, 0 for a new model"
         },
     )
+    mask_time_prob: float | None = dataclasses.field(
+        default=None,
+        metadata={
+            "help": "SpecAugment in training: about this share of the encoder's real frames is zeroed, in spans "
+            "of mask_time_length frames; default: keep the starting checkpoint's, 0 (off) for a new model"
+        },
+    )
+    mask_time_length: int | None = None
+    mask_feature_prob: float | None = dataclasses.field(
+        default=None,
+        metadata={"help": "SpecAugment: share of encoder channels zeroed, in spans of mask_feature_length"},
+    )
+    mask_feature_length: int | None = None
     num_beams: int | None = dataclasses.field(
         default=None,
         metadata={
@@ -256,8 +277,9 @@ def build_model(
         processor = TinyAudioProcessor.from_components(
             model_args.audio_model_id, model_args.text_model_id, config=model.config
         )
-    if model_args.ctc_decoding_weight is not None:
-        model.config.ctc_decoding_weight = model_args.ctc_decoding_weight
+    for field in CONFIG_OVERRIDES:
+        if getattr(model_args, field) is not None:
+            setattr(model.config, field, getattr(model_args, field))
     if model_args.num_beams is not None:
         model.generation_config.num_beams = model_args.num_beams
     for parameter in model.parameters():

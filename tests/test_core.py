@@ -112,6 +112,39 @@ def test_encoder_outputs_path_matches_live_encoder(tiny_model_and_processor):
     torch.testing.assert_close(live, cached, rtol=1e-2, atol=1e-2)
 
 
+def test_spec_augment_zeroes_spans_of_real_frames_and_channels_in_training_only(tmp_path):
+    model, processor = make_tiny_tiny_audio(
+        tmp_path, mask_time_prob=0.3, mask_time_length=3, mask_feature_prob=0.25, mask_feature_length=2
+    )
+    inputs = processor(audio=[speech_like(2.0, seed=4), speech_like(0.8, seed=5)], text=TRANSCRIPTS[:2])
+    hidden, mask = model.encode_audio(inputs["input_features"], inputs["input_features_mask"])
+    hidden = (hidden + 3.0) * mask[..., None]  # no real frame holds a zero
+    real = mask.sum(-1)
+    torch.manual_seed(0)
+    model.train()
+    augmented = model.spec_augment(hidden, mask)
+    for row in range(2):
+        zero_frames = (augmented[row] == 0).all(-1)
+        zero_channels = (augmented[row, : real[row]] == 0).all(0)
+        # Spans of 3 real frames, about 30% of them (overlaps make it fewer); padding stays zero.
+        assert 3 <= int(zero_frames[: real[row]].sum()) <= int(0.3 * real[row]) + 3
+        assert zero_frames[real[row] :].all()
+        assert int(zero_channels.sum()) >= 2  # whole channels, across every frame
+        kept = ~zero_frames[: real[row], None] & ~zero_channels[None, :]
+        torch.testing.assert_close(augmented[row, : real[row]][kept], hidden[row, : real[row]][kept])
+    again = model.spec_augment(hidden, mask)
+    assert not torch.equal(again, augmented)  # new spans every call
+    # The LM loss in training sees the masked frames; evaluation and generation never do.
+    loss_masked = model(**inputs).loss
+    model.eval()
+    with torch.no_grad():
+        clean = model(**inputs).loss
+        torch.testing.assert_close(model(**inputs).loss, clean)
+    assert not torch.isclose(loss_masked.detach(), clean)
+    embeds, _ = model.project_audio(hidden, mask)
+    torch.testing.assert_close(embeds, model.multi_modal_projector(hidden))
+
+
 @pytest.mark.parametrize("encoder", ["whisper", "hubert"])
 def test_batched_generation_matches_single(tmp_path, encoder):
     model, processor = make_tiny_tiny_audio(tmp_path, encoder=encoder)

@@ -504,6 +504,18 @@ def test_ctc_warm_up_skips_the_llm_then_trains_on_both_losses(workspace, tmp_pat
     assert [saved["ctc_blank_token_id"]] == space
 
 
+def test_spec_augment_flags_reach_the_saved_config_and_a_continued_run_keeps_them(workspace, tmp_path):
+    first = str(tmp_path / "masked")
+    train.run(base_args(workspace, first, *NO_EVAL, "--mask_time_prob", "0.2", "--mask_feature_length", "4"))
+    saved = json.loads(Path(first, "config.json").read_text())
+    assert (saved["mask_time_prob"], saved["mask_time_length"], saved["mask_feature_length"]) == (0.2, 10, 4)
+    unused = train.TrainingArguments(output_dir=str(tmp_path / "unused"), use_cpu=True)
+    kept, _ = train.build_model(train.ModelArguments(model_name_or_path=first), unused)
+    assert (kept.config.mask_time_prob, kept.config.mask_feature_length) == (0.2, 4)
+    off, _ = train.build_model(train.ModelArguments(model_name_or_path=first, mask_time_prob=0.0), unused)
+    assert (off.config.mask_time_prob, off.config.mask_feature_length) == (0.0, 4)
+
+
 def test_ctc_decoding_weight_without_a_ctc_head_is_refused(workspace, tmp_path):
     argv = base_args(workspace, str(tmp_path / "no-ctc"), *NO_EVAL, "--ctc_decoding_weight", "0.3")
     with pytest.raises(ValueError, match="ctc_decoding_weight 0.3 needs a CTC head"):
