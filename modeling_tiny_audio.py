@@ -383,7 +383,6 @@ class TinyAudioForConditionalGeneration(TinyAudioPreTrainedModel, GenerationMixi
     def spec_augment(self, encoder_hidden: torch.Tensor, encoder_mask: torch.Tensor) -> torch.Tensor:
         """Zeroes random spans of real frames and of channels (SpecAugment; the config's mask_* fields)."""
         config = self.config
-        keep = torch.ones(encoder_hidden.shape[:2], dtype=torch.bool, device=encoder_hidden.device)
         if config.mask_time_prob > 0:
             spans = _compute_mask_indices(
                 tuple(encoder_mask.shape),
@@ -392,14 +391,17 @@ class TinyAudioForConditionalGeneration(TinyAudioPreTrainedModel, GenerationMixi
                 attention_mask=encoder_mask.long().cpu(),
                 min_masks=1,
             )
-            keep &= ~torch.from_numpy(spans).to(keep.device)
-        encoder_hidden = encoder_hidden * keep[..., None]
+            encoder_hidden = encoder_hidden.masked_fill(
+                torch.from_numpy(spans).to(encoder_hidden.device)[..., None], 0
+            )
         if config.mask_feature_prob > 0:
             batch, _, channels = encoder_hidden.shape
             spans = _compute_mask_indices(
                 (batch, channels), config.mask_feature_prob, config.mask_feature_length
             )
-            encoder_hidden = encoder_hidden * ~torch.from_numpy(spans).to(encoder_hidden.device)[:, None, :]
+            encoder_hidden = encoder_hidden.masked_fill(
+                torch.from_numpy(spans).to(encoder_hidden.device)[:, None], 0
+            )
         return encoder_hidden
 
     def get_audio_features(
