@@ -67,6 +67,8 @@ CUSTOM_PIPELINES = {
     }
 }
 TRAINABLE_PREFIXES = ("multi_modal_projector.",)
+# Weight names of the pretrained towers: a checkpoint holding the LLM's own weights is a standalone one.
+PRETRAINED_PREFIXES = ("audio_tower.", "language_model.")
 # Precomputed encoder outputs stand in for input_features, so like them they are read at prefill only.
 PREFILL_ONLY_INPUTS = ("encoder_hidden_states", "encoder_mask")
 
@@ -82,9 +84,34 @@ def load_audio_encoder(model_id: str, dtype: torch.dtype | None = None, **hub_kw
 
 
 class WhisperSpeechEncoder(WhisperEncoder):
-    """Whisper's encoder, loadable from a full Whisper checkpoint whose decoder weights it leaves behind."""
+    """Whisper's encoder, loadable from a full Whisper checkpoint whose decoder weights it leaves behind.
+
+    It also runs in two parts, split after layer `split`, for a model whose top encoder layers train: the bottom
+    part over the whole 30-s window exactly as Whisper does (its output is what the feature cache stores), the top
+    part over the real audio frames only, so that trimmed cached frames and live ones give the same result.
+    """
 
     _keys_to_ignore_on_load_unexpected = [r"^model\.decoder\.", r"^proj_out\."]
+
+    def forward_bottom(self, input_features: torch.Tensor, split: int) -> torch.Tensor:
+        """Frames after the first `split` layers (the embedding and layers of `WhisperEncoder.forward`)."""
+        hidden = nn.functional.gelu(self.conv2(nn.functional.gelu(self.conv1(input_features))))
+        hidden = hidden.transpose(1, 2) + self.embed_positions.weight[: hidden.shape[2]]
+        for layer in self.layers[:split]:
+            hidden = layer(hidden, None)
+        return hidden
+
+    def forward_top(self, hidden: torch.Tensor, frame_mask: torch.Tensor, split: int) -> torch.Tensor:
+        """The layers after `split` and the final norm, attending to real frames only (`frame_mask`).
+
+        They compute in their own dtype: trained layers stay in fp32 when the frozen ones run in bf16."""
+        hidden = hidden.to(self.layer_norm.weight.dtype)
+        blocked = torch.finfo(hidden.dtype).min
+        attention_mask = torch.zeros(frame_mask.shape, dtype=hidden.dtype, device=hidden.device)
+        attention_mask = attention_mask.masked_fill(~frame_mask, blocked)[:, None, None, :]
+        for layer in self.layers[split:]:
+            hidden = layer(hidden, attention_mask)
+        return self.layer_norm(hidden)
 
 
 def build_audio_encoder(audio_config) -> PreTrainedModel:
@@ -94,24 +121,70 @@ def build_audio_encoder(audio_config) -> PreTrainedModel:
     return AutoModel.from_config(audio_config)
 
 
+class ProjectorLayer(nn.Module):
+    """A pre-norm transformer layer over the projector's frames: reading room for a small encoder.
+
+    Its two residual branches start at zero (`zero_residual_branches`), so adding it to a trained projector
+    leaves the model's output unchanged until it trains, as new LoRA adapters do.
+    """
+
+    def __init__(self, width: int, num_heads: int, activation: str):
+        super().__init__()
+        self.attention_norm = nn.LayerNorm(width)
+        self.attention = nn.MultiheadAttention(width, num_heads, batch_first=True)
+        self.mlp_norm = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), ACT2FN[activation], nn.Linear(4 * width, width))
+
+    def forward(self, hidden: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
+        normed = self.attention_norm(hidden)
+        attended, _ = self.attention(normed, normed, normed, key_padding_mask=~token_mask, need_weights=False)
+        hidden = hidden + attended
+        return hidden + self.mlp(self.mlp_norm(hidden))
+
+    @torch.no_grad()
+    def zero_residual_branches(self) -> None:
+        for linear in (self.attention.out_proj, self.mlp[-1]):
+            linear.weight.zero_()
+            linear.bias.zero_()
+
+
 class TinyAudioProjector(nn.Module):
-    """Maps encoder frames to LLM embeddings: strided conv (time / k), then Linear -> activation -> Linear."""
+    """Maps encoder frames to LLM embeddings: strided conv (time / k), optional transformer layers, then
+    Linear -> activation -> Linear, and an optional RMS norm onto the scale of the LLM's input embeddings."""
 
     def __init__(self, config: TinyAudioConfig):
         super().__init__()
         encoder_size = config.audio_config.hidden_size
         self.downsample = config.projector_downsample
         self.conv = nn.Conv1d(encoder_size, encoder_size, kernel_size=self.downsample, stride=self.downsample)
+        self.layers = nn.ModuleList(
+            ProjectorLayer(encoder_size, config.audio_config.num_attention_heads, config.projector_activation)
+            for _ in range(config.projector_num_layers)
+        )
         self.linear_1 = nn.Linear(encoder_size, config.projector_hidden_size)
         self.act = ACT2FN[config.projector_activation]
         self.linear_2 = nn.Linear(config.projector_hidden_size, config.text_config.hidden_size)
+        self.output_norm = (
+            nn.RMSNorm(config.text_config.hidden_size) if config.projector_output_norm else None
+        )
 
-    def forward(self, encoder_hidden: torch.Tensor) -> torch.Tensor:
+    def forward(self, encoder_hidden: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
         remainder = encoder_hidden.shape[1] % self.downsample
         if remainder:
             encoder_hidden = nn.functional.pad(encoder_hidden, (0, 0, 0, self.downsample - remainder))
         hidden = self.conv(encoder_hidden.transpose(1, 2)).transpose(1, 2)
-        return self.linear_2(self.act(self.linear_1(hidden)))
+        if self.layers and token_mask is None:
+            token_mask = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
+        for layer in self.layers:
+            hidden = layer(hidden, token_mask)
+        hidden = self.linear_2(self.act(self.linear_1(hidden)))
+        return self.output_norm(hidden) if self.output_norm is not None else hidden
+
+    @torch.no_grad()
+    def match_embedding_scale(self, embeddings: torch.Tensor) -> None:
+        """Starts the output norm at the root-mean-square of each dimension of the LLM's input embeddings."""
+        if self.output_norm is not None:
+            self.output_norm.weight.copy_(embeddings.float().pow(2).mean(0).sqrt())
 
 
 class TinyAudioPreTrainedModel(PreTrainedModel):
@@ -153,6 +226,8 @@ class TinyAudioForConditionalGeneration(TinyAudioPreTrainedModel, GenerationMixi
             else AutoModelForCausalLM.from_config(config.text_config)
         )
         self.post_init()
+        for layer in self.multi_modal_projector.layers:
+            layer.zero_residual_branches()
         if config.lora_rank > 0:
             self._add_lora()
         self.freeze_pretrained()
@@ -184,6 +259,7 @@ class TinyAudioForConditionalGeneration(TinyAudioPreTrainedModel, GenerationMixi
             **config_kwargs,
         )
         model = cls(config, audio_tower=audio_tower, language_model=language_model)
+        model.multi_modal_projector.match_embedding_scale(model.get_input_embeddings().weight)
         model.generation_config = cls._generation_config_from(language_model)
         if dtype is not None:
             model.multi_modal_projector.to(dtype)
@@ -198,7 +274,7 @@ class TinyAudioForConditionalGeneration(TinyAudioPreTrainedModel, GenerationMixi
             if key in kwargs
         }
         weights_file = cached_file(pretrained_model_name_or_path, SAFE_WEIGHTS_NAME, **hub_kwargs)
-        if _holds_pretrained_weights(weights_file):
+        if holds_pretrained_weights(weights_file):
             return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
 
         config = kwargs.get("config")
@@ -270,6 +346,37 @@ class TinyAudioForConditionalGeneration(TinyAudioPreTrainedModel, GenerationMixi
             self.config.lora_target_modules = current + added
             self.freeze_pretrained()
 
+    def extend_acoustic_capacity(
+        self, encoder_trainable_layers: int = 0, projector_num_layers: int = 0
+    ) -> None:
+        """Trains more of the acoustic side in a continued run: more top encoder layers, more projector layers.
+
+        New projector layers start as the identity; newly trained encoder layers keep their pretrained weights but
+        from now on attend to real frames only. Neither count may shrink: trained weights are never dropped.
+        """
+        config = self.config
+        if (
+            encoder_trainable_layers < config.encoder_trainable_layers
+            or projector_num_layers < config.projector_num_layers
+        ):
+            raise ValueError(
+                f"a continued run keeps the checkpoint's trained layers (encoder_trainable_layers "
+                f"{config.encoder_trainable_layers}, projector_num_layers {config.projector_num_layers}); "
+                f"got {encoder_trainable_layers} and {projector_num_layers}"
+            )
+        projector = self.multi_modal_projector
+        reference = projector.linear_1.weight
+        for _ in range(projector_num_layers - config.projector_num_layers):
+            layer = ProjectorLayer(
+                reference.shape[1], config.audio_config.num_attention_heads, config.projector_activation
+            )
+            layer.zero_residual_branches()
+            projector.layers.append(layer.to(reference.device, reference.dtype))
+        config.projector_num_layers = projector_num_layers
+        config.encoder_trainable_layers = encoder_trainable_layers
+        config.validate()
+        self.freeze_pretrained()
+
     def _lora_layers(self) -> list[torch.nn.Module]:
         if self.config.lora_rank == 0:
             return []
@@ -292,15 +399,21 @@ class TinyAudioForConditionalGeneration(TinyAudioPreTrainedModel, GenerationMixi
                 layer.merge()
 
     def freeze_pretrained(self) -> None:
-        """Freezes encoder and LLM; leaves the projector and LoRA adapters trainable."""
+        """Freezes encoder and LLM; leaves the projector, LoRA adapters and any trained encoder layers trainable."""
         for name, param in self.named_parameters():
             param.requires_grad = self._is_trainable(name)
         self.audio_tower.eval()
         self.language_model.eval()
 
-    @staticmethod
-    def _is_trainable(parameter_name: str) -> bool:
-        return parameter_name.startswith(TRAINABLE_PREFIXES) or ".lora_" in parameter_name
+    def _is_trainable(self, parameter_name: str) -> bool:
+        return parameter_name.startswith(self._trainable_prefixes()) or ".lora_" in parameter_name
+
+    def _trainable_prefixes(self) -> tuple[str, ...]:
+        """The projector, and the encoder's top layers and final norm when they train."""
+        if not self.config.encoder_trainable_layers:
+            return TRAINABLE_PREFIXES
+        layers = range(self.config.frozen_encoder_layers, self.config.audio_config.num_hidden_layers)
+        return (*TRAINABLE_PREFIXES, *(f"audio_tower.layers.{i}." for i in layers), "audio_tower.layer_norm.")
 
     def train(self, mode: bool = True) -> TinyAudioForConditionalGeneration:
         """Only the projector switches to training mode: the frozen towers never use dropout."""
@@ -354,10 +467,13 @@ class TinyAudioForConditionalGeneration(TinyAudioPreTrainedModel, GenerationMixi
     def encode_audio(
         self, input_features: torch.Tensor, input_features_mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Runs the frozen encoder; returns its frames and a mask of the frames that hold real audio."""
+        """Runs the frozen encoder (its frozen layers, when the top ones train); returns its frames and a mask of
+        the frames that hold real audio."""
         features = input_features.to(self.audio_tower.dtype)
         with torch.no_grad():
-            if self.config.audio_config.model_type == "whisper":
+            if self.config.encoder_trainable_layers:
+                hidden = self.audio_tower.forward_bottom(features, self.config.frozen_encoder_layers)
+            elif self.config.audio_config.model_type == "whisper":
                 hidden = self.audio_tower(features).last_hidden_state
             else:
                 use_mask = getattr(self.config.audio_config, "feat_extract_norm", "layer") == "layer"
@@ -370,15 +486,22 @@ class TinyAudioForConditionalGeneration(TinyAudioPreTrainedModel, GenerationMixi
     def project_audio(
         self, encoder_hidden: torch.Tensor, encoder_mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Runs the projector on real encoder frames (padding zeroed, so trimmed cached frames give the same result)."""
+        """Runs the trained encoder layers (if any) and the projector on real encoder frames (padding zeroed, so
+        trimmed cached frames give the same result)."""
         projector_dtype = self.multi_modal_projector.linear_1.weight.dtype
         encoder_hidden = encoder_hidden.to(projector_dtype) * encoder_mask[..., None].to(projector_dtype)
         if self.training:
             encoder_hidden = self.spec_augment(encoder_hidden, encoder_mask)
-        embeds = self.multi_modal_projector(encoder_hidden)
+        if self.config.encoder_trainable_layers:
+            top = self.audio_tower.forward_top(
+                encoder_hidden, encoder_mask, self.config.frozen_encoder_layers
+            )
+            encoder_hidden = top.to(projector_dtype) * encoder_mask[..., None].to(projector_dtype)
         token_counts = projector_token_lengths(encoder_mask.sum(-1), self.config.projector_downsample)
-        token_ids = torch.arange(embeds.shape[1], device=embeds.device)
-        return embeds, token_ids[None, :] < token_counts[:, None].to(embeds.device)
+        frames = -(-encoder_hidden.shape[1] // self.config.projector_downsample)
+        token_ids = torch.arange(frames, device=encoder_hidden.device)
+        token_mask = token_ids[None, :] < token_counts[:, None].to(encoder_hidden.device)
+        return self.multi_modal_projector(encoder_hidden, token_mask), token_mask
 
     def spec_augment(self, encoder_hidden: torch.Tensor, encoder_mask: torch.Tensor) -> torch.Tensor:
         """Zeroes random spans of real frames and of channels (SpecAugment; the config's mask_* fields)."""
@@ -774,10 +897,11 @@ class CTCPrefixScorer(LogitsProcessor):
         return out
 
 
-def _holds_pretrained_weights(weights_file: str) -> bool:
-    """True for a standalone checkpoint (every weight), False for a projector-only one."""
+def holds_pretrained_weights(weights_file: str) -> bool:
+    """True for a standalone checkpoint (every weight), False for a projector-only one (which may still hold
+    trained encoder layers, but never the LLM's own weights)."""
     with safe_open(weights_file, framework="pt") as handle:
-        return any(not TinyAudioForConditionalGeneration._is_trainable(key) for key in handle.keys())
+        return any(key.startswith("language_model.") and ".lora_" not in key for key in handle.keys())
 
 
 def _best_device() -> str:

@@ -66,6 +66,26 @@ class ModelArguments:
     text_model_id: str = DEFAULT_TEXT_MODEL_ID
     projector_downsample: int = 4
     projector_hidden_size: int | None = None
+    projector_num_layers: int | None = dataclasses.field(
+        default=None,
+        metadata={
+            "help": "Transformer layers in the projector, at the encoder's width (0 = none); with "
+            "model_name_or_path, adds layers that start as the identity"
+        },
+    )
+    projector_output_norm: bool = dataclasses.field(
+        default=False,
+        metadata={
+            "help": "An RMS norm on the projector's output, started at the LLM embeddings' scale (new models)"
+        },
+    )
+    encoder_trainable_layers: int | None = dataclasses.field(
+        default=None,
+        metadata={
+            "help": "Top layers of the (Whisper) encoder that train with the projector; the feature cache then "
+            "holds the output of the layers below them"
+        },
+    )
     lora_rank: int = dataclasses.field(
         default=0, metadata={"help": "LoRA rank on the LLM; 0 = LLM untouched"}
     )
@@ -262,6 +282,17 @@ def build_model(
         processor = TinyAudioProcessor.from_pretrained(model_args.model_name_or_path)
         if model_args.lora_target_modules:
             model.extend_lora(model_args.lora_target_modules)
+        if model_args.projector_output_norm and not model.config.projector_output_norm:
+            raise ValueError(
+                "--projector_output_norm changes what a trained projector outputs: start a new model with it "
+                f"instead of continuing {model_args.model_name_or_path}"
+            )
+        if model_args.encoder_trainable_layers is not None or model_args.projector_num_layers is not None:
+            model.extend_acoustic_capacity(
+                encoder_trainable_layers=model_args.encoder_trainable_layers
+                or model.config.encoder_trainable_layers,
+                projector_num_layers=model_args.projector_num_layers or model.config.projector_num_layers,
+            )
     else:
         model = TinyAudioForConditionalGeneration.from_components(
             model_args.audio_model_id,
@@ -269,6 +300,9 @@ def build_model(
             dtype=dtype,
             projector_downsample=model_args.projector_downsample,
             projector_hidden_size=model_args.projector_hidden_size,
+            projector_num_layers=model_args.projector_num_layers or 0,
+            projector_output_norm=model_args.projector_output_norm,
+            encoder_trainable_layers=model_args.encoder_trainable_layers or 0,
             lora_rank=model_args.lora_rank,
             lora_alpha=model_args.lora_alpha,
             lora_dropout=model_args.lora_dropout,
