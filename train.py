@@ -35,6 +35,7 @@ from training.collator import SpeechCollator
 from training.ctc_alignment import EmbeddingCTCLoss
 from training.data import decode_audio, load_speech_data, parse_dataset_specs, write_skip_report
 from training.feature_cache import build_feature_cache
+from training.precision import cpu_has_native_bf16
 from training.prefix_cache import PromptPrefixCache
 
 logger = logging.getLogger("tiny_audio.train")
@@ -250,6 +251,12 @@ def parse_args(
     model_args, data_args, run_args, training_args = HfArgumentParser(
         ARGUMENT_TYPES
     ).parse_args_into_dataclasses(args=tokens)
+    if training_args.bf16 and training_args.use_cpu and not cpu_has_native_bf16():
+        logger.warning(
+            "Training in fp32, not bf16: this CPU has no native bf16 (no avx512_bf16 or amx_bf16 in "
+            "/proc/cpuinfo), and emulated bf16 is slower than fp32"
+        )
+        training_args.bf16 = False
     if training_args.push_to_hub:  # one push path: ours, at the end, through huggingface_hub
         run_args.push_to_hub_repo = run_args.push_to_hub_repo or training_args.hub_model_id
         training_args.push_to_hub = False

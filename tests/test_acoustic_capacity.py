@@ -201,3 +201,29 @@ def test_train_py_trains_and_widens_the_acoustic_side(tmp_path):
     )
     assert all(torch.equal(wider.before[k], snapshot.after[k]) for k in snapshot.after if k in wider.before)
     assert json.loads(Path(widened, "config.json").read_text())["projector_num_layers"] == 2
+
+
+CPUINFO = "processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu sse2 avx2 {extra}\n\nprocessor\t: 1\n"
+
+
+@pytest.mark.parametrize(
+    ("extra", "native"),
+    [("", False), ("avx512f avx512_vnni", False), ("avx512_bf16", True), ("amx_bf16 amx_tile", True)],
+)
+def test_native_bf16_is_read_from_the_cpu_flags(tmp_path, extra, native):
+    from training.precision import cpu_has_native_bf16
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(CPUINFO.format(extra=extra))
+    assert cpu_has_native_bf16(cpuinfo) is native
+    assert cpu_has_native_bf16(tmp_path / "absent") is True  # not Linux: the user's choice stands
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_training_on_a_cpu_without_native_bf16_runs_in_fp32(monkeypatch, tmp_path, native):
+    import train
+
+    monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(train.torch.cuda, "is_available", lambda: False)
+    *_, training_args = train.parse_args(["--bf16", "true", "--output_dir", str(tmp_path)])
+    assert training_args.bf16 is native
