@@ -113,6 +113,9 @@ class TinyAudioConfig(PreTrainedConfig):
     projector_num_layers: int = 0
     projector_output_norm: bool = False
     encoder_trainable_layers: int = 0
+    # Whisper reads a 30-s window whatever the clip's length; True runs it on the longest clip's frames only (its
+    # frames attending to real audio only): far cheaper on short clips, but not the frames Whisper was trained on.
+    encoder_real_length: bool = False
     # Prompting: the placeholder the processor expands to one token per audio embedding.
     audio_token: str = "<audio>"
     audio_token_id: int | None = None
@@ -165,6 +168,11 @@ class TinyAudioConfig(PreTrainedConfig):
             raise ValueError(
                 "encoder_trainable_layers trains the top layers of Whisper encoders only; this encoder is "
                 f"{self.audio_config.model_type!r} (set it to 0)"
+            )
+        if self.encoder_real_length and self.audio_config.model_type != "whisper":
+            raise ValueError(
+                "encoder_real_length shortens Whisper's 30-s window; this encoder is "
+                f"{self.audio_config.model_type!r}, which reads the real length already"
             )
         if self.projector_num_layers < 0:
             raise ValueError(f"projector_num_layers must be 0 or more, got {self.projector_num_layers}")

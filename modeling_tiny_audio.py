@@ -86,19 +86,35 @@ def load_audio_encoder(model_id: str, dtype: torch.dtype | None = None, **hub_kw
 class WhisperSpeechEncoder(WhisperEncoder):
     """Whisper's encoder, loadable from a full Whisper checkpoint whose decoder weights it leaves behind.
 
-    It also runs in two parts, split after layer `split`, for a model whose top encoder layers train: the bottom
-    part over the whole 30-s window exactly as Whisper does (its output is what the feature cache stores), the top
-    part over the real audio frames only, so that trimmed cached frames and live ones give the same result.
+    It runs in two parts, split after layer `split`: the frozen bottom (what the feature cache stores) and, for a
+    model whose top layers train, the top. The bottom reads Whisper's whole 30-s window as Whisper does, or only as
+    many frames as the longest clip holds (`encoder_real_length`); the top, and a real-length bottom, attend to real
+    frames only, so trimmed cached frames, padded batches and single clips all give the same result.
     """
 
     _keys_to_ignore_on_load_unexpected = [r"^model\.decoder\.", r"^proj_out\."]
 
-    def forward_bottom(self, input_features: torch.Tensor, split: int) -> torch.Tensor:
-        """Frames after the first `split` layers (the embedding and layers of `WhisperEncoder.forward`)."""
-        hidden = nn.functional.gelu(self.conv2(nn.functional.gelu(self.conv1(input_features))))
+    def forward_bottom(
+        self,
+        input_features: torch.Tensor,
+        split: int,
+        feature_mask: torch.Tensor | None = None,
+        frame_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Frames after the embedding and the first `split` layers of `WhisperEncoder.forward`.
+
+        With the masks of real mel frames and encoder frames, nothing past a clip's end reaches its frames: the
+        convolutions see zeros there, as at the end of a clip alone, and attention sees real frames only."""
+        if feature_mask is not None:
+            input_features = input_features * feature_mask[:, None, :].to(input_features.dtype)
+        hidden = nn.functional.gelu(self.conv1(input_features))
+        if feature_mask is not None:
+            hidden = hidden * feature_mask[:, None, :].to(hidden.dtype)
+        hidden = nn.functional.gelu(self.conv2(hidden))
         hidden = hidden.transpose(1, 2) + self.embed_positions.weight[: hidden.shape[2]]
+        attention_mask = None if frame_mask is None else _key_mask(frame_mask, hidden.dtype)
         for layer in self.layers[:split]:
-            hidden = layer(hidden, None)
+            hidden = layer(hidden, attention_mask)
         return hidden
 
     def forward_top(self, hidden: torch.Tensor, frame_mask: torch.Tensor, split: int) -> torch.Tensor:
@@ -106,12 +122,16 @@ class WhisperSpeechEncoder(WhisperEncoder):
 
         They compute in their own dtype: trained layers stay in fp32 when the frozen ones run in bf16."""
         hidden = hidden.to(self.layer_norm.weight.dtype)
-        blocked = torch.finfo(hidden.dtype).min
-        attention_mask = torch.zeros(frame_mask.shape, dtype=hidden.dtype, device=hidden.device)
-        attention_mask = attention_mask.masked_fill(~frame_mask, blocked)[:, None, None, :]
+        attention_mask = _key_mask(frame_mask, hidden.dtype)
         for layer in self.layers[split:]:
             hidden = layer(hidden, attention_mask)
         return self.layer_norm(hidden)
+
+
+def _key_mask(frame_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An additive [batch, 1, 1, frames] attention mask that hides the frames `frame_mask` leaves out."""
+    blocked = torch.zeros(frame_mask.shape, dtype=dtype, device=frame_mask.device)
+    return blocked.masked_fill(~frame_mask, torch.finfo(dtype).min)[:, None, None, :]
 
 
 def build_audio_encoder(audio_config) -> PreTrainedModel:
@@ -469,17 +489,29 @@ class TinyAudioForConditionalGeneration(TinyAudioPreTrainedModel, GenerationMixi
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Runs the frozen encoder (its frozen layers, when the top ones train); returns its frames and a mask of
         the frames that hold real audio."""
+        config = self.config
         features = input_features.to(self.audio_tower.dtype)
+        lengths = encoder_frame_lengths(input_features_mask.sum(-1), config.encoder_conv_layers).to(
+            features.device
+        )
         with torch.no_grad():
-            if self.config.encoder_trainable_layers:
-                hidden = self.audio_tower.forward_bottom(features, self.config.frozen_encoder_layers)
-            elif self.config.audio_config.model_type == "whisper":
-                hidden = self.audio_tower(features).last_hidden_state
+            if config.audio_config.model_type == "whisper":
+                feature_mask = frame_mask = None
+                if config.encoder_real_length:
+                    # Whisper's convolutions halve the mel frames: keep those the longest clip needs.
+                    features = features[..., : 2 * int(lengths.max())]
+                    feature_mask = input_features_mask[:, : features.shape[-1]].to(features.device)
+                    frame_ids = torch.arange(features.shape[-1] // 2, device=features.device)
+                    frame_mask = frame_ids < lengths[:, None]
+                hidden = self.audio_tower.forward_bottom(
+                    features, config.frozen_encoder_layers, feature_mask, frame_mask
+                )
+                if not config.encoder_trainable_layers:
+                    hidden = self.audio_tower.layer_norm(hidden)
             else:
-                use_mask = getattr(self.config.audio_config, "feat_extract_norm", "layer") == "layer"
+                use_mask = getattr(config.audio_config, "feat_extract_norm", "layer") == "layer"
                 hidden = self.audio_tower(features, attention_mask=input_features_mask if use_mask else None)
                 hidden = hidden.last_hidden_state
-        lengths = encoder_frame_lengths(input_features_mask.sum(-1), self.config.encoder_conv_layers)
         frame_ids = torch.arange(hidden.shape[1], device=hidden.device)
         return hidden, frame_ids[None, :] < lengths[:, None].to(hidden.device)
 

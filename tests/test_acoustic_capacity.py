@@ -227,3 +227,38 @@ def test_bf16_training_on_a_cpu_without_native_bf16_runs_in_fp32(monkeypatch, tm
     monkeypatch.setattr(train.torch.cuda, "is_available", lambda: False)
     *_, training_args = train.parse_args(["--bf16", "true", "--output_dir", str(tmp_path)])
     assert training_args.bf16 is native
+
+
+def test_the_split_whisper_encoder_is_the_library_encoder(two_layer_encoder_model):
+    """Our bottom/top split of Whisper's encoder must compute exactly what `WhisperEncoder.forward` does."""
+    from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+    model, processor = two_layer_encoder_model
+    features = processor(audio=CLIPS[:2])["input_features"]
+    tower = model.audio_tower
+    with torch.no_grad():
+        library = WhisperEncoder.forward(tower, features).last_hidden_state
+        bottom = tower.forward_bottom(features, 1)
+        everywhere = torch.ones(bottom.shape[:2], dtype=torch.bool)
+        torch.testing.assert_close(tower.forward_top(bottom, everywhere, 1), library)
+        torch.testing.assert_close(tower.layer_norm(tower.forward_bottom(features, 2)), library)
+
+
+def test_a_real_length_encoder_reads_only_the_clips_frames(tmp_path):
+    model, processor = make_tiny_tiny_audio(tmp_path, encoder_layers=2)
+    _randomise(model.multi_modal_projector, seed=4)
+    inputs = processor(audio=CLIPS)
+    full_window, full_mask = model.get_audio_features(inputs["input_features"], inputs["input_features_mask"])
+    model.config.encoder_real_length = True
+    hidden, mask = model.encode_audio(inputs["input_features"], inputs["input_features_mask"])
+    assert hidden.shape[1] == int(mask.sum(-1).max()) < 1500  # the longest clip's frames, not 30 s
+    batched, token_mask = model.project_audio(hidden, mask)
+    assert torch.equal(token_mask, full_mask[:, : token_mask.shape[1]])
+    assert not torch.allclose(
+        batched[token_mask], full_window[full_mask], atol=1e-3
+    )  # other frames than Whisper's
+    for row, clip in enumerate(CLIPS):
+        single = processor(audio=clip)
+        alone, alone_mask = model.get_audio_features(single["input_features"], single["input_features_mask"])
+        count = int(alone_mask.sum())
+        torch.testing.assert_close(batched[row, :count], alone[0, :count], rtol=1e-4, atol=1e-4)

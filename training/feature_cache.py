@@ -46,6 +46,8 @@ def encoder_key(model, processor) -> str:
     digest.update((json.dumps(settings, indent=2, sort_keys=True) + "\n").encode())
     if model.config.encoder_trainable_layers:  # the cache holds the frozen layers' output, not the encoder's
         digest.update(f"frozen layers: {model.config.frozen_encoder_layers}".encode())
+    if model.config.encoder_real_length:  # other frames than those of the 30-s window
+        digest.update(b"real length")
     for name, parameter in model.audio_tower.named_parameters():
         if not model._is_trainable(f"audio_tower.{name}"):
             digest.update(parameter.detach().float().sum().cpu().numpy().tobytes())
