@@ -45,6 +45,10 @@ def read_result(path: Path) -> dict[str, Any]:
     missing = [field for field in REQUIRED_FIELDS if field not in result]
     if missing:
         raise ValueError(f"{path}: missing field(s) {', '.join(missing)}")
+    if not isinstance(result["n"], int) or result["n"] < 1:
+        raise ValueError(
+            f"{path}: no scored clips (n = {result['n']}), so its WER means nothing and is not ranked"
+        )
     if looks_like_a_path(str(result["model"])):
         raise ValueError(_path_as_name(path, result["model"]))
     return result

@@ -149,6 +149,16 @@ def test_a_broken_results_file_is_one_line_naming_it(tmp_path: Path) -> None:
     assert done.stderr.startswith("error: ") and "broken.json: missing field(s)" in done.stderr
 
 
+def test_a_run_that_scored_no_clip_is_not_ranked(tmp_path: Path, capsys) -> None:
+    empty = _write(tmp_path / "runs", "empty.json", n=0, wer=0.0)
+    with pytest.raises(SystemExit):
+        leaderboard.main(
+            [str(empty), "--results-dir", str(tmp_path / "results"), "--output", str(tmp_path / "LB.md")]
+        )
+    assert "no scored clips (n = 0)" in capsys.readouterr().err
+    assert not (tmp_path / "LB.md").exists()
+
+
 def test_committed_leaderboard_is_up_to_date_and_holds_the_shipped_model() -> None:
     assert leaderboard.main(["--check"]) == 0
     committed = {(r["model"], r["dataset"], r["n"], r["wer"], r["rtfx"]) for r in leaderboard.load_results()}
