@@ -333,7 +333,15 @@ def main(argv: list[str] | None = None) -> None:
             print(f"  {path.name}  ({path.stat().st_size:,} bytes)")
         if args.dry_run:
             return
-        print(f"uploaded: {upload(folder, args.repo, private=args.private, token=args.token)}")
+        try:
+            url = upload(folder, args.repo, private=args.private, token=args.token)
+        except Exception as err:  # the Hub unreachable, no token, no write access: the folder itself is fine
+            parser.exit(
+                1,
+                f"error: upload to {args.repo} failed ({type(err).__name__}: {err}). The folder was built and "
+                "checked; log in with `hf auth login` and check the network, or keep it with --out DIR --dry-run.\n",
+            )
+        print(f"uploaded: {url}")
 
 
 if __name__ == "__main__":

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-from conftest import REPO_ROOT
+from conftest import copy_checkout
 
 # Files read next to the code at run time, by the module that reads them.
 PACKAGE_DATA = [
@@ -30,18 +29,7 @@ print("ok")
 
 
 def test_a_regular_install_carries_its_data_files(tmp_path: Path) -> None:
-    listed = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split()
-    source = tmp_path / "source"  # a copy, so the build leaves nothing in the checkout
-    for name in listed:
-        if (REPO_ROOT / name).is_file():
-            (source / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO_ROOT / name, source / name)
+    source = copy_checkout(tmp_path / "source")  # the build leaves nothing in the checkout
     target = tmp_path / "site"
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation"]

@@ -392,6 +392,21 @@ def test_bad_results_file_is_named(tmp_path: Path) -> None:
         read_results([bad])
 
 
+def test_an_unreachable_hub_is_one_line_not_a_traceback(inputs, tmp_path: Path, capsys) -> None:
+    """HF_HUB_OFFLINE is set for the tests: the real client refuses to connect, as it does on a machine offline."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(
+            [str(inputs.model_dir), "--repo", "alice/x", "--example-audio", str(inputs.clip)]
+            + ["--allow-local-base"]
+        )
+    assert exit_info.value.code == 1
+    error = capsys.readouterr().err
+    assert (
+        error.startswith("error: upload to alice/x failed (OfflineModeIsEnabled: ")
+        and "hf auth login" in error
+    )
+
+
 def test_dry_run_builds_the_folder_without_uploading(inputs, hub, tmp_path: Path) -> None:
     out = tmp_path / "upload"
     main(
