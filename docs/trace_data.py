@@ -4,8 +4,8 @@
 
 Stages: waveform -> encoder input (log-mel spectrogram for Whisper, normalised samples for wav2vec-style
 encoders) -> encoder frames -> projector output (one LLM input embedding per audio token) -> the LLM's
-nearest vocabulary tokens to each audio embedding -> transcript. Images are inlined PNGs, so the page can be
-mailed or opened offline.
+nearest vocabulary tokens to each audio embedding, and for a model trained with the CTC loss what its CTC head
+reads there -> transcript. Images are inlined PNGs, so the page can be mailed, opened offline or printed.
 """
 
 from __future__ import annotations
@@ -23,10 +23,13 @@ import numpy as np
 import torch
 from transformers import Pipeline, pipeline
 
+from modeling_tiny_audio import embedding_ctc_logits
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 HEATMAP_DIMS = 64
+HEATMAP_TICKS = 16  # dimension ids labelled on a heatmap's side
 TOP_TOKENS = 3
 MAX_FRAME_TICKS = 200  # encoder frame boundaries drawn under the samples up to this many
 SECTIONS = {
@@ -57,11 +60,35 @@ class Trace:
     downsample: int  # encoder frames per audio token
     neighbours: list[list[tuple[str, float]]]  # per valid audio token: (token text, cosine) best first
     token_embedding_norm: float  # mean L2 norm of the LLM's input embeddings, for scale
+    ctc: CTCReading | None  # what the CTC head reads, for a model trained with the CTC loss
     prompt: str  # the LLM prompt, audio placeholder run collapsed
     prompt_tokens: int
     audio_placeholders: int
     transcript_tokens: int
     transcript: str
+
+
+@dataclass
+class CTCReading:
+    """The CTC head's best token for every audio token (greedy path), and that path read out as text."""
+
+    blank: str  # the blank token's text (a space by default)
+    path: list[str | None]  # per valid audio token: the token's text, None for the blank
+    text: str  # the non-blank tokens with repeats merged, decoded
+
+    @property
+    def blank_frames(self) -> int:
+        return sum(token is None for token in self.path)
+
+
+def read_ctc_path(path: list[int], blank_id: int, decode) -> CTCReading:
+    """Greedy CTC read-out of per-frame token ids: runs of one token merged, then the blanks dropped."""
+    merged = [token for index, token in enumerate(path) if index == 0 or token != path[index - 1]]
+    return CTCReading(
+        blank=decode([blank_id]),
+        path=[None if token == blank_id else decode([token]) for token in path],
+        text=decode([token for token in merged if token != blank_id]),
+    )
 
 
 def first_chunk(asr, path: Path) -> tuple[np.ndarray, float]:
@@ -101,6 +128,13 @@ def trace_clip(
         torch.nn.functional.normalize(audio_vectors, dim=-1) @ torch.nn.functional.normalize(table, dim=-1).T
     )
     scores, ids = similarity.topk(top_k, dim=-1)
+    blank_id = model.config.ctc_blank_token_id
+    ctc = None
+    if (
+        blank_id is not None
+    ):  # trained with the CTC loss: its head scores tokens by distance to their embedding
+        logits = embedding_ctc_logits(audio_vectors, table, table.pow(2).sum(-1))
+        ctc = read_ctc_path(logits.argmax(-1).tolist(), blank_id, processor.tokenizer.decode)
     tokens = [processor.tokenizer.decode([token_id]) for token_id in ids.flatten().tolist()]
     neighbours = [
         list(zip(tokens[row * top_k : (row + 1) * top_k], scores[row].tolist(), strict=True))
@@ -126,6 +160,7 @@ def trace_clip(
         downsample=model.config.projector_downsample,
         neighbours=neighbours,
         token_embedding_norm=float(table.norm(dim=-1).mean()),
+        ctc=ctc,
         prompt=re.sub(
             f"({re.escape(processor.audio_token)})+",
             lambda run: f"{processor.audio_token} x {len(run.group(0)) // len(processor.audio_token)}",
@@ -185,12 +220,13 @@ def features_image(trace: Trace) -> str:
 
 
 def heatmap(matrix: np.ndarray, valid: int, xlabel: str) -> tuple[str, dict[str, str]]:
-    """Time x the HEATMAP_DIMS most active dimensions (largest mean |value| over real frames), with stats.
+    """Time x the HEATMAP_DIMS most active dimensions (largest mean |value| over real frames), most active on top
+    and labelled with their dimension ids, with stats.
 
     Only a strip of the padding is drawn (a 1 s clip in Whisper's 30 s window would otherwise be a sliver).
     """
     real = matrix[:valid]
-    dims = np.sort(np.argsort(-np.abs(real).mean(axis=0))[:HEATMAP_DIMS])
+    dims = np.argsort(-np.abs(real).mean(axis=0), kind="stable")[:HEATMAP_DIMS]
     shown = min(matrix.shape[0], valid + max(valid // 4, 4))
     figure, axis = plt.subplots(figsize=(10, 3.2))
     limit = float(np.abs(real[:, dims]).max()) or 1.0
@@ -198,10 +234,12 @@ def heatmap(matrix: np.ndarray, valid: int, xlabel: str) -> tuple[str, dict[str,
         matrix[:shown, dims].T, aspect="auto", cmap="RdBu_r", vmin=-limit, vmax=limit, interpolation="nearest"
     )
     figure.colorbar(image, ax=axis)
+    rows = np.arange(0, len(dims), max(1, len(dims) // HEATMAP_TICKS))
+    axis.set_yticks(rows, [str(dims[row]) for row in rows], fontsize=7)
     hidden = matrix.shape[0] - shown
     axis.set(
         xlabel=xlabel + (f"; {hidden} more padding frames not drawn" if hidden else ""),
-        ylabel=f"{len(dims)} most active of {matrix.shape[1]} dims",
+        ylabel=f"dimension: the {len(dims)} most active\nof {matrix.shape[1]}, most active on top",
     )
     _mark_padding(axis, valid, shown)
     stats = {
@@ -222,6 +260,11 @@ section { margin-bottom: 2.5em; } img { max-width: 100%; }
 table { border-collapse: collapse; font-size: 0.92em; } td, th { border: 1px solid #ccc; padding: 3px 8px; }
 th { background: #f3f3f3; text-align: left; } .tok { font-family: ui-monospace, monospace; }
 .nearest { max-height: 420px; overflow-y: auto; display: inline-block; }
+.blank { color: #888; font-style: italic; }
+@media print {
+  .nearest { max-height: none; overflow: visible; }  /* every row on paper, not a scroll box's first screen */
+  section { break-inside: auto; } tr { break-inside: avoid; }
+}
 .transcript { font-size: 1.2em; padding: 0.8em; background: #f6f8fa; border-left: 4px solid #4a7; }
 .note { color: #a60; }
 """
@@ -235,6 +278,55 @@ def _table(rows: list[tuple[str, ...]], header: tuple[str, ...] | None = None) -
 
 def _section(key: str, *parts: str) -> str:
     return f'<section id="{key}"><h2>{SECTIONS[key]}</h2>{"".join(parts)}</section>'
+
+
+def _token_html(token: str | None, ctc: CTCReading | None) -> str:
+    """A token as its repr; the CTC blank (None on a CTC path, or the blank's text) named as such."""
+    if ctc is not None and token in (None, ctc.blank):
+        return f'<span class="blank">blank</span> <span class="tok">{html.escape(repr(ctc.blank))}</span>'
+    return f'<span class="tok">{html.escape(repr(token))}</span>'
+
+
+def ctc_runs(ctc: CTCReading) -> str:
+    """The CTC path with each run of one token shown once, with its length: blank x3, ' the' x2, ..."""
+    runs: list[list] = []
+    for token in ctc.path:
+        if runs and runs[-1][0] == token:
+            runs[-1][1] += 1
+        else:
+            runs.append([token, 1])
+    return " ".join(
+        (
+            '<span class="blank">blank</span>'
+            if token is None
+            else f'<span class="tok">{html.escape(repr(token))}</span>'
+        )
+        + (f" x{count}" if count > 1 else "")
+        for token, count in runs
+    )
+
+
+def ctc_explanation(trace: Trace) -> str:
+    """What the nearest tokens mean: for a CTC-trained model, what its CTC head reads; otherwise only a region."""
+    ctc = trace.ctc
+    if ctc is None:
+        return (
+            "<p>This model was trained without the CTC loss: nothing pulls its audio tokens onto the embeddings of "
+            "real tokens, so these show only which region of the vocabulary each piece of audio lands nearest "
+            "to.</p>"
+        )
+    blank = html.escape(repr(ctc.blank))
+    return (
+        "<p>This model was trained with the CTC loss, which pulls each audio token onto the LLM input embedding "
+        f'of the token it speaks, or onto the embedding of <span class="tok">{blank}</span>, the CTC '
+        "<em>blank</em>, where it speaks nothing new. Here that token stands for no space: it means "
+        f"&ldquo;nothing new here&rdquo;, and the CTC head reads blank at {ctc.blank_frames} of the "
+        f"{len(ctc.path)} audio tokens. The head scores a token by its distance to the audio token (the last "
+        "column), the table's ranks by cosine, so the two can differ.</p>"
+        "<p>The CTC path read out as text (the non-blank tokens, repeats merged):</p>"
+        f'<p class="transcript">{html.escape(ctc.text) or "<em>(nothing but blanks)</em>"}</p>'
+        f'<p>The path itself, each run of one token shown once: <span class="path">{ctc_runs(ctc)}</span></p>'
+    )
 
 
 def render_html(trace: Trace, model_name: str, audio_name: str) -> str:
@@ -254,7 +346,8 @@ def render_html(trace: Trace, model_name: str, audio_name: str) -> str:
         (
             str(step),
             f"{step * per_token:.2f}-{(step + 1) * per_token:.2f} s",
-            *(f'<span class="tok">{html.escape(repr(token))}</span> {score:.3f}' for token, score in tokens),
+            *(f"{_token_html(token, trace.ctc)} {score:.3f}" for token, score in tokens),
+            *([_token_html(trace.ctc.path[step], trace.ctc)] if trace.ctc else []),
         )
         for step, tokens in enumerate(trace.neighbours)
     ]
@@ -262,6 +355,7 @@ def render_html(trace: Trace, model_name: str, audio_name: str) -> str:
         "step",
         "audio",
         *(f"#{rank + 1} (cosine)" for rank in range(len(trace.neighbours[0]))),
+        *(["CTC head reads"] if trace.ctc else []),
     )
     if trace.mel:
         features_text = (
@@ -321,9 +415,9 @@ def render_html(trace: Trace, model_name: str, audio_name: str) -> str:
         ),
         _section(
             "nearest-tokens",
-            "<p>For each audio token, the LLM input-embedding rows with the highest cosine similarity. "
-            "The projector is not trained to hit real tokens, so these show what region of the vocabulary "
-            "each piece of audio lands nearest to. The prompt the LLM reads, audio placeholders collapsed:</p>",
+            "<p>For each audio token, the LLM input-embedding rows with the highest cosine similarity.</p>",
+            ctc_explanation(trace),
+            "<p>The prompt the LLM reads, audio placeholders collapsed:</p>",
             f"<pre>{html.escape(trace.prompt)}</pre>",
             f'<div class="nearest">{_table(neighbour_rows, neighbour_header)}</div>',
         ),

@@ -15,9 +15,15 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
+from eval import DATASETS
+from offline_kit.whisper_ct2 import ENGLISH_ONLY_VOCAB_SIZE
+
 TEMPLATE_PATH = Path(__file__).with_name("modelcard_template.md")
 PIPELINE_TAG = "automatic-speech-recognition"
 RESULT_KEYS = ("dataset", "split", "wer")
+LICENSE = "mit"  # the project's license (LICENSE, setup.cfg): the card's default
+# The Hub sets eval.py streams, as (repo id, configuration); every other evaluated set was a local folder or file.
+HUB_EVAL_SETS = {(spec.path, spec.config) for spec in DATASETS.values()}
 
 
 @dataclass(frozen=True)
@@ -33,6 +39,14 @@ class WerResult:
     rtfx: float | None = None
     model: str | None = None  # eval.py's --model-name
     generate_kwargs: dict | None = None  # eval.py's --generate-kwargs ({} = the pipeline's own defaults)
+    device: str | None = None  # where RTFx was measured (eval.py's --device, or `hardware` when recorded)
+    batch_size: int | None = None
+
+    @property
+    def rtfx_setup(self) -> str:
+        """What an RTFx figure depends on besides the model: the device and the batch size."""
+        parts = [self.device, None if self.batch_size is None else f"batch {self.batch_size}"]
+        return ", ".join(part for part in parts if part)
 
 
 def read_results(paths: list[Path]) -> list[WerResult]:
@@ -47,25 +61,43 @@ def read_results(paths: list[Path]) -> list[WerResult]:
             missing = [key for key in RESULT_KEYS if not isinstance(entry, dict) or key not in entry]
             if missing:
                 raise ValueError(f"results file {path}, entry {index}: missing key(s) {missing}")
-            # eval.py writes "owner/name" or "owner/name (config)" for Hub sets, a path for local ones
-            location = re.fullmatch(
-                r"(?P<id>\S+?)(?: \((?P<config>[^)]+)\))?", entry.get("dataset_location") or ""
-            )
-            hub_set = location is not None and is_hub_id(location["id"])
+            hub_set = hub_eval_set(entry.get("dataset_location") or "")
             results.append(
                 WerResult(
                     dataset=str(entry["dataset"]),
                     split=str(entry["split"]),
                     wer=float(entry["wer"]),
-                    dataset_id=location["id"] if hub_set else None,
-                    config=location["config"] if hub_set else None,
+                    dataset_id=hub_set[0] if hub_set else None,
+                    config=hub_set[1] if hub_set else None,
                     samples=entry.get("n"),
                     rtfx=entry.get("rtfx"),
                     model=entry.get("model"),
                     generate_kwargs=entry.get("generate_kwargs"),
+                    device=entry.get("hardware") or entry.get("device"),
+                    batch_size=entry.get("batch_size"),
                 )
             )
     return results
+
+
+def hub_eval_set(location: str) -> tuple[str, str | None] | None:
+    """(repo id, configuration) when eval.py's `dataset_location` is one of the Hub sets it streams, else None.
+
+    eval.py writes "owner/name (config)" for those and a path for a local set. A relative path such as
+    "data/real_speech" looks like a repo id, so only the sets eval.py can stream count, wherever this runs.
+    """
+    parsed = re.fullmatch(r"(?P<id>\S+?)(?: \((?P<config>[^)]+)\))?", location)
+    if parsed is None or (parsed["id"], parsed["config"]) not in HUB_EVAL_SETS:
+        return None
+    return parsed["id"], parsed["config"]
+
+
+def spoken_languages(config: dict) -> list[str]:
+    """Languages the model can transcribe, when its encoder says so: English-only Whisper (the .en models)."""
+    audio = config.get("audio_config") or {}
+    if audio.get("model_type") == "whisper" and audio.get("vocab_size") == ENGLISH_ONLY_VOCAB_SIZE:
+        return ["en"]
+    return []
 
 
 def is_hub_id(repo_id: str) -> bool:
@@ -89,6 +121,8 @@ def build_card(
     license: str,
     datasets: list[str],
     language: list[str],
+    training_data: list[str] = (),
+    training_data_note: str | None = None,
     trainable_params: int,
     standalone: bool,
     weights_size: str,
@@ -100,8 +134,11 @@ def build_card(
 
     `baseline` holds reference models' results on the same sets (e.g. the encoder's own decoder, with beam search
     and greedy), one column per model in the results table; only this model's results go into the metadata.
+    `datasets` are Hub ids for the metadata; `training_data` names every training set, local ones included, for
+    the text, and `training_data_note` says in words what they hold (local sets mean nothing to a reader). Without `language`, the encoder's config decides where it can (see `spoken_languages`).
     """
     encoder, llm = config["audio_model_id"], config["text_model_id"]
+    language = list(language) or spoken_languages(config)
     model_name = repo_id.split("/")[-1]
     eval_results = [
         EvalResult(
@@ -159,11 +196,13 @@ def build_card(
                 "samples": "" if result.samples is None else result.samples,
                 "wer": _wer(result),
                 "rtfx": _rtfx(result),
+                "rtfx_setup": result.rtfx_setup,
                 "baseline_wer": [
                     _wer(reference.get((name, result.dataset, result.split))) for name in baselines
                 ],
                 "baseline_rtfx": [
-                    _rtfx(reference.get((name, result.dataset, result.split))) for name in baselines
+                    _rtfx(reference.get((name, result.dataset, result.split)), result.rtfx_setup)
+                    for name in baselines
                 ],
             }
             for result in results
@@ -174,6 +213,8 @@ def build_card(
         ],
         training_facts=training_facts,
         train_config=train_config.strip() if train_config else None,
+        training_data=list(training_data) or list(datasets),
+        training_data_note=training_data_note,
     )
 
 
@@ -181,8 +222,12 @@ def _wer(result: WerResult | None) -> str:
     return "" if result is None else f"{100 * result.wer:.2f}"
 
 
-def _rtfx(result: WerResult | None) -> str:
-    return "" if result is None or result.rtfx is None else f"{result.rtfx:.1f}"
+def _rtfx(result: WerResult | None, shared_setup: str | None = None) -> str:
+    """RTFx to one decimal; a baseline measured with another device or batch size than ours says so."""
+    if result is None or result.rtfx is None:
+        return ""
+    differs = shared_setup is not None and result.rtfx_setup != shared_setup
+    return f"{result.rtfx:.1f}" + (f" ({result.rtfx_setup})" if differs and result.rtfx_setup else "")
 
 
 def validate_card(path: Path) -> ModelCard:

@@ -19,12 +19,14 @@ import tempfile
 from pathlib import Path
 
 import soundfile as sf
+import yaml
 from huggingface_hub import HfApi
 from safetensors import safe_open
 
 from modeling_tiny_audio import PRETRAINED_PREFIXES, holds_pretrained_weights
-from publish.card import build_card, is_hub_id, read_results, validate_card
+from publish.card import LICENSE, build_card, is_hub_id, read_results, validate_card
 from training.average import AVERAGE_RECORD
+from training.data import parse_dataset_specs
 
 BASE_ID_KEYS = ("audio_model_id", "text_model_id")
 # What a Hub repo of this model needs; anything else in a training output folder (optimizer state, logs,
@@ -130,6 +132,17 @@ def quote_train_configs(paths: list[Path]) -> str | None:
     return header + "\n" + "\n---\n".join(documents)
 
 
+def training_sets(paths: list[Path]) -> list[str]:
+    """The training sets the YAML configs name, in order and each once: "path (config) split"."""
+    names: list[str] = []
+    for path in paths:
+        config = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        for spec in parse_dataset_specs(config.get("train_datasets")):
+            name = spec.path + (f" ({spec.name})" if spec.name else "") + f" {spec.split}"
+            names += [name] if name not in names else []
+    return names
+
+
 def count_trainable(weight_files: list[Path]) -> tuple[int, bool]:
     """Parameters of the trained weights (projector, LoRA adapters, trained encoder layers) in the weight files,
     and whether the files also hold the frozen encoder and LLM (a standalone checkpoint, whose count is then of
@@ -150,10 +163,11 @@ def build_upload_folder(
     repo_id: str,
     example_audio: Path,
     results_files: list[Path] = (),
-    license: str = "apache-2.0",
+    license: str = LICENSE,
     datasets: list[str] = (),
     language: list[str] = (),
     train_configs: list[Path] = (),
+    training_data_note: str | None = None,
     base_ids: dict[str, str] | None = None,
     allow_local_base: bool = False,
     baseline_files: list[Path] = (),
@@ -205,6 +219,8 @@ def build_upload_folder(
         weights_size=_human_size(sum(path.stat().st_size for path in weights)),
         training_facts=training_facts(model_dir),
         train_config=quote_train_configs(list(train_configs)),
+        training_data=training_sets(list(train_configs)),
+        training_data_note=training_data_note,
         baseline=read_results(list(baseline_files)),
     )
     card.save(out_dir / "README.md")
@@ -255,15 +271,29 @@ def main(argv: list[str] | None = None) -> None:
         default=[],
         help="a reference model's results.json files on the same sets, shown next to ours",
     )
-    parser.add_argument("--dataset", action="append", default=[], help="training dataset id (repeatable)")
-    parser.add_argument("--language", action="append", default=[], help="language code, e.g. en (repeatable)")
-    parser.add_argument("--license", default="apache-2.0")
+    parser.add_argument(
+        "--dataset",
+        action="append",
+        default=[],
+        help="Hub id of a training dataset, for the metadata (repeatable)",
+    )
+    parser.add_argument(
+        "--language",
+        action="append",
+        default=[],
+        help="language code, e.g. en (repeatable; default: from the encoder, English for Whisper .en models)",
+    )
+    parser.add_argument("--license", default=LICENSE, help=f"SPDX id for the card (default: {LICENSE})")
     parser.add_argument(
         "--train-config",
         type=Path,
         nargs="+",
         default=[],
         help="training YAML to quote in the card; several for a model trained in stages, in order",
+    )
+    parser.add_argument(
+        "--training-data-note",
+        help="what the training data is, in words, for the card (the sets of --train-config are listed after it)",
     )
     parser.add_argument(
         "--out", type=Path, help="build the upload folder here (kept); default: a temporary one"
@@ -292,6 +322,7 @@ def main(argv: list[str] | None = None) -> None:
                 datasets=args.dataset,
                 language=args.language,
                 train_configs=args.train_config,
+                training_data_note=args.training_data_note,
                 base_ids={key: getattr(args, key) for key in BASE_ID_KEYS if getattr(args, key)},
                 allow_local_base=args.allow_local_base,
                 baseline_files=args.baseline_results,
@@ -303,7 +334,15 @@ def main(argv: list[str] | None = None) -> None:
             print(f"  {path.name}  ({path.stat().st_size:,} bytes)")
         if args.dry_run:
             return
-        print(f"uploaded: {upload(folder, args.repo, private=args.private, token=args.token)}")
+        try:
+            url = upload(folder, args.repo, private=args.private, token=args.token)
+        except Exception as err:  # the Hub unreachable, no token, no write access: the folder itself is fine
+            parser.exit(
+                1,
+                f"error: upload to {args.repo} failed ({type(err).__name__}: {err}). The folder was built and "
+                "checked; log in with `hf auth login` and check the network, or keep it with --out DIR --dry-run.\n",
+            )
+        print(f"uploaded: {url}")
 
 
 if __name__ == "__main__":

@@ -75,6 +75,7 @@ for model in tiny-audio-offline whisper-tiny.en whisper-tiny.en-greedy; do
     cp outputs/eval/$model/*/$set/results.json "$TRAINED/results/$model-$set.json"
   done
 done
+$PYTHON leaderboard/build.py "$TRAINED"/results/*.json                # the shipped rows on the leaderboard
 rm -rf "$RUN/hub"
 $PYTHON -m publish.push "$RUN" --repo tiny-audio/tiny-audio-offline --dry-run --out "$RUN/hub" \
   --example-audio "$($PYTHON -c 'from offline_kit.real_speech import jfk_wav; print(jfk_wav())')" \
@@ -84,5 +85,7 @@ $PYTHON -m publish.push "$RUN" --repo tiny-audio/tiny-audio-offline --dry-run --
   --train-config configs/offline_recipe.yaml configs/offline_recipe_stage2.yaml configs/offline_recipe_stage3.yaml \
     configs/offline_recipe_stage4.yaml configs/offline_recipe_stage5.yaml configs/offline_recipe_stage6.yaml \
     configs/offline_recipe_stage7.yaml \
-  --language en
+  --language en --training-data-note "synthetic English speech only, made offline by offline_kit.synthetic_corpus \
+(Piper, flite, espeak-ng and Kokoro voices reading Harvard sentences, WordNet examples, the World English Bible, \
+GNOME help pages and fortunes), no recorded human speech"
 cp "$RUN/hub/README.md" "$TRAINED/README.md"

@@ -34,6 +34,26 @@ def tiny_model_dir(tmp_path_factory, tiny_model_and_processor) -> str:
     return str(directory)
 
 
+def copy_checkout(destination: Path) -> Path:
+    """The repository as a fresh clone has it (tracked and new files; nothing git ignores, so no data/ or
+    outputs/), copied to `destination`, so that commands run there cannot touch this checkout."""
+    import shutil
+    import subprocess
+
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
+    for name in listed:
+        if (REPO_ROOT / name).is_file():
+            (destination / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO_ROOT / name, destination / name)
+    return destination
+
+
 def speech_like(seconds: float, sampling_rate: int = 16000, seed: int = 0) -> np.ndarray:
     """A deterministic non-silent test signal: a few harmonics with a syllable-rate envelope plus noise."""
     rng = np.random.default_rng(seed)

@@ -1,5 +1,5 @@
 """eval.py: Whisper-normalised corpus WER, deterministic sample selection, local dataset formats, the printed
-report and results files, resume, bad clips, and the leaderboard built from results files."""
+report and results files, resume and bad clips (the leaderboard: tests/test_leaderboard.py)."""
 
 from __future__ import annotations
 
@@ -26,7 +26,6 @@ from transformers import (
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 import eval as evaluation
-from leaderboard import build as leaderboard
 
 ROOT = Path(__file__).resolve().parent.parent
 TRANSCRIPTS = [
@@ -479,76 +478,6 @@ def test_a_clip_the_model_cannot_take_is_counted_not_fatal(
     assert evaluation.main([*args, "--batch-size", "3", "--chunk-length-s", "30"]) == 0
     results = json.loads((out_dir / "results.json").read_text())
     assert (results["n"], results["skipped_failed"], results["chunk_length_s"]) == (3, 0, 30.0)
-
-
-# ----------------------------------------------------------------------------- leaderboard
-
-
-def _result(**fields: object) -> dict[str, object]:
-    base = {
-        "contributor": "ada",
-        "model": "tiny-audio-a",
-        "dataset": "loquacious",
-        "split": "test",
-        "n": 100,
-        "wer": 0.2,
-        "rtfx": 50.0,
-        "git_hash": "abc1234",
-        "date": "2026-11-24",
-    }
-    return {**base, **fields}
-
-
-def test_leaderboard_from_two_results_files(tmp_path: Path) -> None:
-    downloads = tmp_path / "runs"
-    downloads.mkdir()
-    slower = downloads / "a.json"
-    slower.write_text(json.dumps(_result(wer=0.1234, rtfx=10.0)))
-    faster = downloads / "b.json"
-    faster.write_text(
-        json.dumps(_result(contributor="bob", model="openai/whisper-tiny", wer=0.0567, rtfx=80.0))
-    )
-    results_dir, page = tmp_path / "results", tmp_path / "LEADERBOARD.md"
-
-    args = [str(slower), str(faster), "--results-dir", str(results_dir), "--output", str(page)]
-    assert leaderboard.main(args) == 0
-    assert len(list(results_dir.glob("*.json"))) == 2
-    table = [line for line in page.read_text().splitlines() if line.startswith("| ")]
-    assert table[0].split("|")[1:-1] == [
-        f" {c} "
-        for c in (
-            "Rank",
-            "Contributor",
-            "Model",
-            "Dataset",
-            "Split",
-            "Samples",
-            "WER",
-            "RTFx",
-            "Git hash",
-            "Date",
-        )
-    ]
-    assert (
-        table[1]
-        == "| 1 | bob | openai/whisper-tiny | loquacious | test | 100 | 5.67% | 80.0 | abc1234 | 2026-11-24 |"
-    )
-    assert (
-        table[2]
-        == "| 2 | ada | tiny-audio-a | loquacious | test | 100 | 12.34% | 10.0 | abc1234 | 2026-11-24 |"
-    )
-
-    check = ["--results-dir", str(results_dir), "--output", str(page), "--check"]
-    assert leaderboard.main(check) == 0
-    (results_dir / "extra.json").write_text(json.dumps(_result(dataset="ami", wer=0.3)))
-    assert leaderboard.main(check) == 1
-    (results_dir / "broken.json").write_text(json.dumps({"model": "x"}))
-    with pytest.raises(ValueError, match=r"broken.json: missing field\(s\) contributor"):
-        leaderboard.load_results(results_dir)
-
-
-def test_committed_leaderboard_is_up_to_date() -> None:
-    assert leaderboard.main(["--check"]) == 0
 
 
 def test_tiny_audio_is_evaluated_with_its_lora_merged(tmp_path):

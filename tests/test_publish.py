@@ -19,14 +19,17 @@ from publish.push import build_upload_folder, main
 RATE = 16000
 # Greedy decoding of a random tiny LLM mostly repeats whitespace; forbidding repeats yields visible words.
 VARIED = {"no_repeat_ngram_size": 1, "max_new_tokens": 8}
+ESB = "hf-audio/esb-datasets-test-only-sorted"
 EVAL_RESULTS = {
     "model": "outputs/run",
-    "dataset": "librispeech",
-    "dataset_location": "openslr/librispeech_asr (clean)",  # eval.py's form for a Hub set with a config
+    "dataset": "librispeech-clean",
+    "dataset_location": f"{ESB} (librispeech)",  # eval.py's form for a Hub set with a config
     "split": "test.clean",
     "n": 200,
     "wer": 0.0875,
     "rtfx": 41.3,
+    "device": "cuda",
+    "batch_size": 16,
 }
 
 
@@ -114,6 +117,91 @@ def test_push_uploads_a_folder_that_serves_from_a_fresh_process(
     assert pipeline_in_fresh_process(hub.stored, hub.stored / "example.flac", tmp_path, **VARIED).strip()
 
 
+CARD_ARGUMENTS = {
+    "repo_id": "alice/x",
+    "config": {
+        "audio_model_id": "openai/whisper-tiny.en",
+        "text_model_id": "HuggingFaceTB/SmolLM2-135M-Instruct",
+    },
+    "results": [],
+    "example_file": "example.flac",
+    "license": "mit",
+    "datasets": [],
+    "language": [],
+    "trainable_params": 1,
+    "standalone": False,
+    "weights_size": "1 MB",
+    "training_facts": [],
+    "train_config": None,
+}
+WHISPER_EN = {"model_type": "whisper", "vocab_size": 51864}  # an English-only (.en) Whisper encoder's config
+
+
+@pytest.mark.parametrize(
+    ("audio_config", "language", "expected"),
+    [
+        (WHISPER_EN, [], ["en"]),  # from the encoder: Whisper .en is English only
+        ({"model_type": "whisper", "vocab_size": 51865}, [], None),  # multilingual: not guessed
+        ({"model_type": "hubert", "vocab_size": 32}, [], None),
+        ({"model_type": "whisper", "vocab_size": 51865}, ["fr"], ["fr"]),  # --language wins
+    ],
+)
+def test_card_language_comes_from_the_encoder(audio_config, language, expected) -> None:
+    config = {**CARD_ARGUMENTS["config"], "audio_config": audio_config}
+    card = build_card(**{**CARD_ARGUMENTS, "config": config, "language": language})
+    assert card.data.language == expected
+    if expected:
+        assert f"It is built for {expected[0]} speech only" in card.text
+    else:
+        assert "languages it transcribes were not stated" in card.text
+
+
+def test_card_says_what_it_is_for_what_it_cannot_do_and_what_it_learned_from(inputs, tmp_path: Path) -> None:
+    stage1, stage2 = tmp_path / "stage1.yaml", tmp_path / "stage2.yaml"
+    stage1.write_text("train_datasets:\n  - {path: data/synthetic10k, split: train}\n")
+    stage2.write_text(
+        "train_datasets:\n  - {path: speechbrain/LoquaciousSet, name: small, split: train}\n"
+        "  - {path: data/synthetic10k, split: train}\n"
+    )
+    out = build_upload_folder(
+        inputs.model_dir,
+        tmp_path / "out",
+        "alice/x",
+        inputs.clip,
+        results_files=[inputs.results],
+        train_configs=[stage1, stage2],
+        training_data_note="synthetic speech only",
+        allow_local_base=True,
+    )
+    card = validate_card(out / "README.md")
+    for heading in ("## Intended use", "## Limitations", "## Results", "## How it was trained"):
+        assert heading in card.text
+    assert (
+        "| training data | synthetic speech only: data/synthetic10k train, speechbrain/LoquaciousSet (small) train |"
+        in card.text
+    )
+    assert card.data.datasets is None  # names from a config are not claimed as Hub datasets
+    assert "RTFx measured on |" in card.text and "| cuda, batch 16 |" in card.text
+
+
+def test_license_agrees_everywhere(inputs, tmp_path: Path) -> None:
+    """The card's default license is the project's own: LICENSE and setup.cfg say MIT."""
+    import configparser
+
+    from conftest import REPO_ROOT
+
+    setup = configparser.ConfigParser()
+    setup.read(REPO_ROOT / "setup.cfg")
+    assert setup["metadata"]["license"] == "MIT" and setup["metadata"]["license_files"] == "LICENSE"
+    assert (REPO_ROOT / "LICENSE").read_text().startswith("MIT License\n")
+    main(
+        [str(inputs.model_dir), "--repo", "alice/x", "--example-audio", str(inputs.clip)]
+        + ["--out", str(tmp_path / "out"), "--dry-run", "--allow-local-base"]
+    )
+    assert metadata_load(tmp_path / "out" / "README.md")["license"] == "mit"
+    assert metadata_load(REPO_ROOT / "offline_kit" / "trained" / "README.md")["license"] == "mit"
+
+
 def test_card_metadata_parses_and_validates(tmp_path: Path, inputs) -> None:
     config = {
         "audio_model_id": "openai/whisper-large-v3-turbo",
@@ -129,7 +217,7 @@ def test_card_metadata_parses_and_validates(tmp_path: Path, inputs) -> None:
         results=read_results([inputs.results]),
         num_beams=3,
         example_file="example.flac",
-        license="apache-2.0",
+        license="mit",
         datasets=["openslr/librispeech_asr"],
         language=["en"],
         trainable_params=12_345_678,
@@ -143,7 +231,7 @@ def test_card_metadata_parses_and_validates(tmp_path: Path, inputs) -> None:
     assert metadata["pipeline_tag"] == "automatic-speech-recognition"
     assert metadata["library_name"] == "transformers"
     assert metadata["base_model"] == ["openai/whisper-large-v3-turbo", "HuggingFaceTB/SmolLM3-3B"]
-    assert metadata["datasets"] == ["openslr/librispeech_asr"] and metadata["license"] == "apache-2.0"
+    assert metadata["datasets"] == ["openslr/librispeech_asr"] and metadata["license"] == "mit"
     assert metadata["widget"] == [
         {
             "src": "https://huggingface.co/alice/tiny-audio-demo/resolve/main/example.flac",
@@ -155,9 +243,9 @@ def test_card_metadata_parses_and_validates(tmp_path: Path, inputs) -> None:
     [result] = entry["results"]
     assert result["task"]["type"] == "automatic-speech-recognition"
     assert result["dataset"] == {
-        "name": "librispeech",
-        "type": "openslr/librispeech_asr",
-        "config": "clean",
+        "name": "librispeech-clean",
+        "type": ESB,
+        "config": "librispeech",
         "split": "test.clean",
     }
     assert result["metrics"] == [{"type": "wer", "value": 8.75, "name": "WER"}]
@@ -168,7 +256,7 @@ def test_card_metadata_parses_and_validates(tmp_path: Path, inputs) -> None:
         'pipeline("automatic-speech-recognition", model="alice/tiny-audio-demo", trust_remote_code=True)'
         in card.text
     )
-    assert "| openslr/librispeech_asr (clean) | test.clean | 200 | 8.75 | 41.3 |" in card.text
+    assert f"| {ESB} (librispeech) | test.clean | 200 | 8.75 | 41.3 | cuda, batch 16 |" in card.text
     assert "rank-8 LoRA" in card.text and "learning_rate: 0.001" in card.text
     assert "| decoding | beam search (3 beams), joint CTC/attention (CTC weight 0.3) |" in card.text
     assert (
@@ -178,7 +266,9 @@ def test_card_metadata_parses_and_validates(tmp_path: Path, inputs) -> None:
 
 def test_card_shows_a_baseline_next_to_each_result_but_claims_only_its_own(tmp_path: Path, inputs) -> None:
     whisper, greedy = tmp_path / "whisper.json", tmp_path / "greedy.json"
-    whisper.write_text(json.dumps({**EVAL_RESULTS, "model": "whisper-tiny.en", "wer": 0.0516, "rtfx": 1.5}))
+    whisper.write_text(
+        json.dumps({**EVAL_RESULTS, "model": "whisper-tiny.en", "wer": 0.0516, "rtfx": 1.5, "batch_size": 1})
+    )
     greedy.write_text(
         json.dumps(
             {
@@ -200,11 +290,15 @@ def test_card_shows_a_baseline_next_to_each_result_but_claims_only_its_own(tmp_p
         allow_local_base=True,
     )
     text = (out / "README.md").read_text()
-    header = "| WER (%) | whisper-tiny.en WER (%) | whisper-greedy WER (%) | RTFx | whisper-tiny.en RTFx | whisper-greedy RTFx |"
+    header = (
+        "| WER (%) | whisper-tiny.en WER (%) | whisper-greedy WER (%) | RTFx | whisper-tiny.en RTFx "
+        "| whisper-greedy RTFx | RTFx measured on |"
+    )
     assert header in text
+    # a baseline measured at another batch size says so beside its RTFx
     assert (
-        "| openslr/librispeech_asr (clean) | test.clean | 200 | 8.75 | 5.16 | 5.61 | 41.3 | 1.5 | 7.5 |"
-        in text
+        f"| {ESB} (librispeech) | test.clean | 200 | 8.75 | 5.16 | 5.61 | 41.3 | 1.5 (cuda, batch 1) | 7.5 "
+        "| cuda, batch 16 |" in text
     )
     assert (
         "- `whisper-tiny.en`: the pipeline's own defaults" in text
@@ -271,11 +365,24 @@ def test_incomplete_checkpoint_names_the_missing_file(inputs, tmp_path: Path) ->
         build_upload_folder(inputs.model_dir, tmp_path / "out", "alice/x", inputs.clip, allow_local_base=True)
 
 
-def test_local_eval_set_is_named_without_a_hub_id(tmp_path: Path) -> None:
+@pytest.mark.parametrize("location", ["data/real_speech", "real_speech", "/abs/data/real_speech"])
+@pytest.mark.parametrize("folder_exists_here", [False, True])
+def test_local_eval_set_is_never_named_as_a_hub_dataset(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, location: str, folder_exists_here: bool
+) -> None:
+    """A relative path such as data/real_speech is a valid repo id: where the card is built must not matter."""
+    monkeypatch.chdir(tmp_path)
+    if folder_exists_here and not location.startswith("/"):
+        (tmp_path / location).mkdir(parents=True)
     local = tmp_path / "results.json"
-    local.write_text(json.dumps({**EVAL_RESULTS, "dataset": "dev-real", "dataset_location": str(tmp_path)}))
+    local.write_text(json.dumps({**EVAL_RESULTS, "dataset": "real_speech", "dataset_location": location}))
     [result] = read_results([local])
-    assert (result.dataset, result.dataset_id, result.config) == ("dev-real", None, None)
+    assert (result.dataset, result.dataset_id, result.config) == ("real_speech", None, None)
+    card = build_card(**{**CARD_ARGUMENTS, "results": [result]})
+    [entry] = card.data.eval_results
+    assert (entry.dataset_type, entry.dataset_name) == ("real_speech", "real_speech")
+    assert entry.dataset_config is None and "| real_speech | test.clean |" in card.text
+    assert "/" not in card.data.to_yaml().split("model-index:")[1]  # no path and no repo id among the sets
 
 
 def test_bad_results_file_is_named(tmp_path: Path) -> None:
@@ -283,6 +390,21 @@ def test_bad_results_file_is_named(tmp_path: Path) -> None:
     bad.write_text(json.dumps({"dataset": "librispeech", "split": "test"}))
     with pytest.raises(ValueError, match=r"results\.json, entry 0: missing key\(s\) \['wer'\]"):
         read_results([bad])
+
+
+def test_an_unreachable_hub_is_one_line_not_a_traceback(inputs, tmp_path: Path, capsys) -> None:
+    """HF_HUB_OFFLINE is set for the tests: the real client refuses to connect, as it does on a machine offline."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(
+            [str(inputs.model_dir), "--repo", "alice/x", "--example-audio", str(inputs.clip)]
+            + ["--allow-local-base"]
+        )
+    assert exit_info.value.code == 1
+    error = capsys.readouterr().err
+    assert (
+        error.startswith("error: upload to alice/x failed (OfflineModeIsEnabled: ")
+        and "hf auth login" in error
+    )
 
 
 def test_dry_run_builds_the_folder_without_uploading(inputs, hub, tmp_path: Path) -> None:
