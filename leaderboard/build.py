@@ -40,6 +40,10 @@ def read_result(path: Path) -> dict[str, Any]:
     missing = [field for field in REQUIRED_FIELDS if field not in result]
     if missing:
         raise ValueError(f"{path}: missing field(s) {', '.join(missing)}")
+    if not isinstance(result["n"], int) or result["n"] < 1:
+        raise ValueError(
+            f"{path}: no scored clips (n = {result['n']}), so its WER means nothing and is not ranked"
+        )
     return result
 
 
@@ -85,9 +89,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=LEADERBOARD)
     parser.add_argument("--check", action="store_true", help="only verify the Markdown matches the results")
     args = parser.parse_args(argv)
-    for source in args.results:
-        print(f"added {add_result(source, args.results_dir)}")
-    page = render(load_results(args.results_dir))
+    try:
+        for source in args.results:
+            print(f"added {add_result(source, args.results_dir)}")
+        page = render(load_results(args.results_dir))
+    except ValueError as error:  # a results file that cannot be ranked: the message names it
+        parser.error(str(error))
     if args.check:
         if not args.output.exists() or args.output.read_text() != page:
             print(f"{args.output} is out of date: run python leaderboard/build.py", file=sys.stderr)
