@@ -18,6 +18,7 @@ import functools
 import io
 import json
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -32,11 +33,23 @@ import jiwer
 import numpy as np
 import soundfile as sf
 import soxr
+from tqdm.auto import tqdm
+
+from training.preflight import (
+    LOCAL_DATA_HINT,
+    PreflightError,
+    check_model_source,
+    hub_problem,
+    looks_like_path,
+    missing_local_data_message,
+)
 
 SEED = 42
 # Streaming Hub sets are shuffled through a buffer of this many clips; fixed so the selection never changes.
 SHUFFLE_BUFFER = 1000
 DEFAULT_OUTPUT_DIR = Path("outputs/eval")
+# Clips per generate call unless --batch-size says otherwise; the README's RTFx figures are measured at this size.
+DEFAULT_BATCH_SIZE = 16
 ESB = "hf-audio/esb-datasets-test-only-sorted"
 # Tedlium marks unscorable segments with this reference; the Open ASR Leaderboard drops them like empty ones.
 IGNORED_REFERENCES = {"", "ignore time segment in scoring"}
@@ -383,10 +396,11 @@ def _transcribe(pipe: Any, audios: list[np.ndarray], rate: int, settings: RunSet
 
 def _timed_transcripts(
     pipe: Any, audios: list[np.ndarray], rate: int, settings: RunSettings
-) -> list[tuple[str, float] | Exception]:
-    """(text, seconds) per clip. A batch the pipeline rejects (e.g. stock Whisper cannot batch a clip over 30 s
-    with shorter ones) is retried clip by clip, so one clip cannot sink a run; a clip that still fails comes back
-    as its error."""
+) -> list[tuple[str, float, int] | Exception]:
+    """(text, seconds, clips in the call) per clip: one pipeline call transcribes many clips together, so a clip's
+    seconds are its share of the call's time. A batch the pipeline rejects (e.g. stock Whisper cannot batch a clip
+    over 30 s with shorter ones) is retried clip by clip, so one clip cannot sink a run; a clip that still fails
+    comes back as its error."""
     start = time.perf_counter()
     try:
         texts = _transcribe(pipe, audios, rate, settings)
@@ -396,11 +410,17 @@ def _timed_transcripts(
         print(f"Batch of {len(audios)} failed ({error}); retrying its clips one at a time")
         return [result for audio in audios for result in _timed_transcripts(pipe, [audio], rate, settings)]
     per_clip = (time.perf_counter() - start) / len(audios)
-    return [(text, per_clip) for text in texts]
+    return [(text, per_clip, len(audios)) for text in texts]
 
 
 def _scored_row(
-    index: int, sample_id: str, reference: str, prediction: str, audio_seconds: float, time_s: float
+    index: int,
+    sample_id: str,
+    reference: str,
+    prediction: str,
+    audio_seconds: float,
+    time_s: float,
+    call_clips: int,
 ) -> dict[str, Any]:
     ref_norm, pred_norm = normalize(reference), normalize(prediction)
     errors = WordErrors.of([ref_norm], [pred_norm])
@@ -418,23 +438,26 @@ def _scored_row(
         "insertions": errors.insertions,
         "reference_words": errors.reference_words,
         "audio_seconds": audio_seconds,
-        "time_s": time_s,
+        "time_s": time_s,  # this clip's share of its pipeline call
+        "call_clips": call_clips,
     }
 
 
 def _print_sample(number: int, row: dict[str, Any]) -> None:
-    print(f"Sample {number}: WER = {_pct(row['wer'])}, Time = {row['time_s']:.2f}s")
-    print(f"  Ref:  {row['reference_normalized']}")
-    print(f"  Pred: {row['prediction_normalized']}")
+    clips = row.get("call_clips", 1)
+    shared = f" (1/{clips} of a {clips}-clip call)" if clips > 1 else ""
+    tqdm.write(f"Sample {number}: WER = {_pct(row['wer'])}, Time = {row['time_s']:.2f}s{shared}")
+    tqdm.write(f"  Ref:  {row['reference_normalized']}")
+    tqdm.write(f"  Pred: {row['prediction_normalized']}")
 
 
 def _print_checkpoint(scored: list[dict[str, Any]]) -> None:
     errors = WordErrors.of(
         [r["reference_normalized"] for r in scored], [r["prediction_normalized"] for r in scored]
     )
-    print(f"CHECKPOINT @ {len(scored)} samples:")
-    print(f"  Corpus WER: {_pct(errors.wer)}")
-    print(f"  Avg Time/Sample: {sum(r['time_s'] for r in scored) / len(scored):.2f}s")
+    tqdm.write(f"CHECKPOINT @ {len(scored)} samples:")
+    tqdm.write(f"  Corpus WER: {_pct(errors.wer)}")
+    tqdm.write(f"  Avg Time/Sample: {sum(r['time_s'] for r in scored) / len(scored):.2f}s")
 
 
 def summarize(rows: list[dict[str, Any]], source: DatasetSource, settings: RunSettings) -> dict[str, Any]:
@@ -489,15 +512,14 @@ def _print_summary(results: dict[str, Any], out_dir: Path) -> None:
         f"Insertions: {results['insertions']} (reference words: {results['reference_words']})"
     )
     print(f"  Total audio: {results['audio_seconds']:.1f}s")
-    print(f"  RTFx: {results['rtfx']:.1f}")
-    print(f"  Batch size: {results['batch_size']}")
+    print(f"  RTFx: {results['rtfx']:.1f} (batch size {results['batch_size']}, {results['device']})")
     print(f"  Results: {out_dir}")
     print("=" * 60)
 
 
 def _skip(index: int, sample_id: str, status: str, reason: str) -> dict[str, Any]:
     """The row of a clip that is counted but not scored."""
-    print(f"Skipped {sample_id}: {reason}")
+    tqdm.write(f"Skipped {sample_id}: {reason}")
     return {"index": index, "id": sample_id, "status": status, "error": reason}
 
 
@@ -522,12 +544,66 @@ def _prepare_batch(
     return skipped, todo
 
 
+class NoScoredClips(RuntimeError):
+    """A run in which not one clip could be scored: there is no WER to report."""
+
+
+def partial_dir(out_dir: Path) -> Path:
+    """Where a run writes until it finishes; it then takes `out_dir`'s place (a finished run is never touched
+    before that)."""
+    return out_dir.with_name(out_dir.name + ".partial")
+
+
+def check_output_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse, before any model loads, a folder whose run this one would replace without being asked to."""
+    partial = partial_dir(out_dir)
+    finished = (out_dir / "results.json").is_file()
+    if partial.exists() and not (resume or overwrite):
+        raise PreflightError(
+            f"{partial} holds an interrupted run: --resume continues it, --overwrite starts it again"
+        )
+    if finished and not (resume or overwrite):
+        raise PreflightError(
+            f"{out_dir} holds a finished run (results.json): --resume reuses it, --overwrite replaces it once "
+            "the new run completes, or choose another --output-dir"
+        )
+    if not finished and out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise PreflightError(
+            f"{out_dir} is not empty and holds no finished eval run: choose another --output-dir, or --overwrite "
+            "to replace it once the new run completes"
+        )
+
+
+def _replace_dir(partial: Path, out_dir: Path) -> None:
+    """Put the finished run in place; a run it replaces (--overwrite) is removed only after that."""
+    if not out_dir.exists():
+        partial.rename(out_dir)
+        return
+    replaced = out_dir.with_name(out_dir.name + ".replaced")
+    shutil.rmtree(replaced, ignore_errors=True)
+    out_dir.rename(replaced)
+    partial.rename(out_dir)
+    shutil.rmtree(replaced)
+
+
+def _selection_size(rows: Any, max_samples: int | None) -> int | None:
+    """How many clips the run will go through, when known (streamed Hub sets have no length)."""
+    length = len(rows) if hasattr(rows, "__len__") else None
+    if max_samples is None:
+        return length
+    return max_samples if length is None else min(max_samples, length)
+
+
 def evaluate(
-    pipe: Any, source: DatasetSource, settings: RunSettings, out_dir: Path, resume: bool
+    pipe: Any,
+    source: DatasetSource,
+    settings: RunSettings,
+    out_dir: Path,
+    resume: bool,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Transcribe, score and time the selected clips; rows go to samples.jsonl after every batch."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    samples_path, run_path = out_dir / "samples.jsonl", out_dir / "run.json"
+    """Transcribe, score and time the selected clips. Rows go to `OUT.partial/samples.jsonl` after every batch;
+    the finished run then replaces `out_dir` (a finished run of other settings only with `overwrite`)."""
     run_key = {
         "model": settings.model,
         "dataset": source.location,
@@ -537,26 +613,40 @@ def evaluate(
         "generate_kwargs": settings.generate_kwargs,
         "chunk_length_s": settings.chunk_length_s,
     }
-    rows: list[dict[str, Any]] = []
-    if resume and run_path.exists():
-        previous = json.loads(run_path.read_text())
-        if previous != run_key:
-            raise ValueError(f"{out_dir} holds another run ({previous}); not resuming {run_key}")
-        if (out_dir / "results.json").exists():  # finished before the interruption: nothing to stream again
+    if resume and (out_dir / "results.json").exists():
+        previous = json.loads((out_dir / "run.json").read_text())
+        if previous == run_key:  # finished before: nothing to stream again
             results = json.loads((out_dir / "results.json").read_text())
             print(f"[resume] {source.name} already finished")
             _print_summary(results, out_dir)
             return results
+        if not overwrite:
+            raise ValueError(f"{out_dir} holds another run ({previous}); not resuming {run_key}")
+    work = partial_dir(out_dir)
+    samples_path, run_path = work / "samples.jsonl", work / "run.json"
+    rows: list[dict[str, Any]] = []
+    interrupted = json.loads(run_path.read_text()) if resume and run_path.exists() else None
+    if interrupted == run_key:
         rows = read_finished(samples_path)
         print(f"[resume] {len(rows)} samples already done in {samples_path}")
-    (out_dir / "results.json").unlink(missing_ok=True)  # present only once this run has finished
+    elif interrupted is not None and not overwrite:
+        raise ValueError(f"{work} holds another run ({interrupted}); not resuming {run_key}")
+    else:
+        shutil.rmtree(work, ignore_errors=True)  # an interrupted run the user asked to start again
+    work.mkdir(parents=True, exist_ok=True)
     run_path.write_text(json.dumps(run_key, indent=2) + "\n")
     samples_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     rate = pipeline_sampling_rate(pipe)
     scored = [r for r in rows if r["status"] == "ok"]
     warmed_up = False
-    with samples_path.open("a") as out:
+    progress = tqdm(
+        total=_selection_size(source.rows, settings.max_samples),
+        initial=len(rows),
+        desc=source.name,
+        unit="clip",
+    )
+    with samples_path.open("a") as out, progress:
         for batch in _batches(
             select(source.rows, settings.max_samples, settings.seed),
             len(rows),
@@ -576,14 +666,15 @@ def evaluate(
                     if isinstance(outcome, Exception):
                         done[index] = _skip(index, sample_id, "failed", f"transcription failed: {outcome}")
                         continue
-                    prediction, seconds = outcome
+                    prediction, seconds, call_clips = outcome
                     done[index] = _scored_row(
-                        index, sample_id, reference, prediction, len(audio) / rate, seconds
+                        index, sample_id, reference, prediction, len(audio) / rate, seconds, call_clips
                     )
             for index in sorted(done):
                 row = done[index]
                 rows.append(row)
                 out.write(json.dumps(row) + "\n")
+                progress.update()
                 if row["status"] != "ok":
                     continue
                 scored.append(row)
@@ -593,7 +684,14 @@ def evaluate(
             out.flush()
 
     results = summarize(rows, source, settings)
-    (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    if results["n"] == 0:
+        raise NoScoredClips(
+            f"no clip of {source.name} could be scored ({len(rows)} selected: {results['skipped_bad_audio']} "
+            f"bad audio, {results['skipped_empty_reference']} empty references, {results['skipped_failed']} "
+            f"failed transcriptions), so there is no WER; each clip's reason is in {samples_path}"
+        )
+    (work / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    _replace_dir(work, out_dir)
     _print_summary(results, out_dir)
     return results
 
@@ -686,9 +784,11 @@ def format_comparison(comparison: dict[str, Any], baseline: Path) -> str:
 
 def format_table(results: list[dict[str, Any]]) -> str:
     """Markdown table of one model over several datasets, with the plain average WER the leaderboard uses."""
-    lines = ["| Dataset | Split | Samples | WER | RTFx |", "|---|---|---:|---:|---:|"]
+    lines = ["| Dataset | Split | Samples | WER | RTFx (batch size) |", "|---|---|---:|---:|---:|"]
     for r in results:
-        lines.append(f"| {r['dataset']} | {r['split']} | {r['n']} | {_pct(r['wer'])} | {r['rtfx']:.1f} |")
+        lines.append(
+            f"| {r['dataset']} | {r['split']} | {r['n']} | {_pct(r['wer'])} | {r['rtfx']:.1f} ({r['batch_size']}) |"
+        )
     if len(results) > 1:
         average = sum(r["wer"] for r in results) / len(results)
         lines.append(f"| **average** | | {sum(r['n'] for r in results)} | {_pct(average)} | |")
@@ -714,11 +814,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--split", help="override the split (registry default, else 'test' for save_to_disk)")
     parser.add_argument("--max-samples", type=int, help="evaluate this many clips, chosen with seed 42")
-    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=DEFAULT_BATCH_SIZE,
+        help=f"clips per generate call (default {DEFAULT_BATCH_SIZE}); stated beside every RTFx",
+    )
     parser.add_argument("--device", help="cpu, cuda, cuda:1, mps ... (default: cuda when available)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     parser.add_argument("--output-dir", type=Path, default=DEFAULT_OUTPUT_DIR)
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run in --output-dir")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a finished run in --output-dir (only once the new run has completed)",
+    )
     parser.add_argument("--checkpoint-every", type=int, default=100, help="print corpus WER every N samples")
     parser.add_argument("--audio-column", help="audio column of a local dataset (auto-detected by default)")
     parser.add_argument(
@@ -732,7 +842,10 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         help="pipeline chunking for long clips (stock Whisper needs 30 for clips over 30 s)",
     )
-    parser.add_argument("--model-name", help="name in results and on the leaderboard (default: MODEL)")
+    parser.add_argument(
+        "--model-name",
+        help="name in results, output folder and leaderboard (default: MODEL, or a local folder's own name)",
+    )
     parser.add_argument("--contributor", help="name on the leaderboard (default: git config user.name)")
     parser.add_argument(
         "--compare-with",
@@ -743,26 +856,66 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def default_model_name(model: str) -> str:
+    """A Hub id names itself; a local checkpoint is named by its folder, not by the path to it."""
+    path = Path(model).expanduser()
+    return path.resolve().name if path.exists() else model
+
+
+def resolve_dataset(
+    name: str, split: str | None, audio_column: str | None, text_column: str | None
+) -> DatasetSource:
+    """`load_source` after the checks a user can act on: an unknown name, a folder not built yet, a Hub set that
+    cannot be reached (checked first, so nothing waits on a model load or a network timeout)."""
+    if name in DATASETS:
+        spec = DATASETS[name]
+        problem = hub_problem(spec.path, "dataset")
+        if problem:
+            raise PreflightError(
+                f"dataset '{name}' ({spec.path} on the Hugging Face Hub) cannot be read: {problem}. "
+                f"Gated sets need their terms accepted on the Hub and a token (`hf auth login`). {LOCAL_DATA_HINT}"
+            )
+    elif not Path(name).exists():
+        if looks_like_path(name) or "/" in name:
+            raise PreflightError(missing_local_data_message(name))
+        raise PreflightError(
+            f"unknown dataset '{name}': known datasets are {', '.join(DATASETS)} (or a local path)"
+        )
+    return load_source(name, split, audio_column, text_column)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Console entry point `tiny-audio-eval`."""
+    """Console entry point `tiny-audio-eval`. Everything a user can get wrong is checked before the model loads."""
     parser = build_parser()
     args = parser.parse_args(argv)
     names = list(DATASETS) if args.dataset == ["all"] else args.dataset
-    for name in names:
-        if name not in DATASETS and not Path(name).exists():
-            parser.error(
-                f"unknown dataset '{name}': known datasets are {', '.join(DATASETS)} (or a local path)"
-            )
     if (
         args.batch_size < 1
         or args.checkpoint_every < 1
         or (args.max_samples is not None and args.max_samples < 1)
     ):
         parser.error("--batch-size, --checkpoint-every and --max-samples must be positive")
+    if args.chunk_length_s is not None and args.chunk_length_s <= 0:
+        parser.error("--chunk-length-s must be positive")
+    if not isinstance(args.generate_kwargs, dict):
+        parser.error("--generate-kwargs must be a JSON object, e.g. '{\"num_beams\": 1}'")
+    model_name = args.model_name or default_model_name(args.model)
+    planned = []
+    try:
+        sources = [resolve_dataset(name, args.split, args.audio_column, args.text_column) for name in names]
+        check_model_source(args.model)
+        for source in sources:
+            out_dir = args.output_dir / _slug(model_name) / _slug(source.name)
+            check_output_dir(out_dir, args.resume, args.overwrite)
+            baseline = args.compare_with and baseline_samples(args.compare_with, _slug(source.name))
+            # Read now: with --overwrite the baseline may be the very run this one replaces.
+            planned.append((source, out_dir, baseline, baseline and read_finished(baseline)))
+    except ValueError as error:  # PreflightError, and load_source's column and split errors
+        parser.error(str(error))
 
     settings = RunSettings(
         model=args.model,
-        model_name=args.model_name or args.model,
+        model_name=model_name,
         max_samples=args.max_samples,
         batch_size=args.batch_size,
         device=args.device or _default_device(),
@@ -773,19 +926,18 @@ def main(argv: list[str] | None = None) -> int:
         contributor=args.contributor or _git_user(),
         git_hash=git_hash(),
     )
+    print(f"Loading model {args.model} on {settings.device}")
     pipe = load_pipeline(args.model, settings.device, args.dtype)
     all_results = []
     comparisons = []
-    for name in names:
-        source = load_source(name, args.split, args.audio_column, args.text_column)
-        out_dir = args.output_dir / _slug(args.model) / _slug(source.name)
+    for source, out_dir, baseline, baseline_rows in planned:
         try:
-            baseline = args.compare_with and baseline_samples(args.compare_with, _slug(source.name))
-        except ValueError as error:
-            parser.error(str(error))
-        all_results.append(evaluate(pipe, source, settings, out_dir, args.resume))
+            all_results.append(evaluate(pipe, source, settings, out_dir, args.resume, args.overwrite))
+        except NoScoredClips as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
         if baseline:
-            comparison = compare_runs(read_finished(baseline), read_finished(out_dir / "samples.jsonl"))
+            comparison = compare_runs(baseline_rows, read_finished(out_dir / "samples.jsonl"))
             (out_dir / "comparison.json").write_text(
                 json.dumps({"baseline": str(baseline), **comparison}, indent=2) + "\n"
             )

@@ -30,9 +30,9 @@ import torch
 from transformers import AutomaticSpeechRecognitionPipeline, StoppingCriteria, StoppingCriteriaList
 
 try:
-    from .processing_tiny_audio import TinyAudioProcessor
+    from .processing_tiny_audio import TinyAudioProcessor, scale_unscaled_pcm
 except ImportError:
-    from processing_tiny_audio import TinyAudioProcessor
+    from processing_tiny_audio import TinyAudioProcessor, scale_unscaled_pcm
 
 # Blocks read from a file per step; bounds memory while streaming a long recording.
 READ_BLOCK_SECONDS = 10.0
@@ -102,22 +102,37 @@ def _soundfile_blocks(opened: sf.SoundFile) -> Iterator[np.ndarray]:
 
 def _open_encoded(data: str | bytes, target_rate: int) -> tuple[int, Iterator[np.ndarray]]:
     """Open a file path or encoded bytes with soundfile; ffmpeg (when installed) covers other formats."""
+    # libsndfile's own reason misleads here ("File does not exist ... (possibly a pipe?)" for a text file).
+    what = "the file holds" if isinstance(data, str) else "the bytes hold"
+    readers = f"libsndfile {sf.__libsndfile_version__} reads WAV, FLAC, OGG and MP3"
     try:
         opened = sf.SoundFile(data if isinstance(data, str) else io.BytesIO(data))
-    except sf.LibsndfileError as error:
+    except sf.LibsndfileError:
         if shutil.which("ffmpeg") is None:
             raise ValueError(
-                f"not a readable audio file ({error.error_string}); soundfile/libsndfile "
-                f"{sf.__libsndfile_version__} reads WAV, FLAC, OGG and MP3, install ffmpeg for other formats"
+                f"{what} no audio that soundfile can read ({readers}); install ffmpeg for other formats"
             ) from None
         from transformers.pipelines.audio_utils import ffmpeg_read
 
         if isinstance(data, str):
             with open(data, "rb") as handle:
                 data = handle.read()
-        samples = ffmpeg_read(data, target_rate)
+        try:
+            samples = ffmpeg_read(data, target_rate)
+        except ValueError:
+            raise ValueError(f"{what} no audio that soundfile or ffmpeg can read ({readers})") from None
         return target_rate, _array_blocks(samples, int(target_rate * READ_BLOCK_SECONDS))
     return opened.samplerate, _soundfile_blocks(opened)
+
+
+def checked_sampling_rate(value: Any) -> int:
+    """A sampling rate as a positive whole number of Hz; anything else (0, "8000", True) is refused, not guessed."""
+    whole = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+    if not whole or not float(value).is_integer() or value <= 0:
+        raise ValueError(
+            f"sampling_rate must be a positive whole number of Hz, e.g. 16000; got {value!r} ({type(value).__name__})"
+        )
+    return int(value)
 
 
 def decode_audio(
@@ -128,9 +143,15 @@ def decode_audio(
     ``sampling_rate`` is the rate of a bare array/tensor input (default: ``target_rate``).
     Raises ValueError/TypeError without the input's name; `iter_chunks` adds it.
     """
+    if sampling_rate is not None:
+        sampling_rate = checked_sampling_rate(sampling_rate)
     if isinstance(source, os.PathLike):
         source = os.fspath(source)
     if isinstance(source, str):
+        if source.startswith(("http://", "https://")):
+            raise ValueError("URLs are not fetched: download the file first and pass its path or its bytes")
+        if os.path.isdir(source):
+            raise IsADirectoryError("this is a folder, not an audio file")
         if not os.path.isfile(source):
             raise FileNotFoundError("file not found")
         if os.path.getsize(source) == 0:
@@ -147,7 +168,7 @@ def decode_audio(
         decoded = source.get_all_samples()
         return int(decoded.sample_rate), _tensor_blocks(decoded.data, target_rate)
     if isinstance(source, (np.ndarray, torch.Tensor)):
-        rate = sampling_rate or target_rate
+        rate = target_rate if sampling_rate is None else sampling_rate
         return rate, _tensor_blocks(source, rate)
     raise TypeError(
         f"unsupported input type {type(source).__name__}; expected a file path, bytes, a numpy array or torch "
@@ -159,7 +180,7 @@ def _tensor_blocks(samples: np.ndarray | torch.Tensor, rate: int) -> Iterator[np
     if isinstance(samples, torch.Tensor):
         samples = samples.detach().cpu()
         samples = (samples.float() if samples.is_floating_point() else samples).numpy()
-    return _array_blocks(to_mono_float(samples), int(rate * READ_BLOCK_SECONDS))
+    return _array_blocks(scale_unscaled_pcm(to_mono_float(samples)), int(rate * READ_BLOCK_SECONDS))
 
 
 def _decode_dict(source: dict, target_rate: int) -> tuple[int, Iterator[np.ndarray]]:
@@ -168,7 +189,7 @@ def _decode_dict(source: dict, target_rate: int) -> tuple[int, Iterator[np.ndarr
     if samples is not None:
         if "sampling_rate" not in source:
             raise ValueError("dict with 'raw'/'array' needs a 'sampling_rate' key")
-        rate = int(source["sampling_rate"])
+        rate = checked_sampling_rate(source["sampling_rate"])
         return rate, _tensor_blocks(samples, rate)
     if source.get("bytes"):
         return decode_audio(source["bytes"], target_rate)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 from transformers import AutoConfig, AutoFeatureExtractor, AutoTokenizer, BatchFeature, ProcessorMixin
@@ -25,6 +27,25 @@ except ImportError:
     )
 
 IGNORE_INDEX = -100
+# Float audio lies within ±1; a peak beyond this is integer PCM stored as floats without being scaled.
+UNSCALED_PCM_PEAK = 2.0
+
+
+def scale_unscaled_pcm(samples: np.ndarray, name: str = "audio") -> np.ndarray:
+    """Float samples far beyond ±1 are integer PCM that was never scaled (e.g. `int16_array.astype(float)`):
+    divide them by the full scale of the narrowest integer width that holds them, and warn that this was done."""
+    peak = float(np.abs(samples).max()) if samples.size else 0.0
+    if peak <= UNSCALED_PCM_PEAK:
+        return samples
+    bits = next((bits for bits in (16, 24, 32) if peak <= 2 ** (bits - 1)), None)
+    if bits is None:
+        raise ValueError(f"{name}: float samples reach {peak:g}, beyond even 32-bit PCM; this is not audio")
+    warnings.warn(
+        f"{name}: float samples reach {peak:g}, far beyond ±1: read as unscaled {bits}-bit integer PCM and divided "
+        f"by {2 ** (bits - 1)}. Pass float audio in [-1, 1] (or the integer array itself) to avoid this.",
+        stacklevel=2,
+    )
+    return (samples / 2 ** (bits - 1)).astype(np.float32)
 
 
 def add_audio_token(tokenizer, audio_token: str) -> int:
@@ -141,6 +162,7 @@ class TinyAudioProcessor(ProcessorMixin):
         audio = audio.astype(np.float32, copy=False)
         if not np.isfinite(audio).all():
             raise ValueError(f"{name}: the audio contains NaN or infinite samples")
+        audio = scale_unscaled_pcm(audio, name)
         seconds = audio.size / self.sampling_rate
         if seconds > self.max_audio_seconds + 1e-6:
             raise ValueError(
@@ -288,4 +310,4 @@ class TinyAudioProcessor(ProcessorMixin):
 
 TinyAudioProcessor.register_for_auto_class()
 
-__all__ = ["TinyAudioProcessor", "add_audio_token"]
+__all__ = ["TinyAudioProcessor", "add_audio_token", "scale_unscaled_pcm"]

@@ -16,27 +16,35 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
-import jiwer
 import torch
 import yaml
 from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.integrations import is_tensorboard_available, is_wandb_available
 from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_pt_utils import LengthGroupedSampler
-from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import SAFE_WEIGHTS_NAME
 
 from configuration_tiny_audio import DEFAULT_AUDIO_MODEL_ID, DEFAULT_TEXT_MODEL_ID
+from eval import score
 from modeling_tiny_audio import TinyAudioForConditionalGeneration
 from processing_tiny_audio import TinyAudioProcessor
 from publish.push import upload
 from training.collator import SpeechCollator
 from training.ctc_alignment import EmbeddingCTCLoss
-from training.data import decode_audio, load_speech_data, parse_dataset_specs, write_skip_report
+from training.data import (
+    check_dataset_spec,
+    decode_audio,
+    load_speech_data,
+    parse_dataset_specs,
+    write_skip_report,
+)
 from training.feature_cache import build_feature_cache
 from training.precision import cpu_has_native_bf16
 from training.prefix_cache import PromptPrefixCache
+from training.preflight import PreflightError, check_model_source, hub_problem, looks_like_path
+from training.run_folder import RUN_RECORD, RunFinished, prepare_output_dir, run_record
 
 logger = logging.getLogger("tiny_audio.train")
 
@@ -51,9 +59,6 @@ CONFIG_OVERRIDES = (
     "mask_feature_length",
 )
 BOOLEANS = {"true", "false", "yes", "no", "1", "0"}
-WER_NORMALIZE = jiwer.Compose(
-    [jiwer.ToLowerCase(), jiwer.RemovePunctuation(), jiwer.RemoveMultipleSpaces(), jiwer.Strip()]
-)
 
 
 @dataclasses.dataclass
@@ -191,7 +196,17 @@ class DataArguments:
 class RunArguments:
     """Run control beyond TrainingArguments."""
 
-    resume: bool = dataclasses.field(default=False, metadata={"help": "Continue from the last checkpoint"})
+    resume: bool = dataclasses.field(
+        default=False,
+        metadata={"help": "Continue this run from its newest complete checkpoint in output_dir"},
+    )
+    overwrite_output_dir: bool = dataclasses.field(
+        default=False,
+        metadata={
+            "help": "Train in an output_dir that holds another run or a finished one: its checkpoints and weights "
+            "are removed first"
+        },
+    )
     push_to_hub_repo: str | None = dataclasses.field(
         default=None, metadata={"help": "Push the final checkpoint and its code to this Hub repo"}
     )
@@ -453,7 +468,7 @@ class TinyAudioTrainer(Trainer):
 
     @torch.no_grad()
     def generation_wer(self) -> float:
-        """WER of greedy transcripts of the held-out clips (transcription rows only)."""
+        """WER in percent of the held-out clips (transcription rows only), scored as eval.py scores it."""
         model = self.accelerator.unwrap_model(self.model)
         processor = self.processing_class
         was_training = model.training
@@ -468,23 +483,132 @@ class TinyAudioTrainer(Trainer):
             hypotheses += processor.decode_generated(generated, inputs)
             references += [row["text"] for row in rows]
         model.train(was_training)
-        return jiwer.wer(
-            [WER_NORMALIZE(r) or "<empty>" for r in references],
-            [WER_NORMALIZE(h) for h in hypotheses],
-        )
+        return 100 * score(references, hypotheses).wer
 
 
 # Trainer leftovers that a published checkpoint does not need (optimizer state, logs, pickled arguments).
-PUSH_IGNORE = ["checkpoint-*", "checkpoint-*/**", "runs/**", TRAINING_ARGS_NAME]
+PUSH_IGNORE = [
+    "checkpoint-*",
+    "checkpoint-*/**",
+    "incomplete-checkpoint-*/**",
+    "runs/**",
+    TRAINING_ARGS_NAME,
+    RUN_RECORD,
+]
+
+
+OFFLINE_CONFIG_HINT = (
+    "configs/offline.yaml trains the offline kit's Whisper tiny.en + SmolLM2-135M instead "
+    "(`python -m offline_kit.preset` builds them)"
+)
+
+
+def _check_components(model_args: ModelArguments) -> None:
+    """The encoder and LLM (or the starting checkpoint) can be loaded: local folders exist, Hub ids are reachable."""
+    if model_args.model_name_or_path:
+        check_model_source(model_args.model_name_or_path, "starting checkpoint (model_name_or_path)")
+        return
+    components = {"encoder": model_args.audio_model_id, "LLM": model_args.text_model_id}
+    from_hub = {}
+    for role, name in components.items():
+        if os.path.exists(os.path.expanduser(name)) or looks_like_path(name):
+            check_model_source(name, role)
+        elif problem := hub_problem(name, "model"):
+            from_hub[role] = (name, problem)
+    if from_hub:
+        named = " and the ".join(f"{role} {name}" for role, (name, _) in from_hub.items())
+        problems = sorted({problem for _, problem in from_hub.values()})
+        raise PreflightError(
+            f"the {named} of this config come from the Hugging Face Hub, which cannot serve them here "
+            f"({'; '.join(problems)}). {OFFLINE_CONFIG_HINT}"
+        )
+
+
+def check_arguments(
+    model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments
+) -> None:
+    """Everything that can be checked without loading a model: a mistake fails in a second with one message."""
+    if not training_args.learning_rate > 0:
+        raise PreflightError(f"learning_rate must be positive, got {training_args.learning_rate}")
+    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+        if getattr(training_args, name) < 1:
+            raise PreflightError(f"{name} must be at least 1, got {getattr(training_args, name)}")
+    if training_args.max_steps == 0:
+        raise PreflightError("max_steps must be positive (or -1 to train for num_train_epochs)")
+    for name in ("ctc_weight", "ctc_only_steps", "lora_rank", "lora_dropout"):
+        if getattr(model_args, name) < 0:
+            raise PreflightError(f"{name} must not be negative, got {getattr(model_args, name)}")
+    warmup = training_args.warmup_steps
+    if training_args.max_steps > 0 and warmup >= 1 and warmup > training_args.max_steps:
+        logger.warning(
+            "warmup_steps %g is more than max_steps %d: the learning rate never reaches %g",
+            warmup,
+            training_args.max_steps,
+            training_args.learning_rate,
+        )
+    _check_components(model_args)  # first: a config whose models cannot load needs another config, not data
+    specs = parse_dataset_specs(data_args.train_datasets)
+    if data_args.eval_datasets:
+        specs += parse_dataset_specs(data_args.eval_datasets)
+    for spec in specs:
+        check_dataset_spec(spec, data_args.datasets_cache_dir)
+
+
+def _print_start(trainer: Trainer, train_dataset, skipped, resume_from: Path | None) -> None:
+    """What is about to happen: where it goes, what trains, on how much data, for how long."""
+    args = trainer.args
+    model = trainer.model
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    effective = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+    clips = f"{len(train_dataset):,}" if hasattr(train_dataset, "__len__") else "streamed"
+    steps = args.max_steps if args.max_steps > 0 else f"{args.num_train_epochs:g} epochs"
+    print(f"Training Tiny Audio into {os.path.abspath(args.output_dir)}")
+    print(f"  parameters: {trainable:,} trainable (projector, LoRA), {frozen:,} frozen (encoder, LLM)")
+    print(
+        f"  clips: {clips} (skipped: {sum(skipped.values())}), steps: {steps}, effective batch: {effective} "
+        f"({args.per_device_train_batch_size} per device x {args.gradient_accumulation_steps} accumulation x "
+        f"{args.world_size} process{'es' if args.world_size > 1 else ''})"
+    )
+    if resume_from is not None:
+        print(f"  resuming from {resume_from.name} (step {resume_from.name.rsplit('-', 1)[1]})")
+
+
+def _print_end(output_dir: str) -> None:
+    """How to use what was trained."""
+    print(f"Trained model saved in {output_dir}")
+    print(f"  evaluate it: python eval.py {output_dir} --dataset data/real_speech")
+    print(f"  try it:      python demo/app.py --model {output_dir}")
 
 
 def run(argv: Sequence[str] | None = None, callbacks: list[TrainerCallback] | None = None) -> dict:
-    """Trains as the command line says (extra Trainer callbacks allowed); returns the final metrics."""
+    """Trains as the command line says (extra Trainer callbacks allowed); returns the final metrics.
+
+    Arguments, datasets, models and the output folder are checked before any model loads (PreflightError).
+    """
     model_args, data_args, run_args, training_args = parse_args(argv)
     logging.basicConfig(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         level=logging.INFO if training_args.should_log else logging.WARNING,
     )
+    check_arguments(model_args, data_args, training_args)
+    explicit_checkpoint = training_args.resume_from_checkpoint
+    with training_args.main_process_first(desc="checking the output folder"):
+        try:
+            resume_from = prepare_output_dir(
+                Path(training_args.output_dir),
+                run_record(model_args, data_args, training_args),
+                resume=run_args.resume or bool(explicit_checkpoint),
+                overwrite=run_args.overwrite_output_dir,
+                max_steps=training_args.max_steps,
+                is_main_process=training_args.process_index == 0,
+            )
+        except RunFinished as finished:
+            if training_args.process_index == 0:
+                print(finished)
+            return {}
+    if explicit_checkpoint:
+        resume_from = Path(explicit_checkpoint)
     set_seed(training_args.seed)
     model, processor = build_model(model_args, training_args)
     tasks = list(model.config.task_prompts)
@@ -556,14 +680,9 @@ def run(argv: Sequence[str] | None = None, callbacks: list[TrainerCallback] | No
         ctc_weight=model_args.ctc_weight,
         ctc_only_steps=model_args.ctc_only_steps,
     )
-    resume_from = training_args.resume_from_checkpoint
-    if run_args.resume and not resume_from:
-        resume_from = (
-            get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
-        )
-        if resume_from is None:
-            raise FileNotFoundError(f"--resume: no checkpoint-* folder in {training_args.output_dir}")
-    result = trainer.train(resume_from_checkpoint=resume_from)
+    if trainer.is_world_process_zero():
+        _print_start(trainer, train_dataset, skipped, resume_from)
+    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     trainer.save_model()
     metrics = dict(result.metrics)
     history = trainer.state.log_history
@@ -581,12 +700,17 @@ def run(argv: Sequence[str] | None = None, callbacks: list[TrainerCallback] | No
                 ignore_patterns=PUSH_IGNORE,
             ),
         )
+    if trainer.is_world_process_zero():
+        _print_end(training_args.output_dir)
     return metrics
 
 
 def main() -> None:
     """Console script `tiny-audio-train`."""
-    run()
+    try:
+        run()
+    except PreflightError as error:
+        sys.exit(f"error: {error}")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -257,7 +258,10 @@ def run_eval(model: str, dataset: Path, out: Path, *extra: str) -> subprocess.Co
     return result
 
 
-SAMPLE_BLOCK = re.compile(r"Sample (\d+): WER = \d+\.\d\d%, Time = \d+\.\d\ds\n  Ref:  .*\n  Pred: .*\n")
+# A clip's time is its share of a pipeline call, and says so when the call held several clips.
+SAMPLE_BLOCK = re.compile(
+    r"Sample (\d+): WER = \d+\.\d\d%, Time = \d+\.\d\ds(?: \(1/(\d+) of a \2-clip call\))?\n  Ref:  .*\n  Pred: .*\n"
+)
 
 
 def test_end_to_end_report_and_results_files(tiny_whisper: str, manifest: Path, tmp_path: Path) -> None:
@@ -266,7 +270,9 @@ def test_end_to_end_report_and_results_files(tiny_whisper: str, manifest: Path, 
     )
     stdout = result.stdout
 
-    assert [int(n) for n in SAMPLE_BLOCK.findall(stdout)] == [1, 2, 3, 4, 5]
+    blocks = SAMPLE_BLOCK.findall(stdout)
+    assert [int(n) for n, _ in blocks] == [1, 2, 3, 4, 5]
+    assert {clips for _, clips in blocks} - {""}, "a batch of several clips must be labelled as a shared call"
     assert "  Ref:  mister smith has 2 dogs\n" in stdout  # references are printed normalised
     assert re.search(
         r"CHECKPOINT @ 2 samples:\n  Corpus WER: \d+\.\d\d%\n  Avg Time/Sample: \d+\.\d\ds\n", stdout
@@ -274,10 +280,13 @@ def test_end_to_end_report_and_results_files(tiny_whisper: str, manifest: Path, 
     assert "CHECKPOINT @ 4 samples:" in stdout
     assert "audio failed to decode" in stdout and "empty reference" in stdout
     assert re.search(r"Substitutions: \d+, Deletions: \d+, Insertions: \d+", stdout)
-    assert re.search(r"RTFx: \d+\.\d", stdout) and "Batch size: 2" in stdout
-    assert re.search(r"\| manifest.jsonl \| all \| 5 \| \d+\.\d\d% \| \d+\.\d \|", stdout)  # final table
+    assert re.search(r"RTFx: \d+\.\d \(batch size 2, cpu\)", stdout)
+    assert re.search(
+        r"\| manifest.jsonl \| all \| 5 \| \d+\.\d\d% \| \d+\.\d \(2\) \|", stdout
+    )  # final table
+    assert "7/7" in result.stderr  # the progress bar counts every selected clip, scored or skipped
 
-    out_dir = tmp_path / "out" / evaluation._slug(tiny_whisper) / "manifest.jsonl"
+    out_dir = tmp_path / "out" / Path(tiny_whisper).name / "manifest.jsonl"
     results = json.loads((out_dir / "results.json").read_text())
     rows = [json.loads(line) for line in (out_dir / "samples.jsonl").read_text().splitlines()]
     assert [r["status"] for r in rows] == ["ok", "ok", "bad_audio", "ok", "empty_reference", "ok", "ok"]
@@ -301,7 +310,9 @@ def test_end_to_end_report_and_results_files(tiny_whisper: str, manifest: Path, 
         "contributor",
     ):
         assert results[key] not in (None, ""), key
-    assert (results["seed"], results["device"], results["model"]) == (42, "cpu", tiny_whisper)
+    # A local model is named by its folder, not by the whole path (kept as model_path).
+    assert (results["seed"], results["device"]) == (42, "cpu")
+    assert (results["model"], results["model_path"]) == (Path(tiny_whisper).name, tiny_whisper)
 
 
 def test_resume_continues_after_last_finished_sample(
@@ -310,22 +321,27 @@ def test_resume_continues_after_last_finished_sample(
     out = tmp_path / "out"
     args = [tiny_whisper, "--dataset", str(manifest), "--output-dir", str(out), "--device", "cpu"]
     assert evaluation.main([*args, "--max-samples", "6"]) == 0
-    out_dir = out / evaluation._slug(tiny_whisper) / "manifest.jsonl"
+    out_dir = out / Path(tiny_whisper).name / "manifest.jsonl"
     complete = [json.loads(line) for line in (out_dir / "samples.jsonl").read_text().splitlines()]
     assert len(complete) == 6
 
-    # An interrupted run: three rows finished, the fourth half written. Marking a kept row shows it is reused.
+    # An interrupted run (it lives beside the finished one until it completes): three rows finished, the fourth
+    # half written. Marking a kept row shows it is reused.
+    partial = evaluation.partial_dir(out_dir)
+    shutil.copytree(out_dir, partial)
+    shutil.rmtree(out_dir)
     kept = complete[:3]
     first_ok = next(r for r in kept if r["status"] == "ok")
     first_ok["prediction"] = "kept from the first run"
     lines = [json.dumps(r) for r in kept] + [json.dumps(complete[3])[:20]]
-    (out_dir / "samples.jsonl").write_text("\n".join(lines))
-    (out_dir / "results.json").unlink()  # written only when a run finishes
+    (partial / "samples.jsonl").write_text("\n".join(lines))
+    (partial / "results.json").unlink()  # written only when a run finishes
     capsys.readouterr()
 
     assert evaluation.main([*args, "--max-samples", "6", "--resume"]) == 0
     stdout = capsys.readouterr().out
     assert "[resume] 3 samples already done" in stdout
+    assert not partial.exists()
     resumed = [json.loads(line) for line in (out_dir / "samples.jsonl").read_text().splitlines()]
     assert [r["id"] for r in resumed] == [r["id"] for r in complete]
     assert [r.get("prediction") for r in resumed[3:]] == [r.get("prediction") for r in complete[3:]]
@@ -384,7 +400,7 @@ def test_compare_with_an_earlier_run(
     """--compare-with finds the earlier run of the same dataset and writes comparison.json next to results.json."""
     args = [tiny_whisper, "--dataset", str(manifest), "--device", "cpu"]
     assert evaluation.main([*args, "--output-dir", str(tmp_path / "new")]) == 0
-    new_dir = tmp_path / "new" / evaluation._slug(tiny_whisper) / "manifest.jsonl"
+    new_dir = tmp_path / "new" / Path(tiny_whisper).name / "manifest.jsonl"
     rows = evaluation.read_finished(new_dir / "samples.jsonl")
     # The earlier run: the same clips, with two more substitutions on the first scored one.
     old_dir = tmp_path / "old" / "some-model" / "manifest.jsonl"
@@ -427,7 +443,7 @@ def test_end_to_end_on_tiny_audio_checkpoint_over_two_datasets(
     assert evaluation.main([*args, *options, "--max-samples", "5"]) == 0
     stdout = capsys.readouterr().out
 
-    model_dir = out / evaluation._slug(tiny_model_dir)
+    model_dir = out / "tiny-random"  # --model-name names the folder
     first = json.loads((model_dir / "manifest.jsonl" / "results.json").read_text())
     second = json.loads((model_dir / "folder" / "results.json").read_text())
     assert first["n"] + first["skipped_bad_audio"] + first["skipped_empty_reference"] == 5
@@ -468,14 +484,14 @@ def test_a_clip_the_model_cannot_take_is_counted_not_fatal(
 
     stdout = capsys.readouterr().out
     assert stdout.count("Batch of 3 failed") == 1 and "Skipped 1.wav: transcription failed" in stdout
-    out_dir = out / evaluation._slug(tiny_whisper) / "long.jsonl"
+    out_dir = out / Path(tiny_whisper).name / "long.jsonl"
     statuses = [json.loads(line)["status"] for line in (out_dir / "samples.jsonl").read_text().splitlines()]
     assert statuses == ["ok", "failed", "ok"]
     results = json.loads((out_dir / "results.json").read_text())
     assert (results["n"], results["skipped_failed"]) == (2, 1)
 
-    # The pipeline's own chunking takes the long clip.
-    assert evaluation.main([*args, "--batch-size", "3", "--chunk-length-s", "30"]) == 0
+    # The pipeline's own chunking takes the long clip (a new run: it replaces the finished one when asked to).
+    assert evaluation.main([*args, "--batch-size", "3", "--chunk-length-s", "30", "--overwrite"]) == 0
     results = json.loads((out_dir / "results.json").read_text())
     assert (results["n"], results["skipped_failed"], results["chunk_length_s"]) == (3, 0, 30.0)
 
@@ -490,3 +506,180 @@ def test_tiny_audio_is_evaluated_with_its_lora_merged(tmp_path):
     model.save_pretrained(tmp_path / "ckpt")
     processor.save_pretrained(tmp_path / "ckpt")
     assert evaluation.load_pipeline(str(tmp_path / "ckpt"), "cpu", "float32").model.lora_merged
+
+
+# ----------------------------------------------------------------------------- bad input and output folders
+
+
+def _bad_eval_arguments(
+    tmp_path: Path, tiny_whisper: str, manifest: Path
+) -> dict[str, tuple[list[str], list[str]]]:
+    """name -> (eval.py arguments, texts the one error message must contain)."""
+    (tmp_path / "not-a-model").mkdir()
+    return {
+        "hub_dataset_offline": (
+            [tiny_whisper, "--dataset", "loquacious"],
+            [
+                "'loquacious'",
+                "speechbrain/LoquaciousSet",
+                "HF_HUB_OFFLINE",
+                "data/real_speech",
+                "python -m offline_kit.real_speech",
+                "terms accepted",
+            ],
+        ),
+        "benchmark_offline": (
+            [tiny_whisper, "--dataset", "ami"],
+            ["'ami'", "HF_HUB_OFFLINE", "data/real_speech"],
+        ),
+        "local_set_not_built": (
+            [tiny_whisper, "--dataset", "data/real_speech"],
+            ["data/real_speech has not been built", "python -m offline_kit.real_speech"],
+        ),
+        "missing_path": (
+            [tiny_whisper, "--dataset", str(tmp_path / "nowhere.jsonl")],
+            ["nowhere.jsonl does not exist"],
+        ),
+        "unknown_name": (
+            [tiny_whisper, "--dataset", "no-such-set"],
+            ["unknown dataset 'no-such-set'", "loquacious"],
+        ),
+        "missing_column": (
+            [tiny_whisper, "--dataset", str(manifest), "--text-column", "words"],
+            ["no text column 'words'", "columns: audio, text"],
+        ),
+        "missing_model_folder": (
+            [str(tmp_path / "no-model"), "--dataset", str(manifest)],
+            ["no-model: no such folder"],
+        ),
+        "folder_without_model": (
+            [str(tmp_path / "not-a-model"), "--dataset", str(manifest)],
+            ["not-a-model: this folder has no config.json"],
+        ),
+        "hub_model_offline": (
+            ["someone/some-model", "--dataset", str(manifest)],
+            ["someone/some-model is not a local folder", "HF_HUB_OFFLINE"],
+        ),
+        "zero_batch": ([tiny_whisper, "--dataset", str(manifest), "--batch-size", "0"], ["must be positive"]),
+        "negative_chunk": (
+            [tiny_whisper, "--dataset", str(manifest), "--chunk-length-s", "-1"],
+            ["must be positive"],
+        ),
+        "generate_kwargs_not_object": (
+            [tiny_whisper, "--dataset", str(manifest), "--generate-kwargs", "[1]"],
+            ["--generate-kwargs must be a JSON object"],
+        ),
+    }
+
+
+BAD_EVAL_ARGUMENTS = [
+    "hub_dataset_offline",
+    "benchmark_offline",
+    "local_set_not_built",
+    "missing_path",
+    "unknown_name",
+    "missing_column",
+    "missing_model_folder",
+    "folder_without_model",
+    "hub_model_offline",
+    "zero_batch",
+    "negative_chunk",
+    "generate_kwargs_not_object",
+]
+
+
+@pytest.mark.parametrize("name", BAD_EVAL_ARGUMENTS)
+def test_bad_arguments_fail_with_one_message_before_the_model_loads(
+    name: str,
+    tiny_whisper: str,
+    manifest: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.chdir(tmp_path)  # relative dataset paths resolve here, where nothing has been built
+    argv, expected = _bad_eval_arguments(tmp_path, tiny_whisper, manifest)[name]
+    with pytest.raises(SystemExit) as exited:
+        evaluation.main([*argv, "--output-dir", str(tmp_path / "out"), "--device", "cpu"])
+    captured = capsys.readouterr()
+    assert exited.value.code == 2
+    for text in expected:
+        assert text in captured.err, captured.err
+    assert "Traceback" not in captured.err and "Loading model" not in captured.out
+
+
+def test_a_finished_run_is_kept_until_a_new_one_completes(
+    tiny_whisper: str,
+    manifest: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    out = tmp_path / "out"
+    args = [tiny_whisper, "--dataset", str(manifest), "--output-dir", str(out), "--device", "cpu"]
+    assert evaluation.main(args) == 0
+    out_dir = out / Path(tiny_whisper).name / "manifest.jsonl"
+    finished = {name: (out_dir / name).read_text() for name in ("results.json", "samples.jsonl", "run.json")}
+
+    with pytest.raises(SystemExit):  # a second run into the same folder is refused, before the model loads
+        evaluation.main([*args, "--max-samples", "2"])
+    assert "holds a finished run" in capsys.readouterr().err
+
+    # --overwrite: the new run writes beside the finished one; interrupted, it has replaced nothing.
+    transcribe = evaluation._transcribe
+    calls = []
+
+    def interrupted_after_one_call(*call_args, **kwargs):
+        calls.append(1)
+        if len(calls) > 2:  # the warm-up and one timed call, then Ctrl-C
+            raise KeyboardInterrupt
+        return transcribe(*call_args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "_transcribe", interrupted_after_one_call)
+    with pytest.raises(KeyboardInterrupt):
+        evaluation.main([*args, "--max-samples", "6", "--batch-size", "1", "--overwrite"])
+    assert {name: (out_dir / name).read_text() for name in finished} == finished
+    partial = evaluation.partial_dir(out_dir)
+    assert len(evaluation.read_finished(partial / "samples.jsonl")) == 4  # one call of 4 clips was written
+
+    with pytest.raises(SystemExit):  # the interrupted run is not silently thrown away either
+        evaluation.main([*args, "--max-samples", "6"])
+    assert "holds an interrupted run" in capsys.readouterr().err
+
+    monkeypatch.setattr(evaluation, "_transcribe", transcribe)
+    assert evaluation.main([*args, "--max-samples", "6", "--resume", "--overwrite"]) == 0
+    assert "[resume] 4 samples already done" in capsys.readouterr().out
+    assert not partial.exists() and not out_dir.with_name("manifest.jsonl.replaced").exists()
+    assert json.loads((out_dir / "run.json").read_text())["max_samples"] == 6
+    assert len(evaluation.read_finished(out_dir / "samples.jsonl")) == 6
+
+
+def test_a_run_with_no_scored_clip_is_an_error_and_never_ranked(
+    tiny_whisper: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "broken.wav").write_bytes(b"RIFF not really a wav file")
+    rows = [{"audio": "broken.wav", "text": "never decoded"}, {"audio": "broken.wav", "text": " "}]
+    (tmp_path / "broken.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    argv = [
+        tiny_whisper,
+        "--dataset",
+        str(tmp_path / "broken.jsonl"),
+        "--output-dir",
+        str(out),
+        "--device",
+        "cpu",
+    ]
+    assert evaluation.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "no clip of broken.jsonl could be scored" in err and "1 bad audio, 1 empty references" in err
+    assert not (out / Path(tiny_whisper).name / "broken.jsonl" / "results.json").exists()
+
+    empty = tmp_path / "empty.json"
+    empty.write_text(json.dumps(_result(n=0, wer=0.0)))
+    with pytest.raises(SystemExit):
+        leaderboard.main(
+            [str(empty), "--results-dir", str(tmp_path / "results"), "--output", str(tmp_path / "LB.md")]
+        )
+    assert "no scored clips (n = 0)" in capsys.readouterr().err
+    assert not (tmp_path / "LB.md").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import sys
 from pathlib import Path
 
@@ -125,45 +126,98 @@ def test_torchcodec_decoder_row(tmp_path):
 # ---- bad inputs --------------------------------------------------------------------------------------------
 
 
-def _bad_inputs(tmp_path: Path) -> dict[str, tuple[object, str]]:
-    """name -> (input, text the error must contain)."""
+def _bad_inputs(tmp_path: Path) -> dict[str, tuple[object, object, str, str]]:
+    """name -> (input, sampling_rate given with it, text naming the input, text naming the problem)."""
     (tmp_path / "empty.wav").write_bytes(b"")
     (tmp_path / "notes.txt").write_text("this is not audio at all\n" * 20)
+    (tmp_path / "noise.bin").write_bytes(np.random.default_rng(0).bytes(4096))
+    (tmp_path / "clips").mkdir(exist_ok=True)
     buffer = io.BytesIO()
     sf.write(buffer, tone(1.0), RATE, format="WAV")
     (tmp_path / "truncated.wav").write_bytes(buffer.getvalue()[:30])  # header cut mid-way
+    no_audio = "no audio that soundfile"
+    rate_error = "sampling_rate must be a positive whole number of Hz"
     return {
-        "missing": (str(tmp_path / "nope.wav"), "nope.wav"),
-        "empty": (str(tmp_path / "empty.wav"), "empty.wav"),
-        "corrupt": (str(tmp_path / "truncated.wav"), "truncated.wav"),
-        "not_audio": (str(tmp_path / "notes.txt"), "notes.txt"),
-        "garbage_bytes": (b"\x00\x01garbage" * 10, "<90 bytes>"),
-        "unsupported_type": (12345, "<int>"),
-        "nan_array": (np.full(RATE, np.nan, dtype=np.float32), "ndarray"),
-        "empty_array": (np.zeros(0, dtype=np.float32), "ndarray"),
-        "dict_without_rate": ({"raw": tone(1.0)}, "dict"),
+        "missing": (str(tmp_path / "nope.wav"), None, "nope.wav", "file not found"),
+        "empty": (str(tmp_path / "empty.wav"), None, "empty.wav", "file is empty"),
+        "corrupt": (str(tmp_path / "truncated.wav"), None, "truncated.wav", no_audio),
+        "not_audio": (str(tmp_path / "notes.txt"), None, "notes.txt", f"the file holds {no_audio}"),
+        "random_bytes_file": (str(tmp_path / "noise.bin"), None, "noise.bin", f"the file holds {no_audio}"),
+        "garbage_bytes": (b"\x00\x01garbage" * 10, None, "<90 bytes>", f"the bytes hold {no_audio}"),
+        "folder": (str(tmp_path / "clips"), None, "clips", "this is a folder, not an audio file"),
+        "url": ("https://example.com/a.wav", None, "https://example.com/a.wav", "URLs are not fetched"),
+        "unsupported_type": (12345, None, "<int>", "unsupported input type int"),
+        "nan_array": (np.full(RATE, np.nan, dtype=np.float32), None, "ndarray", "NaN"),
+        "empty_array": (np.zeros(0, dtype=np.float32), None, "ndarray", "no samples"),
+        "dict_without_rate": ({"raw": tone(1.0)}, None, "dict", "needs a 'sampling_rate' key"),
+        "rate_zero": (tone(1.0), 0, "ndarray", f"{rate_error}, e.g. 16000; got 0 (int)"),
+        "rate_negative": (tone(1.0), -8000, "ndarray", f"{rate_error}, e.g. 16000; got -8000 (int)"),
+        "rate_string": (tone(1.0), "8000", "ndarray", f"{rate_error}, e.g. 16000; got '8000' (str)"),
+        "rate_bool": (tone(1.0), True, "ndarray", "got True (bool)"),
+        "rate_fraction": (tone(1.0), 8000.5, "ndarray", "got 8000.5 (float)"),
+        "dict_rate_zero": ({"raw": tone(1.0), "sampling_rate": 0}, None, "dict", "got 0 (int)"),
+        "dict_rate_string": ({"array": tone(1.0), "sampling_rate": "8000"}, None, "dict", "got '8000' (str)"),
+        "beyond_any_pcm": (np.full(RATE, 1e12, dtype=np.float32), None, "ndarray", "beyond even 32-bit PCM"),
     }
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        "missing",
-        "empty",
-        "corrupt",
-        "not_audio",
-        "garbage_bytes",
-        "unsupported_type",
-        "nan_array",
-        "empty_array",
-        "dict_without_rate",
-    ],
-)
-def test_bad_input_raises_one_error_naming_it(tmp_path, name):
-    source, named = _bad_inputs(tmp_path)[name]
+BAD_INPUTS = [
+    "missing",
+    "empty",
+    "corrupt",
+    "not_audio",
+    "random_bytes_file",
+    "garbage_bytes",
+    "folder",
+    "url",
+    "unsupported_type",
+    "nan_array",
+    "empty_array",
+    "dict_without_rate",
+    "rate_zero",
+    "rate_negative",
+    "rate_string",
+    "rate_bool",
+    "rate_fraction",
+    "dict_rate_zero",
+    "dict_rate_string",
+    "beyond_any_pcm",
+]
+
+
+@pytest.mark.parametrize("name", BAD_INPUTS)
+def test_bad_input_raises_one_error_naming_it_and_its_problem(tmp_path, name):
+    source, sampling_rate, named, reason = _bad_inputs(tmp_path)[name]
     with pytest.raises(AudioInputError, match="Cannot read audio input") as caught:
-        list(iter_chunks(source, RATE, 30.0))
-    assert named in str(caught.value)
+        list(iter_chunks(source, RATE, 30.0, sampling_rate=sampling_rate))
+    message = str(caught.value)
+    assert named in message and reason in message, message
+    assert "possibly a pipe" not in message
+
+
+def test_sampling_rate_zero_or_text_is_refused_by_the_pipeline_not_guessed(asr):
+    """`sampling_rate=0` used to mean 16 kHz, and "8000" failed deep in the resampler."""
+    for rate, shown in ((0, "got 0 (int)"), ("8000", "got '8000' (str)")):
+        with pytest.raises(ValueError, match=re.escape(shown)) as caught:
+            asr(tone(1.0), sampling_rate=rate)
+        assert type(caught.value).__name__ == "AudioInputError"
+
+
+def test_unscaled_integer_pcm_in_a_float_array_is_scaled_and_said(asr):
+    audio, _ = speech_with_pauses(2.0)
+    pcm = np.round(audio * 32767).astype(np.int16)
+    unscaled = pcm.astype(np.float32)  # int16 values in a float array: |x| up to 32767
+    with pytest.warns(UserWarning, match=r"read as unscaled 16-bit integer PCM and divided by 32768"):
+        chunks = collect(iter_chunks(unscaled, RATE, 30.0))
+    np.testing.assert_array_equal(chunks, unscaled / 32768)
+    with pytest.warns(UserWarning, match="16-bit"):
+        assert text(asr, unscaled) == text(asr, pcm)
+    with pytest.warns(UserWarning, match=r"read as unscaled 24-bit integer PCM and divided by 8388608"):
+        collect(iter_chunks(unscaled * 256, RATE, 30.0))
+    processor = asr.processor
+    with pytest.warns(UserWarning, match=r"audio\[0\]: float samples reach 3\d+"):
+        scaled = processor(audio=unscaled)["input_features"]
+    torch.testing.assert_close(scaled, processor(audio=unscaled / 32768)["input_features"])
 
 
 # ---- chunking ----------------------------------------------------------------------------------------------
@@ -455,7 +509,7 @@ def test_joint_ctc_decoding_through_the_pipeline(asr):
 
 def test_bad_input_in_a_batch(asr, tmp_path):
     good = speech_with_pauses(2.0)[0]
-    bad, named = _bad_inputs(tmp_path)["corrupt"]
+    bad, _, named, _ = _bad_inputs(tmp_path)["corrupt"]
     # The pipeline's AudioInputError lives in the checkpoint's module copy; it is a ValueError.
     with pytest.raises(ValueError, match=named) as caught:
         asr([good, bad, good], batch_size=2, **VARIED)

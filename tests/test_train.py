@@ -9,8 +9,11 @@ import io
 import json
 import os
 import re
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -350,7 +353,7 @@ def test_resume_after_a_crash_reproduces_the_uninterrupted_run(workspace, refere
     with pytest.raises(KeyboardInterrupt):
         train.run(base_args(workspace, output_dir, *NO_EVAL), callbacks=[Crash(step=4)])
     logs = {"runs"}  # TensorBoard event files, present when tensorboard is installed
-    assert sorted(set(os.listdir(output_dir)) - logs) == ["checkpoint-3", "skipped_rows.json"]
+    assert sorted(set(os.listdir(output_dir)) - logs) == ["checkpoint-3", "run.json", "skipped_rows.json"]
 
     pushed = {}
     monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: pushed.update(repo=repo_id, **kw))
@@ -626,3 +629,280 @@ def test_averaging_checkpoints_gives_a_checkpoint_with_the_mean_weights(tmp_path
     with pytest.raises(SystemExit, match="2"):
         average.main([str(tmp_path / "bad"), str(tmp_path / "first"), str(tmp_path / "nothing-here")])
     assert not (tmp_path / "bad").exists()
+
+
+# ---- output folders, resume and bad input ------------------------------------------------------------------
+
+
+def _train_command(argv: list[str]) -> list[str]:
+    return [sys.executable, str(ROOT / "train.py"), *argv]
+
+
+TRAIN_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "warning"}
+
+
+def _wait_for_complete_checkpoint(process: subprocess.Popen, folder: Path, step: int) -> None:
+    from training.run_folder import is_complete
+
+    checkpoint = folder / f"checkpoint-{step}"
+    for _ in range(6000):
+        if is_complete(checkpoint):
+            return
+        assert process.poll() is None, "the run ended before it was killed"
+        time.sleep(0.02)
+    raise AssertionError(f"{checkpoint} never completed")
+
+
+def test_a_killed_run_resumes_from_its_newest_complete_checkpoint_and_skips_finished_steps(
+    workspace, reference_run, tmp_path
+):
+    """A real SIGKILL of a real training process; its newest checkpoint then torn as a kill mid-write tears it.
+    The resumed run takes the newest complete checkpoint, says so, trains only the steps left, and ends with the
+    uninterrupted run's weights."""
+    from training.run_folder import is_complete
+
+    output_dir = tmp_path / "killed"
+    # Far more steps than will run: the kill always lands mid-run. Steps and schedule are those of the reference.
+    argv = base_args(workspace, str(output_dir), *NO_EVAL, "--save_steps", "1", "--disable_tqdm", "true")
+    with open(tmp_path / "first.log", "w") as log:
+        process = subprocess.Popen(
+            _train_command([*argv, "--max_steps", "1000"]), cwd=ROOT, env=TRAIN_ENV, stdout=log, stderr=log
+        )
+        try:
+            _wait_for_complete_checkpoint(process, output_dir, 2)
+        finally:
+            os.kill(process.pid, signal.SIGKILL)
+            process.wait()
+    assert process.returncode == -signal.SIGKILL
+
+    complete = sorted(
+        (int(path.name.split("-")[1]) for path in output_dir.glob("checkpoint-*") if is_complete(path)),
+    )
+    torn, expected = complete[-1], complete[-2]
+    state = output_dir / f"checkpoint-{torn}" / "trainer_state.json"
+    state.write_text(state.read_text()[:40])  # killed while the Trainer wrote its last file
+    assert expected < 6
+
+    resumed = subprocess.run(
+        _train_command([*argv, "--max_steps", "6", "--resume"]),
+        cwd=ROOT,
+        env=TRAIN_ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming from checkpoint-{expected} (step {expected})" in resumed.stdout
+    assert f"checkpoint-{torn} is incomplete" in resumed.stderr
+    assert (output_dir / f"incomplete-checkpoint-{torn}").is_dir()
+    trained_steps = [line for line in resumed.stdout.splitlines() if line.startswith("{'loss'")]
+    assert len(trained_steps) == 6 - expected  # the finished steps are not trained again
+    assert f"Trained model saved in {output_dir}" in resumed.stdout
+    assert f"python eval.py {output_dir}" in resumed.stdout
+    for name, tensor in projector_of(reference_run["output_dir"]).items():
+        torch.testing.assert_close(projector_of(output_dir)[name], tensor)
+
+    # Resuming the finished run does nothing and says so (it used to train a step past max_steps).
+    finished_weights = projector_of(output_dir)
+    assert train.run([*argv, "--max_steps", "6", "--resume"]) == {}
+    assert not (output_dir / "checkpoint-7").exists()
+    for name, tensor in finished_weights.items():
+        assert torch.equal(projector_of(output_dir)[name], tensor)
+
+
+def test_a_finished_run_is_never_trained_over(workspace, reference_run, tmp_path, monkeypatch, capsys):
+    output_dir = reference_run["output_dir"]
+    weights = projector_of(output_dir)
+    argv = base_args(workspace, output_dir)
+    from training.preflight import PreflightError
+
+    monkeypatch.setattr(train, "build_model", _no_model_may_load)
+    with pytest.raises(PreflightError, match="holds this run, finished: --resume does nothing"):
+        train.run(argv)
+    # Another learning rate is another run: refused, and --resume will not continue the old run's checkpoints.
+    with pytest.raises(
+        PreflightError, match=r"holds another run \(not training over it\).*learning_rate: 0.05 -> 0.01"
+    ):
+        train.run([*argv, "--learning_rate", "0.01"])
+    with pytest.raises(
+        PreflightError, match=r"not resuming from its checkpoints.*learning_rate: 0.05 -> 0.01"
+    ):
+        train.run([*argv, "--learning_rate", "0.01", "--resume"])
+    for name, tensor in weights.items():
+        assert torch.equal(projector_of(output_dir)[name], tensor)
+
+    # A folder of something else is refused; --overwrite_output_dir clears a run's files, not the user's.
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    (tmp_path / "mine" / "checkpoint-9").mkdir()
+    mine = base_args(workspace, str(tmp_path / "mine"), *NO_EVAL, "--max_steps", "1")
+    with pytest.raises(PreflightError, match="not empty and holds no record of a run"):
+        train.run(mine)
+    monkeypatch.undo()
+    train.run([*mine, "--overwrite_output_dir"])
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    assert sorted(p.name for p in (tmp_path / "mine").glob("checkpoint-*")) == ["checkpoint-1"]
+
+    # The same config on changed data (same folder, other clips) is another run too.
+    data = tmp_path / "data"
+    shutil.copytree(workspace["data"], data)
+    config = json.loads(Path(mine[0]).read_text())
+    config["train_datasets"] = [{"path": str(data), "split": "train"}]
+    Path(mine[0]).write_text(json.dumps(config))
+    train.run([*mine, "--overwrite_output_dir"])
+    changed = DatasetDict(
+        {"train": Dataset.from_dict(speech_rows(24, 5)), "test": Dataset.from_dict(speech_rows(4, 1))}
+    ).cast_column("audio", Audio(sampling_rate=RATE))
+    shutil.rmtree(data)
+    changed.save_to_disk(data)
+    with pytest.raises(PreflightError, match=r"not resuming from its checkpoints.*fingerprint"):
+        train.run([*mine, "--resume", "--max_steps", "2"])
+
+
+def _no_model_may_load(*args, **kwargs):
+    raise AssertionError("a model was loaded before the arguments were checked")
+
+
+def _bad_train_arguments(workspace: dict, tmp_path: Path) -> dict[str, tuple[list[str], str]]:
+    """name -> (train.py arguments, a regular expression the one error message must match)."""
+    out = str(tmp_path / "out")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "model.safetensors").write_bytes(b"someone's weights")
+
+    def data(**spec: object) -> list[str]:
+        return ["--train_datasets", json.dumps([{"path": workspace["data"], "split": "train", **spec}])]
+
+    return {
+        "negative_learning_rate": (
+            base_args(workspace, out, "--learning_rate", "-1"),
+            "learning_rate must be positive",
+        ),
+        "zero_batch": (base_args(workspace, out, "--per_device_train_batch_size", "0"), "must be at least 1"),
+        "zero_steps": (base_args(workspace, out, "--max_steps", "0"), "max_steps must be positive"),
+        "negative_ctc_weight": (
+            base_args(workspace, out, "--ctc_weight", "-1"),
+            "ctc_weight must not be negative",
+        ),
+        "starter_corpus_not_built": (
+            base_args(workspace, out, "--train_datasets", "data/synthetic"),
+            r"data/synthetic has not been built yet: build it with `python -m offline_kit.synthetic_corpus",
+        ),
+        "missing_manifest": (
+            base_args(workspace, out, "--train_datasets", "./clips/train.jsonl"),
+            r"\./clips/train.jsonl does not exist",
+        ),
+        "hub_dataset_offline": (
+            base_args(workspace, out, "--train_datasets", "speechbrain/LoquaciousSet"),
+            r"speechbrain/LoquaciousSet is not a local folder or file.*HF_HUB_OFFLINE.*data/real_speech",
+        ),
+        "missing_column": (
+            base_args(workspace, out, *data(text_column="sentence")),
+            "no text column 'sentence'",
+        ),
+        "missing_split": (base_args(workspace, out, *data(split="validation")), "has no split 'validation'"),
+        "missing_eval_column": (
+            base_args(
+                workspace,
+                out,
+                "--eval_datasets",
+                json.dumps([{"path": workspace["data"], "audio_column": "wav"}]),
+            ),
+            "no audio column 'wav'",
+        ),
+        "missing_encoder_folder": (
+            base_args(workspace, out, "--audio_model_id", str(tmp_path / "no-encoder")),
+            "encoder .*no-encoder: no such folder",
+        ),
+        "hub_models_offline": (
+            base_args(
+                workspace,
+                out,
+                "--audio_model_id",
+                "openai/whisper-large-v3-turbo",
+                "--text_model_id",
+                "HuggingFaceTB/SmolLM3-3B",
+            ),
+            r"the encoder openai/whisper-large-v3-turbo and the LLM HuggingFaceTB/SmolLM3-3B of this config come "
+            r"from the Hugging Face Hub.*configs/offline.yaml",
+        ),
+        "folder_of_something_else": (
+            base_args(workspace, str(tmp_path / "full")),
+            "not empty and holds no record of a run",
+        ),
+        "resume_nothing": (base_args(workspace, out, "--resume"), "holds no run to continue"),
+    }
+
+
+BAD_TRAIN_ARGUMENTS = [
+    "negative_learning_rate",
+    "zero_batch",
+    "zero_steps",
+    "negative_ctc_weight",
+    "starter_corpus_not_built",
+    "missing_manifest",
+    "hub_dataset_offline",
+    "missing_column",
+    "missing_split",
+    "missing_eval_column",
+    "missing_encoder_folder",
+    "hub_models_offline",
+    "folder_of_something_else",
+    "resume_nothing",
+]
+
+
+@pytest.mark.parametrize("name", BAD_TRAIN_ARGUMENTS)
+def test_bad_arguments_fail_with_one_message_before_a_model_loads(name, workspace, tmp_path, monkeypatch):
+    from training.preflight import PreflightError
+
+    monkeypatch.chdir(tmp_path)  # relative dataset paths resolve here, where nothing has been built
+    monkeypatch.setattr(train, "build_model", _no_model_may_load)
+    argv, expected = _bad_train_arguments(workspace, tmp_path)[name]
+    with pytest.raises(PreflightError, match=expected):
+        train.run(argv)
+
+
+def test_the_default_config_offline_is_one_message_naming_the_offline_config(tmp_path):
+    """As a user types it: no traceback, one line pointing at configs/offline.yaml."""
+    done = subprocess.run(
+        _train_command([str(ROOT / "configs" / "default.yaml"), "--output_dir", str(tmp_path / "out")]),
+        cwd=tmp_path,
+        env=TRAIN_ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    error = done.stderr.strip().splitlines()[-1]
+    assert error.startswith(
+        "error: the encoder openai/whisper-large-v3-turbo and the LLM HuggingFaceTB/SmolLM3-3B"
+    )
+    assert "configs/offline.yaml" in error
+
+
+def test_warmup_longer_than_the_run_is_warned_about(workspace, tmp_path, caplog):
+    model_args, data_args, _, training_args = train.parse_args(
+        base_args(workspace, str(tmp_path / "out"), "--warmup_steps", "50")
+    )
+    train.check_arguments(model_args, data_args, training_args)
+    assert "warmup_steps 50 is more than max_steps 6" in caplog.text
+
+
+def test_trainer_wer_is_eval_py_wer_in_percent(workspace, reference_run):
+    """The Trainer's eval_wer is eval.py's metric (Whisper normaliser, corpus WER, percent) on the same clip."""
+    import eval as evaluation
+    from modeling_tiny_audio import TinyAudioForConditionalGeneration
+    from processing_tiny_audio import TinyAudioProcessor
+    from training.data import decode_audio
+
+    folder = reference_run["output_dir"]
+    model = TinyAudioForConditionalGeneration.from_pretrained(folder).eval()
+    processor = TinyAudioProcessor.from_pretrained(folder)
+    row = Dataset.load_from_disk(os.path.join(workspace["data"], "train")).cast_column(
+        "audio", Audio(decode=False)
+    )[0]
+    inputs = processor(audio=[decode_audio(row["audio"], RATE)], task="transcribe")
+    hypothesis = processor.decode_generated(model.generate(**inputs), inputs)[0]
+    expected = 100 * evaluation.score([row["text"]], [hypothesis]).wer
+    assert reference_run["metrics"]["eval_wer"] == pytest.approx(expected)

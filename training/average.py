@@ -20,7 +20,16 @@ from safetensors.torch import load_file, save_file
 from transformers.utils import CONFIG_NAME, SAFE_WEIGHTS_NAME
 
 # What a training run's folder holds beyond the model: the averaged checkpoint has no run of its own.
-RUN_FILES = ("checkpoint-*", "runs", "hub", "trainer_state.json", "training_args.bin", "skipped_rows.json")
+RUN_FILES = (
+    "checkpoint-*",
+    "incomplete-checkpoint-*",
+    "runs",
+    "hub",
+    "trainer_state.json",
+    "training_args.bin",
+    "skipped_rows.json",
+    "run.json",
+)
 # Config fields that must agree for checkpoints to be one model.
 SAME_MODEL_FIELDS = ("audio_model_id", "text_model_id", "lora_target_modules", "lora_rank", "lora_alpha")
 AVERAGE_RECORD = "averaged_from.json"

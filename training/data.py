@@ -34,6 +34,15 @@ from datasets import (
     load_from_disk,
 )
 
+from training.preflight import (
+    LOCAL_DATA_BUILDERS,
+    LOCAL_DATA_HINT,
+    PreflightError,
+    hub_problem,
+    looks_like_path,
+    missing_local_data_message,
+)
+
 logger = logging.getLogger(__name__)
 
 RAW_AUDIO = {"bytes": Value("binary"), "path": Value("string")}
@@ -121,6 +130,32 @@ def decode_audio(value: Any, sampling_rate: int) -> np.ndarray:
     if rate != sampling_rate:
         array = soxr.resample(array, rate, sampling_rate)
     return np.ascontiguousarray(array, dtype=np.float32)
+
+
+def data_fingerprint(path: str) -> str | None:
+    """A content key of a local dataset, to tell whether a run's data changed (None for a Hub dataset).
+
+    `save_to_disk` folders carry `datasets`' own fingerprint per split; a manifest is hashed; an audio folder is
+    keyed by its file names and sizes.
+    """
+    path = os.path.expanduser(path)
+    digest = hashlib.sha1()
+    if os.path.isfile(path):
+        with open(path, "rb") as handle:
+            digest.update(handle.read())
+    elif os.path.isdir(path):
+        for root, folders, names in os.walk(path):
+            folders.sort()
+            for name in sorted(names):
+                full = os.path.join(root, name)
+                if name == "state.json":
+                    with open(full) as handle:
+                        digest.update(json.load(handle).get("_fingerprint", "").encode())
+                elif not name.endswith(".arrow"):  # arrow files are covered by their split's fingerprint
+                    digest.update(f"{os.path.relpath(full, path)}:{os.path.getsize(full)}".encode())
+    else:
+        return None
+    return digest.hexdigest()
 
 
 def audio_hash(array: np.ndarray) -> str:
@@ -213,10 +248,8 @@ def _load_source(spec: DatasetSpec, cache_dir: str | None) -> Dataset | Iterable
     )
 
 
-def _normalize(
-    dataset: Dataset | IterableDataset, spec: DatasetSpec, default_task: str
-) -> Dataset | IterableDataset:
-    """Map a source's own column names onto `audio`, `text`, `task`, dropping everything else."""
+def _columns(dataset: Dataset | IterableDataset, spec: DatasetSpec) -> list[str]:
+    """The source's column names, after checking it has the audio and text columns the spec names."""
     columns = dataset.column_names or list(dataset.features or {})
     for role, column in (("audio", spec.audio_column), ("text", spec.text_column)):
         if column not in columns:
@@ -224,6 +257,32 @@ def _normalize(
                 f"Dataset {spec.path} has no {role} column {column!r} (columns: {columns}); "
                 f"set {role}_column for it in the dataset list"
             )
+    return columns
+
+
+def check_dataset_spec(spec: DatasetSpec, cache_dir: str | None = None) -> None:
+    """Before any model loads: a local source exists and has its columns; a Hub one can be reached."""
+    if not spec.is_local:
+        if looks_like_path(spec.path) or os.path.normpath(spec.path) in LOCAL_DATA_BUILDERS:
+            raise PreflightError(missing_local_data_message(spec.path))
+        problem = hub_problem(spec.path, "dataset")
+        if problem:
+            raise PreflightError(
+                f"dataset {spec.path} is not a local folder or file, and the Hub dataset cannot be read: "
+                f"{problem}. Gated sets need their terms accepted on the Hub and a token. {LOCAL_DATA_HINT}"
+            )
+        return
+    try:
+        _columns(_load_source(spec, cache_dir), spec)
+    except ValueError as error:
+        raise PreflightError(str(error)) from None
+
+
+def _normalize(
+    dataset: Dataset | IterableDataset, spec: DatasetSpec, default_task: str
+) -> Dataset | IterableDataset:
+    """Map a source's own column names onto `audio`, `text`, `task`, dropping everything else."""
+    columns = _columns(dataset, spec)
     # Cast first: on streamed datasets a cast made after select/rename is lost (datasets 5.2).
     dataset = dataset.cast_column(spec.audio_column, RAW_AUDIO)
     keep = [spec.audio_column, spec.text_column] + ([spec.task_column] if spec.task_column in columns else [])
