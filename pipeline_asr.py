@@ -22,7 +22,7 @@ import os
 import re
 import shutil
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +31,7 @@ import soundfile as sf
 import soxr
 import torch
 from transformers import AutomaticSpeechRecognitionPipeline, StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
 
 try:
     from .modeling_tiny_audio import NO_CTC_HEAD
@@ -402,15 +403,72 @@ def timed_words(
 class _Pending:
     """Bookkeeping for one input while its chunks go through the model."""
 
+    position: int  # the input's index in the call
     chunks: list[tuple[float, float]] = field(default_factory=list)
     texts: dict[int, str] = field(default_factory=dict)
     words: dict[int, list[TimedWord]] = field(default_factory=dict)
     done_reading: bool = False
     error: str | None = None
 
+    def word_entries(self, index: int) -> list[dict[str, Any]]:
+        """Chunk ``index``'s words as ``{"text", "timestamp"}`` in the input's time (none for a chunk not timed)."""
+        start = self.chunks[index][0]
+        return [
+            {"text": word.text, "timestamp": (round(start + word.start, 3), round(start + word.end, 3))}
+            for word in self.words.get(index, [])
+        ]
+
+    def chunk_entry(self, index: int, with_words: bool) -> dict[str, Any]:
+        """What ``on_chunk`` receives for chunk ``index`` of this input."""
+        start, end = self.chunks[index]
+        entry = {
+            "input": self.position,
+            "chunk": index,
+            "text": self.texts[index].strip(),
+            "timestamp": (round(start, 3), round(end, 3)),
+        }
+        return entry | ({"words": self.word_entries(index)} if with_words else {})
+
     @property
     def complete(self) -> bool:
         return self.error is not None or (self.done_reading and len(self.texts) == len(self.chunks))
+
+
+class InputStreamer(BaseStreamer):
+    """Hands a user's streamer (``TextIteratorStreamer`` and the like) each input as one stream, however many chunks
+    it is cut into: the first chunk's prompt only (so ``skip_prompt`` works), a space between chunks, and ``end()``
+    once the input's last chunk is done, where ``generate`` would end it after every chunk."""
+
+    def __init__(self, streamer: BaseStreamer, separator_ids: list[int]) -> None:
+        self.streamer = streamer
+        self.separator = torch.tensor(separator_ids, dtype=torch.long)
+        self.chunks_started = 0
+        self.at_prompt = True  # generate's first put of a chunk is its prompt
+        self.open = True
+
+    def start_input(self) -> None:
+        self.open, self.chunks_started, self.at_prompt = True, 0, True
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.at_prompt:
+            self.streamer.put(value)
+            return
+        self.at_prompt = False
+        if self.chunks_started == 0:
+            self.streamer.put(value)
+        elif len(self.separator):
+            self.streamer.put(self.separator)
+        self.chunks_started += 1
+
+    def end(self) -> None:
+        """One chunk's generate is done; the input's stream goes on."""
+        self.at_prompt = True
+
+    def finish(self) -> None:
+        """The input is done (or the call failed): end the user's stream, once."""
+        if self.open:
+            self.streamer.end()
+        self.open = False
 
 
 class TinyAudioASRPipeline(AutomaticSpeechRecognitionPipeline):
@@ -418,10 +476,13 @@ class TinyAudioASRPipeline(AutomaticSpeechRecognitionPipeline):
 
     Call options (besides the stock ones): ``sampling_rate`` (of bare array inputs), ``chunk_length_s`` (at most
     the encoder window, ``config.max_audio_seconds``), ``prompt`` (instruction instead of the default transcribe
-    prompt), ``return_timestamps=True`` (chunk-level ``chunks``) or ``"word"`` (a ``chunks`` entry per word, timed by
-    the model's CTC head), ``skip_errors=True`` (a bad input yields
-    ``{"text": "", "error": ...}`` instead of raising), ``loop_guard=False`` (keep degenerate repetition loops),
-    ``max_new_tokens`` / ``generate_kwargs`` (default budget: ``config.max_new_tokens_for(chunk seconds)``).
+    prompt), ``return_timestamps=True`` (chunk-level ``chunks``) or ``"word"`` (a ``chunks`` entry per word, timed
+    by the model's CTC head), ``skip_errors=True`` (a bad input yields ``{"text": "", "error": ...}`` instead of
+    raising), ``on_chunk`` (called with each chunk's ``{"input", "chunk", "text", "timestamp"[, "words"]}`` as soon
+    as it is transcribed), ``streamer`` (a ``generate`` streamer such as ``TextIteratorStreamer``, at batch size 1:
+    the text as it is decoded, one stream per input however many chunks it has; decoding is then greedy unless
+    ``num_beams`` is given), ``loop_guard=False`` (keep degenerate repetition loops), ``max_new_tokens`` /
+    ``generate_kwargs`` (default budget: ``config.max_new_tokens_for(chunk seconds)``).
     Construction option: ``merge_lora=True`` folds the LoRA adapters into the LLM for faster serving; the model
     then cannot train again (load it anew for that), so it is for a model the pipeline loaded itself.
     """
@@ -456,6 +517,7 @@ class TinyAudioASRPipeline(AutomaticSpeechRecognitionPipeline):
         sampling_rate: int | None = None,
         chunk_length_s: float | None = None,
         prompt: str | None = None,
+        on_chunk: Callable[[dict[str, Any]], None] | None = None,
         return_timestamps: bool | None = None,
         skip_errors: bool | None = None,
         loop_guard: bool | None = None,
@@ -476,6 +538,8 @@ class TinyAudioASRPipeline(AutomaticSpeechRecognitionPipeline):
             preprocess["prompt"] = prompt
         if skip_errors is not None:
             preprocess["skip_errors"] = skip_errors
+        if on_chunk is not None:
+            preprocess["on_chunk"] = on_chunk
         if return_timestamps not in (None, True, False, "word"):
             raise ValueError(
                 f"return_timestamps must be True (chunk times) or 'word' (word times), got {return_timestamps!r}"
@@ -547,9 +611,7 @@ class TinyAudioASRPipeline(AutomaticSpeechRecognitionPipeline):
         result: dict[str, Any] = {"text": " ".join(text for text in texts if text)}
         if return_timestamps == "word":
             result["chunks"] = [
-                {"text": word.text, "timestamp": (round(start + word.start, 3), round(start + word.end, 3))}
-                for index, (start, _) in enumerate(pending.chunks)
-                for word in pending.words[index]
+                word for index in range(len(pending.chunks)) for word in pending.word_entries(index)
             ]
         elif return_timestamps:
             result["chunks"] = [
@@ -573,9 +635,19 @@ class TinyAudioASRPipeline(AutomaticSpeechRecognitionPipeline):
         in batches of ``batch_size``; results come out in input order as soon as every chunk of an input is
         transcribed. Only one window of chunks is held at a time; at batch size 1 a window is one chunk, since
         sorting only saves padding inside a batch."""
-        preprocess_params = dict(preprocess_params)
+        preprocess_params, forward_params = dict(preprocess_params), dict(forward_params)
         skip_errors = preprocess_params.pop("skip_errors", False)
         prompt = preprocess_params.pop("prompt", None)
+        on_chunk = preprocess_params.pop("on_chunk", None)
+        streamer = None
+        if forward_params.get("streamer") is not None:
+            if batch_size > 1:
+                raise ValueError(
+                    "a streamer follows one sequence at a time: call the pipeline with batch_size=1"
+                )
+            separator = self.tokenizer(" ", add_special_tokens=False)["input_ids"]
+            streamer = forward_params["streamer"] = InputStreamer(forward_params["streamer"], separator)
+            forward_params.setdefault("num_beams", 1)  # generate streams greedy and sampled decoding only
         order: deque[_Pending] = deque()
         window: list[tuple[_Pending, int, AudioChunk]] = []
         window_size = batch_size * SORT_WINDOW_BATCHES if batch_size > 1 else 1
@@ -590,29 +662,39 @@ class TinyAudioASRPipeline(AutomaticSpeechRecognitionPipeline):
                     pending.texts[index] = outputs["text"][row]
                     if "words" in outputs:
                         pending.words[index] = outputs["words"][row]
+                    if on_chunk is not None:
+                        on_chunk(pending.chunk_entry(index, with_words="words" in outputs))
             window.clear()
 
         def drain() -> Iterator[dict[str, Any]]:
             while order and order[0].complete:
                 yield self.postprocess(order.popleft(), **postprocess_params)
 
-        for source in inputs:
-            pending = _Pending()
-            order.append(pending)
-            try:
-                for chunk in self.preprocess(source, **preprocess_params):
-                    pending.chunks.append((chunk.start, chunk.end))
-                    window.append((pending, len(pending.chunks) - 1, chunk))
-                    if len(window) >= window_size:
-                        run_window()
-                        yield from drain()
-            except AudioInputError as error:
-                if not skip_errors:
-                    raise
-                pending.error = str(error)
-                window[:] = [item for item in window if item[0] is not pending]
-            pending.done_reading = True
+        try:
+            for position, source in enumerate(inputs):
+                pending = _Pending(position)
+                order.append(pending)
+                if streamer is not None:
+                    streamer.start_input()
+                try:
+                    for chunk in self.preprocess(source, **preprocess_params):
+                        pending.chunks.append((chunk.start, chunk.end))
+                        window.append((pending, len(pending.chunks) - 1, chunk))
+                        if len(window) >= window_size:
+                            run_window()
+                            yield from drain()
+                except AudioInputError as error:
+                    if not skip_errors:
+                        raise
+                    pending.error = str(error)
+                    window[:] = [item for item in window if item[0] is not pending]
+                pending.done_reading = True
+                if streamer is not None:  # at batch size 1 every chunk of the input has been transcribed
+                    streamer.finish()
+                yield from drain()
+            if window:
+                run_window()
             yield from drain()
-        if window:
-            run_window()
-        yield from drain()
+        finally:  # a consumer waiting on the streamer must not wait forever when a call fails
+            if streamer is not None:
+                streamer.finish()
