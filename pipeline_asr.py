@@ -10,7 +10,9 @@
 * batches chunks of one or many inputs into a single `generate` call, with left-padded prompts, grouping chunks of
   similar length from a window of a few batches so that short clips do not pay for a long one's padding;
 * scales `max_new_tokens` with chunk duration and stops degenerate repetition loops;
-* reports unreadable inputs with one clear error naming the input, or (``skip_errors=True``) as an error entry.
+* reports unreadable inputs with one clear error naming the input, or (``skip_errors=True``) as an error entry;
+* optionally (``skip_non_speech=True``) gives chunks without speech empty text instead of sending them to the model,
+  which otherwise reads words into silence and noise.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import warnings
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -44,6 +47,8 @@ CUT_SMOOTH_FRAMES = 5
 # Chunks held and sorted by length before batching, in batches: a prompt carries ~12 audio tokens per second, so a
 # batch of short clips with one 30 s chunk would otherwise run every row at the long one's length.
 SORT_WINDOW_BATCHES = 4
+# A chunk counts as speech when the voice-activity detector finds at least this much of it (Silero's default).
+MIN_SPEECH_MS = 250
 
 
 class AudioInputError(ValueError):
@@ -255,6 +260,47 @@ def iter_chunks(
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Voice activity: chunks without speech are not transcribed
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class SpeechDetector:
+    """Silero VAD (the `silero-vad` package, whose small model ships inside the wheel: nothing is downloaded).
+
+    An energy or spectral-flatness rule would pass loud noise or reject quiet speech; a trained detector does
+    neither, at about 15 ms of one CPU core per second of audio.
+    """
+
+    def __init__(self) -> None:
+        threads = torch.get_num_threads()
+        try:
+            import silero_vad
+        except ImportError as error:
+            raise ImportError(
+                "skip_non_speech=True needs the `silero-vad` package: pip install silero-vad"
+            ) from error
+        finally:
+            torch.set_num_threads(
+                threads
+            )  # importing silero_vad sets torch to one thread for the whole process
+        with warnings.catch_warnings():  # its loader uses APIs that torch and importlib mark deprecated
+            warnings.simplefilter("ignore", DeprecationWarning)
+            self._model = silero_vad.load_silero_vad()
+        self._speech_timestamps = silero_vad.get_speech_timestamps
+
+    def has_speech(self, samples: np.ndarray, rate: int) -> bool:
+        """True when the clip holds at least ``MIN_SPEECH_MS`` of speech; ``rate`` is 16 kHz or 8 kHz."""
+        with torch.inference_mode():
+            spans = self._speech_timestamps(
+                torch.from_numpy(samples),
+                self._model,
+                sampling_rate=rate,
+                min_speech_duration_ms=MIN_SPEECH_MS,
+            )
+        return bool(spans)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Repetition-loop guard
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -348,7 +394,9 @@ class TinyAudioASRPipeline(AutomaticSpeechRecognitionPipeline):
     Call options (besides the stock ones): ``sampling_rate`` (of bare array inputs), ``chunk_length_s`` (at most
     the encoder window, ``config.max_audio_seconds``), ``prompt`` (instruction instead of the default transcribe
     prompt), ``return_timestamps=True`` (chunk-level ``chunks``), ``skip_errors=True`` (a bad input yields
-    ``{"text": "", "error": ...}`` instead of raising), ``loop_guard=False`` (keep degenerate repetition loops),
+    ``{"text": "", "error": ...}`` instead of raising), ``skip_non_speech=True`` (chunks in which a voice-activity
+    detector finds no speech give empty text without reaching the model; needs ``silero-vad``; off by default, so
+    transcripts stay the model's own), ``loop_guard=False`` (keep degenerate repetition loops),
     ``max_new_tokens`` / ``generate_kwargs`` (default budget: ``config.max_new_tokens_for(chunk seconds)``).
     Construction option: ``merge_lora=True`` folds the LoRA adapters into the LLM for faster serving; the model
     then cannot train again (load it anew for that), so it is for a model the pipeline loaded itself.
@@ -386,6 +434,7 @@ class TinyAudioASRPipeline(AutomaticSpeechRecognitionPipeline):
         prompt: str | None = None,
         return_timestamps: bool | None = None,
         skip_errors: bool | None = None,
+        skip_non_speech: bool | None = None,
         loop_guard: bool | None = None,
         generate_kwargs: dict | None = None,
         **kwargs: Any,
@@ -404,6 +453,8 @@ class TinyAudioASRPipeline(AutomaticSpeechRecognitionPipeline):
             preprocess["prompt"] = prompt
         if skip_errors is not None:
             preprocess["skip_errors"] = skip_errors
+        if skip_non_speech:
+            preprocess["speech_detector"] = self._speech_detector()
         if return_timestamps not in (None, True, False):
             raise ValueError("Tiny Audio gives chunk-level timestamps only: use return_timestamps=True")
         forward = {**(generate_kwargs or {}), **kwargs}
@@ -411,6 +462,12 @@ class TinyAudioASRPipeline(AutomaticSpeechRecognitionPipeline):
             forward["loop_guard"] = loop_guard
         postprocess = {} if return_timestamps is None else {"return_timestamps": return_timestamps}
         return preprocess, forward, postprocess
+
+    def _speech_detector(self) -> SpeechDetector:
+        """Loaded on first use and kept: most callers never ask for it."""
+        if getattr(self, "_detector", None) is None:
+            self._detector = SpeechDetector()
+        return self._detector
 
     # -- pieces of the stream ------------------------------------------------------------------------------------
 
@@ -479,6 +536,7 @@ class TinyAudioASRPipeline(AutomaticSpeechRecognitionPipeline):
         preprocess_params = dict(preprocess_params)
         skip_errors = preprocess_params.pop("skip_errors", False)
         prompt = preprocess_params.pop("prompt", None)
+        detector: SpeechDetector | None = preprocess_params.pop("speech_detector", None)
         order: deque[_Pending] = deque()
         window: list[tuple[_Pending, int, AudioChunk]] = []
         window_size = batch_size * SORT_WINDOW_BATCHES if batch_size > 1 else 1
@@ -503,6 +561,11 @@ class TinyAudioASRPipeline(AutomaticSpeechRecognitionPipeline):
             try:
                 for chunk in self.preprocess(source, **preprocess_params):
                     pending.chunks.append((chunk.start, chunk.end))
+                    if detector is not None and not detector.has_speech(
+                        chunk.samples, self.processor.sampling_rate
+                    ):
+                        pending.texts[len(pending.chunks) - 1] = ""
+                        continue
                     window.append((pending, len(pending.chunks) - 1, chunk))
                     if len(window) >= window_size:
                         run_window()
