@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import inspect
 import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -170,6 +171,11 @@ def create_app(
     skip_non_speech: bool = True,
 ) -> FastAPI:
     """The FastAPI app serving ``pipe``; its batch worker runs while the app does (lifespan)."""
+    if skip_non_speech and "skip_non_speech" not in inspect.signature(pipe._sanitize_parameters).parameters:
+        raise ValueError(
+            "this checkpoint's pipeline code predates the voice-activity check (skip_non_speech): save the model "
+            "again with the current code, or serve it with --keep-non-speech"
+        )
     transcriber = Transcriber(pipe, limits, skip_non_speech)
     queue = BatchQueue(transcriber.run_batch, max_batch)
 

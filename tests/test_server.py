@@ -3,11 +3,6 @@
 from __future__ import annotations
 
 import io
-import os
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -17,28 +12,21 @@ import numpy as np
 import openai
 import pytest
 import soundfile as sf
-from conftest import REPO_ROOT
 from tiny_models import make_tiny_tiny_audio
 
+from benchmarks.bench_server import free_port, start_server
 from serving.batching import AllCancelled, BatchQueue, DecodeOptions, Job, JobCancelled
 
 RATE = 16000
 MAX_UPLOAD_MB = 1
 MAX_AUDIO_SECONDS = 20
 MAX_PROMPT_TOKENS = 16
-STARTUP_LIMIT_SECONDS = 300  # a bound on waiting for the server, not a speed claim
 
 
 def wav_bytes(audio: np.ndarray, rate: int = RATE) -> bytes:
     buffer = io.BytesIO()
     sf.write(buffer, audio, rate, format="WAV", subtype="PCM_16")
     return buffer.getvalue()
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -55,37 +43,17 @@ def model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(model_dir, tmp_path_factory) -> Iterator[str]:
-    """`python -m serving.server` (what `tiny-audio-serve` runs) on a free port; yields its base URL."""
+    """A server process on a free port of 127.0.0.1, with small limits; yields its base URL."""
     port = free_port()
-    log = tmp_path_factory.mktemp("server-log") / "server.log"
-    command = [
-        sys.executable,
-        "-m",
-        "serving.server",
-        str(model_dir),
-        f"--port={port}",
+    limits = [
         f"--max-upload-mb={MAX_UPLOAD_MB}",
         f"--max-audio-seconds={MAX_AUDIO_SECONDS}",
         f"--max-prompt-tokens={MAX_PROMPT_TOKENS}",
     ]
-    env = os.environ | {"HF_HUB_OFFLINE": "1"}
-    with open(log, "w") as output:
-        process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=output, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + STARTUP_LIMIT_SECONDS
-    try:
-        while True:
-            assert process.poll() is None, f"the server exited: {log.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, f"the server did not start: {log.read_text()[-3000:]}"
-            try:
-                if httpx.get(f"{url}/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.5)
-        yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=60)
+    process = start_server(model_dir, port, limits, tmp_path_factory.mktemp("server-log") / "server.log")
+    yield f"http://127.0.0.1:{port}"
+    process.terminate()
+    process.wait(timeout=60)
 
 
 @pytest.fixture(scope="module")
