@@ -10,6 +10,8 @@
 * batches chunks of one or many inputs into a single `generate` call, with left-padded prompts, grouping chunks of
   similar length from a window of a few batches so that short clips do not pay for a long one's padding;
 * scales `max_new_tokens` with chunk duration and stops degenerate repetition loops;
+* times each word (``return_timestamps="word"``) by CTC forced alignment of the text to the audio frames over the
+  model's CTC head;
 * reports unreadable inputs with one clear error naming the input, or (``skip_errors=True``) as an error entry;
 * optionally (``skip_non_speech=True``) gives chunks without speech empty text instead of sending them to the model,
   which otherwise reads words into silence and noise.
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import shutil
 import warnings
 from collections import deque
@@ -33,8 +36,10 @@ import torch
 from transformers import AutomaticSpeechRecognitionPipeline, StoppingCriteria, StoppingCriteriaList
 
 try:
+    from .modeling_tiny_audio import NO_CTC_HEAD
     from .processing_tiny_audio import TinyAudioProcessor
 except ImportError:
+    from modeling_tiny_audio import NO_CTC_HEAD
     from processing_tiny_audio import TinyAudioProcessor
 
 # Blocks read from a file per step; bounds memory while streaming a long recording.
@@ -49,6 +54,9 @@ CUT_SMOOTH_FRAMES = 5
 SORT_WINDOW_BATCHES = 4
 # A chunk counts as speech when the voice-activity detector finds at least this much of it (Silero's default).
 MIN_SPEECH_MS = 250
+# CTC puts a token on one or two frames (a spike), often at its start: a word's end is taken as the next word's
+# start, but at most this many frames after its own last token, so a pause after it is not counted as the word.
+WORD_END_SLACK_FRAMES = 3
 
 
 class AudioInputError(ValueError):
@@ -370,6 +378,68 @@ def trim_repetition_loop(tokens: list[int]) -> list[int]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Word timestamps: the CTC head's token frames, merged into words
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TimedWord:
+    """A word and its time in seconds from its chunk's start (a dataclass: the pipeline's device move rebuilds
+    tuples, NamedTuples included, as plain ones)."""
+
+    text: str
+    start: float
+    end: float
+
+
+def timed_words(
+    tokenizer: Any,
+    tokens: list[int],
+    frames: list[tuple[int, int] | None] | None,
+    frame_seconds: float,
+    duration: float,
+) -> list[TimedWord]:
+    """The whitespace-separated words of the decoded ``tokens``, each timed from the frames of the tokens it is made
+    of (``frames`` from the model's ``ctc_token_frames``). A word runs from its first token's first frame to just
+    before the next word starts, unless that is more than `WORD_END_SLACK_FRAMES` past its last token (a pause).
+
+    Without frames (the text holds more tokens than the audio has frames), the words share ``duration`` by length.
+    """
+    # Character offsets of each token in the decoded text: byte-level tokens may split a character, so decode
+    # prefixes rather than single tokens.
+    ends = [len(tokenizer.decode(tokens[: i + 1], skip_special_tokens=True)) for i in range(len(tokens))]
+    text = tokenizer.decode(tokens, skip_special_tokens=True)
+    words = [(match.group(), match.start(), match.end()) for match in re.finditer(r"\S+", text)]
+    if frames is None:
+        total = sum(len(word) for word, _, _ in words) or 1
+        timed, elapsed = [], 0.0
+        for word, _, _ in words:
+            share = duration * len(word) / total
+            timed.append(TimedWord(word, elapsed, elapsed + share))
+            elapsed += share
+        return timed
+    spans: list[tuple[int, int]] = []
+    for _, first_char, last_char in words:
+        inside = [
+            span
+            for span, end, start in zip(frames, ends, [0, *ends[:-1]], strict=True)
+            if span is not None and start < last_char and end > first_char
+        ]
+        # Every word holds a non-blank token; the fallback only guards odd decodings of split characters.
+        spans.append(
+            (min(s[0] for s in inside), max(s[1] for s in inside)) if inside else (spans or [(0, 0)])[-1]
+        )
+    timed = []
+    for (word, _, _), (first, last), following in zip(words, spans, [*spans[1:], None], strict=True):
+        end = last + 1 + WORD_END_SLACK_FRAMES
+        if following is not None:
+            end = min(end, following[0])
+        end = max(end, first + 1)
+        timed.append(TimedWord(word, first * frame_seconds, min(end * frame_seconds, duration)))
+    return timed
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Pipeline
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -380,6 +450,7 @@ class _Pending:
 
     chunks: list[tuple[float, float]] = field(default_factory=list)
     texts: dict[int, str] = field(default_factory=dict)
+    words: dict[int, list[TimedWord]] = field(default_factory=dict)
     done_reading: bool = False
     error: str | None = None
 
@@ -393,10 +464,11 @@ class TinyAudioASRPipeline(AutomaticSpeechRecognitionPipeline):
 
     Call options (besides the stock ones): ``sampling_rate`` (of bare array inputs), ``chunk_length_s`` (at most
     the encoder window, ``config.max_audio_seconds``), ``prompt`` (instruction instead of the default transcribe
-    prompt), ``return_timestamps=True`` (chunk-level ``chunks``), ``skip_errors=True`` (a bad input yields
-    ``{"text": "", "error": ...}`` instead of raising), ``skip_non_speech=True`` (chunks in which a voice-activity
-    detector finds no speech give empty text without reaching the model; needs ``silero-vad``; off by default, so
-    transcripts stay the model's own), ``loop_guard=False`` (keep degenerate repetition loops),
+    prompt), ``return_timestamps=True`` (chunk-level ``chunks``) or ``"word"`` (a ``chunks`` entry per word, timed by
+    the model's CTC head), ``skip_errors=True`` (a bad input yields ``{"text": "", "error": ...}`` instead of
+    raising), ``skip_non_speech=True`` (chunks in which a voice-activity detector finds no speech give empty text
+    without reaching the model; needs ``silero-vad``; off by default, so transcripts stay the model's own),
+    ``loop_guard=False`` (keep degenerate repetition loops),
     ``max_new_tokens`` / ``generate_kwargs`` (default budget: ``config.max_new_tokens_for(chunk seconds)``).
     Construction option: ``merge_lora=True`` folds the LoRA adapters into the LLM for faster serving; the model
     then cannot train again (load it anew for that), so it is for a model the pipeline loaded itself.
@@ -455,11 +527,17 @@ class TinyAudioASRPipeline(AutomaticSpeechRecognitionPipeline):
             preprocess["skip_errors"] = skip_errors
         if skip_non_speech:
             preprocess["speech_detector"] = self._speech_detector()
-        if return_timestamps not in (None, True, False):
-            raise ValueError("Tiny Audio gives chunk-level timestamps only: use return_timestamps=True")
+        if return_timestamps not in (None, True, False, "word"):
+            raise ValueError(
+                f"return_timestamps must be True (chunk times) or 'word' (word times), got {return_timestamps!r}"
+            )
         forward = {**(generate_kwargs or {}), **kwargs}
         if loop_guard is not None:
             forward["loop_guard"] = loop_guard
+        if return_timestamps == "word":
+            if self.model.config.ctc_blank_token_id is None:
+                raise ValueError(f"return_timestamps='word': {NO_CTC_HEAD}")
+            forward["word_timestamps"] = True
         postprocess = {} if return_timestamps is None else {"return_timestamps": return_timestamps}
         return preprocess, forward, postprocess
 
@@ -491,8 +569,12 @@ class TinyAudioASRPipeline(AutomaticSpeechRecognitionPipeline):
         return batch
 
     def _forward(
-        self, model_inputs: dict[str, Any], loop_guard: bool = True, **generate_kwargs: Any
-    ) -> dict[str, list[str]]:
+        self,
+        model_inputs: dict[str, Any],
+        loop_guard: bool = True,
+        word_timestamps: bool = False,
+        **generate_kwargs: Any,
+    ) -> dict[str, list]:
         # Without max_new_tokens, the model's generate sizes the budget from the longest chunk in the batch.
         generate_kwargs = self._prepare_generate_kwargs(generate_kwargs)
         criteria = StoppingCriteriaList(generate_kwargs.pop("stopping_criteria", []))
@@ -504,14 +586,29 @@ class TinyAudioASRPipeline(AutomaticSpeechRecognitionPipeline):
         cleaned = [[t for t in row if t not in special] for row in new_tokens.tolist()]
         if loop_guard:
             cleaned = [trim_repetition_loop(tokens) for tokens in cleaned]
-        return {"text": self.processor.batch_decode(cleaned, skip_special_tokens=True)}
+        outputs: dict[str, list] = {"text": self.processor.batch_decode(cleaned, skip_special_tokens=True)}
+        if word_timestamps:
+            features_mask = model_inputs["input_features_mask"]
+            frames = self.model.ctc_token_frames(model_inputs["input_features"], features_mask, cleaned)
+            durations = self.model.feature_seconds(features_mask).tolist()
+            outputs["words"] = [
+                timed_words(self.tokenizer, tokens, spans, self.model.config.audio_token_seconds, duration)
+                for tokens, spans, duration in zip(cleaned, frames, durations, strict=True)
+            ]
+        return outputs
 
     def postprocess(self, pending: _Pending, return_timestamps: bool = False) -> dict[str, Any]:  # type: ignore[override]
         if pending.error is not None:
             return {"text": "", "error": pending.error}
         texts = [pending.texts[i].strip() for i in range(len(pending.chunks))]
         result: dict[str, Any] = {"text": " ".join(text for text in texts if text)}
-        if return_timestamps:
+        if return_timestamps == "word":
+            result["chunks"] = [
+                {"text": word.text, "timestamp": (round(start + word.start, 3), round(start + word.end, 3))}
+                for index, (start, _) in enumerate(pending.chunks)
+                for word in pending.words[index]
+            ]
+        elif return_timestamps:
             result["chunks"] = [
                 {"text": text, "timestamp": (round(start, 3), round(end, 3))}
                 for text, (start, end) in zip(texts, pending.chunks, strict=True)
@@ -546,9 +643,11 @@ class TinyAudioASRPipeline(AutomaticSpeechRecognitionPipeline):
             for start in range(0, len(window), batch_size):
                 batch = window[start : start + batch_size]
                 model_inputs = self._collate([chunk for _, _, chunk in batch], prompt)
-                texts = self.forward(model_inputs, **forward_params)["text"]
-                for (pending, index, _), text in zip(batch, texts, strict=True):
-                    pending.texts[index] = text
+                outputs = self.forward(model_inputs, **forward_params)
+                for row, (pending, index, _) in enumerate(batch):
+                    pending.texts[index] = outputs["text"][row]
+                    if "words" in outputs:
+                        pending.words[index] = outputs["words"][row]
             window.clear()
 
         def drain() -> Iterator[dict[str, Any]]:
@@ -565,6 +664,7 @@ class TinyAudioASRPipeline(AutomaticSpeechRecognitionPipeline):
                         chunk.samples, self.processor.sampling_rate
                     ):
                         pending.texts[len(pending.chunks) - 1] = ""
+                        pending.words[len(pending.chunks) - 1] = []
                         continue
                     window.append((pending, len(pending.chunks) - 1, chunk))
                     if len(window) >= window_size:

@@ -525,3 +525,85 @@ def test_skip_non_speech_empties_only_the_chunks_without_speech(asr, speech):
     result = asr(long, skip_non_speech=True, return_timestamps=True, **VARIED)
     assert [chunk["text"] for chunk in result["chunks"]][1:] == [""] * (len(result["chunks"]) - 1)
     assert result["text"] == result["chunks"][0]["text"] != ""
+
+
+# ---- word timestamps from the CTC head -------------------------------------------------------------------------
+
+
+def brute_force_ctc_path(log_probs: torch.Tensor, targets: list[int], blank: int) -> list[int] | None:
+    """The best frame labelling that collapses to `targets`, by trying every labelling (tiny inputs only)."""
+    import itertools
+
+    best, best_score = None, -float("inf")
+    for labels in itertools.product(range(log_probs.shape[1]), repeat=log_probs.shape[0]):
+        collapsed = [
+            token for i, token in enumerate(labels) if token != blank and (i == 0 or labels[i - 1] != token)
+        ]
+        score = float(sum(log_probs[t, token] for t, token in enumerate(labels)))
+        if collapsed == targets and score > best_score:
+            best, best_score = list(labels), score
+    return best
+
+
+@pytest.mark.parametrize("targets", [[1, 2], [1, 1], [2, 1, 2], [1, 2, 1, 1]])
+def test_forced_alignment_finds_the_best_ctc_path(targets):
+    from modeling_tiny_audio import ctc_forced_align
+
+    generator = torch.Generator().manual_seed(len(targets))
+    log_probs = torch.randn(7, 3, generator=generator).log_softmax(-1)
+    labels = brute_force_ctc_path(log_probs, targets, blank=0)
+    spans = ctc_forced_align(log_probs, targets, blank=0)
+    # Each target's frames in the best labelling: consecutive runs of its token, in target order.
+    runs, previous = [], 0
+    for frame, token in enumerate(labels):
+        if token and token != previous:
+            runs.append([frame, frame])
+        elif token:
+            runs[-1][1] = frame
+        previous = token
+    assert spans == [tuple(run) for run in runs]
+
+
+def test_forced_alignment_of_a_text_longer_than_the_audio_is_none():
+    from modeling_tiny_audio import ctc_forced_align
+
+    log_probs = torch.zeros(3, 4).log_softmax(-1)
+    assert ctc_forced_align(log_probs, [1, 1, 2], blank=0) is None  # 1 _ 1 2 needs four frames
+    assert ctc_forced_align(log_probs, [1, 2, 3], blank=0) == [(0, 0), (1, 1), (2, 2)]
+
+
+@pytest.fixture
+def asr_with_ctc_head(asr):
+    asr.model.config.ctc_blank_token_id = asr.tokenizer(" ", add_special_tokens=False)["input_ids"][0]
+    yield asr
+    asr.model.config.ctc_blank_token_id = None
+
+
+def test_word_timestamps_are_absolute_across_chunks_at_any_batch_size(asr_with_ctc_head):
+    asr = asr_with_ctc_head
+    clips = [speech_with_pauses(seconds, seed=3)[0] for seconds in (41.0, 2.5)]
+    results = [asr(clip, return_timestamps="word", **VARIED) for clip in clips]
+    assert asr(clips, batch_size=3, return_timestamps="word", **VARIED) == results
+    long, short = results
+    for result, seconds in zip(results, (41.0, 2.5), strict=True):
+        words = result["chunks"]
+        assert [word["text"] for word in words] == result["text"].split()
+        times = [t for word in words for t in word["timestamp"]]
+        assert times == sorted(times) and 0 <= times[0] and times[-1] <= seconds
+        assert all(start < end for start, end in (word["timestamp"] for word in words))
+    # The second chunk's words are placed after the cut, in the input's time.
+    cut = asr(clips[0], return_timestamps=True, **VARIED)["chunks"][1]["timestamp"][0]
+    second_chunk_words = asr(clips[0][int(cut * RATE) :], return_timestamps="word", **VARIED)["chunks"]
+    assert second_chunk_words
+    for in_long, alone in zip(long["chunks"][-len(second_chunk_words) :], second_chunk_words, strict=True):
+        assert in_long["text"] == alone["text"]
+        assert in_long["timestamp"] == pytest.approx([t + cut for t in alone["timestamp"]], abs=1e-3)
+
+
+def test_word_timestamps_need_a_ctc_head(asr):
+    with pytest.raises(
+        ValueError, match="word timestamps come from the model's CTC head, and this checkpoint has none"
+    ):
+        asr(speech_with_pauses(2.0)[0], return_timestamps="word")
+    with pytest.raises(ValueError, match="return_timestamps must be True .* or 'word'"):
+        asr(speech_with_pauses(2.0)[0], return_timestamps="char")
