@@ -51,6 +51,7 @@ HUB_CODE_FILES = (
     "modeling_tiny_audio.py",
     "processing_tiny_audio.py",
     "pipeline_asr.py",
+    "handler.py",  # Inference Endpoints' custom handler
 )
 AUTO_MAP = {
     "AutoConfig": "configuration_tiny_audio.TinyAudioConfig",

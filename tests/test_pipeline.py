@@ -498,6 +498,35 @@ def test_merge_lora_serves_the_same_text_from_merged_weights(tmp_path):
     assert [text(merged, clip) for clip in clips] == [text(adapters, clip) for clip in clips]
 
 
+# ---- voice activity: no text for audio without speech ----------------------------------------------------------
+
+
+def non_speech(seconds: float = 5.0) -> dict[str, np.ndarray]:
+    """What the model used to read words into: digital silence and loud white noise."""
+    noise = np.random.default_rng(0).standard_normal(int(seconds * RATE)).astype(np.float32) * 0.3
+    return {"zeros": np.zeros(int(seconds * RATE), dtype=np.float32), "white noise": noise}
+
+
+def test_speech_detector_tells_speech_from_silence_and_noise(speech):
+    from pipeline_asr import SpeechDetector
+
+    detector = SpeechDetector()
+    assert all(detector.has_speech(clip, RATE) for clip in speech)
+    assert not any(detector.has_speech(clip, RATE) for clip in non_speech().values())
+
+
+def test_skip_non_speech_empties_only_the_chunks_without_speech(asr, speech):
+    silence, noise = non_speech().values()
+    assert text(asr, silence) and text(asr, noise)  # off by default: the model reads words into them
+    assert text(asr, silence, skip_non_speech=True) == text(asr, noise, skip_non_speech=True) == ""
+    assert text(asr, speech[0], skip_non_speech=True) == text(asr, speech[0])
+    # A long file: the chunk of speech is transcribed, the 30 s of silence after it is not.
+    long = np.concatenate([speech[0], np.zeros(35 * RATE, dtype=np.float32)])
+    result = asr(long, skip_non_speech=True, return_timestamps=True, **VARIED)
+    assert [chunk["text"] for chunk in result["chunks"]][1:] == [""] * (len(result["chunks"]) - 1)
+    assert result["text"] == result["chunks"][0]["text"] != ""
+
+
 # ---- word timestamps from the CTC head -------------------------------------------------------------------------
 
 
