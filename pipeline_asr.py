@@ -604,8 +604,12 @@ class TinyAudioASRPipeline(AutomaticSpeechRecognitionPipeline):
         result: dict[str, Any] = {"text": " ".join(text for text in texts if text)}
         if return_timestamps == "word":
             result["chunks"] = [
-                {"text": word.text, "timestamp": (round(start + word.start, 3), round(start + word.end, 3))}
-                for index, (start, _) in enumerate(pending.chunks)
+                # the model's durations count whole feature frames: a word ends no later than its chunk
+                {
+                    "text": word.text,
+                    "timestamp": (round(start + word.start, 3), round(min(start + word.end, end), 3)),
+                }
+                for index, (start, end) in enumerate(pending.chunks)
                 for word in pending.words[index]
             ]
         elif return_timestamps:
