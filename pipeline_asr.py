@@ -458,9 +458,13 @@ class _Pending:
 
     def word_entries(self, index: int) -> list[dict[str, Any]]:
         """Chunk ``index``'s words as ``{"text", "timestamp"}`` in the input's time (none for a chunk not timed)."""
-        start = self.chunks[index][0]
+        start, end = self.chunks[index]
+        # the model's durations count whole feature frames: a word ends no later than its chunk
         return [
-            {"text": word.text, "timestamp": (round(start + word.start, 3), round(start + word.end, 3))}
+            {
+                "text": word.text,
+                "timestamp": (round(start + word.start, 3), round(min(start + word.end, end), 3)),
+            }
             for word in self.words.get(index, [])
         ]
 
