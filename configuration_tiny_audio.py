@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
@@ -55,6 +57,12 @@ def encoder_frame_lengths(feature_lengths: torch.Tensor, conv_layers: ConvLayers
 def projector_token_lengths(encoder_lengths: torch.Tensor, downsample: int) -> torch.Tensor:
     """Audio tokens the projector makes from real encoder frames (its strided conv rounds up)."""
     return torch.div(encoder_lengths + downsample - 1, downsample, rounding_mode="floor")
+
+
+def feature_frames_per_token(conv_layers: ConvLayers, downsample: int) -> int:
+    """Feature frames one audio token advances by: the stride of `audio_token_lengths` (its convolutions' strides
+    times the projector's downsampling), so token i covers feature frames [i * this, (i + 1) * this)."""
+    return math.prod(stride for _, stride, _ in conv_layers) * downsample
 
 
 @strict
@@ -186,6 +194,20 @@ class TinyAudioConfig(PreTrainedConfig):
         """Encoder layers that stay frozen: their output is what the training feature cache stores."""
         return self.audio_config.num_hidden_layers - self.encoder_trainable_layers
 
+    @property
+    def feature_frame_seconds(self) -> float:
+        """Audio time one feature frame stands for: a Whisper mel frame (hop of 160 samples) or one raw sample."""
+        hop = 160 if self.audio_config.model_type == "whisper" else 1
+        return hop / self.sampling_rate
+
+    @property
+    def audio_token_seconds(self) -> float:
+        """Audio time one audio token (one projected frame, one CTC frame) covers: 80 ms for Whisper with the
+        default downsampling."""
+        return self.feature_frame_seconds * feature_frames_per_token(
+            self.encoder_conv_layers, self.projector_downsample
+        )
+
     def max_new_tokens_for(self, audio_seconds: float) -> int:
         """Generation budget for a clip: grows with its duration so long speech is never cut short."""
         return int(self.min_new_tokens + self.max_new_tokens_per_second * audio_seconds)
@@ -196,5 +218,6 @@ __all__ = [
     "audio_token_lengths",
     "encoder_conv_layers",
     "encoder_frame_lengths",
+    "feature_frames_per_token",
     "projector_token_lengths",
 ]

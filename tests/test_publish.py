@@ -4,13 +4,16 @@ and the Hub client receives that folder (HfApi's network calls are the only stan
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import soundfile as sf
-from conftest import pipeline_in_fresh_process, speech_like
+from conftest import HIDE_REPO_PRELUDE, pipeline_in_fresh_process, speech_like
 from huggingface_hub import HfApi, ModelCard, metadata_load
 
 from publish.card import build_card, read_results, validate_card
@@ -76,6 +79,7 @@ EXPECTED_FILES = [
     "configuration_tiny_audio.py",
     "example.flac",
     "generation_config.json",
+    "handler.py",
     "model.safetensors",
     "modeling_tiny_audio.py",
     "pipeline_asr.py",
@@ -113,6 +117,10 @@ def test_push_uploads_a_folder_that_serves_from_a_fresh_process(
     assert f"{sum(p.numel() for p in projector.parameters()):,} trainable parameters" in card.text
     assert "holds just those weights" in card.text
     assert "| decoding | beam search (2 beams) |" in card.text
+    assert (
+        "holds `handler.py`" in card.text
+        and "widget on this page answers only through such an Endpoint" in card.text
+    )
 
     assert pipeline_in_fresh_process(hub.stored, hub.stored / "example.flac", tmp_path, **VARIED).strip()
 
@@ -510,3 +518,44 @@ def test_an_averaged_checkpoint_card_names_what_it_averages(inputs, tmp_path):
     )
     assert (facts["optimizer steps"], facts["final training loss"]) == ("5", "2.2500")
     assert training_facts(tmp_path / "earlier") == []  # no record and no Trainer state: nothing to say
+
+
+HANDLER_SCRIPT = (
+    HIDE_REPO_PRELUDE
+    + """
+import base64, importlib.util, json
+folder, clip = sys.argv[1], sys.argv[2]
+# What Inference Endpoints do: load handler.py from the repository's root, build it with the folder, call it.
+spec = importlib.util.spec_from_file_location("handler", f"{folder}/handler.py")
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+handler = module.EndpointHandler(folder)
+audio = open(clip, "rb").read()
+options = {"generate_kwargs": {"no_repeat_ngram_size": 1, "max_new_tokens": 8}}
+raw = handler({"inputs": audio, "parameters": options})
+encoded = handler({"inputs": base64.b64encode(audio).decode(), "parameters": {**options, "return_timestamps": True}})
+try:
+    handler({"inputs": "not base64!"})
+    refused = None
+except ValueError as error:
+    refused = str(error)
+print(json.dumps({"raw": raw, "encoded": encoded, "refused": refused}))
+"""
+)
+
+
+def test_endpoint_handler_serves_audio_bytes_from_a_fresh_process(tiny_model_dir, tmp_path):
+    """The saved folder's handler.py, as Inference Endpoints run it: another process, no repository, Hub offline."""
+    from transformers import pipeline
+
+    sf.write(tmp_path / "clip.wav", speech_like(2.0), RATE)
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"} | {"HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-c", HANDLER_SCRIPT, tiny_model_dir, str(tmp_path / "clip.wav")]
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    local = pipeline("automatic-speech-recognition", model=tiny_model_dir, trust_remote_code=True)
+    expected = local(str(tmp_path / "clip.wav"), **VARIED)["text"]
+    assert expected and result["raw"] == {"text": expected}
+    assert result["encoded"]["text"] == expected and result["encoded"]["chunks"][0]["timestamp"] == [0.0, 2.0]
+    assert "'inputs' is a string but not base64-encoded audio" in result["refused"]
