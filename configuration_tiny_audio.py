@@ -71,7 +71,8 @@ class TinyAudioConfig(PreTrainedConfig):
 
     `audio_config` / `text_config` describe the encoder and the LLM (any encoder/causal-LM config, rebuilt
     through `AutoConfig`); `audio_model_id` / `text_model_id` say where their pretrained weights live (a Hub id
-    or a local folder), so a checkpoint only needs to store the projector.
+    or a local folder), so a checkpoint only needs to store the projector; `audio_model_revision` /
+    `text_model_revision` pin the commits it was trained on.
     """
 
     model_type = "tiny_audio"
@@ -110,6 +111,9 @@ class TinyAudioConfig(PreTrainedConfig):
     text_config: dict | PreTrainedConfig | None = None
     audio_model_id: str = DEFAULT_AUDIO_MODEL_ID
     text_model_id: str = DEFAULT_TEXT_MODEL_ID
+    # The commits of those Hub repositories the model was built on (None: a local folder, or the default branch).
+    audio_model_revision: str | None = None
+    text_model_revision: str | None = None
     # Projector: strided 1-D convolution (time / projector_downsample), then Linear -> act -> Linear.
     projector_downsample: int = 4
     projector_hidden_size: int | None = None

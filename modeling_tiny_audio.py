@@ -27,6 +27,7 @@ from transformers.activations import ACT2FN
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.whisper.modeling_whisper import WhisperEncoder, _compute_mask_indices
 from transformers.utils import SAFE_WEIGHTS_NAME, cached_file
+from transformers.utils.hub import resolve_revision
 
 try:
     from .configuration_tiny_audio import (
@@ -79,14 +80,59 @@ NO_CTC_HEAD = (
 PREFILL_ONLY_INPUTS = ("encoder_hidden_states", "encoder_mask")
 
 
-def load_audio_encoder(model_id: str, dtype: torch.dtype | None = None, **hub_kwargs) -> PreTrainedModel:
+# Where and how files are fetched: these apply to the encoder's and the LLM's repositories as to the checkpoint's.
+HUB_OPTIONS = ("cache_dir", "force_download", "local_files_only", "token")
+# How the frozen towers are built; `device_map` is split between them (`split_device_map`).
+TOWER_OPTIONS = ("attn_implementation", "quantization_config", "offload_folder")
+MODEL_PARTS = ("audio_tower", "multi_modal_projector", "language_model")
+
+
+def load_audio_encoder(model_id: str, dtype: torch.dtype | None = None, **load_options) -> PreTrainedModel:
     """Loads only the encoder of a pretrained speech model (Whisper's decoder is dropped)."""
-    config = AutoConfig.from_pretrained(model_id, **hub_kwargs)
+    hub_options = {key: value for key, value in load_options.items() if key in (*HUB_OPTIONS, "revision")}
+    config = AutoConfig.from_pretrained(model_id, **hub_options)
     if config.model_type == "whisper":
         return WhisperSpeechEncoder.from_pretrained(
-            model_id, dtype=dtype, key_mapping={r"^model\.encoder\.": ""}, **hub_kwargs
+            model_id, dtype=dtype, key_mapping={r"^model\.encoder\.": ""}, **load_options
         )
-    return AutoModel.from_pretrained(model_id, dtype=dtype, **hub_kwargs)
+    return AutoModel.from_pretrained(model_id, dtype=dtype, **load_options)
+
+
+def pinned_revision(model_id: str, revision: str | None, hub_options: dict) -> str | None:
+    """The commit a Hub repository's ``revision`` (None: its default branch) points to now, so the config can
+    record it; the revision as given when it cannot be resolved, and None for a local folder."""
+    resolved = resolve_revision(model_id, revision, **hub_options)
+    return getattr(resolved, "resolved", None) or revision
+
+
+def split_device_map(
+    device_map: str | dict | None,
+) -> tuple[str | dict | None, str | dict | None, str | None]:
+    """The encoder's and the LLM's device maps and the projector's device, from a device map of the whole model.
+
+    A string ("auto", "cuda:0"...) applies to each tower (the projector then follows the LLM's embeddings). A dict
+    names modules of this model ("audio_tower", "language_model.model.layers.3", "" for all of it).
+    """
+    if not isinstance(device_map, dict):
+        return device_map, device_map, None
+    parts: dict[str, dict] = {name: {} for name in MODEL_PARTS}
+    for key, device in device_map.items():
+        name, _, rest = key.partition(".")
+        if key == "":
+            for part in parts.values():
+                part[""] = device
+        elif name in parts:
+            parts[name][rest] = device
+        else:
+            raise ValueError(
+                f"device_map key {key!r} is not in this model: its modules are {', '.join(MODEL_PARTS)}"
+            )
+    missing = [name for name, part in parts.items() if not part]
+    if missing:
+        raise ValueError(f"device_map places no module of {', '.join(missing)}")
+    if set(parts["multi_modal_projector"]) != {""}:
+        raise ValueError("device_map must place the projector whole: {'multi_modal_projector': device}")
+    return parts["audio_tower"], parts["language_model"], parts["multi_modal_projector"][""]
 
 
 class WhisperSpeechEncoder(WhisperEncoder):
@@ -266,39 +312,82 @@ class TinyAudioForConditionalGeneration(TinyAudioPreTrainedModel, GenerationMixi
         audio_model_id: str,
         text_model_id: str,
         dtype: torch.dtype | None = None,
-        **config_kwargs,
+        device_map: str | dict | None = None,
+        **kwargs,
     ) -> TinyAudioForConditionalGeneration:
-        """A new model from a pretrained encoder and LLM (Hub ids or local folders), with a fresh projector."""
-        audio_tower = load_audio_encoder(audio_model_id, dtype=dtype)
-        language_model = AutoModelForCausalLM.from_pretrained(text_model_id, dtype=dtype)
-        if config_kwargs.get("audio_token_id") is None:
-            audio_token = config_kwargs.get("audio_token", TinyAudioConfig.audio_token)
-            config_kwargs["audio_token_id"] = add_audio_token(
-                AutoTokenizer.from_pretrained(text_model_id), audio_token
+        """A new model from a pretrained encoder and LLM (Hub ids or local folders), with a fresh projector.
+
+        ``kwargs`` are config fields, and the load options of `from_pretrained` (``HUB_OPTIONS``, ``TOWER_OPTIONS``)
+        for both towers. The config records the commit of each Hub repository loaded (``audio_model_revision`` /
+        ``text_model_revision``; give them to load another revision), so a saved checkpoint loads the same weights.
+        """
+        load_options = {key: kwargs.pop(key) for key in (*HUB_OPTIONS, *TOWER_OPTIONS) if key in kwargs}
+        hub_options = {key: value for key, value in load_options.items() if key in HUB_OPTIONS}
+        for key, model_id in (
+            ("audio_model_revision", audio_model_id),
+            ("text_model_revision", text_model_id),
+        ):
+            kwargs[key] = pinned_revision(str(model_id), kwargs.get(key), hub_options)
+        audio_tower, language_model, projector_device = cls._load_towers(
+            audio_model_id, text_model_id, kwargs, dtype, device_map, load_options
+        )
+        if kwargs.get("audio_token_id") is None:
+            audio_token = kwargs.get("audio_token", TinyAudioConfig.audio_token)
+            tokenizer = AutoTokenizer.from_pretrained(
+                text_model_id, revision=kwargs["text_model_revision"], **hub_options
             )
+            kwargs["audio_token_id"] = add_audio_token(tokenizer, audio_token)
         config = TinyAudioConfig(
             # Copies: the towers keep their own configs (with their resolved attention implementation).
             audio_config=audio_tower.config.to_dict(),
             text_config=language_model.config.to_dict(),
             audio_model_id=str(audio_model_id),
             text_model_id=str(text_model_id),
-            **config_kwargs,
+            **kwargs,
         )
         model = cls(config, audio_tower=audio_tower, language_model=language_model)
         model.multi_modal_projector.match_embedding_scale(model.get_input_embeddings().weight)
         model.generation_config = cls._generation_config_from(language_model)
-        if dtype is not None:
-            model.multi_modal_projector.to(dtype)
+        model.multi_modal_projector.to(projector_device or model.get_input_embeddings().weight.device, dtype)
         return model
+
+    @staticmethod
+    def _load_towers(
+        audio_model_id: str,
+        text_model_id: str,
+        revisions: dict,
+        dtype: torch.dtype | None,
+        device_map: str | dict | None,
+        load_options: dict,
+    ) -> tuple[PreTrainedModel, PreTrainedModel, str | None]:
+        """The pretrained encoder and LLM at their recorded revisions, placed by ``device_map``; and the
+        projector's device if the map names one."""
+        audio_map, text_map, projector_device = split_device_map(device_map)
+        audio_tower = load_audio_encoder(
+            audio_model_id,
+            dtype=dtype,
+            revision=revisions.get("audio_model_revision"),
+            **({"device_map": audio_map} if audio_map is not None else {}),
+            **load_options,
+        )
+        language_model = AutoModelForCausalLM.from_pretrained(
+            text_model_id,
+            dtype=dtype,
+            revision=revisions.get("text_model_revision"),
+            **({"device_map": text_map} if text_map is not None else {}),
+            **load_options,
+        )
+        return audio_tower, language_model, projector_device
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *model_args, **kwargs):
-        """Loads a checkpoint; a projector-only one rebuilds the encoder and LLM from their ids first."""
-        hub_kwargs = {
-            key: kwargs[key]
-            for key in ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
-            if key in kwargs
-        }
+        """Loads a checkpoint; a projector-only one rebuilds the encoder and LLM from their ids first.
+
+        ``cache_dir``, ``force_download``, ``local_files_only``, ``token``, ``attn_implementation``,
+        ``quantization_config``, ``device_map`` (a dict names modules of this model) and ``offload_folder`` apply to
+        the encoder and LLM loads too; ``revision`` is the checkpoint's own, and the towers load the revisions its config records.
+        """
+        hub_kwargs = {key: kwargs[key] for key in (*HUB_OPTIONS, "revision", "subfolder") if key in kwargs}
         weights_file = cached_file(pretrained_model_name_or_path, SAFE_WEIGHTS_NAME, **hub_kwargs)
         if holds_pretrained_weights(weights_file):
             return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
@@ -309,8 +398,19 @@ class TinyAudioForConditionalGeneration(TinyAudioPreTrainedModel, GenerationMixi
         config.name_or_path = str(pretrained_model_name_or_path)
         dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
         dtype = None if dtype == "auto" else dtype
-        audio_tower = load_audio_encoder(config.audio_model_id, dtype=dtype)
-        language_model = AutoModelForCausalLM.from_pretrained(config.text_model_id, dtype=dtype)
+        load_options = {key: kwargs[key] for key in (*HUB_OPTIONS, *TOWER_OPTIONS) if key in kwargs}
+        revisions = {
+            "audio_model_revision": config.audio_model_revision,
+            "text_model_revision": config.text_model_revision,
+        }
+        audio_tower, language_model, projector_device = cls._load_towers(
+            config.audio_model_id,
+            config.text_model_id,
+            revisions,
+            dtype,
+            kwargs.get("device_map"),
+            load_options,
+        )
         model = cls(config, audio_tower=audio_tower, language_model=language_model)
         model.load_trainable_weights(weights_file)
         try:
@@ -319,10 +419,7 @@ class TinyAudioForConditionalGeneration(TinyAudioPreTrainedModel, GenerationMixi
             )
         except OSError:
             model.generation_config = cls._generation_config_from(language_model)
-        if dtype is not None:
-            model.to(dtype)
-        if kwargs.get("device_map") not in (None, "cpu"):
-            model.to(kwargs["device_map"] if kwargs["device_map"] != "auto" else _best_device())
+        model.multi_modal_projector.to(projector_device or model.get_input_embeddings().weight.device, dtype)
         model.eval()
         return model
 
@@ -526,15 +623,21 @@ class TinyAudioForConditionalGeneration(TinyAudioPreTrainedModel, GenerationMixi
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Runs the trained encoder layers (if any) and the projector on real encoder frames (padding zeroed, so
         trimmed cached frames give the same result)."""
-        projector_dtype = self.multi_modal_projector.linear_1.weight.dtype
-        encoder_hidden = encoder_hidden.to(projector_dtype) * encoder_mask[..., None].to(projector_dtype)
+        weight = (
+            self.multi_modal_projector.linear_1.weight
+        )  # the towers may sit on other devices (device_map)
+        encoder_mask = encoder_mask.to(weight.device)
+        encoder_hidden = encoder_hidden.to(weight.device, weight.dtype) * encoder_mask[..., None].to(
+            weight.dtype
+        )
         if self.training:
             encoder_hidden = self.spec_augment(encoder_hidden, encoder_mask)
         if self.config.encoder_trainable_layers:
+            tower = self.audio_tower.layer_norm.weight.device
             top = self.audio_tower.forward_top(
-                encoder_hidden, encoder_mask, self.config.frozen_encoder_layers
+                encoder_hidden.to(tower), encoder_mask.to(tower), self.config.frozen_encoder_layers
             )
-            encoder_hidden = top.to(projector_dtype) * encoder_mask[..., None].to(projector_dtype)
+            encoder_hidden = top.to(weight.device, weight.dtype) * encoder_mask[..., None].to(weight.dtype)
         token_counts = projector_token_lengths(encoder_mask.sum(-1), self.config.projector_downsample)
         frames = -(-encoder_hidden.shape[1] // self.config.projector_downsample)
         token_ids = torch.arange(frames, device=encoder_hidden.device)
@@ -622,7 +725,7 @@ class TinyAudioForConditionalGeneration(TinyAudioPreTrainedModel, GenerationMixi
                 f"{real_audio.shape[0]} embeddings; build inputs with TinyAudioProcessor so the counts agree."
             )
         mask = placeholder[..., None].expand_as(inputs_embeds)
-        return inputs_embeds.masked_scatter(mask, real_audio.to(inputs_embeds.dtype))
+        return inputs_embeds.masked_scatter(mask, real_audio.to(inputs_embeds.device, inputs_embeds.dtype))
 
     def forward(
         self,
@@ -1011,10 +1114,6 @@ def holds_pretrained_weights(weights_file: str) -> bool:
     trained encoder layers, but never the LLM's own weights)."""
     with safe_open(weights_file, framework="pt") as handle:
         return any(key.startswith("language_model.") and ".lora_" not in key for key in handle.keys())
-
-
-def _best_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def copy_hub_code(save_directory: str | os.PathLike, fallback_source: str | None = None) -> None:

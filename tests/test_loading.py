@@ -1,0 +1,138 @@
+"""Loading options reach the encoder and LLM loads: a Hugging Face cache laid out on disk stands in for the Hub."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_models import make_tiny_encoder, make_tiny_llm
+from transformers import BitsAndBytesConfig
+
+from modeling_tiny_audio import TinyAudioForConditionalGeneration
+
+ENCODER_REPO, LLM_REPO = "tiny-org/encoder", "tiny-org/llm"
+ENCODER_COMMIT, LLM_COMMIT, NEW_LLM_COMMIT = "a" * 40, "b" * 40, "c" * 40
+
+
+def add_snapshot(cache: Path, repo_id: str, folder: str, commit: str) -> None:
+    """Puts ``folder`` into ``cache`` as huggingface_hub stores a download of ``repo_id`` at ``commit``, and points
+    the repository's main branch at it."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    shutil.copytree(folder, repo / "snapshots" / commit)
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+
+
+def llm_embeddings(model: TinyAudioForConditionalGeneration) -> torch.Tensor:
+    return model.get_input_embeddings().weight.detach().clone()
+
+
+@pytest.fixture(scope="module")
+def hub_cache(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("hub")
+    add_snapshot(root / "cache", ENCODER_REPO, make_tiny_encoder(root / "encoder"), ENCODER_COMMIT)
+    add_snapshot(root / "cache", LLM_REPO, make_tiny_llm(root / "llm"), LLM_COMMIT)
+    return root / "cache"
+
+
+def test_a_checkpoint_keeps_loading_the_base_revisions_it_was_built_on(hub_cache, tmp_path):
+    cached = {"cache_dir": str(hub_cache), "local_files_only": True}
+    model = TinyAudioForConditionalGeneration.from_components(ENCODER_REPO, LLM_REPO, **cached)
+    assert (model.config.audio_model_revision, model.config.text_model_revision) == (
+        ENCODER_COMMIT,
+        LLM_COMMIT,
+    )
+    model.save_pretrained(tmp_path / "checkpoint")
+    trained_on = llm_embeddings(model)
+
+    # The LLM's repository moves on: its main branch now holds other weights.
+    torch.manual_seed(1)
+    add_snapshot(hub_cache, LLM_REPO, make_tiny_llm(tmp_path / "new-llm"), NEW_LLM_COMMIT)
+    newer = TinyAudioForConditionalGeneration.from_components(ENCODER_REPO, LLM_REPO, **cached)
+    assert newer.config.text_model_revision == NEW_LLM_COMMIT
+    assert not torch.equal(llm_embeddings(newer), trained_on)
+
+    loaded = TinyAudioForConditionalGeneration.from_pretrained(tmp_path / "checkpoint", **cached)
+    assert torch.equal(llm_embeddings(loaded), trained_on)
+    # The towers are only in that cache: without cache_dir they are not found.
+    with pytest.raises(OSError, match="couldn.t find them in the cached files"):
+        TinyAudioForConditionalGeneration.from_pretrained(tmp_path / "checkpoint", local_files_only=True)
+
+
+def test_a_local_folder_records_no_revision(tiny_model_and_processor):
+    model, _ = tiny_model_and_processor
+    assert model.config.audio_model_revision is None and model.config.text_model_revision is None
+
+
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_attn_implementation_reaches_both_towers(tiny_model_dir, attention):
+    model = TinyAudioForConditionalGeneration.from_pretrained(tiny_model_dir, attn_implementation=attention)
+    assert model.language_model.config._attn_implementation == attention
+    assert model.audio_tower.config._attn_implementation == attention
+
+
+def test_a_device_map_dict_is_split_between_the_towers(tiny_model_dir, tiny_model_and_processor, tmp_path):
+    """A layer of each tower offloaded to disk: a second "device" on a machine without accelerators."""
+    model, processor = tiny_model_and_processor
+    encoder_map = {
+        "conv1": "cpu",
+        "conv2": "cpu",
+        "embed_positions": "cpu",
+        "layers.0": "disk",
+        "layer_norm": "cpu",
+    }
+    llm_map = {
+        "model.embed_tokens": "cpu",
+        "model.layers.0": "cpu",
+        "model.layers.1": "disk",
+        "model.norm": "cpu",
+        "model.rotary_emb": "cpu",
+        "lm_head": "cpu",
+    }
+    device_map = {
+        **{f"audio_tower.{name}": device for name, device in encoder_map.items()},
+        "multi_modal_projector": "cpu",
+        **{f"language_model.{name}": device for name, device in llm_map.items()},
+    }
+    placed = TinyAudioForConditionalGeneration.from_pretrained(
+        tiny_model_dir, device_map=device_map, offload_folder=str(tmp_path)
+    )
+    assert placed.audio_tower.hf_device_map == encoder_map
+    assert placed.language_model.hf_device_map == llm_map
+    inputs = processor(audio=torch.randn(16000).numpy())
+    generate = {"max_new_tokens": 6, "no_repeat_ngram_size": 1}
+    assert torch.equal(placed.generate(**inputs, **generate), model.generate(**inputs, **generate))
+
+
+@pytest.mark.parametrize(
+    ("device_map", "named"),
+    [
+        ({"encoder": "cpu"}, "device_map key 'encoder' is not in this model"),
+        ({"audio_tower": "cpu", "language_model": "cpu"}, "places no module of multi_modal_projector"),
+        (
+            {"audio_tower": "cpu", "multi_modal_projector.conv": "cpu", "language_model": "cpu"},
+            "place the projector whole",
+        ),
+    ],
+)
+def test_a_device_map_that_does_not_fit_the_model_is_refused(tiny_model_dir, device_map, named):
+    with pytest.raises(ValueError, match=named):
+        TinyAudioForConditionalGeneration.from_pretrained(tiny_model_dir, device_map=device_map)
+
+
+def test_quantization_config_reaches_the_tower_loads(tiny_model_dir):
+    quantization = BitsAndBytesConfig(load_in_8bit=True)
+    if importlib.util.find_spec("bitsandbytes") is None:
+        # transformers refuses it inside the tower load, so the option got there
+        with pytest.raises(ImportError, match="8-bit quantization requires bitsandbytes"):
+            TinyAudioForConditionalGeneration.from_pretrained(
+                tiny_model_dir, quantization_config=quantization
+            )
+        return
+    model = TinyAudioForConditionalGeneration.from_pretrained(
+        tiny_model_dir, quantization_config=quantization
+    )
+    assert model.language_model.is_quantized and model.audio_tower.is_quantized
