@@ -571,7 +571,8 @@ def _print_start(trainer: Trainer, train_dataset, skipped, resume_from: Path | N
         f"{args.world_size} process{'es' if args.world_size > 1 else ''})"
     )
     if resume_from is not None:
-        print(f"  resuming from {resume_from.name} (step {resume_from.name.rsplit('-', 1)[1]})")
+        step = resume_from.name.rpartition("-")[2]
+        print(f"  resuming from {resume_from.name}" + (f" (step {step})" if step.isdigit() else ""))
 
 
 def _print_end(output_dir: str) -> None:

@@ -20,6 +20,7 @@ from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
+import huggingface_hub
 import numpy as np
 import soundfile
 import soxr
@@ -265,7 +266,9 @@ def check_dataset_spec(spec: DatasetSpec, cache_dir: str | None = None) -> None:
     if not spec.is_local:
         if looks_like_path(spec.path) or os.path.normpath(spec.path) in LOCAL_DATA_BUILDERS:
             raise PreflightError(missing_local_data_message(spec.path))
-        problem = hub_problem(spec.path, "dataset")
+        # A downloaded (not streamed) Hub set may be in the datasets cache: offline, `datasets` itself decides.
+        cached_may_do = not spec.is_streaming and huggingface_hub.is_offline_mode()
+        problem = None if cached_may_do else hub_problem(spec.path, "dataset")
         if problem:
             raise PreflightError(
                 f"dataset {spec.path} is not a local folder or file, and the Hub dataset cannot be read: "

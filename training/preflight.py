@@ -45,9 +45,9 @@ def looks_like_path(name: str) -> bool:
 def hub_problem(repo_id: str, repo_type: str) -> str | None:
     """Why the Hub repo cannot be read here (None when it can): offline and not cached, gated, missing, no network."""
     if huggingface_hub.is_offline_mode():
-        if repo_type == "model" and isinstance(
-            huggingface_hub.try_to_load_from_cache(repo_id, "config.json"), str
-        ):
+        if repo_type != "model":  # Hub datasets are streamed here, which needs the network
+            return "HF_HUB_OFFLINE is set"
+        if isinstance(huggingface_hub.try_to_load_from_cache(repo_id, "config.json"), str):
             return None
         return "HF_HUB_OFFLINE is set and it is not in the local Hugging Face cache"
     try:
