@@ -38,6 +38,8 @@ DEFAULT_MAX_UPLOAD_MB = 25.0
 DEFAULT_MAX_AUDIO_SECONDS = 600.0
 DEFAULT_MAX_PROMPT_TOKENS = 224
 DEFAULT_MAX_BATCH = 8
+# Short requests go first, but none waits longer than this for one that came later (a batch can run longer).
+DEFAULT_PATIENCE_SECONDS = 60.0
 DISCONNECT_POLL_SECONDS = 0.25
 
 
@@ -169,6 +171,7 @@ def create_app(
     language: str = "en",
     max_batch: int = DEFAULT_MAX_BATCH,
     skip_non_speech: bool = True,
+    patience: float = DEFAULT_PATIENCE_SECONDS,
 ) -> FastAPI:
     """The FastAPI app serving ``pipe``; its batch worker runs while the app does (lifespan)."""
     if skip_non_speech and "skip_non_speech" not in inspect.signature(pipe._sanitize_parameters).parameters:
@@ -177,7 +180,7 @@ def create_app(
             "again with the current code, or serve it with --keep-non-speech"
         )
     transcriber = Transcriber(pipe, limits, skip_non_speech)
-    queue = BatchQueue(transcriber.run_batch, max_batch)
+    queue = BatchQueue(transcriber.run_batch, max_batch, patience)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -375,6 +378,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-audio-seconds", type=float, default=DEFAULT_MAX_AUDIO_SECONDS)
     parser.add_argument("--max-prompt-tokens", type=int, default=DEFAULT_MAX_PROMPT_TOKENS)
     parser.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH, help="requests decoded together")
+    parser.add_argument(
+        "--patience",
+        type=float,
+        default=DEFAULT_PATIENCE_SECONDS,
+        help="seconds after which the oldest request goes before shorter ones (0: first come, first served)",
+    )
     parser.add_argument("--language", default="en", help="the language the model transcribes")
     parser.add_argument(
         "--keep-non-speech",
@@ -389,7 +398,9 @@ def main(argv: list[str] | None = None) -> None:
     limits = Limits(int(args.max_upload_mb * 2**20), args.max_audio_seconds, args.max_prompt_tokens)
     pipe = load_pipeline(args.model, args.device)
     name = Path(args.model).name if os.path.isdir(args.model) else args.model
-    app = create_app(pipe, name, limits, args.language.lower(), args.max_batch, not args.keep_non_speech)
+    app = create_app(
+        pipe, name, limits, args.language.lower(), args.max_batch, not args.keep_non_speech, args.patience
+    )
     uvicorn.run(app, host=args.host, port=args.port)
 
 
