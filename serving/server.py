@@ -147,8 +147,8 @@ class Transcriber:
         self.sampling_rate: int = pipe.processor.sampling_rate
         self.has_word_timestamps = getattr(pipe.model.config, "ctc_blank_token_id", None) is not None
 
-    def token_count(self, text: str) -> int:
-        return len(self.pipe.tokenizer(text, add_special_tokens=False)["input_ids"])
+    def tokens(self, text: str) -> list[int]:
+        return self.pipe.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def run_batch(self, jobs: list[Job]) -> list[dict[str, Any]]:
         options = jobs[0].options
@@ -156,6 +156,7 @@ class Transcriber:
             "batch_size": len(jobs),
             "return_timestamps": "word" if options.word_timestamps else True,
             "skip_non_speech": self.skip_non_speech,
+            "skip_errors": True,  # one failing request does not fail the others in its batch
             "stopping_criteria": StoppingCriteriaList([AllCancelled(jobs)]),
         }
         if options.prompt:
@@ -221,7 +222,7 @@ def create_app(
     async def transcriptions(
         request: Request,
         file: Annotated[UploadFile, File()],
-        model: Annotated[str, Form()],
+        model: Annotated[str, Form()],  # required, as by OpenAI; the server has one model whatever it names
         response_format: Annotated[str, Form()] = "json",
         language_code: Annotated[str | None, Form(alias="language")] = None,
         prompt: Annotated[str | None, Form()] = None,
@@ -235,10 +236,11 @@ def create_app(
             raise APIError(
                 400, f"language {language_code!r}: this server transcribes {language!r} only", "language"
             )
-        if prompt and transcriber.token_count(prompt) > limits.max_prompt_tokens:
+        prompt_tokens = len(transcriber.tokens(prompt)) if prompt else 0
+        if prompt_tokens > limits.max_prompt_tokens:
             raise APIError(
                 400,
-                f"the prompt has {transcriber.token_count(prompt)} tokens, more than this server's limit of "
+                f"the prompt has {prompt_tokens} tokens, more than this server's limit of "
                 f"{limits.max_prompt_tokens} (--max-prompt-tokens)",
                 "prompt",
                 "prompt_too_long",
@@ -273,7 +275,7 @@ def create_app(
             language=language,
             word_chunks=options.word_timestamps,
             include_words="word" in granularities,
-            tokenize=lambda text: pipe.tokenizer(text, add_special_tokens=False)["input_ids"],
+            tokenize=transcriber.tokens,
         )
 
     return app
