@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
@@ -64,6 +65,7 @@ def feature_frames_per_token(conv_layers: ConvLayers, downsample: int) -> int:
     return math.prod(stride for _, stride, _ in conv_layers) * downsample
 
 
+@strict
 class TinyAudioConfig(PreTrainedConfig):
     """Configuration of `TinyAudioForConditionalGeneration`.
 
@@ -116,6 +118,16 @@ class TinyAudioConfig(PreTrainedConfig):
     projector_downsample: int = 4
     projector_hidden_size: int | None = None
     projector_activation: str = "gelu"
+    # Acoustic capacity for small encoders (0/False = the plain projector above, the encoder wholly frozen):
+    # transformer layers after the projector's conv, at the encoder's width and the projector's frame rate; an
+    # RMS norm that puts the projector's output on the scale of the LLM's input embeddings; and the encoder's top
+    # layers trained with the projector (Whisper encoders; they then attend to real audio frames only).
+    projector_num_layers: int = 0
+    projector_output_norm: bool = False
+    encoder_trainable_layers: int = 0
+    # Whisper reads a 30-s window whatever the clip's length; True runs it on the longest clip's frames only (its
+    # frames attending to real audio only): far cheaper on short clips, but not the frames Whisper was trained on.
+    encoder_real_length: bool = False
     # Prompting: the placeholder the processor expands to one token per audio embedding.
     audio_token: str = "<audio>"
     audio_token_id: int | None = None
@@ -156,6 +168,27 @@ class TinyAudioConfig(PreTrainedConfig):
                 f"default_task {self.default_task!r} is not one of the task prompts {list(self.task_prompts)}"
             )
 
+    def validate_acoustic_capacity(self) -> None:
+        """Part of the config's strict validation: the trainable encoder layers exist and can be split off."""
+        encoder_layers = self.audio_config.num_hidden_layers
+        if not 0 <= self.encoder_trainable_layers <= encoder_layers:
+            raise ValueError(
+                f"encoder_trainable_layers must be between 0 and the encoder's {encoder_layers} layers, "
+                f"got {self.encoder_trainable_layers}"
+            )
+        if self.encoder_trainable_layers and self.audio_config.model_type != "whisper":
+            raise ValueError(
+                "encoder_trainable_layers trains the top layers of Whisper encoders only; this encoder is "
+                f"{self.audio_config.model_type!r} (set it to 0)"
+            )
+        if self.encoder_real_length and self.audio_config.model_type != "whisper":
+            raise ValueError(
+                "encoder_real_length shortens Whisper's 30-s window; this encoder is "
+                f"{self.audio_config.model_type!r}, which reads the real length already"
+            )
+        if self.projector_num_layers < 0:
+            raise ValueError(f"projector_num_layers must be 0 or more, got {self.projector_num_layers}")
+
     @property
     def encoder_conv_layers(self) -> ConvLayers:
         return encoder_conv_layers(self.audio_config)
@@ -173,6 +206,11 @@ class TinyAudioConfig(PreTrainedConfig):
         return self.feature_frame_seconds * feature_frames_per_token(
             self.encoder_conv_layers, self.projector_downsample
         )
+
+    @property
+    def frozen_encoder_layers(self) -> int:
+        """Encoder layers that stay frozen: their output is what the training feature cache stores."""
+        return self.audio_config.num_hidden_layers - self.encoder_trainable_layers
 
     def max_new_tokens_for(self, audio_seconds: float) -> int:
         """Generation budget for a clip: grows with its duration so long speech is never cut short."""

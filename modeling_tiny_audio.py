@@ -74,6 +74,8 @@ NO_CTC_HEAD = (
     "unset because it was not trained with the CTC loss (train.py --ctc_weight). Use return_timestamps=True for "
     "chunk-level times."
 )
+# Weight names of the pretrained towers: a checkpoint holding the LLM's own weights is a standalone one.
+PRETRAINED_PREFIXES = ("audio_tower.", "language_model.")
 # Precomputed encoder outputs stand in for input_features, so like them they are read at prefill only.
 PREFILL_ONLY_INPUTS = ("encoder_hidden_states", "encoder_mask")
 
@@ -134,9 +136,54 @@ def split_device_map(
 
 
 class WhisperSpeechEncoder(WhisperEncoder):
-    """Whisper's encoder, loadable from a full Whisper checkpoint whose decoder weights it leaves behind."""
+    """Whisper's encoder, loadable from a full Whisper checkpoint whose decoder weights it leaves behind.
+
+    It runs in two parts, split after layer `split`: the frozen bottom (what the feature cache stores) and, for a
+    model whose top layers train, the top. The bottom reads Whisper's whole 30-s window as Whisper does, or only as
+    many frames as the longest clip holds (`encoder_real_length`); the top, and a real-length bottom, attend to real
+    frames only, so trimmed cached frames, padded batches and single clips all give the same result.
+    """
 
     _keys_to_ignore_on_load_unexpected = [r"^model\.decoder\.", r"^proj_out\."]
+
+    def forward_bottom(
+        self,
+        input_features: torch.Tensor,
+        split: int,
+        feature_mask: torch.Tensor | None = None,
+        frame_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Frames after the embedding and the first `split` layers of `WhisperEncoder.forward`.
+
+        With the masks of real mel frames and encoder frames, nothing past a clip's end reaches its frames: the
+        convolutions see zeros there, as at the end of a clip alone, and attention sees real frames only."""
+        if feature_mask is not None:
+            input_features = input_features * feature_mask[:, None, :].to(input_features.dtype)
+        hidden = nn.functional.gelu(self.conv1(input_features))
+        if feature_mask is not None:
+            hidden = hidden * feature_mask[:, None, :].to(hidden.dtype)
+        hidden = nn.functional.gelu(self.conv2(hidden))
+        hidden = hidden.transpose(1, 2) + self.embed_positions.weight[: hidden.shape[2]]
+        attention_mask = None if frame_mask is None else _key_mask(frame_mask, hidden.dtype)
+        for layer in self.layers[:split]:
+            hidden = layer(hidden, attention_mask)
+        return hidden
+
+    def forward_top(self, hidden: torch.Tensor, frame_mask: torch.Tensor, split: int) -> torch.Tensor:
+        """The layers after `split` and the final norm, attending to real frames only (`frame_mask`).
+
+        They compute in their own dtype: trained layers stay in fp32 when the frozen ones run in bf16."""
+        hidden = hidden.to(self.layer_norm.weight.dtype)
+        attention_mask = _key_mask(frame_mask, hidden.dtype)
+        for layer in self.layers[split:]:
+            hidden = layer(hidden, attention_mask)
+        return self.layer_norm(hidden)
+
+
+def _key_mask(frame_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An additive [batch, 1, 1, frames] attention mask that hides the frames `frame_mask` leaves out."""
+    blocked = torch.zeros(frame_mask.shape, dtype=dtype, device=frame_mask.device)
+    return blocked.masked_fill(~frame_mask, torch.finfo(dtype).min)[:, None, None, :]
 
 
 def build_audio_encoder(audio_config) -> PreTrainedModel:
@@ -146,24 +193,70 @@ def build_audio_encoder(audio_config) -> PreTrainedModel:
     return AutoModel.from_config(audio_config)
 
 
+class ProjectorLayer(nn.Module):
+    """A pre-norm transformer layer over the projector's frames: reading room for a small encoder.
+
+    Its two residual branches start at zero (`zero_residual_branches`), so adding it to a trained projector
+    leaves the model's output unchanged until it trains, as new LoRA adapters do.
+    """
+
+    def __init__(self, width: int, num_heads: int, activation: str):
+        super().__init__()
+        self.attention_norm = nn.LayerNorm(width)
+        self.attention = nn.MultiheadAttention(width, num_heads, batch_first=True)
+        self.mlp_norm = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), ACT2FN[activation], nn.Linear(4 * width, width))
+
+    def forward(self, hidden: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
+        normed = self.attention_norm(hidden)
+        attended, _ = self.attention(normed, normed, normed, key_padding_mask=~token_mask, need_weights=False)
+        hidden = hidden + attended
+        return hidden + self.mlp(self.mlp_norm(hidden))
+
+    @torch.no_grad()
+    def zero_residual_branches(self) -> None:
+        for linear in (self.attention.out_proj, self.mlp[-1]):
+            linear.weight.zero_()
+            linear.bias.zero_()
+
+
 class TinyAudioProjector(nn.Module):
-    """Maps encoder frames to LLM embeddings: strided conv (time / k), then Linear -> activation -> Linear."""
+    """Maps encoder frames to LLM embeddings: strided conv (time / k), optional transformer layers, then
+    Linear -> activation -> Linear, and an optional RMS norm onto the scale of the LLM's input embeddings."""
 
     def __init__(self, config: TinyAudioConfig):
         super().__init__()
         encoder_size = config.audio_config.hidden_size
         self.downsample = config.projector_downsample
         self.conv = nn.Conv1d(encoder_size, encoder_size, kernel_size=self.downsample, stride=self.downsample)
+        self.layers = nn.ModuleList(
+            ProjectorLayer(encoder_size, config.audio_config.num_attention_heads, config.projector_activation)
+            for _ in range(config.projector_num_layers)
+        )
         self.linear_1 = nn.Linear(encoder_size, config.projector_hidden_size)
         self.act = ACT2FN[config.projector_activation]
         self.linear_2 = nn.Linear(config.projector_hidden_size, config.text_config.hidden_size)
+        self.output_norm = (
+            nn.RMSNorm(config.text_config.hidden_size) if config.projector_output_norm else None
+        )
 
-    def forward(self, encoder_hidden: torch.Tensor) -> torch.Tensor:
+    def forward(self, encoder_hidden: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
         remainder = encoder_hidden.shape[1] % self.downsample
         if remainder:
             encoder_hidden = nn.functional.pad(encoder_hidden, (0, 0, 0, self.downsample - remainder))
         hidden = self.conv(encoder_hidden.transpose(1, 2)).transpose(1, 2)
-        return self.linear_2(self.act(self.linear_1(hidden)))
+        if self.layers and token_mask is None:
+            token_mask = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
+        for layer in self.layers:
+            hidden = layer(hidden, token_mask)
+        hidden = self.linear_2(self.act(self.linear_1(hidden)))
+        return self.output_norm(hidden) if self.output_norm is not None else hidden
+
+    @torch.no_grad()
+    def match_embedding_scale(self, embeddings: torch.Tensor) -> None:
+        """Starts the output norm at the root-mean-square of each dimension of the LLM's input embeddings."""
+        if self.output_norm is not None:
+            self.output_norm.weight.copy_(embeddings.float().pow(2).mean(0).sqrt())
 
 
 class TinyAudioPreTrainedModel(PreTrainedModel):
@@ -205,6 +298,8 @@ class TinyAudioForConditionalGeneration(TinyAudioPreTrainedModel, GenerationMixi
             else AutoModelForCausalLM.from_config(config.text_config)
         )
         self.post_init()
+        for layer in self.multi_modal_projector.layers:
+            layer.zero_residual_branches()
         if config.lora_rank > 0:
             self._add_lora()
         self.freeze_pretrained()
@@ -251,6 +346,7 @@ class TinyAudioForConditionalGeneration(TinyAudioPreTrainedModel, GenerationMixi
             **kwargs,
         )
         model = cls(config, audio_tower=audio_tower, language_model=language_model)
+        model.multi_modal_projector.match_embedding_scale(model.get_input_embeddings().weight)
         model.generation_config = cls._generation_config_from(language_model)
         model.multi_modal_projector.to(projector_device or model.get_input_embeddings().weight.device, dtype)
         return model
@@ -289,11 +385,12 @@ class TinyAudioForConditionalGeneration(TinyAudioPreTrainedModel, GenerationMixi
 
         ``cache_dir``, ``force_download``, ``local_files_only``, ``token``, ``attn_implementation``,
         ``quantization_config``, ``device_map`` (a dict names modules of this model) and ``offload_folder`` apply to
-        the encoder and LLM loads too; ``revision`` is the checkpoint's own, and the towers load the revisions its config records.
+        the encoder and LLM loads too; ``revision`` is the checkpoint's own, and the towers load the revisions its
+        config records.
         """
         hub_kwargs = {key: kwargs[key] for key in (*HUB_OPTIONS, "revision", "subfolder") if key in kwargs}
         weights_file = cached_file(pretrained_model_name_or_path, SAFE_WEIGHTS_NAME, **hub_kwargs)
-        if _holds_pretrained_weights(weights_file):
+        if holds_pretrained_weights(weights_file):
             return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
 
         config = kwargs.get("config")
@@ -373,6 +470,37 @@ class TinyAudioForConditionalGeneration(TinyAudioPreTrainedModel, GenerationMixi
             self.config.lora_target_modules = current + added
             self.freeze_pretrained()
 
+    def extend_acoustic_capacity(
+        self, encoder_trainable_layers: int = 0, projector_num_layers: int = 0
+    ) -> None:
+        """Trains more of the acoustic side in a continued run: more top encoder layers, more projector layers.
+
+        New projector layers start as the identity; newly trained encoder layers keep their pretrained weights but
+        from now on attend to real frames only. Neither count may shrink: trained weights are never dropped.
+        """
+        config = self.config
+        if (
+            encoder_trainable_layers < config.encoder_trainable_layers
+            or projector_num_layers < config.projector_num_layers
+        ):
+            raise ValueError(
+                f"a continued run keeps the checkpoint's trained layers (encoder_trainable_layers "
+                f"{config.encoder_trainable_layers}, projector_num_layers {config.projector_num_layers}); "
+                f"got {encoder_trainable_layers} and {projector_num_layers}"
+            )
+        projector = self.multi_modal_projector
+        reference = projector.linear_1.weight
+        for _ in range(projector_num_layers - config.projector_num_layers):
+            layer = ProjectorLayer(
+                reference.shape[1], config.audio_config.num_attention_heads, config.projector_activation
+            )
+            layer.zero_residual_branches()
+            projector.layers.append(layer.to(reference.device, reference.dtype))
+        config.projector_num_layers = projector_num_layers
+        config.encoder_trainable_layers = encoder_trainable_layers
+        config.validate()
+        self.freeze_pretrained()
+
     def _lora_layers(self) -> list[torch.nn.Module]:
         if self.config.lora_rank == 0:
             return []
@@ -395,15 +523,21 @@ class TinyAudioForConditionalGeneration(TinyAudioPreTrainedModel, GenerationMixi
                 layer.merge()
 
     def freeze_pretrained(self) -> None:
-        """Freezes encoder and LLM; leaves the projector and LoRA adapters trainable."""
+        """Freezes encoder and LLM; leaves the projector, LoRA adapters and any trained encoder layers trainable."""
         for name, param in self.named_parameters():
             param.requires_grad = self._is_trainable(name)
         self.audio_tower.eval()
         self.language_model.eval()
 
-    @staticmethod
-    def _is_trainable(parameter_name: str) -> bool:
-        return parameter_name.startswith(TRAINABLE_PREFIXES) or ".lora_" in parameter_name
+    def _is_trainable(self, parameter_name: str) -> bool:
+        return parameter_name.startswith(self._trainable_prefixes()) or ".lora_" in parameter_name
+
+    def _trainable_prefixes(self) -> tuple[str, ...]:
+        """The projector, and the encoder's top layers and final norm when they train."""
+        if not self.config.encoder_trainable_layers:
+            return TRAINABLE_PREFIXES
+        layers = range(self.config.frozen_encoder_layers, self.config.audio_config.num_hidden_layers)
+        return (*TRAINABLE_PREFIXES, *(f"audio_tower.layers.{i}." for i in layers), "audio_tower.layer_norm.")
 
     def train(self, mode: bool = True) -> TinyAudioForConditionalGeneration:
         """Only the projector switches to training mode: the frozen towers never use dropout."""
@@ -457,36 +591,56 @@ class TinyAudioForConditionalGeneration(TinyAudioPreTrainedModel, GenerationMixi
     def encode_audio(
         self, input_features: torch.Tensor, input_features_mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Runs the frozen encoder; returns its frames and a mask of the frames that hold real audio."""
+        """Runs the frozen encoder (its frozen layers, when the top ones train); returns its frames and a mask of
+        the frames that hold real audio."""
+        config = self.config
         features = input_features.to(self.audio_tower.dtype)
+        lengths = encoder_frame_lengths(input_features_mask.sum(-1), config.encoder_conv_layers).to(
+            features.device
+        )
         with torch.no_grad():
-            if self.config.audio_config.model_type == "whisper":
-                hidden = self.audio_tower(features).last_hidden_state
+            if config.audio_config.model_type == "whisper":
+                feature_mask = frame_mask = None
+                if config.encoder_real_length:
+                    # Whisper's convolutions halve the mel frames: keep those the longest clip needs.
+                    features = features[..., : 2 * int(lengths.max())]
+                    feature_mask = input_features_mask[:, : features.shape[-1]].to(features.device)
+                    frame_ids = torch.arange(features.shape[-1] // 2, device=features.device)
+                    frame_mask = frame_ids < lengths[:, None]
+                hidden = self.audio_tower.forward_bottom(
+                    features, config.frozen_encoder_layers, feature_mask, frame_mask
+                )
+                if not config.encoder_trainable_layers:
+                    hidden = self.audio_tower.layer_norm(hidden)
             else:
-                use_mask = getattr(self.config.audio_config, "feat_extract_norm", "layer") == "layer"
+                use_mask = getattr(config.audio_config, "feat_extract_norm", "layer") == "layer"
                 hidden = self.audio_tower(features, attention_mask=input_features_mask if use_mask else None)
                 hidden = hidden.last_hidden_state
-        lengths = encoder_frame_lengths(input_features_mask.sum(-1), self.config.encoder_conv_layers)
         frame_ids = torch.arange(hidden.shape[1], device=hidden.device)
         return hidden, frame_ids[None, :] < lengths[:, None].to(hidden.device)
 
     def project_audio(
         self, encoder_hidden: torch.Tensor, encoder_mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Runs the projector on real encoder frames (padding zeroed, so trimmed cached frames give the same result)."""
-        weight = (
-            self.multi_modal_projector.linear_1.weight
-        )  # the towers may sit on other devices (device_map)
-        encoder_mask = encoder_mask.to(weight.device)
-        encoder_hidden = encoder_hidden.to(weight.device, weight.dtype) * encoder_mask[..., None].to(
-            weight.dtype
-        )
+        """Runs the trained encoder layers (if any) and the projector on real encoder frames (padding zeroed, so
+        trimmed cached frames give the same result)."""
+        projector = self.multi_modal_projector.linear_1.weight  # the towers may sit elsewhere (device_map)
+        projector_dtype = projector.dtype
+        encoder_mask = encoder_mask.to(projector.device)
+        encoder_hidden = encoder_hidden.to(projector.device, projector_dtype)
+        encoder_hidden = encoder_hidden * encoder_mask[..., None].to(projector_dtype)
         if self.training:
             encoder_hidden = self.spec_augment(encoder_hidden, encoder_mask)
-        embeds = self.multi_modal_projector(encoder_hidden)
+        if self.config.encoder_trainable_layers:
+            top = self.audio_tower.forward_top(
+                encoder_hidden, encoder_mask, self.config.frozen_encoder_layers
+            )
+            encoder_hidden = top.to(projector_dtype) * encoder_mask[..., None].to(projector_dtype)
         token_counts = projector_token_lengths(encoder_mask.sum(-1), self.config.projector_downsample)
-        token_ids = torch.arange(embeds.shape[1], device=embeds.device)
-        return embeds, token_ids[None, :] < token_counts[:, None].to(embeds.device)
+        frames = -(-encoder_hidden.shape[1] // self.config.projector_downsample)
+        token_ids = torch.arange(frames, device=encoder_hidden.device)
+        token_mask = token_ids[None, :] < token_counts[:, None].to(encoder_hidden.device)
+        return self.multi_modal_projector(encoder_hidden, token_mask), token_mask
 
     def spec_augment(self, encoder_hidden: torch.Tensor, encoder_mask: torch.Tensor) -> torch.Tensor:
         """Zeroes random spans of real frames and of channels (SpecAugment; the config's mask_* fields)."""
@@ -953,10 +1107,11 @@ class CTCPrefixScorer(LogitsProcessor):
         return out
 
 
-def _holds_pretrained_weights(weights_file: str) -> bool:
-    """True for a standalone checkpoint (every weight), False for a projector-only one."""
+def holds_pretrained_weights(weights_file: str) -> bool:
+    """True for a standalone checkpoint (every weight), False for a projector-only one (which may still hold
+    trained encoder layers, but never the LLM's own weights)."""
     with safe_open(weights_file, framework="pt") as handle:
-        return any(not TinyAudioForConditionalGeneration._is_trainable(key) for key in handle.keys())
+        return any(key.startswith("language_model.") and ".lora_" not in key for key in handle.keys())
 
 
 def copy_hub_code(save_directory: str | os.PathLike, fallback_source: str | None = None) -> None:

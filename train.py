@@ -35,6 +35,7 @@ from training.collator import SpeechCollator
 from training.ctc_alignment import EmbeddingCTCLoss
 from training.data import decode_audio, load_speech_data, parse_dataset_specs, write_skip_report
 from training.feature_cache import build_feature_cache
+from training.precision import cpu_has_native_bf16
 from training.prefix_cache import PromptPrefixCache
 
 logger = logging.getLogger("tiny_audio.train")
@@ -43,6 +44,7 @@ logger = logging.getLogger("tiny_audio.train")
 OPTIONAL_REPORTERS = {"wandb": is_wandb_available, "tensorboard": is_tensorboard_available}
 # Model arguments that, when given, override the starting checkpoint's config (None keeps it).
 CONFIG_OVERRIDES = (
+    "encoder_real_length",
     "ctc_decoding_weight",
     "mask_time_prob",
     "mask_time_length",
@@ -66,6 +68,33 @@ class ModelArguments:
     text_model_id: str = DEFAULT_TEXT_MODEL_ID
     projector_downsample: int = 4
     projector_hidden_size: int | None = None
+    projector_num_layers: int | None = dataclasses.field(
+        default=None,
+        metadata={
+            "help": "Transformer layers in the projector, at the encoder's width (0 = none); with "
+            "model_name_or_path, adds layers that start as the identity"
+        },
+    )
+    projector_output_norm: bool = dataclasses.field(
+        default=False,
+        metadata={
+            "help": "An RMS norm on the projector's output, started at the LLM embeddings' scale (new models)"
+        },
+    )
+    encoder_trainable_layers: int | None = dataclasses.field(
+        default=None,
+        metadata={
+            "help": "Top layers of the (Whisper) encoder that train with the projector; the feature cache then "
+            "holds the output of the layers below them"
+        },
+    )
+    encoder_real_length: bool | None = dataclasses.field(
+        default=None,
+        metadata={
+            "help": "Run a Whisper encoder on the clip's frames, not its 30-s window (about 10x cheaper on 3-s clips; "
+            "other frames than Whisper was trained on); default: keep the starting checkpoint's, off for a new model"
+        },
+    )
     lora_rank: int = dataclasses.field(
         default=0, metadata={"help": "LoRA rank on the LLM; 0 = LLM untouched"}
     )
@@ -230,6 +259,12 @@ def parse_args(
     model_args, data_args, run_args, training_args = HfArgumentParser(
         ARGUMENT_TYPES
     ).parse_args_into_dataclasses(args=tokens)
+    if training_args.bf16 and training_args.use_cpu and not cpu_has_native_bf16():
+        logger.warning(
+            "Training in fp32, not bf16: this CPU has no native bf16 (no avx512_bf16 or amx_bf16 in "
+            "/proc/cpuinfo), and emulated bf16 is slower than fp32"
+        )
+        training_args.bf16 = False
     if training_args.push_to_hub:  # one push path: ours, at the end, through huggingface_hub
         run_args.push_to_hub_repo = run_args.push_to_hub_repo or training_args.hub_model_id
         training_args.push_to_hub = False
@@ -262,6 +297,17 @@ def build_model(
         processor = TinyAudioProcessor.from_pretrained(model_args.model_name_or_path)
         if model_args.lora_target_modules:
             model.extend_lora(model_args.lora_target_modules)
+        if model_args.projector_output_norm and not model.config.projector_output_norm:
+            raise ValueError(
+                "--projector_output_norm changes what a trained projector outputs: start a new model with it "
+                f"instead of continuing {model_args.model_name_or_path}"
+            )
+        if model_args.encoder_trainable_layers is not None or model_args.projector_num_layers is not None:
+            model.extend_acoustic_capacity(
+                encoder_trainable_layers=model_args.encoder_trainable_layers
+                or model.config.encoder_trainable_layers,
+                projector_num_layers=model_args.projector_num_layers or model.config.projector_num_layers,
+            )
     else:
         model = TinyAudioForConditionalGeneration.from_components(
             model_args.audio_model_id,
@@ -269,6 +315,9 @@ def build_model(
             dtype=dtype,
             projector_downsample=model_args.projector_downsample,
             projector_hidden_size=model_args.projector_hidden_size,
+            projector_num_layers=model_args.projector_num_layers or 0,
+            projector_output_norm=model_args.projector_output_norm,
+            encoder_trainable_layers=model_args.encoder_trainable_layers or 0,
             lora_rank=model_args.lora_rank,
             lora_alpha=model_args.lora_alpha,
             lora_dropout=model_args.lora_dropout,

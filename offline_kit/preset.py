@@ -50,6 +50,9 @@ SHIPPED_CONFIG_FIELDS = (
     "projector_downsample",
     "projector_hidden_size",
     "projector_activation",
+    "projector_num_layers",
+    "projector_output_norm",
+    "encoder_trainable_layers",
     "lora_rank",
     "lora_alpha",
     "lora_dropout",
@@ -155,7 +158,7 @@ def ship_checkpoint(checkpoint: Path, trained_dir: Path = TRAINED_DIR) -> Path:
     from safetensors.torch import load_file, save_file
     from transformers import GenerationConfig
 
-    from modeling_tiny_audio import _holds_pretrained_weights
+    from modeling_tiny_audio import holds_pretrained_weights
 
     config = json.loads((checkpoint / "config.json").read_text())
     try:
@@ -164,7 +167,7 @@ def ship_checkpoint(checkpoint: Path, trained_dir: Path = TRAINED_DIR) -> Path:
         generation = GenerationConfig()
     weights = checkpoint / TRAINED_WEIGHTS
 
-    if _holds_pretrained_weights(str(weights)):
+    if holds_pretrained_weights(str(weights)):
         raise ValueError(f"{weights} holds encoder/LLM weights: ship a projector-only checkpoint")
     trained_dir.mkdir(parents=True, exist_ok=True)
     tensors = load_file(weights)

@@ -159,16 +159,24 @@ def to_audio_dataset(rows: list[dict]) -> datasets.Dataset:
 
 
 def render_clip(
-    plan: ClipPlan, voice: Voice, use_augment: bool, narrowband: float, session_seed: int
+    plan: ClipPlan, voice: Voice, channel_odds: dict[str, float] | None, session_seed: int
 ) -> dict:
-    """Synthesize, augment and encode one clip into a dataset row (``narrowband``: odds of an 8 kHz channel)."""
+    """Synthesize, augment and encode one clip into a dataset row.
+
+    ``channel_odds`` holds the corpus-wide odds of the opt-in augmentations (``p_narrowband``: an 8 kHz channel,
+    ``p_room``: a simulated room); None means no augmentation at all.
+    """
     rng = random.Random(plan.seed)
     try:
         audio, params = synthesize(voice, plan.text, rng, session_seed)
     except Exception as err:
         raise RuntimeError(f"clip {plan.clip_id} ({plan.voice}): {plan.text!r}: {err}") from err
-    odds = {**AUGMENT_ODDS[voice.family], "p_narrowband": narrowband}
-    aug = augment.sample_augmentation(rng, **odds) if use_augment else augment.NONE
+    use_augment = channel_odds is not None
+    aug = (
+        augment.sample_augmentation(rng, **AUGMENT_ODDS[voice.family], **channel_odds)
+        if use_augment
+        else augment.NONE
+    )
     audio = augment.apply(audio, aug, plan.seed)
     return {
         "audio": {"bytes": encode_flac(audio), "path": f"{plan.clip_id}.flac"},
@@ -184,11 +192,11 @@ def render_clip(
     }
 
 
-def render_shard(job: tuple[Path, list[ClipPlan], bool, float, int]) -> int:
+def render_shard(job: tuple[Path, list[ClipPlan], dict[str, float] | None, int]) -> int:
     """Render one shard to ``shard_dir`` (written under a temporary name, renamed when complete)."""
-    shard_dir, plans, use_augment, narrowband, session_seed = job
+    shard_dir, plans, channel_odds, session_seed = job
     voices = {v.id: v for v in all_voices()}
-    rows = [render_clip(plan, voices[plan.voice], use_augment, narrowband, session_seed) for plan in plans]
+    rows = [render_clip(plan, voices[plan.voice], channel_odds, session_seed) for plan in plans]
     partial = shard_dir.with_name(shard_dir.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     datasets.disable_progress_bars()
@@ -231,10 +239,12 @@ def build_corpus(
     min_words: int | None = None,
     narrowband: float = 0.0,
     isolated_words: int | None = None,
+    room: float = 0.0,
 ) -> datasets.DatasetDict:
     """Render (or resume) the corpus into ``out`` and return it loaded from disk."""
-    if narrowband and not use_augment:
-        raise ValueError("--narrowband is an augmentation: it cannot go with --no-augment")
+    for flag, odds in (("--narrowband", narrowband), ("--room", room)):
+        if odds and not use_augment:
+            raise ValueError(f"{flag} is an augmentation: it cannot go with --no-augment")
     settings = {
         "num_clips": num_clips, "seed": seed, "test_fraction": test_fraction, "families": list(families),
         "sources": list(sources), "augment": use_augment, "shard_size": shard_size,
@@ -249,6 +259,8 @@ def build_corpus(
         settings["narrowband"] = narrowband
     if isolated_words:
         settings["isolated_words"] = isolated_words
+    if room:
+        settings["room"] = room
     out.mkdir(parents=True, exist_ok=True)
     settings_file = out / "corpus_settings.json"
     if settings_file.exists() and json.loads(settings_file.read_text()) != settings:
@@ -264,6 +276,7 @@ def build_corpus(
     )
     shard_root = out / "shards"
     shard_root.mkdir(exist_ok=True)
+    channel_odds = {"p_narrowband": narrowband, "p_room": room} if use_augment else None
     jobs, done = [], 0
     for split, split_plans in plans.items():
         for start in range(0, len(split_plans), shard_size):
@@ -272,7 +285,7 @@ def build_corpus(
             if shard_dir.exists():
                 done += len(chunk)
             else:
-                jobs.append((shard_dir, chunk, use_augment, narrowband, clip_seed(seed, shard_dir.name)))
+                jobs.append((shard_dir, chunk, channel_odds, clip_seed(seed, shard_dir.name)))
     workers = workers or os.cpu_count() or 1
     with tqdm(total=num_clips, initial=done, unit="clip", desc="synthesizing") as progress:
         if workers == 1 or len(jobs) <= 1:
@@ -344,6 +357,12 @@ def main(argv: list[str] | None = None) -> None:
         default=0.0,
         help="share of clips cut to 4 kHz after any noise, like audio recorded at 8 kHz",
     )
+    parser.add_argument(
+        "--room",
+        type=float,
+        default=0.0,
+        help="share of clips spoken in a simulated room (reverberation, before any channel or noise)",
+    )
     parser.add_argument("--no-install", action="store_true", help="fail instead of installing missing deps")
     args = parser.parse_args(argv)
     ensure_data_deps(install=not args.no_install)
@@ -363,6 +382,7 @@ def main(argv: list[str] | None = None) -> None:
         min_words=args.min_words,
         narrowband=args.narrowband,
         isolated_words=args.isolated_words,
+        room=args.room,
     )
     print(f"synthetic corpus in {args.out}")
     print(summarize(corpus))

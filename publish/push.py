@@ -22,11 +22,11 @@ import soundfile as sf
 from huggingface_hub import HfApi
 from safetensors import safe_open
 
+from modeling_tiny_audio import PRETRAINED_PREFIXES, holds_pretrained_weights
 from publish.card import build_card, is_hub_id, read_results, validate_card
 from training.average import AVERAGE_RECORD
 
 BASE_ID_KEYS = ("audio_model_id", "text_model_id")
-FROZEN_PREFIXES = ("audio_tower.", "language_model.")  # weight names of the pretrained parts
 # What a Hub repo of this model needs; anything else in a training output folder (optimizer state, logs,
 # intermediate checkpoints) stays behind.
 HUB_FILE_PATTERNS = (
@@ -131,14 +131,15 @@ def quote_train_configs(paths: list[Path]) -> str | None:
 
 
 def count_trainable(weight_files: list[Path]) -> tuple[int, bool]:
-    """Parameters of the projector (and LoRA adapters) in the weight files, and whether the files also hold
-    the frozen encoder and LLM (a standalone checkpoint)."""
-    trainable, standalone = 0, False
+    """Parameters of the trained weights (projector, LoRA adapters, trained encoder layers) in the weight files,
+    and whether the files also hold the frozen encoder and LLM (a standalone checkpoint, whose count is then of
+    the projector and adapters alone)."""
+    standalone = any(holds_pretrained_weights(str(path)) for path in weight_files)
+    trainable = 0
     for path in weight_files:
         with safe_open(str(path), framework="pt") as handle:
             for key in handle.keys():
-                frozen = key.startswith(FROZEN_PREFIXES) and "lora_" not in key
-                standalone |= frozen
+                frozen = standalone and key.startswith(PRETRAINED_PREFIXES) and "lora_" not in key
                 trainable += 0 if frozen else math.prod(handle.get_slice(key).get_shape())
     return trainable, standalone
 

@@ -176,6 +176,38 @@ def test_narrowband_odds_leave_other_draws_alone():
         assert narrow.narrowband
 
 
+def test_room_odds_leave_other_draws_alone():
+    """Asking for rooms must not change a clip's other settings, so older corpora rebuild identically."""
+    for seed in range(50):
+        plain = augment.sample_augmentation(random.Random(seed), p_telephone=0.3, p_noise=0.5)
+        roomy = augment.sample_augmentation(random.Random(seed), p_telephone=0.3, p_noise=0.5, p_room=1.0)
+        assert dataclasses.replace(roomy, room_rt60=None, room_dims=None) == plain
+        assert (
+            augment.ROOM_RT60_S[0] <= roomy.room_rt60 <= augment.ROOM_RT60_S[1] and len(roomy.room_dims) == 3
+        )
+
+
+def _decay_ms(audio: np.ndarray, start: int) -> float:
+    """How long after `start` the signal stays within 40 dB of its peak there (a crude reverberation tail)."""
+    envelope = np.abs(audio[start:])
+    loud = np.nonzero(envelope > envelope.max() * 10 ** (-40 / 20))[0]
+    return 1000 * loud[-1] / SAMPLE_RATE if len(loud) else 0.0
+
+
+def test_room_reverberates_at_the_clean_power():
+    """A click in a simulated room rings on for longer in a more reverberant room; the power stays the clean one."""
+    click = np.zeros(SAMPLE_RATE, dtype=np.float32)
+    click[1000:1010] = 0.5
+    tails = []
+    for rt60 in (0.2, 0.7):
+        room = augment.Augmentation(room_rt60=rt60, room_dims=(6.0, 5.0, 3.0))
+        wet = augment.apply(click, room, seed=3)
+        assert np.array_equal(wet, augment.apply(click, room, seed=3))  # seeded
+        assert np.mean(wet**2) == pytest.approx(np.mean(click**2), rel=0.05)
+        tails.append(_decay_ms(wet, 1000))
+    assert _decay_ms(click, 1000) < 1 and 20 < tails[0] < tails[1], tails
+
+
 # ----------------------------------------------------------------------------- synthetic corpus
 
 # Every family (espeak-ng and Kokoro are opt-in for real builds, but their engines must keep working).
@@ -328,6 +360,16 @@ def test_narrowband_corpus_has_nothing_above_4_khz(tmp_path):
     assert "narrowband 3" in summarize(datasets.DatasetDict({"train": corpus}))
     with pytest.raises(ValueError, match="cannot go with --no-augment"):
         build_corpus(tmp_path / "clean", num_clips=3, narrowband=1.0, use_augment=False, **args)
+
+
+def test_room_corpus_records_its_rooms(tmp_path):
+    args = dict(seed=0, test_fraction=0.0, families=("piper",), sources=("harvard",), workers=1)
+    corpus = build_corpus(tmp_path / "room", num_clips=2, room=1.0, **args)["train"]
+    for row in corpus.to_list():
+        assert row["aug_room_rt60"] > 0 and len(row["aug_room_dims"]) == 3, row
+    assert json.loads((tmp_path / "room" / "corpus_settings.json").read_text())["room"] == 1.0
+    with pytest.raises(ValueError, match="--room is an augmentation"):
+        build_corpus(tmp_path / "dry", num_clips=2, room=1.0, use_augment=False, **args)
 
 
 def test_corpus_resumes_and_same_seed_gives_same_corpus(corpus_dir, tmp_path):

@@ -57,13 +57,13 @@ def make_tiny_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def make_tiny_encoder(directory: str | Path, kind: str = "whisper") -> str:
+def make_tiny_encoder(directory: str | Path, kind: str = "whisper", num_layers: int = 1) -> str:
     """Saves a random tiny encoder checkpoint (with its feature extractor) and returns its folder."""
     directory = Path(directory)
     if kind == "whisper":
         config = WhisperConfig(
             d_model=TINY_ENCODER_SIZE,
-            encoder_layers=1,
+            encoder_layers=num_layers,
             encoder_attention_heads=2,
             encoder_ffn_dim=32,
             decoder_layers=1,
@@ -83,7 +83,7 @@ def make_tiny_encoder(directory: str | Path, kind: str = "whisper") -> str:
     else:
         common = {
             "hidden_size": TINY_ENCODER_SIZE,
-            "num_hidden_layers": 1,
+            "num_hidden_layers": num_layers,
             "num_attention_heads": 2,
             "intermediate_size": 32,
             "num_conv_pos_embeddings": 4,
@@ -132,11 +132,15 @@ def make_tiny_llm(directory: str | Path, kind: str = "llama") -> str:
 
 
 def make_tiny_tiny_audio(
-    directory: str | Path, encoder: str = "whisper", llm: str = "llama", **config_kwargs
+    directory: str | Path,
+    encoder: str = "whisper",
+    llm: str = "llama",
+    encoder_layers: int = 1,
+    **config_kwargs,
 ) -> tuple[TinyAudioForConditionalGeneration, TinyAudioProcessor]:
     """A Tiny Audio model and processor over freshly saved tiny encoder and LLM folders in `directory`."""
     directory = Path(directory)
-    encoder_dir = make_tiny_encoder(directory / f"encoder-{encoder}", encoder)
+    encoder_dir = make_tiny_encoder(directory / f"encoder-{encoder}", encoder, encoder_layers)
     llm_dir = make_tiny_llm(directory / f"llm-{llm}", llm)
     model = TinyAudioForConditionalGeneration.from_components(encoder_dir, llm_dir, **config_kwargs)
     processor = TinyAudioProcessor.from_components(encoder_dir, llm_dir, config=model.config)

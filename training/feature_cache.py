@@ -31,7 +31,8 @@ SHARD_CLIPS = (
 
 
 def encoder_key(model, processor) -> str:
-    """Hash naming the encoder: its id, config, feature extractor settings and a checksum of its weights."""
+    """Hash naming the encoder: its id, config, feature extractor settings and a checksum of its frozen weights
+    (and where they end, when its top layers train)."""
     digest = hashlib.sha256()
     model_id = str(model.config.audio_model_id)
     if os.path.isdir(os.path.expanduser(model_id)):  # "~/x", "./x" and "/abs/x" name the same local folder
@@ -43,8 +44,13 @@ def encoder_key(model, processor) -> str:
     for where_the_code_lives in ("auto_map", "processor_class"):
         settings.pop(where_the_code_lives, None)
     digest.update((json.dumps(settings, indent=2, sort_keys=True) + "\n").encode())
-    for parameter in model.audio_tower.parameters():
-        digest.update(parameter.detach().float().sum().cpu().numpy().tobytes())
+    if model.config.encoder_trainable_layers:  # the cache holds the frozen layers' output, not the encoder's
+        digest.update(f"frozen layers: {model.config.frozen_encoder_layers}".encode())
+    if model.config.encoder_real_length:  # other frames than those of the 30-s window
+        digest.update(b"real length")
+    for name, parameter in model.audio_tower.named_parameters():
+        if not model._is_trainable(f"audio_tower.{name}"):
+            digest.update(parameter.detach().float().sum().cpu().numpy().tobytes())
     return digest.hexdigest()[:24]
 
 
