@@ -69,13 +69,13 @@ CUSTOM_PIPELINES = {
     }
 }
 TRAINABLE_PREFIXES = ("multi_modal_projector.",)
-# Weight names of the pretrained towers: a checkpoint holding the LLM's own weights is a standalone one.
-PRETRAINED_PREFIXES = ("audio_tower.", "language_model.")
 NO_CTC_HEAD = (
     "word timestamps come from the model's CTC head, and this checkpoint has none: config.ctc_blank_token_id is "
     "unset because it was not trained with the CTC loss (train.py --ctc_weight). Use return_timestamps=True for "
     "chunk-level times."
 )
+# Weight names of the pretrained towers: a checkpoint holding the LLM's own weights is a standalone one.
+PRETRAINED_PREFIXES = ("audio_tower.", "language_model.")
 # Precomputed encoder outputs stand in for input_features, so like them they are read at prefill only.
 PREFILL_ONLY_INPUTS = ("encoder_hidden_states", "encoder_mask")
 
@@ -385,7 +385,8 @@ class TinyAudioForConditionalGeneration(TinyAudioPreTrainedModel, GenerationMixi
 
         ``cache_dir``, ``force_download``, ``local_files_only``, ``token``, ``attn_implementation``,
         ``quantization_config``, ``device_map`` (a dict names modules of this model) and ``offload_folder`` apply to
-        the encoder and LLM loads too; ``revision`` is the checkpoint's own, and the towers load the revisions its config records.
+        the encoder and LLM loads too; ``revision`` is the checkpoint's own, and the towers load the revisions its
+        config records.
         """
         hub_kwargs = {key: kwargs[key] for key in (*HUB_OPTIONS, "revision", "subfolder") if key in kwargs}
         weights_file = cached_file(pretrained_model_name_or_path, SAFE_WEIGHTS_NAME, **hub_kwargs)
@@ -623,13 +624,11 @@ class TinyAudioForConditionalGeneration(TinyAudioPreTrainedModel, GenerationMixi
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Runs the trained encoder layers (if any) and the projector on real encoder frames (padding zeroed, so
         trimmed cached frames give the same result)."""
-        weight = (
-            self.multi_modal_projector.linear_1.weight
-        )  # the towers may sit on other devices (device_map)
-        encoder_mask = encoder_mask.to(weight.device)
-        encoder_hidden = encoder_hidden.to(weight.device, weight.dtype) * encoder_mask[..., None].to(
-            weight.dtype
-        )
+        projector = self.multi_modal_projector.linear_1.weight  # the towers may sit elsewhere (device_map)
+        projector_dtype = projector.dtype
+        encoder_mask = encoder_mask.to(projector.device)
+        encoder_hidden = encoder_hidden.to(projector.device, projector_dtype)
+        encoder_hidden = encoder_hidden * encoder_mask[..., None].to(projector_dtype)
         if self.training:
             encoder_hidden = self.spec_augment(encoder_hidden, encoder_mask)
         if self.config.encoder_trainable_layers:
@@ -637,7 +636,9 @@ class TinyAudioForConditionalGeneration(TinyAudioPreTrainedModel, GenerationMixi
             top = self.audio_tower.forward_top(
                 encoder_hidden.to(tower), encoder_mask.to(tower), self.config.frozen_encoder_layers
             )
-            encoder_hidden = top.to(weight.device, weight.dtype) * encoder_mask[..., None].to(weight.dtype)
+            encoder_hidden = top.to(projector.device, projector_dtype) * encoder_mask[..., None].to(
+                projector_dtype
+            )
         token_counts = projector_token_lengths(encoder_mask.sum(-1), self.config.projector_downsample)
         frames = -(-encoder_hidden.shape[1] // self.config.projector_downsample)
         token_ids = torch.arange(frames, device=encoder_hidden.device)

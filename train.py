@@ -52,6 +52,7 @@ logger = logging.getLogger("tiny_audio.train")
 OPTIONAL_REPORTERS = {"wandb": is_wandb_available, "tensorboard": is_tensorboard_available}
 # Model arguments that, when given, override the starting checkpoint's config (None keeps it).
 CONFIG_OVERRIDES = (
+    "encoder_real_length",
     "ctc_decoding_weight",
     "mask_time_prob",
     "mask_time_length",
@@ -90,6 +91,13 @@ class ModelArguments:
         metadata={
             "help": "Top layers of the (Whisper) encoder that train with the projector; the feature cache then "
             "holds the output of the layers below them"
+        },
+    )
+    encoder_real_length: bool | None = dataclasses.field(
+        default=None,
+        metadata={
+            "help": "Run a Whisper encoder on the clip's frames, not its 30-s window (about 10x cheaper on 3-s clips; "
+            "other frames than Whisper was trained on); default: keep the starting checkpoint's, off for a new model"
         },
     )
     lora_rank: int = dataclasses.field(

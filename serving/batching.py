@@ -1,14 +1,16 @@
 """One worker thread owns the model; requests wait in a queue for it and run in batches.
 
 Requests that decode alike (same prompt, same kind of timestamps) share one pipeline call, so concurrent clients
-fill a batch instead of waiting for each other one by one. Nothing is dropped: every job gets its result or its
-error. A job whose client has gone is taken out of the queue, and a batch whose clients have all gone stops
+fill a batch instead of waiting for each other one by one. The shortest waiting request goes first, so a long file
+does not hold up short clips queued behind it, unless a request has waited longer than ``patience`` seconds: then
+the oldest goes first, so none waits for ever. Nothing is dropped: every job gets its result or its error. A job whose client has gone is taken out of the queue, and a batch whose clients have all gone stops
 generating at the next token.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -32,6 +34,7 @@ class DecodeOptions:
 class Job:
     audio: np.ndarray  # mono float32 at the model's sampling rate
     options: DecodeOptions
+    queued_at: float = field(default_factory=time.monotonic)
     result: Future = field(default_factory=Future)
     cancelled: threading.Event = field(default_factory=threading.Event)
 
@@ -52,18 +55,21 @@ class AllCancelled(StoppingCriteria):
 
 
 class BatchQueue:
-    """A first-in, first-out queue of jobs served by one worker thread in batches of up to ``max_batch``.
+    """A queue of jobs served by one worker thread in batches of up to ``max_batch``.
 
     ``run_batch`` takes jobs of equal options and returns one pipeline result per job, in order. A batch starts
-    with the oldest job and takes the next jobs with its options, so no job waits behind ones that came later
-    unless they share its batch.
+    with the shortest job, or the oldest once it has waited ``patience`` seconds, and takes the next jobs with
+    its options in arrival order.
     """
 
-    def __init__(self, run_batch: Callable[[list[Job]], list[dict[str, Any]]], max_batch: int) -> None:
+    def __init__(
+        self, run_batch: Callable[[list[Job]], list[dict[str, Any]]], max_batch: int, patience: float
+    ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         self.run_batch = run_batch
         self.max_batch = max_batch
+        self.patience = patience
         self.completed = 0
         self.cancelled = 0
         self._jobs: deque[Job] = deque()
@@ -113,11 +119,14 @@ class BatchQueue:
                 self._changed.wait()
             if self._closed:
                 return None
-            first = self._jobs.popleft()
-            batch = [first] + [job for job in self._jobs if job.options == first.options][
-                : self.max_batch - 1
-            ]
-            for job in batch[1:]:
+            oldest = self._jobs[0]
+            if time.monotonic() - oldest.queued_at >= self.patience:
+                first = oldest
+            else:
+                first = min(self._jobs, key=lambda job: job.audio.size)  # the earliest of equally short ones
+            others = [job for job in self._jobs if job is not first and job.options == first.options]
+            batch = [first, *others[: self.max_batch - 1]]
+            for job in batch:
                 self._jobs.remove(job)
             return batch
 

@@ -38,6 +38,8 @@ DEFAULT_MAX_UPLOAD_MB = 25.0
 DEFAULT_MAX_AUDIO_SECONDS = 600.0
 DEFAULT_MAX_PROMPT_TOKENS = 224
 DEFAULT_MAX_BATCH = 8
+# Short requests go first, but none waits longer than this for one that came later (a batch can run longer).
+DEFAULT_PATIENCE_SECONDS = 60.0
 DISCONNECT_POLL_SECONDS = 0.25
 
 
@@ -145,8 +147,8 @@ class Transcriber:
         self.sampling_rate: int = pipe.processor.sampling_rate
         self.has_word_timestamps = getattr(pipe.model.config, "ctc_blank_token_id", None) is not None
 
-    def token_count(self, text: str) -> int:
-        return len(self.pipe.tokenizer(text, add_special_tokens=False)["input_ids"])
+    def tokens(self, text: str) -> list[int]:
+        return self.pipe.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def run_batch(self, jobs: list[Job]) -> list[dict[str, Any]]:
         options = jobs[0].options
@@ -154,6 +156,7 @@ class Transcriber:
             "batch_size": len(jobs),
             "return_timestamps": "word" if options.word_timestamps else True,
             "skip_non_speech": self.skip_non_speech,
+            "skip_errors": True,  # one failing request does not fail the others in its batch
             "stopping_criteria": StoppingCriteriaList([AllCancelled(jobs)]),
         }
         if options.prompt:
@@ -169,6 +172,7 @@ def create_app(
     language: str = "en",
     max_batch: int = DEFAULT_MAX_BATCH,
     skip_non_speech: bool = True,
+    patience: float = DEFAULT_PATIENCE_SECONDS,
 ) -> FastAPI:
     """The FastAPI app serving ``pipe``; its batch worker runs while the app does (lifespan)."""
     if skip_non_speech and "skip_non_speech" not in inspect.signature(pipe._sanitize_parameters).parameters:
@@ -177,7 +181,7 @@ def create_app(
             "again with the current code, or serve it with --keep-non-speech"
         )
     transcriber = Transcriber(pipe, limits, skip_non_speech)
-    queue = BatchQueue(transcriber.run_batch, max_batch)
+    queue = BatchQueue(transcriber.run_batch, max_batch, patience)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -218,7 +222,7 @@ def create_app(
     async def transcriptions(
         request: Request,
         file: Annotated[UploadFile, File()],
-        model: Annotated[str, Form()],
+        model: Annotated[str, Form()],  # required, as by OpenAI; the server has one model whatever it names
         response_format: Annotated[str, Form()] = "json",
         language_code: Annotated[str | None, Form(alias="language")] = None,
         prompt: Annotated[str | None, Form()] = None,
@@ -232,10 +236,11 @@ def create_app(
             raise APIError(
                 400, f"language {language_code!r}: this server transcribes {language!r} only", "language"
             )
-        if prompt and transcriber.token_count(prompt) > limits.max_prompt_tokens:
+        prompt_tokens = len(transcriber.tokens(prompt)) if prompt else 0
+        if prompt_tokens > limits.max_prompt_tokens:
             raise APIError(
                 400,
-                f"the prompt has {transcriber.token_count(prompt)} tokens, more than this server's limit of "
+                f"the prompt has {prompt_tokens} tokens, more than this server's limit of "
                 f"{limits.max_prompt_tokens} (--max-prompt-tokens)",
                 "prompt",
                 "prompt_too_long",
@@ -270,7 +275,7 @@ def create_app(
             language=language,
             word_chunks=options.word_timestamps,
             include_words="word" in granularities,
-            tokenize=lambda text: pipe.tokenizer(text, add_special_tokens=False)["input_ids"],
+            tokenize=transcriber.tokens,
         )
 
     return app
@@ -375,6 +380,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-audio-seconds", type=float, default=DEFAULT_MAX_AUDIO_SECONDS)
     parser.add_argument("--max-prompt-tokens", type=int, default=DEFAULT_MAX_PROMPT_TOKENS)
     parser.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH, help="requests decoded together")
+    parser.add_argument(
+        "--patience",
+        type=float,
+        default=DEFAULT_PATIENCE_SECONDS,
+        help="seconds after which the oldest request goes before shorter ones (0: first come, first served)",
+    )
     parser.add_argument("--language", default="en", help="the language the model transcribes")
     parser.add_argument(
         "--keep-non-speech",
@@ -389,7 +400,9 @@ def main(argv: list[str] | None = None) -> None:
     limits = Limits(int(args.max_upload_mb * 2**20), args.max_audio_seconds, args.max_prompt_tokens)
     pipe = load_pipeline(args.model, args.device)
     name = Path(args.model).name if os.path.isdir(args.model) else args.model
-    app = create_app(pipe, name, limits, args.language.lower(), args.max_batch, not args.keep_non_speech)
+    app = create_app(
+        pipe, name, limits, args.language.lower(), args.max_batch, not args.keep_non_speech, args.patience
+    )
     uvicorn.run(app, host=args.host, port=args.port)
 
 

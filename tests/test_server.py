@@ -201,7 +201,7 @@ def test_queue_batches_equal_options_in_order_and_drops_cancelled_jobs():
         batches.append([str(job.audio[0]) for job in jobs])
         return [{"text": str(job.audio[0])} for job in jobs]
 
-    queue = BatchQueue(run_batch, max_batch=2)
+    queue = BatchQueue(run_batch, max_batch=2, patience=3600)
     plain, words = DecodeOptions(), DecodeOptions(word_timestamps=True)
     jobs = [queue.submit(np.array([float(i)]), words if i == 2 else plain) for i in range(5)]
     queue.cancel(jobs[1])
@@ -213,6 +213,25 @@ def test_queue_batches_equal_options_in_order_and_drops_cancelled_jobs():
     with pytest.raises(JobCancelled):
         jobs[1].result.result()
     assert queue.cancelled == 1
+
+
+@pytest.mark.parametrize(
+    ("patience", "order"), [(3600, ["short", "short", "long"]), (0, ["long", "short", "short"])]
+)
+def test_short_jobs_go_before_a_long_one_until_it_has_waited_too_long(patience, order):
+    served: list[str] = []
+
+    def run_batch(jobs):
+        served.extend("long" if job.audio.size > 1 else "short" for job in jobs)
+        return [{"text": ""} for _ in jobs]
+
+    queue = BatchQueue(run_batch, max_batch=1, patience=patience)
+    jobs = [queue.submit(np.zeros(size), DecodeOptions()) for size in (600, 1, 1)]
+    queue.start()
+    for job in jobs:
+        job.result.result(timeout=60)
+    queue.close()
+    assert served == order
 
 
 def test_a_batch_whose_clients_all_left_stops_generating(local_pipeline, speech):
