@@ -25,7 +25,7 @@ import re
 import shutil
 import warnings
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +34,7 @@ import soundfile as sf
 import soxr
 import torch
 from transformers import AutomaticSpeechRecognitionPipeline, StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
 
 try:
     from .modeling_tiny_audio import NO_CTC_HEAD
@@ -55,9 +56,12 @@ SORT_WINDOW_BATCHES = 4
 # A chunk counts as speech when the voice-activity detector finds at least this much of it. Silero's default of
 # 250 ms misses a word said alone: 3 of the 552 real-speech clips ("third", "eighth", "l").
 MIN_SPEECH_MS = 100
-# CTC puts a token on one or two frames (a spike), often at its start: a word's end is taken as the next word's
-# start, but at most this many frames after its own last token, so a pause after it is not counted as the word.
-WORD_END_SLACK_FRAMES = 3
+# CTC puts a token on one or two frames (a spike), near its start, so the spikes say where words start but not
+# where they end: a word ends where the sound goes quiet (this many dB under the chunk's loudest 10 ms) for at least
+# WORD_PAUSE_SECONDS after its last token, at the latest where the next word starts.
+QUIET_DB = 35.0
+WORD_PAUSE_SECONDS = 0.05
+LEVEL_FRAME_SECONDS = 0.01
 
 
 class AudioInputError(ValueError):
@@ -399,10 +403,12 @@ def timed_words(
     frames: list[tuple[int, int] | None] | None,
     frame_seconds: float,
     duration: float,
+    levels: np.ndarray,
 ) -> list[TimedWord]:
     """The whitespace-separated words of the decoded ``tokens``, each timed from the frames of the tokens it is made
-    of (``frames`` from the model's ``ctc_token_frames``). A word runs from its first token's first frame to just
-    before the next word starts, unless that is more than `WORD_END_SLACK_FRAMES` past its last token (a pause).
+    of (``frames`` from the model's ``ctc_token_frames``). A word starts at its first token's first frame and ends
+    where the chunk's sound (``levels``: dB per LEVEL_FRAME_SECONDS, from `sound_levels`) falls quiet after its
+    last token, at the latest where the next word starts.
 
     Without frames (the text holds more tokens than the audio has frames), the words share ``duration`` by length.
     """
@@ -432,12 +438,32 @@ def timed_words(
         )
     timed = []
     for (word, _, _), (first, last), following in zip(words, spans, [*spans[1:], None], strict=True):
-        end = last + 1 + WORD_END_SLACK_FRAMES
-        if following is not None:
-            end = min(end, following[0])
-        end = max(end, first + 1)
-        timed.append(TimedWord(word, first * frame_seconds, min(end * frame_seconds, duration)))
+        latest = duration if following is None else max(following[0], first + 1) * frame_seconds
+        end = quiet_after(levels, last * frame_seconds, latest)
+        timed.append(TimedWord(word, first * frame_seconds, max(end, (first + 1) * frame_seconds)))
     return timed
+
+
+def sound_levels(samples: np.ndarray, rate: int) -> np.ndarray:
+    """Loudness in dB of each LEVEL_FRAME_SECONDS frame of a chunk."""
+    frame = max(1, int(rate * LEVEL_FRAME_SECONDS))
+    frames = samples[: len(samples) // frame * frame].reshape(-1, frame)
+    return 10 * np.log10(np.square(frames, dtype=np.float64).mean(axis=1) + 1e-12)
+
+
+def quiet_after(levels: np.ndarray, start: float, latest: float) -> float:
+    """Seconds where the sound going on at ``start`` first stays quiet for WORD_PAUSE_SECONDS; ``latest`` if it
+    does not before then."""
+    if not len(levels):
+        return latest
+    quiet = levels < levels.max() - QUIET_DB
+    run = max(1, round(WORD_PAUSE_SECONDS / LEVEL_FRAME_SECONDS))
+    pauses = (
+        np.convolve(quiet, np.ones(run), mode="valid") == run
+    )  # pauses[i]: frames i .. i + run - 1 are quiet
+    first, last = int(start / LEVEL_FRAME_SECONDS), int(latest / LEVEL_FRAME_SECONDS)
+    found = np.flatnonzero(pauses[first:last])
+    return min(latest, (first + found[0]) * LEVEL_FRAME_SECONDS) if len(found) else latest
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -449,15 +475,76 @@ def timed_words(
 class _Pending:
     """Bookkeeping for one input while its chunks go through the model."""
 
+    position: int  # the input's index in the call
     chunks: list[tuple[float, float]] = field(default_factory=list)
     texts: dict[int, str] = field(default_factory=dict)
     words: dict[int, list[TimedWord]] = field(default_factory=dict)
     done_reading: bool = False
     error: str | None = None
 
+    def word_entries(self, index: int) -> list[dict[str, Any]]:
+        """Chunk ``index``'s words as ``{"text", "timestamp"}`` in the input's time (none for a chunk not timed)."""
+        start, end = self.chunks[index]
+        # the model's durations count whole feature frames: a word ends no later than its chunk
+        return [
+            {
+                "text": word.text,
+                "timestamp": (round(start + word.start, 3), round(min(start + word.end, end), 3)),
+            }
+            for word in self.words.get(index, [])
+        ]
+
+    def chunk_entry(self, index: int, with_words: bool) -> dict[str, Any]:
+        """What ``on_chunk`` receives for chunk ``index`` of this input."""
+        start, end = self.chunks[index]
+        entry = {
+            "input": self.position,
+            "chunk": index,
+            "text": self.texts[index].strip(),
+            "timestamp": (round(start, 3), round(end, 3)),
+        }
+        return entry | ({"words": self.word_entries(index)} if with_words else {})
+
     @property
     def complete(self) -> bool:
         return self.error is not None or (self.done_reading and len(self.texts) == len(self.chunks))
+
+
+class InputStreamer(BaseStreamer):
+    """Hands a user's streamer (``TextIteratorStreamer`` and the like) each input as one stream, however many chunks
+    it is cut into: the first chunk's prompt only (so ``skip_prompt`` works), a space between chunks, and ``end()``
+    once the input's last chunk is done, where ``generate`` would end it after every chunk."""
+
+    def __init__(self, streamer: BaseStreamer, separator_ids: list[int]) -> None:
+        self.streamer = streamer
+        self.separator = torch.tensor(separator_ids, dtype=torch.long)
+        self.chunks_started = 0
+        self.at_prompt = True  # generate's first put of a chunk is its prompt
+        self.open = True
+
+    def start_input(self) -> None:
+        self.open, self.chunks_started, self.at_prompt = True, 0, True
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.at_prompt:
+            self.streamer.put(value)
+            return
+        self.at_prompt = False
+        if self.chunks_started == 0:
+            self.streamer.put(value)
+        elif len(self.separator):
+            self.streamer.put(self.separator)
+        self.chunks_started += 1
+
+    def end(self) -> None:
+        """One chunk's generate is done; the input's stream goes on."""
+        self.at_prompt = True
+
+    def finish(self) -> None:
+        """The input is done (or the call failed): end the user's stream, once."""
+        if self.open:
+            self.streamer.end()
+        self.open = False
 
 
 class TinyAudioASRPipeline(AutomaticSpeechRecognitionPipeline):
@@ -465,12 +552,15 @@ class TinyAudioASRPipeline(AutomaticSpeechRecognitionPipeline):
 
     Call options (besides the stock ones): ``sampling_rate`` (of bare array inputs), ``chunk_length_s`` (at most
     the encoder window, ``config.max_audio_seconds``), ``prompt`` (instruction instead of the default transcribe
-    prompt), ``return_timestamps=True`` (chunk-level ``chunks``) or ``"word"`` (a ``chunks`` entry per word, timed by
-    the model's CTC head), ``skip_errors=True`` (a bad input yields ``{"text": "", "error": ...}`` instead of
+    prompt), ``return_timestamps=True`` (chunk-level ``chunks``) or ``"word"`` (a ``chunks`` entry per word, timed
+    by the model's CTC head), ``skip_errors=True`` (a bad input yields ``{"text": "", "error": ...}`` instead of
     raising), ``skip_non_speech=True`` (chunks in which a voice-activity detector finds no speech give empty text
     without reaching the model; needs ``silero-vad``; off by default, so transcripts stay the model's own),
-    ``loop_guard=False`` (keep degenerate repetition loops),
-    ``max_new_tokens`` / ``generate_kwargs`` (default budget: ``config.max_new_tokens_for(chunk seconds)``).
+    ``on_chunk`` (called with each chunk's ``{"input", "chunk", "text", "timestamp"[, "words"]}`` as soon
+    as it is transcribed), ``streamer`` (a ``generate`` streamer such as ``TextIteratorStreamer``, at batch size 1:
+    the text as it is decoded, one stream per input however many chunks it has; decoding is then greedy unless
+    ``num_beams`` is given), ``loop_guard=False`` (keep degenerate repetition loops), ``max_new_tokens`` /
+    ``generate_kwargs`` (default budget: ``config.max_new_tokens_for(chunk seconds)``).
     Construction option: ``merge_lora=True`` folds the LoRA adapters into the LLM for faster serving; the model
     then cannot train again (load it anew for that), so it is for a model the pipeline loaded itself.
     """
@@ -505,6 +595,7 @@ class TinyAudioASRPipeline(AutomaticSpeechRecognitionPipeline):
         sampling_rate: int | None = None,
         chunk_length_s: float | None = None,
         prompt: str | None = None,
+        on_chunk: Callable[[dict[str, Any]], None] | None = None,
         return_timestamps: bool | None = None,
         skip_errors: bool | None = None,
         skip_non_speech: bool | None = None,
@@ -526,6 +617,8 @@ class TinyAudioASRPipeline(AutomaticSpeechRecognitionPipeline):
             preprocess["prompt"] = prompt
         if skip_errors is not None:
             preprocess["skip_errors"] = skip_errors
+        if on_chunk is not None:
+            preprocess["on_chunk"] = on_chunk
         if skip_non_speech:
             preprocess["speech_detector"] = self._speech_detector()
         if return_timestamps not in (None, True, False, "word"):
@@ -567,6 +660,10 @@ class TinyAudioASRPipeline(AutomaticSpeechRecognitionPipeline):
         batch = dict(batch)
         if self.dtype is not None and batch["input_features"].is_floating_point():
             batch["input_features"] = batch["input_features"].to(self.dtype)
+        # for word ends (see `timed_words`); `_forward` takes it out before the model sees the batch
+        batch["sound_levels"] = [
+            sound_levels(chunk.samples, self.processor.sampling_rate) for chunk in chunks
+        ]
         return batch
 
     def _forward(
@@ -576,6 +673,7 @@ class TinyAudioASRPipeline(AutomaticSpeechRecognitionPipeline):
         word_timestamps: bool = False,
         **generate_kwargs: Any,
     ) -> dict[str, list]:
+        levels = model_inputs.pop("sound_levels", None)
         # Without max_new_tokens, the model's generate sizes the budget from the longest chunk in the batch.
         generate_kwargs = self._prepare_generate_kwargs(generate_kwargs)
         criteria = StoppingCriteriaList(generate_kwargs.pop("stopping_criteria", []))
@@ -592,9 +690,12 @@ class TinyAudioASRPipeline(AutomaticSpeechRecognitionPipeline):
             features_mask = model_inputs["input_features_mask"]
             frames = self.model.ctc_token_frames(model_inputs["input_features"], features_mask, cleaned)
             durations = self.model.feature_seconds(features_mask).tolist()
+            frame_seconds = self.model.config.audio_token_seconds
             outputs["words"] = [
-                timed_words(self.tokenizer, tokens, spans, self.model.config.audio_token_seconds, duration)
-                for tokens, spans, duration in zip(cleaned, frames, durations, strict=True)
+                timed_words(self.tokenizer, tokens, spans, frame_seconds, duration, chunk_levels)
+                for tokens, spans, duration, chunk_levels in zip(
+                    cleaned, frames, durations, levels, strict=True
+                )
             ]
         return outputs
 
@@ -605,13 +706,7 @@ class TinyAudioASRPipeline(AutomaticSpeechRecognitionPipeline):
         result: dict[str, Any] = {"text": " ".join(text for text in texts if text)}
         if return_timestamps == "word":
             result["chunks"] = [
-                # the model's durations count whole feature frames: a word ends no later than its chunk
-                {
-                    "text": word.text,
-                    "timestamp": (round(start + word.start, 3), round(min(start + word.end, end), 3)),
-                }
-                for index, (start, end) in enumerate(pending.chunks)
-                for word in pending.words[index]
+                word for index in range(len(pending.chunks)) for word in pending.word_entries(index)
             ]
         elif return_timestamps:
             result["chunks"] = [
@@ -635,9 +730,19 @@ class TinyAudioASRPipeline(AutomaticSpeechRecognitionPipeline):
         in batches of ``batch_size``; results come out in input order as soon as every chunk of an input is
         transcribed. Only one window of chunks is held at a time; at batch size 1 a window is one chunk, since
         sorting only saves padding inside a batch."""
-        preprocess_params = dict(preprocess_params)
+        preprocess_params, forward_params = dict(preprocess_params), dict(forward_params)
         skip_errors = preprocess_params.pop("skip_errors", False)
         prompt = preprocess_params.pop("prompt", None)
+        on_chunk = preprocess_params.pop("on_chunk", None)
+        streamer = None
+        if forward_params.get("streamer") is not None:
+            if batch_size > 1:
+                raise ValueError(
+                    "a streamer follows one sequence at a time: call the pipeline with batch_size=1"
+                )
+            separator = self.tokenizer(" ", add_special_tokens=False)["input_ids"]
+            streamer = forward_params["streamer"] = InputStreamer(forward_params["streamer"], separator)
+            forward_params.setdefault("num_beams", 1)  # generate streams greedy and sampled decoding only
         detector: SpeechDetector | None = preprocess_params.pop("speech_detector", None)
         order: deque[_Pending] = deque()
         window: list[tuple[_Pending, int, AudioChunk]] = []
@@ -653,35 +758,49 @@ class TinyAudioASRPipeline(AutomaticSpeechRecognitionPipeline):
                     pending.texts[index] = outputs["text"][row]
                     if "words" in outputs:
                         pending.words[index] = outputs["words"][row]
+                    report(pending, index)
             window.clear()
+
+        def report(pending: _Pending, index: int) -> None:
+            if on_chunk is not None:
+                on_chunk(pending.chunk_entry(index, with_words=bool(forward_params.get("word_timestamps"))))
 
         def drain() -> Iterator[dict[str, Any]]:
             while order and order[0].complete:
                 yield self.postprocess(order.popleft(), **postprocess_params)
 
-        for source in inputs:
-            pending = _Pending()
-            order.append(pending)
-            try:
-                for chunk in self.preprocess(source, **preprocess_params):
-                    pending.chunks.append((chunk.start, chunk.end))
-                    if detector is not None and not detector.has_speech(
-                        chunk.samples, self.processor.sampling_rate
-                    ):
-                        pending.texts[len(pending.chunks) - 1] = ""
-                        pending.words[len(pending.chunks) - 1] = []
-                        continue
-                    window.append((pending, len(pending.chunks) - 1, chunk))
-                    if len(window) >= window_size:
-                        run_window()
-                        yield from drain()
-            except AudioInputError as error:
-                if not skip_errors:
-                    raise
-                pending.error = str(error)
-                window[:] = [item for item in window if item[0] is not pending]
-            pending.done_reading = True
+        try:
+            for position, source in enumerate(inputs):
+                pending = _Pending(position)
+                order.append(pending)
+                if streamer is not None:
+                    streamer.start_input()
+                try:
+                    for chunk in self.preprocess(source, **preprocess_params):
+                        pending.chunks.append((chunk.start, chunk.end))
+                        index = len(pending.chunks) - 1
+                        if detector is not None and not detector.has_speech(
+                            chunk.samples, self.processor.sampling_rate
+                        ):
+                            pending.texts[index] = ""
+                            report(pending, index)
+                            continue
+                        window.append((pending, index, chunk))
+                        if len(window) >= window_size:
+                            run_window()
+                            yield from drain()
+                except AudioInputError as error:
+                    if not skip_errors:
+                        raise
+                    pending.error = str(error)
+                    window[:] = [item for item in window if item[0] is not pending]
+                pending.done_reading = True
+                if streamer is not None:  # at batch size 1 every chunk of the input has been transcribed
+                    streamer.finish()
+                yield from drain()
+            if window:
+                run_window()
             yield from drain()
-        if window:
-            run_window()
-        yield from drain()
+        finally:  # a consumer waiting on the streamer must not wait forever when a call fails
+            if streamer is not None:
+                streamer.finish()

@@ -1,4 +1,5 @@
-"""The Gradio demo, driven in a real headless Chromium: upload, transcribe, Text mode, readable rejections."""
+"""The Gradio demo, driven in a real headless Chromium: upload, live text and progress, word times, microphone
+streaming, Text mode, limits, readable rejections, the API page."""
 
 from __future__ import annotations
 
@@ -9,11 +10,13 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import soundfile as sf
 import torch
@@ -22,7 +25,7 @@ from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, str(REPO_ROOT / "demo"))
 
-from app import AudioRejected, Backend, check_audio_file  # noqa: E402
+from app import JOB_THREAD, NO_SPEECH, AudioRejected, Backend, check_audio_file  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -35,6 +38,9 @@ CHROMIUM_ARGS = [
     "--no-first-run",
 ]
 FAKE_MICROPHONE = ["--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"]
+# Limits the test demo runs with: a 40 s file passes, a 60 s one is refused; Text prompts up to 64 tokens.
+MAX_AUDIO_SECONDS = 45
+MAX_PROMPT_TOKENS = 64
 # Words of the tiny test tokenizer the biased LLM emits, so a transcript is visible text, not whitespace.
 SPOKEN_TOKENS = ("Ġtiny", "Ġaudio")
 
@@ -69,6 +75,8 @@ def talkative_model_dir(tiny_model_dir: str, tmp_path_factory: pytest.TempPathFa
         if "token" in name or name.endswith(".jinja"):
             shutil.copy2(Path(config["text_model_id"]) / name, llm_dir / name)
     config["text_model_id"] = str(llm_dir)
+    # A CTC head (the blank is the space token, as train.py sets it) gives the words their times.
+    config["ctc_blank_token_id"] = llm_token_id(str(llm_dir), "Ġ")
     (checkpoint / "config.json").write_text(json.dumps(config, indent=2))
     return str(checkpoint)
 
@@ -92,14 +100,79 @@ def test_check_audio_file_rejects_non_audio_files(tmp_path: Path) -> None:
         check_audio_file(fake)
 
 
-def test_long_file_is_transcribed_in_chunks(talkative_model_dir: str, tmp_path: Path) -> None:
-    backend = Backend.load(talkative_model_dir)
+def test_check_audio_file_refuses_audio_over_the_duration_limit(tmp_path: Path) -> None:
+    with pytest.raises(
+        AudioRejected, match=r"Too long: 'a\.wav' lasts 3 s; this demo transcribes at most 2 s"
+    ):
+        check_audio_file(write_clip(tmp_path / "a.wav", 3.0), max_seconds=2)
+
+
+@pytest.fixture(scope="module")
+def backend(talkative_model_dir: str) -> Backend:
+    return Backend.load(talkative_model_dir, max_prompt_tokens=MAX_PROMPT_TOKENS)
+
+
+def test_long_file_shows_partial_text_progress_and_timed_words(backend: Backend, tmp_path: Path) -> None:
     window = backend.pipe.model.config.max_audio_seconds
-    transcript, duration, elapsed, note = backend.transcribe(
-        str(write_clip(tmp_path / "long.wav", window + 5))
-    )
+    updates = list(backend.transcribe(str(write_clip(tmp_path / "long.wav", window + 5))))
+    transcript, words, duration, elapsed, progress, note = updates[-1]
     assert duration == f"{window + 5:.2f} s (2 chunks)"
     assert transcript and note == ""
+    assert [word for word, _, _ in words] == transcript.split()
+    assert all(0 <= start < end <= window + 5 for _, start, end in words)
+    assert words[-1][1] > window - 5  # the second chunk's words are in the file's time
+    # Before the end: text that grows while a chunk decodes, and progress chunk by chunk through the file.
+    partial = [update[0] for update in updates[:-1]]
+    assert len({text for text in partial if text}) > 2
+    done = [float(update[4].split()[0]) for update in updates if update[4]]
+    assert done == sorted(done) and done[-1] == window + 5
+    assert sorted(set(done))[0] == 0 and 0 < sorted(set(done))[1] < window + 5 and len(set(done)) == 3
+
+
+def test_audio_without_speech_says_so(backend: Backend, tmp_path: Path) -> None:
+    silence = tmp_path / "silence.wav"
+    sf.write(silence, np.zeros(3 * 16000, dtype=np.float32), 16000)
+    transcript, words, *_, note = list(backend.transcribe(str(silence)))[-1]
+    assert (transcript, words, note) == ("", [], NO_SPEECH)
+
+
+def test_closing_the_page_stops_the_job(backend: Backend, tmp_path: Path) -> None:
+    """Gradio closes a handler whose page has gone: the decoding chunk stops and no further chunk starts."""
+    window = backend.pipe.model.config.max_audio_seconds
+    prefills = []  # one per chunk that reached the LLM
+
+    def count_prefill(module, args, kwargs) -> None:
+        if kwargs["inputs_embeds"].shape[1] > 1:
+            prefills.append(1)
+
+    hook = backend.pipe.model.language_model.register_forward_pre_hook(count_prefill, with_kwargs=True)
+    try:
+        updates = backend.transcribe(str(write_clip(tmp_path / "long.wav", 2 * window + 10)))
+        next(update for update in updates if update[0])  # text of the first chunk is arriving
+        updates.close()
+        for thread in threading.enumerate():
+            if thread.name == JOB_THREAD:
+                thread.join(timeout=120)
+                assert not thread.is_alive()
+    finally:
+        hook.remove()
+    assert len(prefills) == 1  # of 3 chunks
+
+
+def test_text_prompt_longer_than_the_limit_is_refused(backend: Backend) -> None:
+    import gradio as gr
+
+    assert backend.max_prompt_tokens == MAX_PROMPT_TOKENS
+    with pytest.raises(
+        gr.Error, match=rf"The prompt is \d+ tokens long; this demo takes at most {MAX_PROMPT_TOKENS}"
+    ):
+        list(backend.answer("word " * 200))
+
+
+def test_prompt_limit_never_exceeds_the_language_models_context(talkative_model_dir: str) -> None:
+    backend = Backend.load(talkative_model_dir, max_prompt_tokens=10**9)
+    context = backend.pipe.model.config.text_config.max_position_embeddings
+    assert backend.max_prompt_tokens == context - backend.text_max_new_tokens
 
 
 # ---- the page in a real browser ----------------------------------------------------------------------------------
@@ -122,7 +195,8 @@ def demo_url(talkative_model_dir: str, tmp_path_factory: pytest.TempPathFactory)
     log = tmp_path_factory.mktemp("demo") / "app.log"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
     command = [sys.executable, str(REPO_ROOT / "demo" / "app.py"), "--model", talkative_model_dir]
-    command += ["--port", str(port), "--max-file-mb", "0.5"]
+    command += ["--port", str(port), "--max-file-mb", "0.5", "--max-audio-seconds", str(MAX_AUDIO_SECONDS)]
+    command += ["--max-prompt-tokens", str(MAX_PROMPT_TOKENS)]
     with open(log, "w") as log_file:
         process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}/"
@@ -158,12 +232,17 @@ def test_demo_listens_on_loopback_only(demo_url: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def browser() -> Iterator:
+def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
+    """Chromium whose fake microphone plays a speech-like clip over and over (Chromium's own fake device only
+    beeps, which the demo's voice-activity check rightly calls no speech)."""
     if not Path(CHROMIUM).exists():
         pytest.skip(f"{CHROMIUM} missing: apt-get install -y chromium")
     sync_api = pytest.importorskip("playwright.sync_api")
+    voice = tmp_path_factory.mktemp("microphone") / "voice.wav"
+    sf.write(voice, speech_like(4.0, 48000), 48000, subtype="PCM_16")
+    microphone = [*FAKE_MICROPHONE, f"--use-file-for-fake-audio-capture={voice}"]
     with sync_api.sync_playwright() as playwright:
-        instance = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS + FAKE_MICROPHONE)
+        instance = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS + microphone)
         yield instance
         instance.close()
 
@@ -202,19 +281,24 @@ def wait_for_filled(page, selector: str) -> None:
 
 
 def wait_for_transcript(page) -> str:
-    wait_for_filled(page, "#transcript textarea")
+    """The final transcript: the text box fills while the model decodes, the time taken once it is done."""
+    wait_for_filled(page, "#elapsed textarea, #elapsed input")
     return page.locator("#transcript textarea").input_value()
 
 
 @pytest.mark.browser
-@pytest.mark.parametrize("suffix", ["wav", "flac", "mp3"])
-def test_upload_shows_transcript_duration_and_time(page, tmp_path: Path, suffix: str) -> None:
+@pytest.mark.parametrize("suffix", ["wav", "flac", "mp3", "ogg"])
+def test_upload_shows_transcript_words_duration_and_time(page, tmp_path: Path, suffix: str) -> None:
     page.locator("#audio input[type=file]").set_input_files(
         str(write_clip(tmp_path / f"speech.{suffix}", 2.0))
     )
     page.click("#transcribe-btn")
     transcript = wait_for_transcript(page)
     assert set(transcript.split()) <= {"tiny", "audio"}, transcript
+    # Each word with its start and end, in a table.
+    rows = word_rows(page, len(transcript.split()))
+    assert [word for word, _, _ in rows] == transcript.split()
+    assert all(0 <= start < end <= 2.0 for _, start, end in rows)
     assert page.locator("#duration textarea, #duration input").input_value() == "2.00 s"
     assert re.fullmatch(
         r"\d+\.\d\d s \(\d+\.\dx real time\)", page.locator("#elapsed textarea, #elapsed input").input_value()
@@ -282,3 +366,110 @@ def test_rejected_files_show_a_readable_message(
         page.click("#transcribe-btn")
     page.get_by_text(re.compile(message)).first.wait_for(timeout=60_000)
     assert page.locator("#transcript textarea").input_value() == ""
+
+
+def word_rows(page, count: int) -> list[tuple[str, float, float]]:
+    """The words table once it holds ``count`` rows (the table renders after the text boxes): (word, start, end)."""
+    page.wait_for_function(
+        f"document.querySelectorAll('#words tbody tr').length === {count}", timeout=60_000, polling=250
+    )
+    rows = []
+    for row in page.locator("#words tbody tr").all():
+        word, start, end = (cell.strip() for cell in row.locator("td").all_text_contents()[:3])
+        rows.append((word, float(start), float(end)))
+    return rows
+
+
+RECORD_VALUES = """selector => {
+    window.seen = [];
+    setInterval(() => {
+        const value = document.querySelector(selector).value;
+        if (window.seen[window.seen.length - 1] !== value) window.seen.push(value);
+    }, 20);
+}"""
+
+
+@pytest.mark.browser
+def test_long_file_shows_text_and_progress_as_chunks_finish(page, tmp_path: Path) -> None:
+    """A 40 s file is two chunks: the page shows the first chunk's text and progress before the second is done."""
+    page.locator("#audio input[type=file]").set_input_files(str(write_clip(tmp_path / "long.ogg", 40.0)))
+    page.evaluate(RECORD_VALUES, "#progress textarea, #progress input")
+    page.click("#transcribe-btn")
+    wait_for_filled(page, "#elapsed textarea, #elapsed input")
+    seen = [value for value in page.evaluate("window.seen") if value]
+    done = [float(value.split()[0]) for value in seen]
+    assert done[-1] == 40.0 and any(0 < seconds < 40 for seconds in done), seen
+    assert page.locator("#duration textarea, #duration input").input_value() == "40.00 s (2 chunks)"
+
+
+@pytest.mark.browser
+def test_live_microphone_text_appears_while_speaking(page) -> None:
+    """Live mode: the transcript fills while the (fake) microphone is still recording."""
+    page.get_by_role("tab", name="Live").click()
+    live = page.locator("#live-audio")
+    live.get_by_role("button", name="Record").first.click()
+    wait_for_filled(page, "#live-transcript textarea")
+    assert live.get_by_role("button", name="Stop").first.is_visible()  # still recording
+    assert set(page.locator("#live-transcript textarea").input_value().split()) <= {"tiny", "audio"}
+    live.get_by_role("button", name="Stop").first.click()
+    assert page.outside_requests == []
+
+
+@pytest.mark.browser
+def test_example_clip_is_transcribed_and_upload_label_names_ogg(page) -> None:
+    assert page.get_by_text(re.compile(r"Audio \(WAV, MP3, FLAC, OGG; up to 0\.5 MB and 0\.75 min\)")).count()
+    page.get_by_text("kokoro_heart.ogg").first.click()
+    page.click("#transcribe-btn")
+    assert wait_for_transcript(page)
+    assert page.locator("#duration textarea, #duration input").input_value() == "2.85 s"
+
+
+@pytest.mark.browser
+def test_audio_without_speech_is_reported(page) -> None:
+    page.get_by_text("beeps.ogg").first.click()
+    page.click("#transcribe-btn")
+    page.get_by_text(NO_SPEECH).first.wait_for(timeout=60_000)
+    assert page.locator("#transcript textarea").input_value() == ""
+
+
+@pytest.mark.browser
+def test_limits_on_audio_duration_and_prompt_length(page, tmp_path: Path) -> None:
+    silence = tmp_path / "minute.wav"  # 8 kHz 8-bit: a minute in 480 kB, under the 0.5 MB upload limit
+    sf.write(silence, np.zeros(60 * 8000, dtype=np.float32), 8000, subtype="PCM_U8")
+    page.locator("#audio input[type=file]").set_input_files(str(silence))
+    page.click("#transcribe-btn")
+    page.get_by_text(
+        re.compile(r"Too long: 'minute\.wav' lasts 60 s; this demo transcribes at most 45 s")
+    ).wait_for(timeout=60_000)
+    page.get_by_role("tab", name="Text").click()
+    page.locator("#prompt textarea").fill("word " * 200)
+    page.click("#ask-btn")
+    page.get_by_text(
+        re.compile(rf"The prompt is \d+ tokens long; this demo takes at most {MAX_PROMPT_TOKENS}")
+    ).first.wait_for(timeout=60_000)
+    assert page.locator("#answer textarea").input_value() == ""
+
+
+def test_api_page_lists_only_named_endpoints_with_labelled_outputs(demo_url: str) -> None:
+    """What "Use via API" shows: the three modes by name, no internal handlers, no unnamed values."""
+    info = json.loads(urllib.request.urlopen(f"{demo_url}gradio_api/info", timeout=30).read())
+    assert sorted(info["named_endpoints"]) == ["/answer", "/live", "/transcribe"]
+    assert info["unnamed_endpoints"] == {}
+    labels = [item["label"] for endpoint in info["named_endpoints"].values() for item in endpoint["returns"]]
+    assert all(label and not label.startswith("value_") for label in labels), labels
+
+
+def test_transcriptions_run_side_by_side_and_text_mode_has_its_own_worker(backend: Backend) -> None:
+    """A long file takes one transcription worker and short clips go through on the others; Text mode and Live
+    mode never wait behind files."""
+    from app import build_demo
+
+    demo = build_demo(backend, "model", workers=3)
+    handlers = {fn.api_name: fn for fn in demo.fns.values() if fn.api_visibility == "public"}
+    assert {name: (fn.concurrency_id, fn.concurrency_limit) for name, fn in handlers.items()} == {
+        "transcribe": ("transcribe", 3),
+        "live": ("live", 3),
+        "answer": ("text", 1),
+    }
+    # Gradio runs a group at the lowest limit of its members: the page-only handlers must not lower it.
+    assert {fn.concurrency_limit for fn in demo.fns.values() if fn.concurrency_id == "live"} == {3}

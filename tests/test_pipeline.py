@@ -572,6 +572,18 @@ def test_forced_alignment_of_a_text_longer_than_the_audio_is_none():
     assert ctc_forced_align(log_probs, [1, 2, 3], blank=0) == [(0, 0), (1, 1), (2, 2)]
 
 
+def test_a_word_ends_where_its_sound_stops_or_where_the_next_word_starts():
+    """CTC spikes mark starts; the end is the first pause after the word's last token, else the next word."""
+    from pipeline_asr import quiet_after, sound_levels
+
+    audio = np.zeros(RATE * 2, dtype=np.float32)
+    audio[int(0.2 * RATE) : int(0.65 * RATE)] = tone(0.45)  # a word from 0.2 s to 0.65 s, silence after it
+    audio[int(0.7 * RATE) : int(1.5 * RATE)] = tone(0.8)  # the next one runs on without a pause
+    levels = sound_levels(audio, RATE)
+    assert quiet_after(levels, 0.24, latest=1.2) == pytest.approx(0.65)
+    assert quiet_after(levels, 0.8, latest=1.2) == 1.2
+
+
 @pytest.fixture
 def asr_with_ctc_head(asr):
     asr.model.config.ctc_blank_token_id = asr.tokenizer(" ", add_special_tokens=False)["input_ids"][0]
@@ -607,3 +619,79 @@ def test_word_timestamps_need_a_ctc_head(asr):
         asr(speech_with_pauses(2.0)[0], return_timestamps="word")
     with pytest.raises(ValueError, match="return_timestamps must be True .* or 'word'"):
         asr(speech_with_pauses(2.0)[0], return_timestamps="char")
+
+
+# ---- streaming: partial text while decoding, each chunk as soon as it is done ---------------------------------
+
+
+class RecordingStreamer:
+    """A generate streamer that logs what it receives next to the pipeline's chunk callbacks."""
+
+    def __init__(self, events: list) -> None:
+        self.events = events
+
+    def put(self, value) -> None:
+        self.events.append(("tokens", value.reshape(-1).tolist()))
+
+    def end(self) -> None:
+        self.events.append(("end",))
+
+
+def test_streamer_sees_tokens_while_each_chunk_decodes_and_one_end_per_input(asr):
+    """Tokens reach the streamer before their chunk is reported done, and a two-chunk input is one stream."""
+    from transformers.generation.streamers import BaseStreamer
+
+    events: list = []
+    streamer = type("Recorder", (RecordingStreamer, BaseStreamer), {})(events)
+    audio, _ = speech_with_pauses(41.0, seed=3)
+    result = asr(audio, streamer=streamer, on_chunk=lambda entry: events.append(("chunk", entry)), **VARIED)
+    kinds = [event[0] for event in events]
+    assert kinds.count("end") == 1 and kinds[-1] == "end"
+    assert kinds.count("chunk") == 2
+    first_done = kinds.index("chunk")
+    assert "tokens" in kinds[1:first_done]  # generated tokens (after the prompt) came before chunk 0 was done
+    assert "tokens" in kinds[first_done + 1 : kinds.index("chunk", first_done + 1)]
+    chunks = [event[1] for event in events if event[0] == "chunk"]
+    assert [(c["input"], c["chunk"]) for c in chunks] == [(0, 0), (0, 1)]
+    assert " ".join(c["text"] for c in chunks if c["text"]) == result["text"]
+
+
+def test_text_iterator_streamer_gives_the_transcript_of_a_long_input(asr):
+    """The transformers pattern: generation in a thread, the text read from a TextIteratorStreamer as it comes."""
+    import threading
+
+    from transformers import TextIteratorStreamer
+
+    audio, _ = speech_with_pauses(41.0, seed=3)
+    streamer = TextIteratorStreamer(asr.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=120)
+    results = []
+    worker = threading.Thread(target=lambda: results.append(asr(audio, streamer=streamer, **VARIED)))
+    worker.start()
+    pieces = list(streamer)  # ends once, after the second chunk
+    worker.join()
+    assert len(pieces) > 1
+    assert "".join(pieces).split() == results[0]["text"].split()
+
+
+def test_streamer_ends_when_the_input_fails_and_needs_batch_size_one(asr, tmp_path):
+    from transformers import TextIteratorStreamer
+
+    bad, named = _bad_inputs(tmp_path)["corrupt"]
+    streamer = TextIteratorStreamer(asr.tokenizer, skip_prompt=True, timeout=60)
+    with pytest.raises(ValueError, match=named):
+        asr(bad, streamer=streamer)
+    assert "".join(streamer) == ""  # ended: a reader does not wait forever
+    with pytest.raises(ValueError, match="batch_size=1"):
+        asr([speech_with_pauses(2.0)[0]] * 2, batch_size=2, streamer=streamer)
+
+
+def test_on_chunk_reports_every_chunk_of_every_input_in_a_batch(asr_with_ctc_head):
+    asr = asr_with_ctc_head
+    clips = [speech_with_pauses(seconds, seed=3)[0] for seconds in (41.0, 2.5)]
+    reported: list[dict] = []
+    results = asr(clips, batch_size=2, return_timestamps="word", on_chunk=reported.append, **VARIED)
+    assert sorted((entry["input"], entry["chunk"]) for entry in reported) == [(0, 0), (0, 1), (1, 0)]
+    for position, result in enumerate(results):
+        mine = sorted((e for e in reported if e["input"] == position), key=lambda e: e["chunk"])
+        assert [word for entry in mine for word in entry["words"]] == result["chunks"]
+        assert " ".join(entry["text"] for entry in mine if entry["text"]) == result["text"]
