@@ -56,9 +56,12 @@ SORT_WINDOW_BATCHES = 4
 # A chunk counts as speech when the voice-activity detector finds at least this much of it. Silero's default of
 # 250 ms misses a word said alone: 3 of the 552 real-speech clips ("third", "eighth", "l").
 MIN_SPEECH_MS = 100
-# CTC puts a token on one or two frames (a spike), often at its start: a word's end is taken as the next word's
-# start, but at most this many frames after its own last token, so a pause after it is not counted as the word.
-WORD_END_SLACK_FRAMES = 3
+# CTC puts a token on one or two frames (a spike), near its start, so the spikes say where words start but not
+# where they end: a word ends where the sound goes quiet (this many dB under the chunk's loudest 10 ms) for at least
+# WORD_PAUSE_SECONDS after its last token, at the latest where the next word starts.
+QUIET_DB = 35.0
+WORD_PAUSE_SECONDS = 0.05
+LEVEL_FRAME_SECONDS = 0.01
 
 
 class AudioInputError(ValueError):
@@ -421,10 +424,12 @@ def timed_words(
     frames: list[tuple[int, int] | None] | None,
     frame_seconds: float,
     duration: float,
+    levels: np.ndarray,
 ) -> list[TimedWord]:
     """The whitespace-separated words of the decoded ``tokens``, each timed from the frames of the tokens it is made
-    of (``frames`` from the model's ``ctc_token_frames``). A word runs from its first token's first frame to just
-    before the next word starts, unless that is more than `WORD_END_SLACK_FRAMES` past its last token (a pause).
+    of (``frames`` from the model's ``ctc_token_frames``). A word starts at its first token's first frame and ends
+    where the chunk's sound (``levels``: dB per LEVEL_FRAME_SECONDS, from `sound_levels`) falls quiet after its
+    last token, at the latest where the next word starts.
 
     Without frames (the text holds more tokens than the audio has frames), the words share ``duration`` by length.
     """
@@ -454,12 +459,32 @@ def timed_words(
         )
     timed = []
     for (word, _, _), (first, last), following in zip(words, spans, [*spans[1:], None], strict=True):
-        end = last + 1 + WORD_END_SLACK_FRAMES
-        if following is not None:
-            end = min(end, following[0])
-        end = max(end, first + 1)
-        timed.append(TimedWord(word, first * frame_seconds, min(end * frame_seconds, duration)))
+        latest = duration if following is None else max(following[0], first + 1) * frame_seconds
+        end = quiet_after(levels, last * frame_seconds, latest)
+        timed.append(TimedWord(word, first * frame_seconds, max(end, (first + 1) * frame_seconds)))
     return timed
+
+
+def sound_levels(samples: np.ndarray, rate: int) -> np.ndarray:
+    """Loudness in dB of each LEVEL_FRAME_SECONDS frame of a chunk."""
+    frame = max(1, int(rate * LEVEL_FRAME_SECONDS))
+    frames = samples[: len(samples) // frame * frame].reshape(-1, frame)
+    return 10 * np.log10(np.square(frames, dtype=np.float64).mean(axis=1) + 1e-12)
+
+
+def quiet_after(levels: np.ndarray, start: float, latest: float) -> float:
+    """Seconds where the sound going on at ``start`` first stays quiet for WORD_PAUSE_SECONDS; ``latest`` if it
+    does not before then."""
+    if not len(levels):
+        return latest
+    quiet = levels < levels.max() - QUIET_DB
+    run = max(1, round(WORD_PAUSE_SECONDS / LEVEL_FRAME_SECONDS))
+    pauses = (
+        np.convolve(quiet, np.ones(run), mode="valid") == run
+    )  # pauses[i]: frames i .. i + run - 1 are quiet
+    first, last = int(start / LEVEL_FRAME_SECONDS), int(latest / LEVEL_FRAME_SECONDS)
+    found = np.flatnonzero(pauses[first:last])
+    return min(latest, (first + found[0]) * LEVEL_FRAME_SECONDS) if len(found) else latest
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -656,6 +681,10 @@ class TinyAudioASRPipeline(AutomaticSpeechRecognitionPipeline):
         batch = dict(batch)
         if self.dtype is not None and batch["input_features"].is_floating_point():
             batch["input_features"] = batch["input_features"].to(self.dtype)
+        # for word ends (see `timed_words`); `_forward` takes it out before the model sees the batch
+        batch["sound_levels"] = [
+            sound_levels(chunk.samples, self.processor.sampling_rate) for chunk in chunks
+        ]
         return batch
 
     def _forward(
@@ -665,6 +694,7 @@ class TinyAudioASRPipeline(AutomaticSpeechRecognitionPipeline):
         word_timestamps: bool = False,
         **generate_kwargs: Any,
     ) -> dict[str, list]:
+        levels = model_inputs.pop("sound_levels", None)
         # Without max_new_tokens, the model's generate sizes the budget from the longest chunk in the batch.
         generate_kwargs = self._prepare_generate_kwargs(generate_kwargs)
         criteria = StoppingCriteriaList(generate_kwargs.pop("stopping_criteria", []))
@@ -681,9 +711,12 @@ class TinyAudioASRPipeline(AutomaticSpeechRecognitionPipeline):
             features_mask = model_inputs["input_features_mask"]
             frames = self.model.ctc_token_frames(model_inputs["input_features"], features_mask, cleaned)
             durations = self.model.feature_seconds(features_mask).tolist()
+            frame_seconds = self.model.config.audio_token_seconds
             outputs["words"] = [
-                timed_words(self.tokenizer, tokens, spans, self.model.config.audio_token_seconds, duration)
-                for tokens, spans, duration in zip(cleaned, frames, durations, strict=True)
+                timed_words(self.tokenizer, tokens, spans, frame_seconds, duration, chunk_levels)
+                for tokens, spans, duration, chunk_levels in zip(
+                    cleaned, frames, durations, levels, strict=True
+                )
             ]
         return outputs
 

@@ -431,6 +431,7 @@ def build_demo(
                 inputs=live_state,
                 outputs=[live_state, live_text],
                 api_visibility="private",
+                concurrency_limit=workers,  # a group runs at its members' lowest limit
                 concurrency_id="live",
             )
         with gr.Tab("Text", elem_id="tab-text"):

@@ -471,3 +471,5 @@ def test_transcriptions_run_side_by_side_and_text_mode_has_its_own_worker(backen
         "live": ("live", 3),
         "answer": ("text", 1),
     }
+    # Gradio runs a group at the lowest limit of its members: the page-only handlers must not lower it.
+    assert {fn.concurrency_limit for fn in demo.fns.values() if fn.concurrency_id == "live"} == {3}

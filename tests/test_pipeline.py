@@ -626,6 +626,18 @@ def test_forced_alignment_of_a_text_longer_than_the_audio_is_none():
     assert ctc_forced_align(log_probs, [1, 2, 3], blank=0) == [(0, 0), (1, 1), (2, 2)]
 
 
+def test_a_word_ends_where_its_sound_stops_or_where_the_next_word_starts():
+    """CTC spikes mark starts; the end is the first pause after the word's last token, else the next word."""
+    from pipeline_asr import quiet_after, sound_levels
+
+    audio = np.zeros(RATE * 2, dtype=np.float32)
+    audio[int(0.2 * RATE) : int(0.65 * RATE)] = tone(0.45)  # a word from 0.2 s to 0.65 s, silence after it
+    audio[int(0.7 * RATE) : int(1.5 * RATE)] = tone(0.8)  # the next one runs on without a pause
+    levels = sound_levels(audio, RATE)
+    assert quiet_after(levels, 0.24, latest=1.2) == pytest.approx(0.65)
+    assert quiet_after(levels, 0.8, latest=1.2) == 1.2
+
+
 @pytest.fixture
 def asr_with_ctc_head(asr):
     asr.model.config.ctc_blank_token_id = asr.tokenizer(" ", add_special_tokens=False)["input_ids"][0]
