@@ -484,7 +484,7 @@ def quiet_after(levels: np.ndarray, start: float, latest: float) -> float:
     )  # pauses[i]: frames i .. i + run - 1 are quiet
     first, last = int(start / LEVEL_FRAME_SECONDS), int(latest / LEVEL_FRAME_SECONDS)
     found = np.flatnonzero(pauses[first:last])
-    return min(latest, (first + found[0]) * LEVEL_FRAME_SECONDS) if len(found) else latest
+    return min(latest, float(first + found[0]) * LEVEL_FRAME_SECONDS) if len(found) else latest
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ boundaries are therefore exact. Hypothesis words are matched to reference words 
 90th-percentile absolute start and end error in milliseconds (target: median <= 80 ms, one projected frame).
 
 Model: ``--model`` if given, else the offline preset (``python -m offline_kit.preset``), loaded with this checkout's
-code. Run: ``python benchmarks/bench_word_timestamps.py [--clips 8] [--voice kokoro/af_heart]``.
+code. Run: ``python -m benchmarks.bench_word_timestamps [--clips 8] [--voice kokoro/af_heart]``.
 """
 
 from __future__ import annotations

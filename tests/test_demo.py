@@ -336,7 +336,7 @@ def test_text_mode_answers(page) -> None:
     page.get_by_role("tab", name="Text").click()
     page.locator("#prompt textarea").fill("What is the capital of France?")
     page.click("#ask-btn")
-    wait_for_filled(page, "#answer textarea")
+    wait_for_filled(page, "#answer-time textarea, #answer-time input")  # the answer streams in, then its time
     assert set(page.locator("#answer textarea").input_value().split()) <= {"tiny", "audio"}
     assert re.fullmatch(
         r"\d+\.\d\d s", page.locator("#answer-time textarea, #answer-time input").input_value()

@@ -635,6 +635,7 @@ def test_a_word_ends_where_its_sound_stops_or_where_the_next_word_starts():
     audio[int(0.7 * RATE) : int(1.5 * RATE)] = tone(0.8)  # the next one runs on without a pause
     levels = sound_levels(audio, RATE)
     assert quiet_after(levels, 0.24, latest=1.2) == pytest.approx(0.65)
+    assert type(quiet_after(levels, 0.24, latest=1.2)) is float  # plain floats, for JSON and the page
     assert quiet_after(levels, 0.8, latest=1.2) == 1.2
 
 
