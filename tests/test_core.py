@@ -564,7 +564,7 @@ def test_beam_search_prefills_each_clip_once(tmp_path, monkeypatch, settings):
     batch = processor(audio=CLIPS)
     settings = {**settings, "max_new_tokens": 6, "output_scores": True, "return_dict_in_generate": True}
     encoder_rows = []
-    model.audio_tower.register_forward_hook(
+    model.audio_tower.conv1.register_forward_hook(  # the encoder's first layer
         lambda module, args, output: encoder_rows.append(args[0].shape[0])
     )
     once = model.generate(**batch, **settings)
