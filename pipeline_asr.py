@@ -458,7 +458,8 @@ def timed_words(
             (min(s[0] for s in inside), max(s[1] for s in inside)) if inside else (spans or [(0, 0)])[-1]
         )
     timed = []
-    for (word, _, _), (first, last), following in zip(words, spans, [*spans[1:], None], strict=True):
+    following_spans = [*spans[1:], None] if spans else []  # an empty transcript has no words to time
+    for (word, _, _), (first, last), following in zip(words, spans, following_spans, strict=True):
         latest = duration if following is None else max(following[0], first + 1) * frame_seconds
         end = quiet_after(levels, last * frame_seconds, latest)
         timed.append(TimedWord(word, first * frame_seconds, max(end, (first + 1) * frame_seconds)))

@@ -731,7 +731,7 @@ def test_text_iterator_streamer_gives_the_transcript_of_a_long_input(asr):
 def test_streamer_ends_when_the_input_fails_and_needs_batch_size_one(asr, tmp_path):
     from transformers import TextIteratorStreamer
 
-    bad, named = _bad_inputs(tmp_path)["corrupt"]
+    bad, _, named, _ = _bad_inputs(tmp_path)["corrupt"]
     streamer = TextIteratorStreamer(asr.tokenizer, skip_prompt=True, timeout=60)
     with pytest.raises(ValueError, match=named):
         asr(bad, streamer=streamer)
@@ -750,3 +750,10 @@ def test_on_chunk_reports_every_chunk_of_every_input_in_a_batch(asr_with_ctc_hea
         mine = sorted((e for e in reported if e["input"] == position), key=lambda e: e["chunk"])
         assert [word for entry in mine for word in entry["words"]] == result["chunks"]
         assert " ".join(entry["text"] for entry in mine if entry["text"]) == result["text"]
+
+
+def test_an_empty_transcript_has_no_timed_words(tiny_model_and_processor):
+    from pipeline_asr import timed_words
+
+    _, processor = tiny_model_and_processor
+    assert timed_words(processor.tokenizer, [], [], 0.08, 2.0, np.full(100, -20.0)) == []
