@@ -2,7 +2,7 @@
 LLM alone.
 
     python demo/app.py --model MODEL [--port 7860] [--host 127.0.0.1] [--max-file-mb 50]
-        [--max-audio-seconds 600] [--max-prompt-tokens 1024] [--workers 2] [--no-vad]
+        [--max-audio-seconds 600] [--max-prompt-tokens 1024] [--workers 2] [--keep-non-speech]
 
 MODEL is a checkpoint folder or a Hub id. Transcribe mode runs the model's ASR pipeline (which chunks long files),
 shows the text as it is decoded, the progress through a long file, and each word with its time; Live mode
@@ -490,7 +490,7 @@ def main(argv: list[str] | None = None) -> None:
         "--workers", type=int, default=DEFAULT_WORKERS, help="transcriptions that run at the same time"
     )
     parser.add_argument(
-        "--no-vad",
+        "--keep-non-speech",
         dest="vad",
         action="store_false",
         help="transcribe audio without speech too (by default a voice-activity check says there is none)",
