@@ -14,6 +14,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -129,6 +130,20 @@ def test_long_file_shows_partial_text_progress_and_timed_words(backend: Backend,
     assert sorted(set(done))[0] == 0 and 0 < sorted(set(done))[1] < window + 5 and len(set(done)) == 3
 
 
+def test_live_text_is_kept_across_segments_longer_than_the_window(backend: Backend) -> None:
+    """Live mode past the encoder window: the segment is cut, its text kept, and the rest heard on (microphone
+    pieces arrive as 48 kHz 16-bit integers, as the browser sends them)."""
+    window = backend.pipe.model.config.max_audio_seconds
+    piece = (speech_like(5.0, 48000) * 32767).astype(np.int16)
+    state, shown = backend.live(None, (48000, piece))
+    assert shown  # the first piece is heard at once
+    for _ in range(int(window // 5) + 1):
+        state, shown = backend.live(state, (48000, piece))
+    assert state.finished and len(state.segment) < window * 16000
+    state, final = backend.live_stopped(state)
+    assert final.startswith(shown.split()[0]) and len(final.split()) >= len(state.finished.split())
+
+
 def test_audio_without_speech_says_so(backend: Backend, tmp_path: Path) -> None:
     silence = tmp_path / "silence.wav"
     sf.write(silence, np.zeros(3 * 16000, dtype=np.float32), 16000)
@@ -184,8 +199,20 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+@dataclass
+class RunningDemo:
+    process: subprocess.Popen
+    url: str
+    log: Path
+
+    def fail_if_exited(self) -> None:
+        """A crash mid-module would otherwise show up in later tests as "connection refused"."""
+        if self.process.poll() is not None:
+            pytest.fail(f"demo exited with {self.process.returncode}:\n{self.log.read_text()[-4000:]}")
+
+
 @pytest.fixture(scope="module")
-def demo_url(talkative_model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def demo(talkative_model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningDemo]:
     """`python demo/app.py` as a user starts it, on a free port, with a 0.5 MB upload limit.
 
     The limit must stay well above a microphone recording (48 kHz 16-bit mono, about 96 kB a second: a slow
@@ -212,10 +239,15 @@ def demo_url(talkative_model_dir: str, tmp_path_factory: pytest.TempPathFactory)
                 if time.monotonic() > deadline:
                     pytest.fail(f"demo did not answer on {url} within 120 s:\n{log.read_text()}")
                 time.sleep(0.5)
-        yield url
+        yield RunningDemo(process, url, log)
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def demo_url(demo: RunningDemo) -> str:
+    return demo.url
 
 
 def test_demo_listens_on_loopback_only(demo_url: str) -> None:
@@ -248,7 +280,7 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
 
 
 @pytest.fixture
-def page(browser, demo_url: str, tmp_path: Path) -> Iterator:
+def page(browser, demo: RunningDemo, tmp_path: Path) -> Iterator:
     """A fresh page on the demo that records every request leaving 127.0.0.1."""
     page = browser.new_page(permissions=["microphone"])
     page.outside_requests = []
@@ -257,7 +289,8 @@ def page(browser, demo_url: str, tmp_path: Path) -> Iterator:
         "request",
         lambda request: None if local.match(request.url) else page.outside_requests.append(request.url),
     )
-    page.goto(demo_url)
+    demo.fail_if_exited()
+    page.goto(demo.url)
     page.wait_for_selector("#audio")
     yield page
     page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
@@ -450,9 +483,10 @@ def test_limits_on_audio_duration_and_prompt_length(page, tmp_path: Path) -> Non
     assert page.locator("#answer textarea").input_value() == ""
 
 
-def test_api_page_lists_only_named_endpoints_with_labelled_outputs(demo_url: str) -> None:
+def test_api_page_lists_only_named_endpoints_with_labelled_outputs(demo: RunningDemo) -> None:
     """What "Use via API" shows: the three modes by name, no internal handlers, no unnamed values."""
-    info = json.loads(urllib.request.urlopen(f"{demo_url}gradio_api/info", timeout=30).read())
+    demo.fail_if_exited()
+    info = json.loads(urllib.request.urlopen(f"{demo.url}gradio_api/info", timeout=30).read())
     assert sorted(info["named_endpoints"]) == ["/answer", "/live", "/transcribe"]
     assert info["unnamed_endpoints"] == {}
     labels = [item["label"] for endpoint in info["named_endpoints"].values() for item in endpoint["returns"]]
