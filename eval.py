@@ -35,6 +35,7 @@ import soundfile as sf
 import soxr
 from tqdm.auto import tqdm
 
+from serving.loading import load_asr_pipeline
 from training.preflight import (
     LOCAL_DATA_HINT,
     PreflightError,
@@ -322,25 +323,6 @@ def pipeline_sampling_rate(pipe: Any) -> int:
     return int(rate or 16000)
 
 
-def load_pipeline(model: str, device: str, dtype: str) -> Any:
-    """One code path for Tiny Audio checkpoints (custom pipeline via remote code) and stock ASR models."""
-    import torch
-    from transformers import pipeline
-
-    torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
-    pipe = pipeline(
-        "automatic-speech-recognition", model=model, trust_remote_code=True, device=device, dtype=torch_dtype
-    )
-    if hasattr(pipe.model, "merge_lora"):  # Tiny Audio: LoRA folded into the LLM, the same transcripts sooner
-        pipe.model.merge_lora()
-    tokenizer = getattr(pipe, "tokenizer", None)
-    if tokenizer is not None and tokenizer.pad_token_id is None:
-        # The stock pipeline refuses to batch without one (some converted Whisper folders lack it); EOS is what
-        # the pipeline itself suggests and what the Hub's Whisper tokenizers use.
-        tokenizer.pad_token_id = pipe.model.config.eos_token_id
-    return pipe
-
-
 def _pct(value: float) -> str:
     return f"{100 * value:.2f}%"
 
@@ -355,6 +337,7 @@ class RunSettings:
     batch_size: int
     device: str
     dtype: str
+    int8: bool  # the LLM quantized to dynamic int8 (--int8)
     checkpoint_every: int
     generate_kwargs: dict[str, Any]
     chunk_length_s: float | None
@@ -493,6 +476,7 @@ def summarize(rows: list[dict[str, Any]], source: DatasetSource, settings: RunSe
         "generate_kwargs": settings.generate_kwargs,
         "device": settings.device,
         "dtype": settings.dtype,
+        "int8": settings.int8,
         "contributor": settings.contributor,
         "git_hash": settings.git_hash,
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d"),
@@ -822,6 +806,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--device", help="cpu, cuda, cuda:1, mps ... (default: cuda when available)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    parser.add_argument(
+        "--int8",
+        action="store_true",
+        help="quantize the LLM's linear layers to dynamic int8 (CPU; README Benchmarks)",
+    )
     parser.add_argument("--output-dir", type=Path, default=DEFAULT_OUTPUT_DIR)
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run in --output-dir")
     parser.add_argument(
@@ -920,6 +909,7 @@ def main(argv: list[str] | None = None) -> int:
         batch_size=args.batch_size,
         device=args.device or _default_device(),
         dtype=args.dtype,
+        int8=args.int8,
         checkpoint_every=args.checkpoint_every,
         generate_kwargs=args.generate_kwargs,
         chunk_length_s=args.chunk_length_s,
@@ -927,7 +917,7 @@ def main(argv: list[str] | None = None) -> int:
         git_hash=git_hash(),
     )
     print(f"Loading model {args.model} on {settings.device}")
-    pipe = load_pipeline(args.model, settings.device, args.dtype)
+    pipe = load_asr_pipeline(args.model, settings.device, args.dtype, int8=settings.int8)
     all_results = []
     comparisons = []
     for source, out_dir, baseline, baseline_rows in planned:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import os
 import shutil
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -522,6 +523,44 @@ class TinyAudioForConditionalGeneration(TinyAudioPreTrainedModel, GenerationMixi
             if not layer.merged:
                 layer.merge()
 
+    def quantize_llm_int8(self) -> None:
+        """Swaps the LLM's linear layers, head included, for dynamic int8 ones (int8 weights, activations quantized
+        per call) for faster CPU serving at some cost in accuracy: README "Benchmarks" gives both.
+
+        Serving only and one way, as `merge_lora` (which it applies first): the model then refuses to train and
+        to save its full weights. torch's int8 kernels (fbgemm/onednn) are CPU kernels.
+        """
+        if self.language_model.device.type != "cpu":
+            raise ValueError(f"int8 serving runs on the CPU; this LLM is on {self.language_model.device}")
+        self.merge_lora()
+        with warnings.catch_warnings():
+            # torch marks its eager quantization API deprecated in favour of the torchao package; it is kept here
+            # because it needs no extra package and runs fbgemm's int8 kernels without compilation.
+            warnings.filterwarnings("ignore", message=r".*(torch\.ao\.quantization|quantize_per_tensor).*")
+            from torch.ao.quantization import default_dynamic_qconfig, quantize_dynamic
+
+            # The LLM's own layers only: merged adapters stay as they are, so the trained weights save unchanged.
+            layers = {
+                name: default_dynamic_qconfig
+                for name, module in self.language_model.named_modules()
+                if isinstance(module, nn.Linear) and ".lora_" not in name
+            }
+            quantize_dynamic(self.language_model, layers, dtype=torch.qint8, inplace=True)
+
+    @property
+    def llm_quantized(self) -> bool:
+        from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear
+
+        return any(isinstance(module, DynamicQuantizedLinear) for module in self.language_model.modules())
+
+    def _serving_only_reason(self) -> str | None:
+        """Why this model can no longer train or save its full weights, if it can't."""
+        if self.llm_quantized:
+            return "this model's LLM was quantized to int8 for serving (quantize_llm_int8)"
+        if self.lora_merged:
+            return "this model's LoRA adapters were merged into the LLM for serving (merge_lora)"
+        return None
+
     def freeze_pretrained(self) -> None:
         """Freezes encoder and LLM; leaves the projector, LoRA adapters and any trained encoder layers trainable."""
         for name, param in self.named_parameters():
@@ -541,11 +580,8 @@ class TinyAudioForConditionalGeneration(TinyAudioPreTrainedModel, GenerationMixi
 
     def train(self, mode: bool = True) -> TinyAudioForConditionalGeneration:
         """Only the projector switches to training mode: the frozen towers never use dropout."""
-        if mode and self.lora_merged:
-            raise RuntimeError(
-                "this model's LoRA adapters were merged into the LLM for serving (merge_lora): "
-                "load the checkpoint again to train it"
-            )
+        if mode and (reason := self._serving_only_reason()):
+            raise RuntimeError(f"{reason}: load the checkpoint again to train it")
         super().train(mode)
         self.audio_tower.eval()
         self.language_model.eval()
@@ -573,10 +609,10 @@ class TinyAudioForConditionalGeneration(TinyAudioPreTrainedModel, GenerationMixi
 
         A projector-only folder references the encoder and LLM by `audio_model_id` / `text_model_id`.
         """
-        if standalone and self.lora_merged:
+        if standalone and (reason := self._serving_only_reason()):
             raise ValueError(
-                "this model's LoRA adapters were merged into the LLM for serving (merge_lora), so its full "
-                "weights would apply them twice: save without standalone=True, or load the checkpoint again"
+                f"{reason}, so its full weights are not the LLM's own: save without standalone=True, "
+                "or load the checkpoint again"
             )
         if not standalone:
             kwargs["state_dict"] = {k: v.contiguous() for k, v in self.trainable_state_dict().items()}

@@ -583,8 +583,10 @@ class TinyAudioASRPipeline(AutomaticSpeechRecognitionPipeline):
     the text as it is decoded, one stream per input however many chunks it has; decoding is then greedy unless
     ``num_beams`` is given), ``loop_guard=False`` (keep degenerate repetition loops), ``max_new_tokens`` /
     ``generate_kwargs`` (default budget: ``config.max_new_tokens_for(chunk seconds)``).
-    Construction option: ``merge_lora=True`` folds the LoRA adapters into the LLM for faster serving; the model
-    then cannot train again (load it anew for that), so it is for a model the pipeline loaded itself.
+    Construction options: ``merge_lora=True`` folds the LoRA adapters into the LLM for faster serving;
+    ``int8=True`` also quantizes the LLM's linear layers to dynamic int8 (CPU only; faster, a little less accurate).
+    Either way the model cannot train again (load it anew for that), so they are for a model the pipeline loaded
+    itself.
     """
 
     _load_processor = None  # optional: a checkpoint saved without processor files rebuilds it from its config
@@ -593,10 +595,17 @@ class TinyAudioASRPipeline(AutomaticSpeechRecognitionPipeline):
     _default_generation_config = None  # greedy, and max_new_tokens follows the audio length
 
     def __init__(
-        self, model: Any, processor: TinyAudioProcessor | None = None, merge_lora: bool = False, **kwargs: Any
+        self,
+        model: Any,
+        processor: TinyAudioProcessor | None = None,
+        merge_lora: bool = False,
+        int8: bool = False,
+        **kwargs: Any,
     ) -> None:
         if merge_lora:
             model.merge_lora()
+        if int8:
+            model.quantize_llm_int8()
         if processor is None:
             config = model.config
             processor = TinyAudioProcessor.from_components(

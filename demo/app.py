@@ -35,6 +35,8 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from transformers import StoppingCriteria, TextStreamer  # noqa: E402
 
+from serving.loading import load_asr_pipeline  # noqa: E402
+
 DEFAULT_MAX_FILE_MB = 50.0
 # Ten minutes of audio is a few minutes of CPU work for the offline model: longer files would hold a worker.
 DEFAULT_MAX_AUDIO_SECONDS = 600.0
@@ -172,10 +174,8 @@ class Backend:
     skip_non_speech: bool = True
 
     @classmethod
-    def load(cls, model: str, **limits: Any) -> Backend:
-        pipe = transformers.pipeline("automatic-speech-recognition", model=model, trust_remote_code=True)
-        if hasattr(pipe.model, "merge_lora"):  # absent from the code of checkpoints saved before it existed
-            pipe.model.merge_lora()
+    def load(cls, model: str, int8: bool = False, **limits: Any) -> Backend:
+        pipe = load_asr_pipeline(model, int8=int8)
         backend = cls(pipe=pipe, processor=pipe.processor, **limits)
         context = pipe.model.config.text_config.max_position_embeddings
         backend.max_prompt_tokens = min(backend.max_prompt_tokens, context - backend.text_max_new_tokens)
@@ -495,6 +495,11 @@ def main(argv: list[str] | None = None) -> None:
         action="store_false",
         help="transcribe audio without speech too (by default a voice-activity check says there is none)",
     )
+    parser.add_argument(
+        "--int8",
+        action="store_true",
+        help="quantize the LLM's linear layers to dynamic int8 (CPU; README Benchmarks)",
+    )
     args = parser.parse_args(argv)
     for flag in ("max_file_mb", "max_audio_seconds", "max_prompt_tokens", "workers"):
         if getattr(args, flag) <= 0:
@@ -502,6 +507,7 @@ def main(argv: list[str] | None = None) -> None:
 
     backend = Backend.load(
         args.model,
+        int8=args.int8,
         max_audio_seconds=args.max_audio_seconds,
         max_prompt_tokens=args.max_prompt_tokens,
         skip_non_speech=args.vad,

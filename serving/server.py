@@ -32,6 +32,7 @@ from transformers import StoppingCriteriaList
 from pipeline_asr import decode_audio, resample_blocks
 from serving import formats
 from serving.batching import AllCancelled, BatchQueue, DecodeOptions, Job, JobCancelled
+from serving.loading import load_asr_pipeline
 
 # OpenAI's own upload limit; Whisper's prompt limit; ten minutes of audio is a few minutes of CPU work.
 DEFAULT_MAX_UPLOAD_MB = 25.0
@@ -355,15 +356,6 @@ def render(
     return JSONResponse(body)
 
 
-def load_pipeline(model: str, device: str | None) -> transformers.Pipeline:
-    pipe = transformers.pipeline(
-        "automatic-speech-recognition", model=model, trust_remote_code=True, device=device
-    )
-    if hasattr(pipe.model, "merge_lora"):  # absent from the code of checkpoints saved before it existed
-        pipe.model.merge_lora()
-    return pipe
-
-
 def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
@@ -376,6 +368,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--device", default=None, help="torch device (default: the pipeline's choice)")
+    parser.add_argument(
+        "--int8",
+        action="store_true",
+        help="quantize the LLM's linear layers to dynamic int8 (CPU; README Benchmarks)",
+    )
     parser.add_argument("--max-upload-mb", type=float, default=DEFAULT_MAX_UPLOAD_MB)
     parser.add_argument("--max-audio-seconds", type=float, default=DEFAULT_MAX_AUDIO_SECONDS)
     parser.add_argument("--max-prompt-tokens", type=int, default=DEFAULT_MAX_PROMPT_TOKENS)
@@ -398,7 +395,7 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"--{flag.replace('_', '-')} must be positive")
 
     limits = Limits(int(args.max_upload_mb * 2**20), args.max_audio_seconds, args.max_prompt_tokens)
-    pipe = load_pipeline(args.model, args.device)
+    pipe = load_asr_pipeline(args.model, args.device, int8=args.int8)
     name = Path(args.model).name if os.path.isdir(args.model) else args.model
     app = create_app(
         pipe, name, limits, args.language.lower(), args.max_batch, not args.keep_non_speech, args.patience

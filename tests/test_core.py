@@ -310,9 +310,45 @@ def test_merged_lora_gives_the_same_outputs_and_saves_the_same_checkpoint(tmp_pa
 
     with pytest.raises(RuntimeError, match=r"merged into the LLM for serving \(merge_lora\)"):
         model.train()
-    with pytest.raises(ValueError, match="would apply them twice"):
+    with pytest.raises(ValueError, match=r"merge_lora\), so its full weights are not the LLM's own"):
         model.save_pretrained(tmp_path / "standalone", standalone=True)
     assert not (tmp_path / "standalone").exists()
+
+
+def test_int8_llm_serves_close_outputs_and_keeps_the_trained_weights(tmp_path):
+    """`quantize_llm_int8`: every linear layer of the LLM (head included) becomes dynamic int8, the adapters are
+    merged first, the outputs stay close, and the model is serving-only from then on."""
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear
+
+    model, processor = make_tiny_tiny_audio(tmp_path, lora_rank=4, lora_target_modules=["q_proj", "up_proj"])
+    randomise_lora_b(model)
+    inputs = processor(audio=CLIPS[:2])
+    before = model(**inputs).logits
+    trained = {name: tensor.clone() for name, tensor in model.trainable_state_dict().items()}
+
+    model.quantize_llm_int8()
+    assert model.llm_quantized and model.lora_merged
+    base_linears = [
+        module
+        for name, module in model.language_model.named_modules()
+        if name.endswith(("_proj", "_proj.base_layer", "lm_head")) and not hasattr(module, "base_layer")
+    ]
+    assert base_linears and all(isinstance(module, DynamicQuantizedLinear) for module in base_linears)
+    after = model(**inputs).logits
+    assert not torch.equal(after, before)
+    mask = inputs["attention_mask"].bool()
+    agreement = (after.argmax(-1) == before.argmax(-1))[mask].float().mean()
+    assert (
+        agreement > 0.9
+        and torch.nn.functional.cosine_similarity(after[mask], before[mask], dim=-1).min() > 0.98
+    )
+
+    saved = model.trainable_state_dict()
+    assert saved.keys() == trained.keys() and all(torch.equal(saved[k], v) for k, v in trained.items())
+    with pytest.raises(RuntimeError, match=r"quantized to int8 for serving \(quantize_llm_int8\)"):
+        model.train()
+    with pytest.raises(ValueError, match=r"quantize_llm_int8\), so its full weights are not the LLM's own"):
+        model.save_pretrained(tmp_path / "standalone", standalone=True)
 
 
 def test_extending_lora_keeps_the_trained_adapters_and_the_outputs(tmp_path):

@@ -27,6 +27,7 @@ from transformers import (
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 import eval as evaluation
+from serving.loading import load_asr_pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
 TRANSCRIPTS = [
@@ -496,8 +497,9 @@ def test_a_clip_the_model_cannot_take_is_counted_not_fatal(
     assert (results["n"], results["skipped_failed"], results["chunk_length_s"]) == (3, 0, 30.0)
 
 
-def test_tiny_audio_is_evaluated_with_its_lora_merged(tmp_path):
-    """Merged adapters transcribe as unmerged ones (tests/test_pipeline.py) and spare their matmuls."""
+def test_tiny_audio_is_evaluated_with_its_lora_merged_and_int8_on_request(tmp_path, manifest: Path):
+    """Merged adapters transcribe as unmerged ones (tests/test_pipeline.py) and spare their matmuls; `--int8`
+    quantizes the LLM for the run and says so in its results."""
     from test_core import randomise_lora_b
     from tiny_models import make_tiny_tiny_audio
 
@@ -505,7 +507,18 @@ def test_tiny_audio_is_evaluated_with_its_lora_merged(tmp_path):
     randomise_lora_b(model)
     model.save_pretrained(tmp_path / "ckpt")
     processor.save_pretrained(tmp_path / "ckpt")
-    assert evaluation.load_pipeline(str(tmp_path / "ckpt"), "cpu", "float32").model.lora_merged
+    pipe = load_asr_pipeline(str(tmp_path / "ckpt"), "cpu", "float32")
+    assert pipe.model.lora_merged and not pipe.model.llm_quantized
+    assert load_asr_pipeline(str(tmp_path / "ckpt"), "cpu", "float32", int8=True).model.llm_quantized
+
+    run_eval(str(tmp_path / "ckpt"), manifest, tmp_path / "out", "--int8", "--max-samples", "2")
+    results = json.loads((tmp_path / "out" / "ckpt" / "manifest.jsonl" / "results.json").read_text())
+    assert results["int8"] is True and results["max_samples"] == 2
+
+
+def test_int8_needs_a_tiny_audio_checkpoint(tiny_whisper: str):
+    with pytest.raises(ValueError, match=r"int8 serving needs a Tiny Audio checkpoint .*tiny_whisper"):
+        load_asr_pipeline(tiny_whisper, "cpu", int8=True)
 
 
 # ----------------------------------------------------------------------------- bad input and output folders

@@ -383,6 +383,12 @@ SHIPPED_CHECK_CLIPS = 24  # Asterisk prompts, plus jfk.wav
 # guard, joint CTC and 5 beams, stage 5 0.32, stage 6 0.29, the mean of 6 and 7 0.285; an untrained projector
 # scores 2.2.  The bound fails the stage-4 weights.
 SHIPPED_MAX_WER = 0.45
+# The shipped model's token ids on two of those clips: "All surfaces are busy now." and "Call forward and
+# conditional." (each ends with <|im_end|>, id 2).
+PINNED_SHIPPED_OUTPUT = {
+    "asterisk/all-circuits-busy-now": [4518, 7226, 359, 10229, 1209, 30, 2],
+    "asterisk/call-fwd-unconditional": [12800, 327, 959, 284, 2619, 272, 30, 2],
+}
 
 
 @pytest.fixture(scope="module")
@@ -491,33 +497,63 @@ class TestRealWeights:
         )
         assert all(built_generation[field] == value for field, value in generation.items())
 
-    def test_shipped_model_transcribes_real_speech_through_the_stock_pipeline(self, offline_cache, tmp_path):
-        """Real human recordings (Asterisk prompts + jfk), never seen in training, in a fresh pipeline."""
+    @pytest.fixture(scope="class")
+    def real_clips(self, tmp_path_factory) -> tuple[list[dict], list[str], list[str]]:
+        """Real human recordings (Asterisk prompts + jfk), never seen in training: (clips, references, clip ids)."""
         from datasets import Audio, load_from_disk
-        from transformers import pipeline
 
         from offline_kit.real_speech import build_real_speech
 
         if shutil.which("dpkg-deb") is None:
             pytest.skip("needs Debian's asterisk-core-sounds-en packages (offline_kit/install_data_deps.sh)")
-        build_real_speech(tmp_path / "real", include_jfk=True, max_prompts=SHIPPED_CHECK_CLIPS)
-        rows = load_from_disk(str(tmp_path / "real"))["test"].cast_column("audio", Audio(decode=False))
+        folder = tmp_path_factory.mktemp("real")
+        build_real_speech(folder, include_jfk=True, max_prompts=SHIPPED_CHECK_CLIPS)
+        rows = load_from_disk(str(folder))["test"].cast_column("audio", Audio(decode=False))
         clips = []
         for row in rows:
             audio, rate = soundfile.read(io.BytesIO(row["audio"]["bytes"]), dtype="float32")
             clips.append({"raw": audio, "sampling_rate": rate})
+        return clips, list(rows["text"]), list(rows["clip_id"])
+
+    def test_shipped_model_transcribes_real_speech_through_the_stock_pipeline(
+        self, offline_cache, real_clips
+    ):
+        """The whole check set in a fresh pipeline, scored."""
+        from transformers import pipeline
+
+        clips, references, _ = real_clips
         asr = pipeline(
             "automatic-speech-recognition",
             model=str(offline_cache / preset.MODEL_FOLDER),
             trust_remote_code=True,
         )
         transcripts = [out["text"] for out in asr(clips, batch_size=8)]
-        errors = score(list(rows["text"]), transcripts)
+        errors = score(references, transcripts)
         print(
             f"shipped model WER on {len(clips)} real clips: {errors.wer:.3f}",
-            list(zip(rows["text"], transcripts, strict=True)),
+            list(zip(references, transcripts, strict=True)),
         )
         assert errors.wer <= SHIPPED_MAX_WER
+
+    def test_shipped_model_output_is_pinned_on_two_real_clips(self, offline_cache, real_clips):
+        """The exact token ids of the shipped model and decoding (5 beams + joint CTC), as transformers' slow tests
+        pin theirs: any change of output, from a refactor or a dependency, shows here.
+
+        The two clips are ones where greedy decoding gives the same ids and every step's winning logit leads the
+        runner-up by more than 1.5, so float differences between CPUs cannot flip a token.
+        """
+        from transformers import AutoModel, AutoProcessor
+
+        folder = str(offline_cache / preset.MODEL_FOLDER)
+        model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+        processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+        clips, _, clip_ids = real_clips
+        for clip_id, expected in PINNED_SHIPPED_OUTPUT.items():
+            clip = clips[clip_ids.index(clip_id)]
+            inputs = processor(audio=[clip["raw"]], sampling_rate=clip["sampling_rate"], return_tensors="pt")
+            with torch.no_grad():
+                generated = model.generate(**inputs)[0, inputs["input_ids"].shape[1] :].tolist()
+            assert generated == expected, (clip_id, generated, processor.decode(generated))
 
     @needs_ctranslate2
     def test_preset_flags_use_own_whisper_folder_and_gguf_file(
