@@ -35,7 +35,7 @@ import soundfile as sf
 import soxr
 from tqdm.auto import tqdm
 
-from serving.loading import load_asr_pipeline
+from serving.loading import Int8Unsupported, load_asr_pipeline
 from training.preflight import (
     LOCAL_DATA_HINT,
     PreflightError,
@@ -917,7 +917,10 @@ def main(argv: list[str] | None = None) -> int:
         git_hash=git_hash(),
     )
     print(f"Loading model {args.model} on {settings.device}")
-    pipe = load_asr_pipeline(args.model, settings.device, args.dtype, int8=settings.int8)
+    try:
+        pipe = load_asr_pipeline(args.model, settings.device, args.dtype, int8=settings.int8)
+    except Int8Unsupported as error:
+        parser.error(str(error))
     all_results = []
     comparisons = []
     for source, out_dir, baseline, baseline_rows in planned:

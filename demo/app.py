@@ -35,7 +35,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from transformers import StoppingCriteria, TextStreamer  # noqa: E402
 
-from serving.loading import load_asr_pipeline  # noqa: E402
+from serving.loading import Int8Unsupported, load_asr_pipeline  # noqa: E402
 
 DEFAULT_MAX_FILE_MB = 50.0
 # Ten minutes of audio is a few minutes of CPU work for the offline model: longer files would hold a worker.
@@ -505,13 +505,16 @@ def main(argv: list[str] | None = None) -> None:
         if getattr(args, flag) <= 0:
             parser.error(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
 
-    backend = Backend.load(
-        args.model,
-        int8=args.int8,
-        max_audio_seconds=args.max_audio_seconds,
-        max_prompt_tokens=args.max_prompt_tokens,
-        skip_non_speech=args.vad,
-    )
+    try:
+        backend = Backend.load(
+            args.model,
+            int8=args.int8,
+            max_audio_seconds=args.max_audio_seconds,
+            max_prompt_tokens=args.max_prompt_tokens,
+            skip_non_speech=args.vad,
+        )
+    except Int8Unsupported as error:
+        parser.error(str(error))
     demo = build_demo(backend, args.model, args.max_file_mb, args.workers)
     demo.queue(max_size=16 * args.workers)  # beyond that, users are told the queue is full rather than wait
     demo.launch(

@@ -8,6 +8,10 @@ from typing import Any
 import transformers
 
 
+class Int8Unsupported(ValueError):
+    """int8 was asked of a model whose code cannot quantize (a stock model, or a checkpoint saved before it)."""
+
+
 def load_asr_pipeline(
     model: str, device: str | None = None, dtype: str = "auto", int8: bool = False
 ) -> transformers.Pipeline:
@@ -26,7 +30,7 @@ def load_asr_pipeline(
         pipe.model.merge_lora()  # LoRA folded into the LLM: the same transcripts sooner
     if int8:
         if not hasattr(pipe.model, "quantize_llm_int8"):
-            raise ValueError(
+            raise Int8Unsupported(
                 f"int8 serving needs a Tiny Audio checkpoint whose code has quantize_llm_int8; {model} has none"
             )
         pipe.model.quantize_llm_int8()

@@ -32,7 +32,7 @@ from transformers import StoppingCriteriaList
 from pipeline_asr import decode_audio, resample_blocks
 from serving import formats
 from serving.batching import AllCancelled, BatchQueue, DecodeOptions, Job, JobCancelled
-from serving.loading import load_asr_pipeline
+from serving.loading import Int8Unsupported, load_asr_pipeline
 
 # OpenAI's own upload limit; Whisper's prompt limit; ten minutes of audio is a few minutes of CPU work.
 DEFAULT_MAX_UPLOAD_MB = 25.0
@@ -395,7 +395,10 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"--{flag.replace('_', '-')} must be positive")
 
     limits = Limits(int(args.max_upload_mb * 2**20), args.max_audio_seconds, args.max_prompt_tokens)
-    pipe = load_asr_pipeline(args.model, args.device, int8=args.int8)
+    try:
+        pipe = load_asr_pipeline(args.model, args.device, int8=args.int8)
+    except Int8Unsupported as error:
+        parser.error(str(error))
     name = Path(args.model).name if os.path.isdir(args.model) else args.model
     app = create_app(
         pipe, name, limits, args.language.lower(), args.max_batch, not args.keep_non_speech, args.patience

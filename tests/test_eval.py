@@ -516,9 +516,27 @@ def test_tiny_audio_is_evaluated_with_its_lora_merged_and_int8_on_request(tmp_pa
     assert results["int8"] is True and results["max_samples"] == 2
 
 
-def test_int8_needs_a_tiny_audio_checkpoint(tiny_whisper: str):
-    with pytest.raises(ValueError, match=r"int8 serving needs a Tiny Audio checkpoint .*tiny_whisper"):
-        load_asr_pipeline(tiny_whisper, "cpu", int8=True)
+def test_int8_needs_a_tiny_audio_checkpoint(tiny_whisper: str, manifest: Path, tmp_path: Path):
+    """A stock model asked for --int8: one line that says why, no traceback, no output folder."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            "eval.py",
+            tiny_whisper,
+            "--dataset",
+            str(manifest),
+            "--output-dir",
+            str(tmp_path / "out"),
+        ]
+        + ["--int8"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert re.search(r"int8 serving needs a Tiny Audio checkpoint .*tiny_whisper", result.stderr)
+    assert not (tmp_path / "out").exists()
 
 
 # ----------------------------------------------------------------------------- bad input and output folders
