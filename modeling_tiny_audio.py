@@ -20,9 +20,9 @@ from transformers import (
     AutoTokenizer,
     GenerationConfig,
     GenerationMixin,
-    LogitsProcessor,
     LogitsProcessorList,
     PreTrainedModel,
+    StoppingCriteriaList,
 )
 from transformers.activations import ACT2FN
 from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -37,6 +37,13 @@ try:
         encoder_frame_lengths,
         projector_token_lengths,
     )
+    from .decoding_tiny_audio import (
+        CTCPrefixScorer,
+        RepetitionLoopGuard,
+        blank_repetition_loops,
+        ctc_forced_align,
+        embedding_ctc_logits,
+    )
     from .processing_tiny_audio import add_audio_token
 except ImportError:
     from configuration_tiny_audio import (
@@ -45,12 +52,20 @@ except ImportError:
         encoder_frame_lengths,
         projector_token_lengths,
     )
+    from decoding_tiny_audio import (
+        CTCPrefixScorer,
+        RepetitionLoopGuard,
+        blank_repetition_loops,
+        ctc_forced_align,
+        embedding_ctc_logits,
+    )
     from processing_tiny_audio import add_audio_token
 
 # The Hub code: copied next to the weights so a saved folder serves with trust_remote_code alone.
 HUB_CODE_FILES = (
     "configuration_tiny_audio.py",
     "modeling_tiny_audio.py",
+    "decoding_tiny_audio.py",
     "processing_tiny_audio.py",
     "pipeline_asr.py",
     "handler.py",  # Inference Endpoints' custom handler
@@ -813,23 +828,56 @@ class TinyAudioForConditionalGeneration(TinyAudioPreTrainedModel, GenerationMixi
         return outputs
 
     def generate(
-        self, *args, ctc_weight: float | None = None, ctc_top_k: int = 8, **kwargs
+        self,
+        *args,
+        ctc_weight: float | None = None,
+        ctc_top_k: int = 8,
+        loop_guard: bool | None = None,
+        **kwargs,
     ) -> torch.LongTensor:
-        """`GenerationMixin.generate` with a budget that follows the audio length when none is given, and joint
-        CTC/attention decoding when `ctc_weight` (default: `config.ctc_decoding_weight` when there is audio, so
-        text-only prompts still work) is above 0."""
+        """`GenerationMixin.generate` with Tiny Audio's decoding policy, so that `generate` and the pipeline give the
+        same text:
+
+        - a budget that follows the audio length when none is given;
+        - joint CTC/attention decoding when `ctc_weight` (default: `config.ctc_decoding_weight` when there is
+          audio, so text-only prompts still work) is above 0;
+        - the repetition-loop guard (default: on when there is audio): a row that falls into a loop stops, and the
+          loop past one copy of its unit is replaced by padding (decode with ``skip_special_tokens=True``).
+        """
         features_mask = kwargs.get("input_features_mask")
         if "max_new_tokens" not in kwargs and "generation_config" not in kwargs and features_mask is not None:
             seconds = self.feature_seconds(features_mask).max().item()
             kwargs["max_new_tokens"] = self.config.max_new_tokens_for(seconds)
+        has_audio = any(kwargs.get(key) is not None for key in ("input_features", "encoder_hidden_states"))
         if ctc_weight is None:
-            has_audio = any(
-                kwargs.get(key) is not None for key in ("input_features", "encoder_hidden_states")
-            )
             ctc_weight = self.config.ctc_decoding_weight if has_audio else 0.0
         if ctc_weight > 0:
             kwargs = self._with_ctc_scorer(kwargs, ctc_weight, ctc_top_k)
-        return super().generate(*args, **kwargs)
+        if loop_guard is None:
+            loop_guard = has_audio
+        if not loop_guard:
+            return super().generate(*args, **kwargs)
+        kwargs["stopping_criteria"] = StoppingCriteriaList(
+            [RepetitionLoopGuard(), *kwargs.get("stopping_criteria", [])]
+        )
+        output = super().generate(*args, **kwargs)
+        prompt_length = kwargs["input_ids"].shape[1] if "input_ids" in kwargs else args[0].shape[1]
+        config = kwargs.get("generation_config") or self.generation_config
+        ends = {config.pad_token_id, config.bos_token_id, *self._eos_token_ids(config)} - {None}
+        pad = (
+            config.pad_token_id
+            if config.pad_token_id is not None
+            else next(iter(self._eos_token_ids(config)))
+        )
+        if isinstance(output, torch.Tensor):
+            return blank_repetition_loops(output, prompt_length, pad, ends)
+        output.sequences = blank_repetition_loops(output.sequences, prompt_length, pad, ends)
+        return output
+
+    @staticmethod
+    def _eos_token_ids(config: GenerationConfig) -> list[int]:
+        eos = config.eos_token_id
+        return [eos] if isinstance(eos, int) else list(eos or [])
 
     def _with_ctc_scorer(self, kwargs: dict, weight: float, top_k: int) -> dict:
         """Runs the encoder once, hands its outputs to generation and adds a CTCPrefixScorer on the same audio."""
@@ -848,13 +896,12 @@ class TinyAudioForConditionalGeneration(TinyAudioPreTrainedModel, GenerationMixi
                 kwargs["encoder_hidden_states"], kwargs["encoder_mask"]
             )
         generation_config = kwargs.get("generation_config") or self.generation_config
-        eos = generation_config.eos_token_id
         scorer = CTCPrefixScorer(
             audio_embeds,
             audio_mask,
             self.get_input_embeddings().weight,
             blank_id=self.config.ctc_blank_token_id,
-            eos_token_ids=[eos] if isinstance(eos, int) else list(eos or []),
+            eos_token_ids=self._eos_token_ids(generation_config),
             weight=weight,
             prompt_length=kwargs["input_ids"].shape[1],
             top_k=max(top_k, 2 * (kwargs.get("num_beams") or generation_config.num_beams or 1)),
@@ -930,220 +977,6 @@ class TinyAudioForConditionalGeneration(TinyAudioPreTrainedModel, GenerationMixi
     def feature_seconds(self, input_features_mask: torch.Tensor) -> torch.Tensor:
         """Audio duration of each clip, from its count of real feature frames."""
         return input_features_mask.sum(-1).float() * self.config.feature_frame_seconds
-
-
-def embedding_ctc_logits(
-    audio_embeds: torch.Tensor, embeddings: torch.Tensor, squared_norms: torch.Tensor
-) -> torch.Tensor:
-    """CTC logits of projected audio frames over tokens: -||h - e||^2, less the ||h||^2 that every token shares.
-
-    A frame scores a token highly when it lies close to that token's LLM input embedding. The auxiliary training
-    loss and joint decoding both score with this. `embeddings` is [vocab, dim] or per row [rows, tokens, dim].
-    """
-    logits = 2 * audio_embeds.to(embeddings.dtype) @ embeddings.detach().transpose(-1, -2)
-    return logits.float() - squared_norms.unsqueeze(-2)
-
-
-def ctc_forced_align(
-    log_probs: torch.Tensor, targets: Sequence[int], blank: int
-) -> list[tuple[int, int]] | None:
-    """The likeliest CTC path that spells `targets` over `log_probs` [frames, vocab] (Viterbi), as each target's
-    (first, last) frame; None when no path fits (fewer frames than targets plus their doubled letters).
-
-    `torchaudio.functional.forced_align` computes the same path, but no torchaudio build on PyPI loads with the
-    CPU torch this project pins (its wheels need CUDA's libc10_cuda), so the recursion is written out here.
-    """
-    if not targets:
-        return []
-    frames = log_probs.shape[0]
-    if frames < len(targets):
-        return None
-    # The path runs through blank, t1, blank, t2, ..., blank: state 2i + 1 is target i.
-    states = torch.full((2 * len(targets) + 1,), blank, dtype=torch.long, device=log_probs.device)
-    states[1::2] = torch.as_tensor(list(targets), device=log_probs.device)
-    emit = log_probs.float()[:, states]
-    # A target may follow the one before without a blank between them, unless the two are the same token.
-    can_skip = torch.zeros_like(states, dtype=torch.bool)
-    can_skip[2:] = (states[2:] != blank) & (states[2:] != states[:-2])
-    never = torch.tensor(-torch.inf, device=log_probs.device)
-    score = torch.full_like(emit[0], -torch.inf)
-    score[:2] = emit[0, :2]
-    moves = []
-    for frame in range(1, frames):
-        came_from_previous = torch.cat([never[None], score[:-1]])
-        came_from_skip = torch.cat([never.expand(2), score[:-2]]).where(can_skip, never)
-        score, move = torch.stack([score, came_from_previous, came_from_skip]).max(0)
-        score = score + emit[frame]
-        moves.append(move)
-    last = len(states) - 1
-    state = last if len(states) == 1 or score[last] >= score[last - 1] else last - 1
-    if not torch.isfinite(score[state]):
-        return None
-    path = [state]
-    for move in reversed(torch.stack(moves).tolist() if moves else []):
-        state -= move[state]
-        path.append(state)
-    path.reverse()
-    spans: list[list[int]] = [[frames, -1] for _ in targets]
-    for frame, state in enumerate(path):
-        if state % 2:
-            span = spans[state // 2]
-            span[0], span[1] = min(span[0], frame), max(span[1], frame)
-    return [(first, last) for first, last in spans]
-
-
-class CTCPrefixScorer(LogitsProcessor):
-    """Joint CTC/attention decoding (Watanabe et al., 2017) as a logits processor.
-
-    Each step the LLM's `top_k` likeliest next tokens and EOS are rescored with
-    `(1 - weight) * log p_llm(token) + weight * (log p_ctc(prefix + token) - log p_ctc(prefix))`, where
-    p_ctc(prefix) is the CTC probability (from `embedding_ctc_logits`) that the audio starts with that prefix, and
-    for EOS that it holds exactly the prefix. Every other token is ruled out. Stopping early leaves audio
-    unexplained and a repeated phrase has no frames to come from, so both cost CTC probability. A row's state is
-    found by its prefix, not its position, which makes beam search's reordering harmless.
-    """
-
-    def __init__(
-        self,
-        audio_embeds: torch.Tensor,
-        audio_mask: torch.Tensor,
-        embeddings: torch.Tensor,
-        blank_id: int,
-        eos_token_ids: list[int],
-        weight: float,
-        prompt_length: int,
-        top_k: int = 8,
-        pad_token_id: int | None = None,
-    ):
-        if not 0.0 < weight <= 1.0:
-            raise ValueError(f"ctc_weight must be in (0, 1], got {weight}")
-        self.embeddings = embeddings.detach()
-        self.squared_norms = self.embeddings.float().pow(2).sum(-1)
-        self.audio = audio_embeds.detach()
-        self.lengths = audio_mask.sum(-1).long()
-        self.blank_id, self.eos_ids, self.weight = blank_id, sorted(set(eos_token_ids)), weight
-        # Tokens the CTC side never emits: the blank, and the EOS/padding that finished rows keep receiving.
-        self.silent_ids = {blank_id, *self.eos_ids} | ({pad_token_id} if pad_token_id is not None else set())
-        self.prompt_length, self.top_k = prompt_length, top_k
-        # Normaliser and blank column of every real frame (padding keeps zeros: nothing reads past a row's length);
-        # the other tokens' columns are computed when they are candidates.
-        self.normalizers = self.audio.new_zeros(self.audio.shape[:2], dtype=torch.float64)
-        blank_log_probs = torch.zeros_like(self.normalizers)
-        # one row at a time: [frames, vocab] logits are large
-        for row, length in enumerate(self.lengths.tolist()):
-            logits = embedding_ctc_logits(self.audio[row, :length], self.embeddings, self.squared_norms)
-            self.normalizers[row, :length] = logits.logsumexp(-1).double()
-            blank_log_probs[row, :length] = logits[:, blank_id].double() - self.normalizers[row, :length]
-        frames = torch.arange(self.audio.shape[1], device=self.audio.device)
-        self.valid = frames[None, :] < self.lengths[:, None]
-        # state of a prefix: log p(first t+1 frames emit it, ending in a token | in a blank), and its prefix score
-        self.blank_cumulative = blank_log_probs.cumsum(-1)
-        self.states: dict[tuple[int, tuple[int, ...]], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-
-    def _token_log_probs(self, audio_index: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """[rows, k, frames] CTC log-probabilities of `tokens` [rows, k] on each row's audio."""
-        logits = embedding_ctc_logits(
-            self.audio[audio_index], self.embeddings[tokens], self.squared_norms[tokens]
-        )
-        return logits.double().transpose(1, 2) - self.normalizers[audio_index][:, None, :]
-
-    def _empty_state(self, audio_index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        no_token = torch.full_like(self.blank_cumulative[audio_index], -torch.inf)
-        return no_token, self.blank_cumulative[audio_index], self.blank_cumulative.new_zeros(())
-
-    def _state(
-        self, audio_index: int, prefix: tuple[int, ...]
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """A prefix's state: scored as a candidate one step earlier, or rebuilt token by token if it was not."""
-        if not prefix:
-            return self._empty_state(audio_index)
-        key = (audio_index, prefix)
-        if key not in self.states:
-            index = torch.tensor([audio_index], device=self.audio.device)
-            parent = self._state(audio_index, prefix[:-1])
-            token = torch.tensor([[prefix[-1]]], device=self.audio.device)
-            extended = self._extend(index, [prefix[:-1]], parent[0][None], parent[1][None], token)
-            self.states[key] = tuple(part[0, 0] for part in extended)
-        return self.states[key]
-
-    def _extend(
-        self,
-        audio_index: torch.Tensor,
-        prefixes: list[tuple[int, ...]],
-        ends_in_token: torch.Tensor,
-        ends_in_blank: torch.Tensor,
-        tokens: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """States of every prefix (its [rows, frames] forward variables) extended by each of its candidate `tokens`
-        [rows, k].
-
-        The CTC forward recursions r_t = (r_{t-1} + phi_{t-1}) * p_t are linear, so each is solved for all frames
-        at once: r = cumprod(p) * cumsum(phi / cumprod(p)), in log space with logcumsumexp.
-        """
-        ends_in_token, ends_in_blank = ends_in_token[:, None, :], ends_in_blank[:, None, :]
-        last = torch.tensor([prefix[-1] if prefix else -1 for prefix in prefixes], device=tokens.device)
-        log_probs = self._token_log_probs(audio_index, tokens)
-        # phi: paths that may emit the new token next; a repeated token needs a blank in between.
-        phi = torch.where(
-            (tokens == last[:, None])[..., None],
-            ends_in_blank,
-            torch.logaddexp(ends_in_token, ends_in_blank),
-        )
-        empty = torch.tensor([not prefix for prefix in prefixes], device=tokens.device)
-        first = torch.where(empty[:, None, None], log_probs[..., :1], -torch.inf)
-        token_cumulative = log_probs.cumsum(-1)
-        steps = torch.cat([first - token_cumulative[..., :1], (phi - token_cumulative)[..., :-1]], -1)
-        new_ends_in_token = token_cumulative + steps.logcumsumexp(-1)
-        blank_cumulative = self.blank_cumulative[audio_index][:, None, :]
-        no_path = torch.full_like(first, -torch.inf)
-        steps = torch.cat([no_path, (new_ends_in_token - blank_cumulative)[..., :-1]], -1)
-        new_ends_in_blank = blank_cumulative + steps.logcumsumexp(-1)
-        emitted = torch.cat([first, phi[..., :-1] + log_probs[..., 1:]], -1)
-        valid = self.valid[audio_index][:, None, :]
-        prefix_scores = emitted.masked_fill(~valid, -torch.inf).logsumexp(-1)
-        return new_ends_in_token, new_ends_in_blank, prefix_scores
-
-    def _prefix(self, tokens: list[int]) -> tuple[int, ...]:
-        return tuple(token for token in tokens if token not in self.silent_ids)
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        rows = input_ids.shape[0]
-        audio_index = torch.arange(rows, device=input_ids.device) // (rows // self.audio.shape[0])
-        prefixes = [self._prefix(row) for row in input_ids[:, self.prompt_length :].tolist()]
-        parents = [self._state(int(a), p) for a, p in zip(audio_index.tolist(), prefixes, strict=True)]
-        ends_in_token, ends_in_blank, parent_scores = (
-            torch.stack(part) for part in zip(*parents, strict=True)
-        )
-        llm_log_probs = scores.float().log_softmax(-1)
-        ruled_out = llm_log_probs.clone()
-        ruled_out[:, sorted(self.silent_ids)] = -torch.inf
-        candidates = ruled_out.topk(min(self.top_k, ruled_out.shape[-1]), -1).indices
-        child_token, child_blank, prefix_scores = self._extend(
-            audio_index, prefixes, ends_in_token, ends_in_blank, candidates
-        )
-        # A prefix the audio cannot hold (forced in from outside) leaves the choice to the LLM alone.
-        possible = parent_scores.isfinite()
-        out = torch.full_like(llm_log_probs, -torch.inf)
-        ctc_gain = torch.where(possible[:, None], prefix_scores - parent_scores[:, None], 0.0).float()
-        # picked is -inf only where the vocabulary has fewer than top_k tokens to offer
-        picked = ruled_out.gather(-1, candidates)
-        joint = (1 - self.weight) * picked + self.weight * ctc_gain
-        out.scatter_(-1, candidates, joint.masked_fill(picked.isinf(), -torch.inf))
-        last_frame = (self.lengths[audio_index] - 1).clamp(min=0)[:, None]
-        whole = torch.logaddexp(ends_in_token, ends_in_blank).gather(-1, last_frame)[:, 0]
-        eos_gain = torch.where(possible, whole - parent_scores, 0.0).float()[:, None]
-        out[:, self.eos_ids] = (1 - self.weight) * llm_log_probs[:, self.eos_ids] + self.weight * eos_gain
-        # Keep what the next step can ask for: this step's prefixes (finished rows) and their candidates.
-        self.states = {}
-        for row, (audio, prefix) in enumerate(zip(audio_index.tolist(), prefixes, strict=True)):
-            self.states[(audio, prefix)] = parents[row]
-            for k, token in enumerate(candidates[row].tolist()):
-                self.states[(audio, prefix + (token,))] = (
-                    child_token[row, k],
-                    child_blank[row, k],
-                    prefix_scores[row, k],
-                )
-        return out
 
 
 def holds_pretrained_weights(weights_file: str) -> bool:

@@ -33,7 +33,7 @@ import numpy as np
 import soundfile as sf
 import soxr
 import torch
-from transformers import AutomaticSpeechRecognitionPipeline, StoppingCriteria, StoppingCriteriaList
+from transformers import AutomaticSpeechRecognitionPipeline
 from transformers.generation.streamers import BaseStreamer
 
 try:
@@ -332,75 +332,6 @@ class SpeechDetector:
                 min_speech_duration_ms=MIN_SPEECH_MS,
             )
         return bool(spans)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Repetition-loop guard
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def find_repetition_loop(
-    tokens: list[int], max_period: int = 12, min_repeats: int = 4, min_span: int = 16, near_period: int = 6
-) -> tuple[int, int] | None:
-    """(start, period) of a trailing run where a ``period``-token unit repeats to cover at least
-    ``max(min_repeats * period, min_span)`` tokens; None if there is none.
-
-    A short unit must repeat many times ("okay" x16), a long one only a few times (a sentence x4), which normal
-    speech ("no no no", "very very") does not reach.  Units of ``near_period`` tokens or more may differ from the
-    copy before in one token: a counting loop ("or 13 to increase the volume, or 14 to increase the volume, ...")
-    changes only its number.
-    """
-    n = len(tokens)
-    for period in range(1, max_period + 1):
-        run = _repeating_run(tokens, period, tolerate_one=period >= near_period)
-        span = run + period
-        if span >= max(min_repeats * period, min_span):
-            return n - span, period
-    return None
-
-
-def _repeating_run(tokens: list[int], period: int, tolerate_one: bool) -> int:
-    """How many trailing tokens equal the token ``period`` before them, walking back from the end.
-
-    With ``tolerate_one``, a mismatch is let through when the previous one is at least a period away.  When the
-    walk then stops, a let-through mismatch that recurred every period was the loop's changing token and the loop
-    starts at the stop; a lone one was already the text before the loop, so the loop starts after it.
-    """
-    n = len(tokens)
-    mismatches: list[int] = []
-    for run in range(n - period):
-        i = n - 1 - run
-        if tokens[i] == tokens[i - period]:
-            continue
-        if tolerate_one and (not mismatches or mismatches[-1] - i >= period):
-            mismatches.append(i)
-            continue
-        periodic = len(mismatches) >= 2 and mismatches[-2] - mismatches[-1] == period
-        return run if periodic or not mismatches else n - 1 - mismatches[-1]
-    return n - period
-
-
-class RepetitionLoopGuard(StoppingCriteria):
-    """Stops the sequences of a batch whose newest tokens have fallen into a repetition loop.
-
-    Counts its own calls (one per generated token) so it only looks at new tokens, whatever the prompt layout.
-    """
-
-    def __init__(self, **loop_kwargs: int) -> None:
-        self.loop_kwargs = loop_kwargs
-        self.steps = 0
-
-    def __call__(self, input_ids: torch.LongTensor, scores: Any = None, **kwargs: Any) -> torch.BoolTensor:
-        self.steps += 1
-        new = input_ids[:, -self.steps :].tolist()
-        flags = [find_repetition_loop(row, **self.loop_kwargs) is not None for row in new]
-        return torch.tensor(flags, dtype=torch.bool, device=input_ids.device)
-
-
-def trim_repetition_loop(tokens: list[int]) -> list[int]:
-    """Keep one copy of a trailing loop's unit and drop the rest."""
-    loop = find_repetition_loop(tokens)
-    return tokens if loop is None else tokens[: loop[0] + loop[1]]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -707,15 +638,11 @@ class TinyAudioASRPipeline(AutomaticSpeechRecognitionPipeline):
         levels = model_inputs.pop("sound_levels", None)
         # Without max_new_tokens, the model's generate sizes the budget from the longest chunk in the batch.
         generate_kwargs = self._prepare_generate_kwargs(generate_kwargs)
-        criteria = StoppingCriteriaList(generate_kwargs.pop("stopping_criteria", []))
-        if loop_guard:
-            criteria.insert(0, RepetitionLoopGuard())
-        sequences = self.model.generate(**model_inputs, stopping_criteria=criteria, **generate_kwargs)
+        # The model's generate guards against repetition loops and pads out the loop it stopped.
+        sequences = self.model.generate(**model_inputs, loop_guard=loop_guard, **generate_kwargs)
         new_tokens = sequences[:, model_inputs["input_ids"].shape[1] :]
         special = set(self.tokenizer.all_special_ids)
         cleaned = [[t for t in row if t not in special] for row in new_tokens.tolist()]
-        if loop_guard:
-            cleaned = [trim_repetition_loop(tokens) for tokens in cleaned]
         outputs: dict[str, list] = {"text": self.processor.batch_decode(cleaned, skip_special_tokens=True)}
         if word_timestamps:
             features_mask = model_inputs["input_features_mask"]

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from transformers import Pipeline, pipeline
 
-from modeling_tiny_audio import embedding_ctc_logits
+from decoding_tiny_audio import embedding_ctc_logits
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402

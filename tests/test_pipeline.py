@@ -14,13 +14,12 @@ import soxr
 import torch
 from conftest import pipeline_in_fresh_process
 
+from decoding_tiny_audio import find_repetition_loop, trim_repetition_loop
 from pipeline_asr import (
     AudioInputError,
     chunk_blocks,
-    find_repetition_loop,
     iter_chunks,
     to_mono_float,
-    trim_repetition_loop,
 )
 
 RATE = 16000
@@ -483,6 +482,22 @@ def test_repetition_loop_is_stopped_early_and_trimmed(asr):
     assert counter.steps == 40
 
 
+def test_model_generate_gives_the_pipelines_text(asr):
+    """README's `model.generate` path shares the pipeline's decoding policy: the loop guard runs inside `generate`
+    (the tiny model loops on one token), and the loop it stopped decodes away."""
+    processor = asr.processor
+    for seed, seconds in enumerate((1.0, 3.0)):
+        clip = speech_with_pauses(seconds, seed=seed)[0]
+        inputs = processor(audio=[clip], sampling_rate=RATE, return_tensors="pt")
+        counter = StepCounter()
+        generated = asr.model.generate(**inputs, max_new_tokens=200, stopping_criteria=[counter])
+        assert counter.steps <= 16
+        special = set(processor.tokenizer.all_special_ids)
+        text_tokens = [t for t in generated[0, inputs["input_ids"].shape[1] :].tolist() if t not in special]
+        assert 0 < len(text_tokens) < counter.steps  # one copy of the loop's unit is kept, the rest is padding
+        assert processor.decode_generated(generated, inputs) == [asr(clip, max_new_tokens=200)["text"]]
+
+
 def test_default_budget_follows_audio_length(asr):
     """Without max_new_tokens, generation stops at the config's length-scaled budget."""
     config = asr.model.config
@@ -601,7 +616,7 @@ def brute_force_ctc_path(log_probs: torch.Tensor, targets: list[int], blank: int
 
 @pytest.mark.parametrize("targets", [[1, 2], [1, 1], [2, 1, 2], [1, 2, 1, 1]])
 def test_forced_alignment_finds_the_best_ctc_path(targets):
-    from modeling_tiny_audio import ctc_forced_align
+    from decoding_tiny_audio import ctc_forced_align
 
     generator = torch.Generator().manual_seed(len(targets))
     log_probs = torch.randn(7, 3, generator=generator).log_softmax(-1)
@@ -619,7 +634,7 @@ def test_forced_alignment_finds_the_best_ctc_path(targets):
 
 
 def test_forced_alignment_of_a_text_longer_than_the_audio_is_none():
-    from modeling_tiny_audio import ctc_forced_align
+    from decoding_tiny_audio import ctc_forced_align
 
     log_probs = torch.zeros(3, 4).log_softmax(-1)
     assert ctc_forced_align(log_probs, [1, 1, 2], blank=0) is None  # 1 _ 1 2 needs four frames

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from modeling_tiny_audio import embedding_ctc_logits
+from decoding_tiny_audio import embedding_ctc_logits
 
 IGNORE_INDEX = -100
 
