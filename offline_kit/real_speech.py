@@ -24,11 +24,10 @@ from pathlib import Path
 
 import datasets
 import numpy as np
-import soundfile as sf
-import soxr
 
 from offline_kit.data_deps import DATA_PACKAGES, debian_file, ensure_data_deps
 from offline_kit.synthetic_corpus import SAMPLE_RATE, encode_flac, summarize, to_audio_dataset
+from pipeline_asr import read_audio
 
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "data" / "real_speech"
 DOWNLOAD_DIR = Path.home() / ".cache" / "tiny_audio" / "downloads"
@@ -69,11 +68,7 @@ def asterisk_prompts() -> list[tuple[str, str]]:
 
 def load_16k(path: Path) -> tuple[np.ndarray, float]:
     """Mono float32 audio at 16 kHz and its duration in seconds."""
-    audio, rate = sf.read(path, dtype="float32")
-    if audio.ndim > 1:
-        audio = audio.mean(axis=1)
-    if rate != SAMPLE_RATE:
-        audio = soxr.resample(audio, rate, SAMPLE_RATE)
+    audio = read_audio(path, SAMPLE_RATE)
     return audio, len(audio) / SAMPLE_RATE
 
 

@@ -27,7 +27,8 @@ from pathlib import Path
 
 import numpy as np
 import soundfile as sf
-import soxr
+
+from pipeline_asr import read_audio
 
 SAMPLE_RATE = 16000
 FAMILIES = ("piper", "espeak", "flite", "kokoro")
@@ -109,10 +110,8 @@ def split_voices(voices: list[Voice]) -> tuple[list[Voice], list[Voice]]:
 
 
 def _to_16k(audio: np.ndarray, rate: int) -> np.ndarray:
-    audio = np.asarray(audio, dtype=np.float32)
-    if audio.ndim > 1:
-        audio = audio.mean(axis=1)
-    return audio if rate == SAMPLE_RATE else soxr.resample(audio, rate, SAMPLE_RATE).astype(np.float32)
+    """A voice's output as the pipeline reads any array: downmixed, resampled to 16 kHz."""
+    return read_audio(np.asarray(audio), SAMPLE_RATE, sampling_rate=rate)
 
 
 def _run(cmd: list[str], text: str | None = None) -> bytes:

@@ -893,8 +893,8 @@ def test_trainer_wer_is_eval_py_wer_in_percent(workspace, reference_run):
     """The Trainer's eval_wer is eval.py's metric (Whisper normaliser, corpus WER, percent) on the same clip."""
     import eval as evaluation
     from modeling_tiny_audio import TinyAudioForConditionalGeneration
+    from pipeline_asr import read_audio
     from processing_tiny_audio import TinyAudioProcessor
-    from training.data import decode_audio
 
     folder = reference_run["output_dir"]
     model = TinyAudioForConditionalGeneration.from_pretrained(folder).eval()
@@ -902,7 +902,7 @@ def test_trainer_wer_is_eval_py_wer_in_percent(workspace, reference_run):
     row = Dataset.load_from_disk(os.path.join(workspace["data"], "train")).cast_column(
         "audio", Audio(decode=False)
     )[0]
-    inputs = processor(audio=[decode_audio(row["audio"], RATE)], task="transcribe")
+    inputs = processor(audio=[read_audio(row["audio"], RATE)], task="transcribe")
     hypothesis = processor.decode_generated(model.generate(**inputs), inputs)[0]
     expected = 100 * evaluation.score([row["text"]], [hypothesis]).wer
     assert reference_run["metrics"]["eval_wer"] == pytest.approx(expected)
