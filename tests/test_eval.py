@@ -208,6 +208,9 @@ def test_local_formats_load_the_same_clips(tmp_path: Path) -> None:
     csv_manifest.write_text(
         "audio_filepath,sentence\n" + "".join(f'audio/{n},"{t}"\n' for n, t in zip(names, texts, strict=True))
     )
+    (tmp_path / "manifest.tsv").write_text(
+        "audio_path\ttranscript\n" + "".join(f"audio/{n}\t{t}\n" for n, t in zip(names, texts, strict=True))
+    )
     audio = [{"bytes": (tmp_path / "audio" / n).read_bytes(), "path": n} for n in names]
     table = Dataset.from_dict({"audio": audio, "text": texts})
     table = table.cast(Features({"audio": Audio(), "text": Value("string")}))
@@ -217,9 +220,13 @@ def test_local_formats_load_the_same_clips(tmp_path: Path) -> None:
         (t, int(round(len(sf.read(tmp_path / "audio" / n)[0]) * 2)))
         for n, t in zip(names, texts, strict=True)
     ]
-    for location in ("audio", "manifest.csv", "saved"):
+    ids = {"audio": names, "manifest.csv": [f"audio/{n}" for n in names], "saved": names}
+    ids["manifest.tsv"] = ids["manifest.csv"]
+    for location in ("audio", "manifest.csv", "manifest.tsv", "saved"):
         source = evaluation.load_source(str(tmp_path / location))
         assert _decoded(source) == expected, location
+        # A clip is named by its path as the dataset gives it, not as resolved on this machine.
+        assert [evaluation._sample_id(row, i, source) for i, row in enumerate(source.rows)] == ids[location]
     with pytest.raises(ValueError, match="no split 'validation'"):
         evaluation.load_source(str(tmp_path / "saved"), split="validation")
 
