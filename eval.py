@@ -145,35 +145,28 @@ def load_source(
     CSV/TSV/JSONL manifest of audio paths + text (`training.sources`, as train.py loads them)."""
     if name in DATASETS:
         spec = DATASETS[name]
-        loaded = load_speech_rows(
-            spec.path,
-            config=spec.config,
-            split=split or spec.split,
-            streaming=True,
-            audio_column=audio_column or spec.audio_column,
-            text_column=text_column or spec.text_column,
-            column_option=COLUMN_OPTION,
-        )
-        location = f"{spec.path} ({spec.config})" if spec.config else spec.path
-        return DatasetSource(
-            name, location, loaded.split, loaded.rows, loaded.audio_column, loaded.text_column
-        )
-    path = Path(name)
-    if not path.exists():
+        path, config, split, streaming = spec.path, spec.config, split or spec.split, True
+        audio_column, text_column = audio_column or spec.audio_column, text_column or spec.text_column
+        shown, location = name, f"{spec.path} ({spec.config})" if spec.config else spec.path
+    elif Path(name).exists():
+        path, config, streaming, shown, location = name, None, None, Path(name).name, str(Path(name))
+    else:
         known = ", ".join(DATASETS)
         raise ValueError(
             f"unknown dataset '{name}': known datasets are {known} (or give a path to a local dataset)"
         )
     loaded = load_speech_rows(
-        str(path),
-        split=split,
+        path,
+        config,
+        split,
+        streaming=streaming,
         audio_column=audio_column,
         text_column=text_column,
         column_option=COLUMN_OPTION,
     )
     base_dir = Path(loaded.base_dir) if loaded.base_dir else None
     return DatasetSource(
-        path.name, str(path), loaded.split, loaded.rows, loaded.audio_column, loaded.text_column, base_dir
+        shown, location, loaded.split, loaded.rows, loaded.audio_column, loaded.text_column, base_dir
     )
 
 

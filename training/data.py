@@ -172,13 +172,12 @@ def _load_rows(spec: DatasetSpec, cache_dir: str | None) -> SpeechRows:
     """The raw rows of one source, with its own column names."""
     return load_speech_rows(
         spec.path,
-        config=spec.name,
-        split=spec.split,
+        spec.name,
+        spec.split,
         streaming=spec.is_streaming,
         audio_column=spec.audio_column,
         text_column=spec.text_column,
         cache_dir=cache_dir,
-        column_option="{kind}_column for it in the dataset list",
     )
 
 

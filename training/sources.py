@@ -49,20 +49,21 @@ class SpeechRows:
 
 def load_speech_rows(
     path: str,
-    *,
     config: str | None = None,
     split: str | None = None,
+    *,
     streaming: bool | None = None,
     audio_column: str | None = None,
     text_column: str | None = None,
     cache_dir: str | None = None,
-    column_option: str = "{kind}_column",
+    column_option: str = "{kind}_column for it in the dataset list",
 ) -> SpeechRows:
-    """Load a Hub id, `save_to_disk` folder, audio folder or manifest and find its audio and text columns.
+    """Load a Hub id (with its ``config``), `save_to_disk` folder, audio folder or manifest and find its audio and
+    text columns.
 
     ``split`` None takes the only split, or DEFAULT_SPLIT. ``streaming`` None streams Hub sets and loads local
     ones. A column not given is found among AUDIO_COLUMNS / TEXT_COLUMNS; ``column_option`` tells the user how to
-    name one instead (e.g. "--{kind}-column").
+    name one instead (train.py's dataset list by default; eval.py says "--{kind}-column").
     """
     streaming = (not os.path.exists(path)) if streaming is None else streaming
     manifest = _manifest_of(path)
