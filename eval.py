@@ -35,11 +35,12 @@ from tqdm.auto import tqdm
 from pipeline_asr import read_audio
 from training.preflight import (
     PreflightError,
+    check_hub_dataset,
     check_model_source,
     looks_like_path,
     missing_local_data_message,
 )
-from training.sources import check_hub_dataset, load_speech_rows
+from training.sources import load_speech_rows
 
 SEED = 42
 # Streaming Hub sets are shuffled through a buffer of this many clips; fixed so the selection never changes.

@@ -27,10 +27,11 @@ from pipeline_asr import AudioInputError, NonFiniteAudioError, NoSamplesError, r
 from training.preflight import (
     LOCAL_DATA_BUILDERS,
     PreflightError,
+    check_hub_dataset,
     looks_like_path,
     missing_local_data_message,
 )
-from training.sources import SpeechRows, check_hub_dataset, load_speech_rows
+from training.sources import SpeechRows, load_speech_rows
 
 logger = logging.getLogger(__name__)
 

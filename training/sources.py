@@ -23,8 +23,6 @@ from datasets import (
     load_from_disk,
 )
 
-from training.preflight import LOCAL_DATA_HINT, PreflightError, hub_problem
-
 RAW_AUDIO = {"bytes": Value("binary"), "path": Value("string")}
 MANIFEST_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json"}
 # The metadata file of an audio folder (`datasets`' layout: a `file_name` column of paths relative to the folder).
@@ -159,15 +157,3 @@ def _undecoded_audio(
         input_columns=column,
         features=features,
     )
-
-
-def check_hub_dataset(repo_id: str, shown: str | None = None) -> None:
-    """Refuse, before any model loads, a Hub dataset that cannot be read here; ``shown`` is the name the user gave
-    (e.g. an eval.py registry name) when it is not the repo id."""
-    problem = hub_problem(repo_id, "dataset")
-    if problem:
-        raise PreflightError(
-            f"dataset {shown or repo_id} is not a local folder or file, and {repo_id} on the Hugging Face Hub "
-            f"cannot be read: {problem}. Gated sets need their terms accepted on the Hub and a token "
-            f"(`hf auth login`). {LOCAL_DATA_HINT}"
-        )
