@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
-import io
 import json
 import re
 import shutil
@@ -31,19 +30,18 @@ from typing import Any
 
 import jiwer
 import numpy as np
-import soundfile as sf
-import soxr
 from tqdm.auto import tqdm
 
+from pipeline_asr import read_audio
 from serving.loading import Int8Unsupported, load_asr_pipeline
 from training.preflight import (
-    LOCAL_DATA_HINT,
     PreflightError,
+    check_hub_dataset,
     check_model_source,
-    hub_problem,
     looks_like_path,
     missing_local_data_message,
 )
+from training.sources import load_speech_rows
 
 SEED = 42
 # Streaming Hub sets are shuffled through a buffer of this many clips; fixed so the selection never changes.
@@ -54,11 +52,9 @@ DEFAULT_BATCH_SIZE = 16
 ESB = "hf-audio/esb-datasets-test-only-sorted"
 # Tedlium marks unscorable segments with this reference; the Open ASR Leaderboard drops them like empty ones.
 IGNORED_REFERENCES = {"", "ignore time segment in scoring"}
-AUDIO_COLUMNS = ("audio", "wav", "audio_filepath", "audio_path", "path", "file_name", "file")
-TEXT_COLUMNS = ("text", "sentence", "transcription", "transcript", "normalized_text", "reference")
 ID_COLUMNS = ("id", "ID", "clip_id", "segment_id", "utterance_id", "file_name", "audio_filepath", "path")
-MANIFEST_SUFFIXES = {".csv": "csv", ".jsonl": "json", ".json": "json"}
-AUDIOFOLDER_METADATA = ("metadata.csv", "metadata.jsonl")
+# How the user names a column the dataset loader did not find (shown in its error).
+COLUMN_OPTION = "--{kind}-column"
 # Resamples of the clips behind the 95% interval of a paired comparison (--compare-with).
 BOOTSTRAP_DRAWS = 2000
 
@@ -98,7 +94,7 @@ class DatasetSource:
     rows: Iterable[dict[str, Any]]
     audio_column: str
     text_column: str
-    base_dir: Path | None = None  # relative audio paths of manifests resolve against this
+    base_dir: Path | None = None  # audio paths of a manifest or audio folder are named relative to this
 
 
 @dataclass(frozen=True)
@@ -144,79 +140,36 @@ def score(references: list[str], predictions: list[str]) -> WordErrors:
 # ----------------------------------------------------------------------------- datasets
 
 
-def _pick_column(
-    columns: list[str], wanted: str | None, candidates: tuple[str, ...], kind: str, where: str
-) -> str:
-    """The column the user asked for, else the first conventional name present."""
-    if wanted is not None:
-        if wanted not in columns:
-            raise ValueError(f"{where}: no {kind} column '{wanted}' (columns: {', '.join(columns)})")
-        return wanted
-    for name in candidates:
-        if name in columns:
-            return name
-    raise ValueError(
-        f"{where}: no {kind} column found (columns: {', '.join(columns)}); "
-        f"expected one of {', '.join(candidates)} or pass --{kind}-column"
-    )
-
-
-def _without_audio_decoding(dataset: Any, column: str) -> Any:
-    """Keep audio as bytes/paths: eval.py decodes itself so a broken clip is counted instead of crashing
-    (and `datasets`' own decoder, torchcodec, is not needed)."""
-    from datasets import Audio
-
-    return dataset.cast_column(column, Audio(decode=False))
-
-
 def load_source(
     name: str, split: str | None = None, audio_column: str | None = None, text_column: str | None = None
 ) -> DatasetSource:
-    """A registry name (streamed from the Hub) or a local path: a `save_to_disk` folder, an audiofolder
-    (folder with metadata.csv/.jsonl naming `file_name`s), or a CSV/JSONL manifest of audio paths + text."""
-    import datasets
-
+    """A registry name (streamed from the Hub) or a local path: a `save_to_disk` folder, an audio folder or a
+    CSV/TSV/JSONL manifest of audio paths + text (`training.sources`, as train.py loads them)."""
     if name in DATASETS:
         spec = DATASETS[name]
-        split = split or spec.split
-        rows = datasets.load_dataset(spec.path, spec.config, split=split, streaming=True)
-        rows = _without_audio_decoding(rows, audio_column or spec.audio_column)
-        location = f"{spec.path} ({spec.config})" if spec.config else spec.path
-        return DatasetSource(
-            name, location, split, rows, audio_column or spec.audio_column, text_column or spec.text_column
-        )
-
-    path = Path(name)
-    if not path.exists():
+        path, config, split, streaming = spec.path, spec.config, split or spec.split, True
+        audio_column, text_column = audio_column or spec.audio_column, text_column or spec.text_column
+        shown, location = name, f"{spec.path} ({spec.config})" if spec.config else spec.path
+    elif Path(name).exists():
+        path, config, streaming, shown, location = name, None, None, Path(name).name, str(Path(name))
+    else:
         known = ", ".join(DATASETS)
         raise ValueError(
             f"unknown dataset '{name}': known datasets are {known} (or give a path to a local dataset)"
         )
-    base_dir: Path | None = None
-    if path.is_dir() and not any((path / m).exists() for m in AUDIOFOLDER_METADATA):
-        loaded = datasets.load_from_disk(str(path))
-        if isinstance(loaded, datasets.DatasetDict):
-            split = split or "test"
-            if split not in loaded:
-                raise ValueError(f"{path}: no split '{split}' (splits: {', '.join(loaded)})")
-            loaded = loaded[split]
-        else:
-            split = split or "all"
-    else:
-        manifest = (
-            path if path.is_file() else next(path / m for m in AUDIOFOLDER_METADATA if (path / m).exists())
-        )
-        builder = MANIFEST_SUFFIXES.get(manifest.suffix)
-        if builder is None:
-            raise ValueError(f"{manifest}: manifests must be one of {', '.join(MANIFEST_SUFFIXES)}")
-        loaded = datasets.load_dataset(builder, data_files=str(manifest), split="train")
-        split, base_dir = split or "all", manifest.parent
-    where = str(path)
-    audio = _pick_column(loaded.column_names, audio_column, AUDIO_COLUMNS, "audio", where)
-    text = _pick_column(loaded.column_names, text_column, TEXT_COLUMNS, "text", where)
-    if isinstance(loaded.features[audio], datasets.Audio):
-        loaded = _without_audio_decoding(loaded, audio)
-    return DatasetSource(path.name, str(path), split, loaded, audio, text, base_dir)
+    loaded = load_speech_rows(
+        path,
+        config,
+        split,
+        streaming=streaming,
+        audio_column=audio_column,
+        text_column=text_column,
+        column_option=COLUMN_OPTION,
+    )
+    base_dir = Path(loaded.base_dir) if loaded.base_dir else None
+    return DatasetSource(
+        shown, location, loaded.split, loaded.rows, loaded.audio_column, loaded.text_column, base_dir
+    )
 
 
 def select(rows: Any, max_samples: int | None, seed: int = SEED) -> Iterable[dict[str, Any]]:
@@ -231,43 +184,19 @@ def select(rows: Any, max_samples: int | None, seed: int = SEED) -> Iterable[dic
     return rows.shuffle(seed=seed, buffer_size=SHUFFLE_BUFFER).take(max_samples)
 
 
-def decode_audio(value: Any, sampling_rate: int, base_dir: Path | None = None) -> np.ndarray:
-    """Mono float32 at `sampling_rate` from undecoded dataset audio (bytes/path dict, path string, or array)."""
-    if isinstance(value, dict) and value.get("array") is not None:
-        data, rate = np.asarray(value["array"], dtype=np.float32), int(value["sampling_rate"])
-    else:
-        if isinstance(value, str):
-            source: Any = value
-        elif isinstance(value, dict) and value.get("bytes"):
-            source = io.BytesIO(value["bytes"])
-        elif isinstance(value, dict) and value.get("path"):
-            source = value["path"]
-        else:
-            raise ValueError(f"no audio data in {type(value).__name__} value")
-        if isinstance(source, str) and base_dir is not None and not Path(source).is_absolute():
-            source = str(base_dir / source)
-        data, rate = sf.read(source, dtype="float32", always_2d=True)
-    if data.ndim == 2:
-        data = data.mean(axis=1)
-    if data.size == 0:
-        raise ValueError("empty audio")
-    if not np.isfinite(data).all():
-        raise ValueError("audio contains NaN or infinite samples")
-    if rate != sampling_rate:
-        data = soxr.resample(data, rate, sampling_rate)
-    return data.astype(np.float32, copy=False)
-
-
 # ----------------------------------------------------------------------------- running
 
 
-def _sample_id(row: dict[str, Any], index: int, audio_column: str) -> str:
-    """The dataset's id column, else the audio file path, else the position in the selection."""
+def _sample_id(row: dict[str, Any], index: int, source: DatasetSource) -> str:
+    """The dataset's id column, else the audio file path as the dataset names it, else the position in the
+    selection."""
     for column in ID_COLUMNS:
-        if row.get(column) not in (None, ""):
+        if column != source.audio_column and row.get(column) not in (None, ""):
             return str(row[column])
-    audio = row.get(audio_column)
+    audio = row.get(source.audio_column)
     path = audio if isinstance(audio, str) else audio.get("path") if isinstance(audio, dict) else None
+    if path and source.base_dir is not None and Path(path).is_relative_to(source.base_dir):
+        path = Path(path).relative_to(source.base_dir).as_posix()
     return str(path or index)
 
 
@@ -514,13 +443,13 @@ def _prepare_batch(
     skipped: dict[int, dict[str, Any]] = {}
     todo: list[tuple[int, str, np.ndarray, str]] = []
     for index, row in batch:
-        sample_id = _sample_id(row, index, source.audio_column)
+        sample_id = _sample_id(row, index, source)
         reference = str(row.get(source.text_column) or "")
         if normalize(reference) in IGNORED_REFERENCES:
             skipped[index] = _skip(index, sample_id, "empty_reference", "empty reference")
             continue
         try:
-            audio = decode_audio(row.get(source.audio_column), rate, source.base_dir)
+            audio = read_audio(row.get(source.audio_column), rate)
         except Exception as error:  # any decoder failure is one bad clip, not a failed run
             skipped[index] = _skip(index, sample_id, "bad_audio", f"audio failed to decode: {error}")
             continue
@@ -857,13 +786,7 @@ def resolve_dataset(
     """`load_source` after the checks a user can act on: an unknown name, a folder not built yet, a Hub set that
     cannot be reached (checked first, so nothing waits on a model load or a network timeout)."""
     if name in DATASETS:
-        spec = DATASETS[name]
-        problem = hub_problem(spec.path, "dataset")
-        if problem:
-            raise PreflightError(
-                f"dataset '{name}' ({spec.path} on the Hugging Face Hub) cannot be read: {problem}. "
-                f"Gated sets need their terms accepted on the Hub and a token (`hf auth login`). {LOCAL_DATA_HINT}"
-            )
+        check_hub_dataset(DATASETS[name].path, shown=f"'{name}'")
     elif not Path(name).exists():
         if looks_like_path(name) or "/" in name:
             raise PreflightError(missing_local_data_message(name))

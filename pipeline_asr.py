@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import re
@@ -38,10 +39,10 @@ from transformers.generation.streamers import BaseStreamer
 
 try:
     from .modeling_tiny_audio import NO_CTC_HEAD
-    from .processing_tiny_audio import TinyAudioProcessor, scale_unscaled_pcm
+    from .processing_tiny_audio import TinyAudioProcessor, pcm_to_float, scale_unscaled_pcm
 except ImportError:
     from modeling_tiny_audio import NO_CTC_HEAD
-    from processing_tiny_audio import TinyAudioProcessor, scale_unscaled_pcm
+    from processing_tiny_audio import TinyAudioProcessor, pcm_to_float, scale_unscaled_pcm
 
 # Blocks read from a file per step; bounds memory while streaming a long recording.
 READ_BLOCK_SECONDS = 10.0
@@ -68,6 +69,14 @@ class AudioInputError(ValueError):
     """An input that cannot be turned into audio; the message names the input and the reason."""
 
 
+class NonFiniteAudioError(ValueError):
+    """Samples that are NaN or infinite (training counts such clips apart from unreadable ones)."""
+
+
+class NoSamplesError(ValueError):
+    """Audio that decodes to zero samples (training counts such clips as empty, not unreadable)."""
+
+
 def describe_input(source: Any) -> str:
     """Short human-readable name of an input for error messages."""
     if isinstance(source, (str, os.PathLike)):
@@ -91,9 +100,7 @@ def to_mono_float(samples: np.ndarray) -> np.ndarray:
     """Integer PCM -> float in [-1, 1); (channels, n) or (n, channels) -> mean over the (shorter) channel axis."""
     samples = np.asarray(samples)
     if samples.dtype.kind in "iu":
-        info = np.iinfo(samples.dtype)
-        center = (int(info.max) + int(info.min) + 1) / 2  # 0 for signed, 128 for uint8
-        samples = (samples.astype(np.float32) - center) / (int(info.max) + 1 - center)
+        samples = pcm_to_float(samples)
     elif samples.dtype.kind != "f":
         raise ValueError(f"audio samples must be integer or float, got dtype {samples.dtype}")
     if samples.ndim == 2:
@@ -102,7 +109,7 @@ def to_mono_float(samples: np.ndarray) -> np.ndarray:
         raise ValueError(f"audio must be 1-D (mono) or 2-D (stereo), got shape {samples.shape}")
     samples = np.ascontiguousarray(samples, dtype=np.float32)
     if not np.isfinite(samples).all():
-        raise ValueError("audio contains NaN or infinite values")
+        raise NonFiniteAudioError("audio contains NaN or infinite values")
     return samples
 
 
@@ -276,7 +283,7 @@ def chunk_blocks(blocks: Iterable[np.ndarray], rate: int, max_seconds: float) ->
             buffer = buffer[cut:]
     if len(buffer) or offset == 0:
         if len(buffer) == 0:
-            raise ValueError("audio contains no samples")
+            raise NoSamplesError("audio contains no samples")
         yield AudioChunk(buffer, offset / rate, (offset + len(buffer)) / rate)
 
 
@@ -284,9 +291,30 @@ def iter_chunks(
     source: Any, target_rate: int, max_seconds: float, sampling_rate: int | None = None
 ) -> Iterator[AudioChunk]:
     """Decode, downmix, resample and chunk one input lazily; any failure becomes an AudioInputError naming it."""
-    try:
+    with _naming_input(source):
         rate, blocks = decode_audio(source, target_rate, sampling_rate)
         yield from chunk_blocks(resample_blocks(blocks, rate, target_rate), target_rate, max_seconds)
+
+
+def read_audio(source: Any, target_rate: int, sampling_rate: int | None = None) -> np.ndarray:
+    """The whole of one input as mono float32 at ``target_rate``: the clip-at-a-time form of `decode_audio`, which
+    training, evaluation, the demo and the offline kit use so that every input is read one way.
+
+    Any failure is an AudioInputError naming the input; its ``__cause__`` says why (e.g. NonFiniteAudioError).
+    """
+    with _naming_input(source):
+        rate, blocks = decode_audio(source, target_rate, sampling_rate)
+        samples = np.concatenate([np.zeros(0, dtype=np.float32), *resample_blocks(blocks, rate, target_rate)])
+        if len(samples) == 0:
+            raise NoSamplesError("audio contains no samples")
+    return samples
+
+
+@contextlib.contextmanager
+def _naming_input(source: Any) -> Iterator[None]:
+    """Turn any decoding failure into one AudioInputError that names the input."""
+    try:
+        yield
     except (OSError, ValueError, TypeError, RuntimeError) as error:
         if isinstance(error, AudioInputError):
             raise

@@ -31,6 +31,14 @@ IGNORE_INDEX = -100
 UNSCALED_PCM_PEAK = 2.0
 
 
+def pcm_to_float(samples: np.ndarray) -> np.ndarray:
+    """Integer PCM -> float32 in [-1, 1): centred on the format's midpoint (0 signed, 128 for uint8) and divided by
+    its half range (32768 for int16). Every path from samples to the model uses this one rule."""
+    info = np.iinfo(samples.dtype)
+    center = (int(info.max) + int(info.min) + 1) / 2
+    return ((samples.astype(np.float32) - center) / (int(info.max) + 1 - center)).astype(np.float32)
+
+
 def scale_unscaled_pcm(samples: np.ndarray, name: str = "audio") -> np.ndarray:
     """Float samples far beyond ±1 are integer PCM that was never scaled (e.g. `int16_array.astype(float)`):
     divide them by the full scale of the narrowest integer width that holds them, and warn that this was done."""
@@ -157,8 +165,8 @@ class TinyAudioProcessor(ProcessorMixin):
             )
         if audio.size == 0:
             raise ValueError(f"{name}: the audio is empty (0 samples)")
-        if np.issubdtype(audio.dtype, np.signedinteger):
-            audio = audio.astype(np.float32) / -np.iinfo(audio.dtype).min  # int16 PCM: divide by 32768
+        if audio.dtype.kind in "iu":
+            audio = pcm_to_float(audio)
         audio = audio.astype(np.float32, copy=False)
         if not np.isfinite(audio).all():
             raise ValueError(f"{name}: the audio contains NaN or infinite samples")
@@ -310,4 +318,4 @@ class TinyAudioProcessor(ProcessorMixin):
 
 TinyAudioProcessor.register_for_auto_class()
 
-__all__ = ["TinyAudioProcessor", "add_audio_token", "scale_unscaled_pcm"]
+__all__ = ["TinyAudioProcessor", "add_audio_token", "pcm_to_float", "scale_unscaled_pcm"]

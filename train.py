@@ -29,13 +29,13 @@ from transformers.utils import SAFE_WEIGHTS_NAME
 from configuration_tiny_audio import DEFAULT_AUDIO_MODEL_ID, DEFAULT_TEXT_MODEL_ID
 from eval import score
 from modeling_tiny_audio import TinyAudioForConditionalGeneration
+from pipeline_asr import read_audio
 from processing_tiny_audio import TinyAudioProcessor
 from publish.push import upload
 from training.collator import SpeechCollator
 from training.ctc_alignment import EmbeddingCTCLoss
 from training.data import (
     check_dataset_spec,
-    decode_audio,
     load_speech_data,
     parse_dataset_specs,
     write_skip_report,
@@ -485,7 +485,7 @@ class TinyAudioTrainer(Trainer):
         step = self.args.per_device_eval_batch_size
         for start in range(0, len(self.wer_rows), step):
             rows = self.wer_rows[start : start + step]
-            clips = [decode_audio(row["audio"], processor.sampling_rate) for row in rows]
+            clips = [read_audio(row["audio"], processor.sampling_rate) for row in rows]
             inputs = processor(audio=clips, task="transcribe").to(model.device)
             generated = model.generate(**inputs)
             hypotheses += processor.decode_generated(generated, inputs)

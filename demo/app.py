@@ -30,7 +30,6 @@ from typing import Any  # noqa: E402
 import gradio as gr  # noqa: E402
 import numpy as np  # noqa: E402
 import soundfile as sf  # noqa: E402
-import soxr  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from transformers import StoppingCriteria, TextStreamer  # noqa: E402
@@ -262,10 +261,14 @@ class Backend:
         encoder window is closed at its quietest point and its text kept.
         """
         state = state or LiveState()
-        if audio is None:
+        if audio is None or audio[1].size == 0:
             return state, state.shown
+        from pipeline_asr import (
+            read_audio,  # microphone PCM read as any other input: scaled, downmixed, resampled
+        )
+
         rate, samples = audio
-        samples = _to_model_rate(samples, rate, self.processor.sampling_rate)
+        samples = read_audio(samples, self.processor.sampling_rate, sampling_rate=rate)
         state.segment = np.concatenate([state.segment, samples])
         state.unheard_seconds += len(samples) / self.processor.sampling_rate
         window = self.pipe.model.config.max_audio_seconds
@@ -347,13 +350,6 @@ class Backend:
 def _word_row(word: dict) -> list:
     start, end = word["timestamp"]
     return [word["text"], round(start, 2), round(end, 2)]
-
-
-def _to_model_rate(samples: np.ndarray, rate: int, model_rate: int) -> np.ndarray:
-    from pipeline_asr import to_mono_float  # integer PCM -> float, channels -> mono, as for any other input
-
-    mono = to_mono_float(samples)
-    return mono if rate == model_rate else soxr.resample(mono, rate, model_rate).astype(np.float32)
 
 
 def _timing(elapsed: float, duration: float) -> str:

@@ -23,12 +23,10 @@ import tarfile
 from pathlib import Path
 
 import datasets
-import numpy as np
-import soundfile as sf
-import soxr
 
 from offline_kit.data_deps import DATA_PACKAGES, debian_file, ensure_data_deps
 from offline_kit.synthetic_corpus import SAMPLE_RATE, encode_flac, summarize, to_audio_dataset
+from pipeline_asr import read_audio
 
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "data" / "real_speech"
 DOWNLOAD_DIR = Path.home() / ".cache" / "tiny_audio" / "downloads"
@@ -67,16 +65,6 @@ def asterisk_prompts() -> list[tuple[str, str]]:
     return out
 
 
-def load_16k(path: Path) -> tuple[np.ndarray, float]:
-    """Mono float32 audio at 16 kHz and its duration in seconds."""
-    audio, rate = sf.read(path, dtype="float32")
-    if audio.ndim > 1:
-        audio = audio.mean(axis=1)
-    if rate != SAMPLE_RATE:
-        audio = soxr.resample(audio, rate, SAMPLE_RATE)
-    return audio, len(audio) / SAMPLE_RATE
-
-
 def jfk_wav(download_dir: Path = DOWNLOAD_DIR) -> Path:
     """Extract whisper.cpp's samples/jfk.wav from the pywhispercpp sdist, downloading the sdist once."""
     target = download_dir / "jfk.wav"
@@ -96,14 +84,16 @@ def jfk_wav(download_dir: Path = DOWNLOAD_DIR) -> Path:
     return target
 
 
-def _row(audio: np.ndarray, duration: float, text: str, speaker: str, source: str, clip_id: str) -> dict:
+def _row(wav: Path, text: str, speaker: str, source: str, clip_id: str) -> dict:
+    """One clip, read as the pipeline reads it (mono, 16 kHz) and stored as FLAC."""
+    audio = read_audio(wav, SAMPLE_RATE)
     return {
         "audio": {"bytes": encode_flac(audio), "path": f"{clip_id}.flac"},
         "text": text,
         "voice": speaker,
         "speaker": speaker,
         "family": "real",
-        "duration": round(duration, 3),
+        "duration": round(len(audio) / SAMPLE_RATE, 3),
         "source": source,
         "clip_id": clip_id,
     }
@@ -116,11 +106,11 @@ def build_real_speech(
     wav_dir = debian_file(DATA_PACKAGES["asterisk-core-sounds-en-wav"], "asterisk-core-sounds-en-wav").parent
     rows = []
     for name, reference in asterisk_prompts()[:max_prompts]:
-        audio, duration = load_16k(wav_dir / f"{name}.wav")
-        rows.append(_row(audio, duration, reference, ASTERISK_SPEAKER, "asterisk", f"asterisk/{name}"))
+        rows.append(
+            _row(wav_dir / f"{name}.wav", reference, ASTERISK_SPEAKER, "asterisk", f"asterisk/{name}")
+        )
     if include_jfk:
-        audio, duration = load_16k(jfk_wav())
-        rows.append(_row(audio, duration, JFK_TEXT, "jfk", "jfk", "jfk"))
+        rows.append(_row(jfk_wav(), JFK_TEXT, "jfk", "jfk", "jfk"))
     corpus = datasets.DatasetDict({"test": to_audio_dataset(rows)})
     corpus.save_to_disk(str(out))
     return datasets.load_from_disk(str(out))

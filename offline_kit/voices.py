@@ -27,7 +27,8 @@ from pathlib import Path
 
 import numpy as np
 import soundfile as sf
-import soxr
+
+from pipeline_asr import read_audio
 
 SAMPLE_RATE = 16000
 FAMILIES = ("piper", "espeak", "flite", "kokoro")
@@ -108,13 +109,6 @@ def split_voices(voices: list[Voice]) -> tuple[list[Voice], list[Voice]]:
     return [v for v in voices if not is_test_voice(v)], [v for v in voices if is_test_voice(v)]
 
 
-def _to_16k(audio: np.ndarray, rate: int) -> np.ndarray:
-    audio = np.asarray(audio, dtype=np.float32)
-    if audio.ndim > 1:
-        audio = audio.mean(axis=1)
-    return audio if rate == SAMPLE_RATE else soxr.resample(audio, rate, SAMPLE_RATE).astype(np.float32)
-
-
 def _run(cmd: list[str], text: str | None = None) -> bytes:
     if shutil.which(cmd[0]) is None:
         raise FileNotFoundError(f"'{cmd[0]}' not found: run bash offline_kit/install_data_deps.sh")
@@ -128,7 +122,7 @@ def _espeak(name: str, text: str, rng: random.Random, session_seed: int) -> tupl
     params = {"speed_wpm": rng.randint(*ESPEAK_SPEED_WPM), "pitch": rng.randint(*ESPEAK_PITCH)}
     cmd = ["espeak-ng", "-v", name, "-s", str(params["speed_wpm"]), "-p", str(params["pitch"]), "--stdout"]
     audio, rate = sf.read(io.BytesIO(_run(cmd, text)), dtype="float32")
-    return _to_16k(audio, rate), params
+    return read_audio(audio, SAMPLE_RATE, sampling_rate=rate), params
 
 
 def _flite(name: str, text: str, rng: random.Random, session_seed: int) -> tuple[np.ndarray, dict]:
@@ -137,7 +131,7 @@ def _flite(name: str, text: str, rng: random.Random, session_seed: int) -> tuple
         _run(["flite", "-voice", name, "--setf", f"duration_stretch={params['duration_stretch']}",
               "-t", text, "-o", tmp.name])  # fmt: skip
         audio, rate = sf.read(tmp.name, dtype="float32")
-    return _to_16k(audio, rate), params
+    return read_audio(audio, SAMPLE_RATE, sampling_rate=rate), params
 
 
 @functools.lru_cache(maxsize=1)
@@ -181,7 +175,7 @@ def _piper(name: str, text: str, rng: random.Random, session_seed: int) -> tuple
         raise ValueError(f"Piper produced no audio for {text!r}")
     gap = np.zeros(int(0.15 * voice.config.sample_rate), dtype=np.float32)
     parts = [part for chunk in chunks for part in (chunk.audio_float_array, gap)][:-1]
-    return _to_16k(np.concatenate(parts), voice.config.sample_rate), params
+    return read_audio(np.concatenate(parts), SAMPLE_RATE, sampling_rate=voice.config.sample_rate), params
 
 
 @functools.lru_cache(maxsize=1)
@@ -252,7 +246,8 @@ def _kokoro(name: str, text: str, rng: random.Random, session_seed: int) -> tupl
         )[0]
         for ids in chunks
     ]
-    return _to_16k(np.concatenate([np.ravel(piece) for piece in pieces]), KOKORO_SAMPLE_RATE), params
+    audio = np.concatenate([np.ravel(piece) for piece in pieces])
+    return read_audio(audio, SAMPLE_RATE, sampling_rate=KOKORO_SAMPLE_RATE), params
 
 
 _ENGINES = {"piper": _piper, "espeak": _espeak, "flite": _flite, "kokoro": _kokoro}

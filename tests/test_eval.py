@@ -27,6 +27,7 @@ from transformers import (
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 import eval as evaluation
+from pipeline_asr import AudioInputError, read_audio
 from serving.loading import load_asr_pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -185,16 +186,14 @@ def test_registry_sets_are_streamed_with_their_columns(
     assert [r["ID"] for r in picked] == [
         r["ID"] for r in evaluation.select(evaluation.load_source("fake").rows, 2)
     ]
-    assert len(evaluation.decode_audio(picked[0]["wav"], 16000)) == 2 * (
-        4000 + 800 * names.index(picked[0]["ID"])
-    )
+    assert len(read_audio(picked[0]["wav"], 16000)) == 2 * (4000 + 800 * names.index(picked[0]["ID"]))
 
 
 def _decoded(source: evaluation.DatasetSource) -> list[tuple[str, int]]:
     return [
         (
             row[source.text_column],
-            len(evaluation.decode_audio(row[source.audio_column], 16000, source.base_dir)),
+            len(read_audio(row[source.audio_column], 16000)),
         )
         for row in source.rows
     ]
@@ -210,6 +209,9 @@ def test_local_formats_load_the_same_clips(tmp_path: Path) -> None:
     csv_manifest.write_text(
         "audio_filepath,sentence\n" + "".join(f'audio/{n},"{t}"\n' for n, t in zip(names, texts, strict=True))
     )
+    (tmp_path / "manifest.tsv").write_text(
+        "audio_path\ttranscript\n" + "".join(f"audio/{n}\t{t}\n" for n, t in zip(names, texts, strict=True))
+    )
     audio = [{"bytes": (tmp_path / "audio" / n).read_bytes(), "path": n} for n in names]
     table = Dataset.from_dict({"audio": audio, "text": texts})
     table = table.cast(Features({"audio": Audio(), "text": Value("string")}))
@@ -219,19 +221,23 @@ def test_local_formats_load_the_same_clips(tmp_path: Path) -> None:
         (t, int(round(len(sf.read(tmp_path / "audio" / n)[0]) * 2)))
         for n, t in zip(names, texts, strict=True)
     ]
-    for location in ("audio", "manifest.csv", "saved"):
+    ids = {"audio": names, "manifest.csv": [f"audio/{n}" for n in names], "saved": names}
+    ids["manifest.tsv"] = ids["manifest.csv"]
+    for location in ("audio", "manifest.csv", "manifest.tsv", "saved"):
         source = evaluation.load_source(str(tmp_path / location))
         assert _decoded(source) == expected, location
+        # A clip is named by its path as the dataset gives it, not as resolved on this machine.
+        assert [evaluation._sample_id(row, i, source) for i, row in enumerate(source.rows)] == ids[location]
     with pytest.raises(ValueError, match="no split 'validation'"):
         evaluation.load_source(str(tmp_path / "saved"), split="validation")
 
 
-def test_decode_audio_rejects_garbage_and_silence_of_zero_length(tmp_path: Path) -> None:
+def test_read_audio_rejects_garbage_and_silence_of_zero_length(tmp_path: Path) -> None:
     (tmp_path / "bad.wav").write_bytes(b"garbage")
-    with pytest.raises(sf.LibsndfileError, match="bad.wav"):  # counted as a bad clip by the caller
-        evaluation.decode_audio(str(tmp_path / "bad.wav"), 16000)
-    with pytest.raises(ValueError, match="empty audio"):
-        evaluation.decode_audio({"array": np.zeros(0), "sampling_rate": 16000}, 16000)
+    with pytest.raises(AudioInputError, match="bad.wav"):  # counted as a bad clip by the caller
+        read_audio(str(tmp_path / "bad.wav"), 16000)
+    with pytest.raises(AudioInputError, match="no samples"):
+        read_audio({"array": np.zeros(0), "sampling_rate": 16000}, 16000)
 
 
 # ----------------------------------------------------------------------------- end to end

@@ -80,6 +80,29 @@ def test_int16_becomes_float_in_unit_range():
     np.testing.assert_allclose(out, tone(0.5), atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [np.int16, np.int32, np.uint8])
+def test_integer_pcm_is_scaled_one_way_by_the_pipeline_processor_training_and_eval(asr, dtype):
+    """Centred on the format's midpoint (128 for uint8) and divided by its half range, wherever audio comes in."""
+    import eval as evaluation
+    from training.data import audio_hash, check_row
+
+    info = np.iinfo(dtype)
+    center = (int(info.max) + int(info.min) + 1) // 2
+    half = int(info.max) + 1 - center
+    full_scale_sine = np.sin(2 * np.pi * 440.0 * np.arange(RATE // 2) / RATE)
+    pcm = (np.round(full_scale_sine * (half - 1)) + center).astype(dtype)
+    expected = (pcm.astype(np.float32) - center) / half
+    row = {"audio": {"array": pcm, "sampling_rate": RATE}, "text": "a b", "task": "transcribe"}
+
+    np.testing.assert_array_equal(collect(iter_chunks(pcm, RATE, 30.0)), expected)
+    np.testing.assert_array_equal(asr.processor.validate_audio(pcm, 0), expected)
+    checked = check_row(row, sampling_rate=RATE, max_audio_seconds=30.0, tasks=["transcribe"])
+    assert checked["audio_hash"] == audio_hash(expected)  # training decodes the row to exactly these samples
+    source = evaluation.DatasetSource("rows", "rows", "all", [row], "audio", "text")
+    _, [(_, _, evaluated, _)] = evaluation._prepare_batch([(0, row)], source, RATE)
+    np.testing.assert_array_equal(evaluated, expected)
+
+
 @pytest.mark.parametrize("layout", ["channels_first", "channels_last"])
 def test_stereo_array_is_downmixed(layout):
     left, right = tone(1.0), tone(1.0, freq=880.0)

@@ -194,11 +194,24 @@ def test_bad_rows_are_skipped_and_counted(tmp_path):
                 {"bytes": b"not audio at all", "path": None},
                 {"bytes": wav_bytes(np.full(RATE, np.nan)), "path": None},
                 {"bytes": wav_bytes(np.zeros(10)), "path": None},
+                {"bytes": wav_bytes(np.zeros(0)), "path": None},  # decodes to no samples at all
                 {"bytes": wav_bytes(good[0]), "path": None},
                 {"bytes": wav_bytes(good[0]), "path": None},
             ],
-            "sentence": ["a b", "c d", "e f", "g h", "long", "garbage", "nan", "tiny", "   ", "an emotion"],
-            "task": ["transcribe"] * 9 + ["dance"],
+            "sentence": [
+                "a b",
+                "c d",
+                "e f",
+                "g h",
+                "long",
+                "garbage",
+                "nan",
+                "tiny",
+                "none",
+                "   ",
+                "an emotion",
+            ],
+            "task": ["transcribe"] * 10 + ["dance"],
         }
     ).cast_column("audio", Audio(sampling_rate=RATE))
     disk.save_to_disk(tmp_path / "disk")
@@ -222,7 +235,7 @@ def test_bad_rows_are_skipped_and_counted(tmp_path):
         "too_long": 1,
         "undecodable_audio": 2,
         "nonfinite_audio": 1,
-        "empty_audio": 1,
+        "empty_audio": 2,
         "empty_transcript": 1,
         "unknown_task": 1,
     }
@@ -245,6 +258,28 @@ def test_bad_rows_are_skipped_and_counted(tmp_path):
         load_speech_data(
             [DatasetSpec(path=str(tmp_path / "disk"), text_column="words")], default_task="x", **options
         )
+
+
+def test_tsv_manifests_and_audio_folders_load_without_naming_their_columns(tmp_path):
+    """train.py loads sources as eval.py does: columns found by their usual names, .tsv manifests, and audio folders
+    (files plus metadata.csv) read without torchcodec."""
+    from pipeline_asr import read_audio
+    from training.data import audio_hash
+
+    (tmp_path / "clips").mkdir()
+    soundfile.write(tmp_path / "clips" / "a.wav", 0.1 * np.random.default_rng(1).standard_normal(RATE), 8000)
+    (tmp_path / "manifest.tsv").write_text("audio_filepath\tsentence\nclips/a.wav\thello, there\n")
+    (tmp_path / "clips" / "metadata.csv").write_text("file_name,transcription\na.wav,hi\n")
+    specs = parse_dataset_specs([str(tmp_path / "manifest.tsv"), str(tmp_path / "clips")])
+    options = dict(
+        sampling_rate=RATE, max_audio_seconds=30.0, tasks=["transcribe"], default_task="transcribe"
+    )
+    dataset, skipped = load_speech_data(specs, **options)
+    assert sorted(dataset["text"]) == ["hello, there", "hi"] and not skipped
+    assert set(dataset["audio_hash"]) == {audio_hash(read_audio(str(tmp_path / "clips" / "a.wav"), RATE))}
+    (tmp_path / "other.tsv").write_text("audio_filepath\twords\nclips/a.wav\thi\n")
+    with pytest.raises(ValueError, match=r"no text column found \(columns: audio_filepath, words\)"):
+        load_speech_data(parse_dataset_specs([str(tmp_path / "other.tsv")]), **options)
 
 
 def test_training_lowers_loss_and_only_changes_the_projector(reference_run):
@@ -893,8 +928,8 @@ def test_trainer_wer_is_eval_py_wer_in_percent(workspace, reference_run):
     """The Trainer's eval_wer is eval.py's metric (Whisper normaliser, corpus WER, percent) on the same clip."""
     import eval as evaluation
     from modeling_tiny_audio import TinyAudioForConditionalGeneration
+    from pipeline_asr import read_audio
     from processing_tiny_audio import TinyAudioProcessor
-    from training.data import decode_audio
 
     folder = reference_run["output_dir"]
     model = TinyAudioForConditionalGeneration.from_pretrained(folder).eval()
@@ -902,7 +937,7 @@ def test_trainer_wer_is_eval_py_wer_in_percent(workspace, reference_run):
     row = Dataset.load_from_disk(os.path.join(workspace["data"], "train")).cast_column(
         "audio", Audio(decode=False)
     )[0]
-    inputs = processor(audio=[decode_audio(row["audio"], RATE)], task="transcribe")
+    inputs = processor(audio=[read_audio(row["audio"], RATE)], task="transcribe")
     hypothesis = processor.decode_generated(model.generate(**inputs), inputs)[0]
     expected = 100 * evaluation.score([row["text"]], [hypothesis]).wer
     assert reference_run["metrics"]["eval_wer"] == pytest.approx(expected)

@@ -7,7 +7,7 @@ from torch.nn.utils.rnn import pad_sequence
 from transformers import BatchFeature
 
 from configuration_tiny_audio import projector_token_lengths
-from training.data import decode_audio
+from pipeline_asr import read_audio
 from training.feature_cache import FeatureStore
 
 
@@ -27,7 +27,7 @@ class SpeechCollator:
     def __call__(self, rows: list[dict]) -> BatchFeature:
         if self.store is None:
             clips = [
-                self.processor.validate_audio(decode_audio(row["audio"], self.processor.sampling_rate), index)
+                self.processor.validate_audio(read_audio(row["audio"], self.processor.sampling_rate), index)
                 for index, row in enumerate(rows)
             ]
             audio = self.processor.extract_features(clips)

@@ -1,10 +1,9 @@
-"""Training data: speech datasets from the Hub, disk, audio folders or manifests, checked and mixed by weight.
+"""Training data: speech datasets (loaded by `training.sources`), checked and mixed by weight.
 
 Every source is mapped onto the same columns (`audio` undecoded, `text`, `task`), then each row is checked once
 (`duration`, `audio_hash`, `skip`): rows that would crash or poison a run (undecodable audio, clips longer than the
 encoder window, empty transcripts, unknown tasks) are dropped and counted instead of failing the run.
-Audio stays undecoded as a plain {bytes, path} struct and is decoded with soundfile here: `datasets`' own Audio
-feature needs torchcodec to decode, and even to re-encode rows passing through a streamed `map`.
+Audio is decoded by the pipeline's own reader (`pipeline_asr.read_audio`), as at inference.
 """
 
 from __future__ import annotations
@@ -12,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import io
 import json
 import logging
 import os
@@ -22,32 +20,21 @@ from typing import Any
 
 import huggingface_hub
 import numpy as np
-import soundfile
-import soxr
 import yaml
-from datasets import (
-    Dataset,
-    DatasetDict,
-    IterableDataset,
-    Value,
-    interleave_datasets,
-    load_dataset,
-    load_from_disk,
-)
+from datasets import Dataset, IterableDataset, Value, interleave_datasets
 
+from pipeline_asr import AudioInputError, NonFiniteAudioError, NoSamplesError, read_audio
 from training.preflight import (
     LOCAL_DATA_BUILDERS,
-    LOCAL_DATA_HINT,
     PreflightError,
-    hub_problem,
+    check_hub_dataset,
     looks_like_path,
     missing_local_data_message,
 )
+from training.sources import SpeechRows, load_speech_rows
 
 logger = logging.getLogger(__name__)
 
-RAW_AUDIO = {"bytes": Value("binary"), "path": Value("string")}
-MANIFEST_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json"}
 SKIP_REASONS = (
     "undecodable_audio",
     "empty_audio",
@@ -56,19 +43,21 @@ SKIP_REASONS = (
     "empty_transcript",
     "unknown_task",
 )
+# Decoding failures that are counted under their own reason rather than as undecodable audio.
+DECODE_SKIP_REASONS = {NonFiniteAudioError: "nonfinite_audio", NoSamplesError: "empty_audio"}
 # Clips shorter than this carry no speech worth a training step (and break some encoders' convolutions).
 MIN_AUDIO_SECONDS = 0.1
 
 
 @dataclasses.dataclass
 class DatasetSpec:
-    """One training source. `path` is a Hub id, a `save_to_disk` folder, an audio folder or a CSV/JSONL manifest."""
+    """One training source. `path` is a Hub id, a `save_to_disk` folder, an audio folder or a CSV/TSV/JSONL manifest."""
 
     path: str
     name: str | None = None  # Hub config name (e.g. "small" for LoquaciousSet, "clean" for LibriSpeech)
     split: str = "train"
-    audio_column: str = "audio"
-    text_column: str = "text"
+    audio_column: str | None = None  # None -> the first of training.sources.AUDIO_COLUMNS the source has
+    text_column: str | None = None  # None -> the first of training.sources.TEXT_COLUMNS
     task_column: str = "task"  # used when present; otherwise every row gets `task`
     task: str | None = None  # None -> the model's default task
     weight: float = 1.0  # relative sampling weight when several sources are interleaved
@@ -103,34 +92,6 @@ def parse_dataset_specs(value: str | list | None) -> list[DatasetSpec]:
     if isinstance(value, (str, dict)):
         value = [value]
     return [DatasetSpec.from_value(item) for item in value]
-
-
-class AudioDecodeError(ValueError):
-    """The audio of a row could not be read."""
-
-
-def decode_audio(value: Any, sampling_rate: int) -> np.ndarray:
-    """Mono float32 samples at `sampling_rate` from an undecoded `Audio` value, a decoded one, or a file path."""
-    if isinstance(value, dict) and value.get("array") is not None:
-        array, rate = np.asarray(value["array"], dtype=np.float32), int(value["sampling_rate"])
-        if array.ndim > 1:
-            array = array.mean(axis=0)
-    else:
-        source = (value.get("bytes") or value.get("path")) if isinstance(value, dict) else value
-        if isinstance(source, bytes):
-            source = io.BytesIO(source)
-        if source is None:
-            raise AudioDecodeError("row has neither audio bytes nor an audio path")
-        try:
-            array, rate = soundfile.read(source, dtype="float32", always_2d=True)
-        except (soundfile.LibsndfileError, RuntimeError, TypeError, OSError, EOFError) as error:
-            raise AudioDecodeError(
-                f"cannot decode audio {value.get('path') if isinstance(value, dict) else value!r}: {error}"
-            ) from error
-        array = array.mean(axis=1)
-    if rate != sampling_rate:
-        array = soxr.resample(array, rate, sampling_rate)
-    return np.ascontiguousarray(array, dtype=np.float32)
 
 
 def data_fingerprint(path: str) -> str | None:
@@ -175,17 +136,15 @@ def check_row(
         result["skip"] = "empty_transcript"
     else:
         try:
-            array = decode_audio(row["audio"], sampling_rate)
-        except AudioDecodeError:
-            result["skip"] = "undecodable_audio"
+            array = read_audio(row["audio"], sampling_rate)
+        except AudioInputError as error:
+            result["skip"] = DECODE_SKIP_REASONS.get(type(error.__cause__), "undecodable_audio")
             return result
         result["duration"] = len(array) / sampling_rate
         if result["duration"] < MIN_AUDIO_SECONDS:
             result["skip"] = "empty_audio"
         elif result["duration"] > max_audio_seconds:
             result["skip"] = "too_long"
-        elif not np.isfinite(array).all():
-            result["skip"] = "nonfinite_audio"
         else:
             result["audio_hash"] = audio_hash(array)
     return result
@@ -210,55 +169,17 @@ class StreamSkipCounter:
         return False
 
 
-def _load_source(spec: DatasetSpec, cache_dir: str | None) -> Dataset | IterableDataset:
+def _load_rows(spec: DatasetSpec, cache_dir: str | None) -> SpeechRows:
     """The raw rows of one source, with its own column names."""
-    extension = os.path.splitext(spec.path)[1].lower()
-    if os.path.isfile(spec.path) and extension in MANIFEST_BUILDERS:
-        options = {"delimiter": "\t"} if extension == ".tsv" else {}
-        dataset = load_dataset(
-            MANIFEST_BUILDERS[extension], data_files=spec.path, split="train", cache_dir=cache_dir, **options
-        )
-        base = os.path.dirname(os.path.abspath(spec.path))
-        if spec.audio_column not in dataset.column_names:
-            raise ValueError(
-                f"Manifest {spec.path} has no audio column {spec.audio_column!r}: {dataset.column_names}"
-            )
-        features = dataset.features.copy()
-        features[spec.audio_column] = RAW_AUDIO
-        return dataset.map(
-            lambda path: {spec.audio_column: {"bytes": None, "path": os.path.join(base, path)}},
-            input_columns=spec.audio_column,
-            features=features,
-            desc=f"Resolving audio paths of {spec.path}",
-        )
-    if os.path.isdir(spec.path):
-        if os.path.exists(os.path.join(spec.path, "dataset_dict.json")) or os.path.exists(
-            os.path.join(spec.path, "state.json")
-        ):
-            dataset = load_from_disk(spec.path)
-            if isinstance(dataset, DatasetDict):
-                if spec.split not in dataset:
-                    raise ValueError(f"{spec.path} has no split {spec.split!r}; it has {list(dataset)}")
-                dataset = dataset[spec.split]
-            return dataset.to_iterable_dataset() if spec.streaming else dataset
-        return load_dataset("audiofolder", data_dir=spec.path, split=spec.split, streaming=spec.is_streaming)
-    if os.path.isfile(spec.path):
-        raise ValueError(f"Unsupported dataset file {spec.path}: use one of {sorted(MANIFEST_BUILDERS)}")
-    return load_dataset(
-        spec.path, spec.name, split=spec.split, streaming=spec.is_streaming, cache_dir=cache_dir
+    return load_speech_rows(
+        spec.path,
+        spec.name,
+        spec.split,
+        streaming=spec.is_streaming,
+        audio_column=spec.audio_column,
+        text_column=spec.text_column,
+        cache_dir=cache_dir,
     )
-
-
-def _columns(dataset: Dataset | IterableDataset, spec: DatasetSpec) -> list[str]:
-    """The source's column names, after checking it has the audio and text columns the spec names."""
-    columns = dataset.column_names or list(dataset.features or {})
-    for role, column in (("audio", spec.audio_column), ("text", spec.text_column)):
-        if column not in columns:
-            raise ValueError(
-                f"Dataset {spec.path} has no {role} column {column!r} (columns: {columns}); "
-                f"set {role}_column for it in the dataset list"
-            )
-    return columns
 
 
 def check_dataset_spec(spec: DatasetSpec, cache_dir: str | None = None) -> None:
@@ -267,30 +188,23 @@ def check_dataset_spec(spec: DatasetSpec, cache_dir: str | None = None) -> None:
         if looks_like_path(spec.path) or os.path.normpath(spec.path) in LOCAL_DATA_BUILDERS:
             raise PreflightError(missing_local_data_message(spec.path))
         # A downloaded (not streamed) Hub set may be in the datasets cache: offline, `datasets` itself decides.
-        cached_may_do = not spec.is_streaming and huggingface_hub.is_offline_mode()
-        problem = None if cached_may_do else hub_problem(spec.path, "dataset")
-        if problem:
-            raise PreflightError(
-                f"dataset {spec.path} is not a local folder or file, and the Hub dataset cannot be read: "
-                f"{problem}. Gated sets need their terms accepted on the Hub and a token. {LOCAL_DATA_HINT}"
-            )
+        if spec.is_streaming or not huggingface_hub.is_offline_mode():
+            check_hub_dataset(spec.path)
         return
     try:
-        _columns(_load_source(spec, cache_dir), spec)
+        _load_rows(spec, cache_dir)
     except ValueError as error:
         raise PreflightError(str(error)) from None
 
 
-def _normalize(
-    dataset: Dataset | IterableDataset, spec: DatasetSpec, default_task: str
-) -> Dataset | IterableDataset:
+def _normalize(source: SpeechRows, spec: DatasetSpec, default_task: str) -> Dataset | IterableDataset:
     """Map a source's own column names onto `audio`, `text`, `task`, dropping everything else."""
-    columns = _columns(dataset, spec)
-    # Cast first: on streamed datasets a cast made after select/rename is lost (datasets 5.2).
-    dataset = dataset.cast_column(spec.audio_column, RAW_AUDIO)
-    keep = [spec.audio_column, spec.text_column] + ([spec.task_column] if spec.task_column in columns else [])
+    dataset = source.rows
+    columns = dataset.column_names or list(dataset.features or {})
+    keep = [source.audio_column, source.text_column]
+    keep += [spec.task_column] if spec.task_column in columns else []
     dataset = dataset.select_columns(keep)
-    renames = {spec.audio_column: "audio", spec.text_column: "text", spec.task_column: "task"}
+    renames = {source.audio_column: "audio", source.text_column: "text", spec.task_column: "task"}
     dataset = dataset.rename_columns({old: new for old, new in renames.items() if old in keep and old != new})
     if "task" not in keep:
         task = spec.task or default_task
@@ -330,7 +244,7 @@ def load_speech_data(
     skipped: Counter[str] = Counter()
     sources = []
     for spec in specs:
-        dataset = _normalize(_load_source(spec, cache_dir), spec, default_task)
+        dataset = _normalize(_load_rows(spec, cache_dir), spec, default_task)
         if isinstance(dataset, IterableDataset):
             counter = StreamSkipCounter(spec.path)
             dataset = dataset.map(check).filter(counter.keep)

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from training.data import decode_audio
+from pipeline_asr import read_audio
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ class _ClipFeatures:
         self.processor = processor
 
     def __call__(self, rows: list[dict]) -> tuple[list[str], dict[str, torch.Tensor]]:
-        clips = [decode_audio(row["audio"], self.processor.sampling_rate) for row in rows]
+        clips = [read_audio(row["audio"], self.processor.sampling_rate) for row in rows]
         return [row["audio_hash"] for row in rows], self.processor.extract_features(clips)
 
 

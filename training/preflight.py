@@ -73,6 +73,18 @@ def missing_local_data_message(path: str) -> str:
     return f"the dataset {path} does not exist (no such file or folder). {LOCAL_DATA_HINT}"
 
 
+def check_hub_dataset(repo_id: str, shown: str | None = None) -> None:
+    """Refuse, before any model loads, a Hub dataset that cannot be read here; ``shown`` is the name the user gave
+    (e.g. an eval.py registry name) when it is not the repo id."""
+    problem = hub_problem(repo_id, "dataset")
+    if problem:
+        raise PreflightError(
+            f"dataset {shown or repo_id} is not a local folder or file, and {repo_id} on the Hugging Face Hub "
+            f"cannot be read: {problem}. Gated sets need their terms accepted on the Hub and a token "
+            f"(`hf auth login`). {LOCAL_DATA_HINT}"
+        )
+
+
 def check_model_source(name: str, role: str = "model") -> None:
     """A local model folder must hold a config.json; a Hub id must be readable (or cached when offline)."""
     path = Path(name).expanduser()
