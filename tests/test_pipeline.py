@@ -517,7 +517,9 @@ def test_model_generate_gives_the_pipelines_text(asr):
         assert counter.steps <= 16
         special = set(processor.tokenizer.all_special_ids)
         text_tokens = [t for t in generated[0, inputs["input_ids"].shape[1] :].tolist() if t not in special]
-        assert 0 < len(text_tokens) < counter.steps  # one copy of the loop's unit is kept, the rest is padding
+        assert (
+            0 < len(text_tokens) < counter.steps
+        )  # one copy of the loop's unit is kept, the rest is padding
         assert processor.decode_generated(generated, inputs) == [asr(clip, max_new_tokens=200)["text"]]
 
 
