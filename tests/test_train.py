@@ -182,6 +182,25 @@ def test_offline_recipe_stages_chain_and_the_script_runs_each_one():
     assert 'preset --ship "$RUN"' in script
 
 
+def test_mixing_weights_set_each_sources_share(tmp_path):
+    """Two equal sources weighted 3:1 give about three clips of the first for one of the second, in memory and
+    streamed (a share of 0.5 would mean the weights were ignored)."""
+    clip = {"bytes": wav_bytes(0.1 * np.sin(np.arange(RATE // 10) / 3.0)), "path": None}
+    for name in ("first", "second"):
+        rows = {"audio": [clip] * 400, "text": [f"{name} {i}" for i in range(400)]}
+        Dataset.from_dict(rows).cast_column("audio", Audio(sampling_rate=RATE)).save_to_disk(tmp_path / name)
+    options = dict(
+        default_task="transcribe", sampling_rate=RATE, max_audio_seconds=30.0, tasks=["transcribe"]
+    )
+    for streaming in (False, True):
+        sources = [("first", 3), ("second", 1)]
+        specs = [{"path": str(tmp_path / name), "weight": w, "streaming": streaming} for name, w in sources]
+        mixed, _ = load_speech_data(parse_dataset_specs(specs), **options)
+        texts = [row["text"] for _, row in zip(range(400), mixed, strict=False)]
+        share = sum(text.startswith("first") for text in texts) / len(texts)
+        assert len(texts) == 400 and 0.68 <= share <= 0.82, share
+
+
 def test_bad_rows_are_skipped_and_counted(tmp_path):
     """Every source kind; bad rows of each sort are dropped and counted, good ones all kept, sources mixed."""
     rng = np.random.default_rng(0)

@@ -21,7 +21,7 @@ from typing import Any
 import huggingface_hub
 import numpy as np
 import yaml
-from datasets import Dataset, IterableDataset, Value, interleave_datasets
+from datasets import Dataset, Features, IterableDataset, Value, interleave_datasets
 
 from pipeline_asr import AudioInputError, NonFiniteAudioError, NoSamplesError, read_audio
 from training.preflight import (
@@ -208,7 +208,11 @@ def _normalize(source: SpeechRows, spec: DatasetSpec, default_task: str) -> Data
     dataset = dataset.rename_columns({old: new for old, new in renames.items() if old in keep and old != new})
     if "task" not in keep:
         task = spec.task or default_task
-        dataset = dataset.map(lambda _: {"task": task})
+        # Named features: a stream's map would otherwise forget them all, and the casts below need them.
+        features = (
+            None if dataset.features is None else Features({**dataset.features, "task": Value("string")})
+        )
+        dataset = dataset.map(lambda _: {"task": task}, features=features)
     dataset = dataset.cast_column("text", Value("string")).cast_column("task", Value("string"))
     if spec.max_samples is not None:
         if isinstance(dataset, IterableDataset):
