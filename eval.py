@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import functools
 import io
 import json
 import re
@@ -25,11 +24,9 @@ import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
-import jiwer
 import numpy as np
 import soundfile as sf
 import soxr
@@ -43,6 +40,7 @@ from training.preflight import (
     looks_like_path,
     missing_local_data_message,
 )
+from training.wer import WordErrors, normalize
 
 SEED = 42
 # Streaming Hub sets are shuffled through a buffer of this many clips; fixed so the selection never changes.
@@ -98,46 +96,6 @@ class DatasetSource:
     audio_column: str
     text_column: str
     base_dir: Path | None = None  # relative audio paths of manifests resolve against this
-
-
-@dataclass(frozen=True)
-class WordErrors:
-    """jiwer's alignment counts over one or many utterances."""
-
-    wer: float
-    substitutions: int
-    deletions: int
-    insertions: int
-    reference_words: int
-
-    @classmethod
-    def of(cls, references: list[str], predictions: list[str]) -> WordErrors:
-        """Corpus WER = (S + D + I) / reference words, on already-normalised text."""
-        if not references:
-            return cls(0.0, 0, 0, 0, 0)
-        out = jiwer.process_words(references, predictions)
-        words = out.hits + out.substitutions + out.deletions
-        return cls(out.wer, out.substitutions, out.deletions, out.insertions, words)
-
-
-@functools.cache
-def _normalizer() -> Any:
-    """transformers' Whisper English normaliser with the British->American spelling map shipped by
-    the whisper-normalizer package (the Whisper tokenizer would otherwise download it from the Hub)."""
-    from transformers.models.whisper.english_normalizer import EnglishTextNormalizer
-
-    mapping = json.loads(files("whisper_normalizer").joinpath("normalizers/english.json").read_text())
-    return EnglishTextNormalizer(mapping)
-
-
-def normalize(text: str) -> str:
-    """Whisper English normalisation: numbers, spellings, contractions, punctuation, casing."""
-    return _normalizer()(text)
-
-
-def score(references: list[str], predictions: list[str]) -> WordErrors:
-    """Corpus WER of raw texts after Whisper normalisation."""
-    return WordErrors.of([normalize(r) for r in references], [normalize(p) for p in predictions])
 
 
 # ----------------------------------------------------------------------------- datasets

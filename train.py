@@ -27,7 +27,6 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.utils import SAFE_WEIGHTS_NAME
 
 from configuration_tiny_audio import DEFAULT_AUDIO_MODEL_ID, DEFAULT_TEXT_MODEL_ID
-from eval import score
 from modeling_tiny_audio import TinyAudioForConditionalGeneration
 from processing_tiny_audio import TinyAudioProcessor
 from publish.push import upload
@@ -45,6 +44,7 @@ from training.precision import cpu_has_native_bf16
 from training.prefix_cache import PromptPrefixCache
 from training.preflight import PreflightError, check_model_source, hub_problem, looks_like_path
 from training.run_folder import RUN_RECORD, RunFinished, prepare_output_dir, run_record
+from training.wer import score
 
 logger = logging.getLogger("tiny_audio.train")
 

@@ -24,10 +24,10 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from eval import score  # noqa: E402
 from offline_kit.gguf_llm import load_gguf_llm  # noqa: E402
 from offline_kit.preset import build_offline_preset, packaged_gguf_file, packaged_whisper_dir  # noqa: E402
 from offline_kit.voices import Voice, synthesize  # noqa: E402
+from training.wer import score  # noqa: E402
 
 SAMPLING_RATE = 16000
 SENTENCES = [

@@ -32,10 +32,10 @@ from transformers import (
 )
 
 from benchmarks import check_offline_weights as check
-from eval import score
 from modeling_tiny_audio import HUB_CODE_FILES
 from offline_kit import gguf_llm, preset, whisper_ct2
 from offline_kit.whisper_ct2 import convert_ct2_whisper, read_ct2_model
+from training.wer import score
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 WHISPER_SPECIALS = [

@@ -25,7 +25,7 @@ import yaml
 from datasets import Audio, Dataset, DatasetDict
 from huggingface_hub import HfApi
 from safetensors.torch import load_file, save_file
-from transformers import AutoTokenizer, TrainerCallback
+from transformers import AutoTokenizer, TrainerCallback, TrainingArguments
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
@@ -889,12 +889,14 @@ def test_warmup_longer_than_the_run_is_warned_about(workspace, tmp_path, caplog)
     assert "warmup_steps 50 is more than max_steps 6" in caplog.text
 
 
-def test_trainer_wer_is_eval_py_wer_in_percent(workspace, reference_run):
-    """The Trainer's eval_wer is eval.py's metric (Whisper normaliser, corpus WER, percent) on the same clip."""
-    import eval as evaluation
+def test_trainer_wer_is_eval_py_wer_in_percent(workspace, reference_run, tmp_path):
+    """The Trainer's eval_wer is eval.py's metric (Whisper normaliser, corpus WER, percent). The reference below is
+    the model's own words plus five more only once normalised as Whisper's normaliser does ("(laughs)" dropped,
+    "Mr." -> "mister", "two" -> "2"); a lowercase-and-strip-punctuation pipeline counts six, one of them "mr"."""
     from modeling_tiny_audio import TinyAudioForConditionalGeneration
     from processing_tiny_audio import TinyAudioProcessor
     from training.data import decode_audio
+    from training.wer import normalize, score
 
     folder = reference_run["output_dir"]
     model = TinyAudioForConditionalGeneration.from_pretrained(folder).eval()
@@ -904,5 +906,19 @@ def test_trainer_wer_is_eval_py_wer_in_percent(workspace, reference_run):
     )[0]
     inputs = processor(audio=[decode_audio(row["audio"], RATE)], task="transcribe")
     hypothesis = processor.decode_generated(model.generate(**inputs), inputs)[0]
-    expected = 100 * evaluation.score([row["text"]], [hypothesis]).wer
-    assert reference_run["metrics"]["eval_wer"] == pytest.approx(expected)
+    assert reference_run["metrics"]["eval_wer"] == pytest.approx(100 * score([row["text"]], [hypothesis]).wer)
+
+    # The tiny model then says something, not just whitespace.
+    model.generation_config.no_repeat_ngram_size = 1
+    hypothesis = processor.decode_generated(model.generate(**inputs), inputs)[0]
+    spoken = len(normalize(hypothesis).split())
+    assert spoken > 0
+    reference = f"{hypothesis.upper()} (laughs) Mr. Smith has two dogs."
+    trainer = train.TinyAudioTrainer(
+        model=model,
+        args=TrainingArguments(str(tmp_path), per_device_eval_batch_size=1, report_to=[]),
+        processing_class=processor,
+        wer_rows=[{"audio": row["audio"], "text": reference}],
+    )
+    assert trainer.generation_wer() == pytest.approx(100 * 5 / (spoken + 5))
+    assert 100 * score([reference], [hypothesis]).wer == pytest.approx(100 * 5 / (spoken + 5))
