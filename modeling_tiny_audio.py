@@ -36,7 +36,7 @@ try:
         encoder_frame_lengths,
         projector_token_lengths,
     )
-    from .processing_tiny_audio import add_audio_token
+    from .processing_tiny_audio import IGNORE_INDEX, add_audio_token
 except ImportError:
     from configuration_tiny_audio import (
         TinyAudioConfig,
@@ -44,7 +44,7 @@ except ImportError:
         encoder_frame_lengths,
         projector_token_lengths,
     )
-    from processing_tiny_audio import add_audio_token
+    from processing_tiny_audio import IGNORE_INDEX, add_audio_token
 
 # The Hub code: copied next to the weights so a saved folder serves with trust_remote_code alone.
 HUB_CODE_FILES = (
@@ -758,7 +758,7 @@ class TinyAudioForConditionalGeneration(TinyAudioPreTrainedModel, GenerationMixi
         if labels is not None:
             # Position t predicts token t + 1: keep only positions whose next token is part of the answer.
             targets = labels[:, 1:]
-            keep = nn.functional.pad(targets != -100, (0, 1), value=False)
+            keep = nn.functional.pad(targets != IGNORE_INDEX, (0, 1), value=False)
             logits_to_keep = keep
         outputs = self.language_model(
             inputs_embeds=inputs_embeds,
@@ -770,7 +770,7 @@ class TinyAudioForConditionalGeneration(TinyAudioPreTrainedModel, GenerationMixi
         if labels is None:
             return outputs
 
-        answer_targets = targets[targets != -100].to(outputs.logits.device)
+        answer_targets = targets[targets != IGNORE_INDEX].to(outputs.logits.device)
         loss = nn.functional.cross_entropy(outputs.logits.float(), answer_targets, reduction="sum")
         denominator = num_items_in_batch if num_items_in_batch is not None else max(answer_targets.numel(), 1)
         outputs.loss = loss / denominator

@@ -26,6 +26,7 @@ except ImportError:
         encoder_conv_layers,
     )
 
+# Label of the positions the loss skips (prompt, audio, padding): the value PyTorch's cross_entropy ignores.
 IGNORE_INDEX = -100
 # Float audio lies within ±1; a peak beyond this is integer PCM stored as floats without being scaled.
 UNSCALED_PCM_PEAK = 2.0

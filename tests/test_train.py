@@ -433,6 +433,7 @@ if __name__ == "__main__":  # DDP worker: tests/test_train.py OUTPUT_DIR TRAIN_A
 
 
 def test_ctc_loss_is_low_exactly_when_frames_sit_on_the_spoken_token_embeddings():
+    from processing_tiny_audio import IGNORE_INDEX
     from training.ctc_alignment import EmbeddingCTCLoss
 
     torch.manual_seed(0)
@@ -441,7 +442,9 @@ def test_ctc_loss_is_low_exactly_when_frames_sit_on_the_spoken_token_embeddings(
     spoken = [7, 7, 12, 30]  # a repeated token needs a blank between its two frames
     path = [3, 7, 3, 7, 12, 12, 3, 30, 3]
     frames = embeddings.weight.detach()[path][None]
-    labels = torch.tensor([[-100, -100, *spoken, 0]])  # prompt positions ignored, EOS (special) dropped
+    labels = torch.tensor(
+        [[IGNORE_INDEX, IGNORE_INDEX, *spoken, 0]]
+    )  # prompt positions ignored, EOS (special) dropped
     mask = torch.ones(1, len(path), dtype=torch.bool)
 
     assert [t.tolist() for t in ctc.targets(labels)] == [spoken]
