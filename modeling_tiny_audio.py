@@ -68,14 +68,16 @@ CUSTOM_PIPELINES = {
         "type": "multimodal",
     }
 }
-TRAINABLE_PREFIXES = ("multi_modal_projector.",)
 NO_CTC_HEAD = (
     "word timestamps come from the model's CTC head, and this checkpoint has none: config.ctc_blank_token_id is "
     "unset because it was not trained with the CTC loss (train.py --ctc_weight). Use return_timestamps=True for "
     "chunk-level times."
 )
-# Weight names of the pretrained towers: a checkpoint holding the LLM's own weights is a standalone one.
-PRETRAINED_PREFIXES = ("audio_tower.", "language_model.")
+# Weight names of the pretrained towers, frozen but for LoRA adapters (named by LORA_MARKER) and the encoder layers
+# that `encoder_trainable_layers` trains. Every other weight (the projector's) trains.
+AUDIO_TOWER_PREFIX, LANGUAGE_MODEL_PREFIX = "audio_tower.", "language_model."
+PRETRAINED_PREFIXES = (AUDIO_TOWER_PREFIX, LANGUAGE_MODEL_PREFIX)
+LORA_MARKER = ".lora_"
 # Precomputed encoder outputs stand in for input_features, so like them they are read at prefill only.
 PREFILL_ONLY_INPUTS = ("encoder_hidden_states", "encoder_mask")
 
@@ -530,14 +532,16 @@ class TinyAudioForConditionalGeneration(TinyAudioPreTrainedModel, GenerationMixi
         self.language_model.eval()
 
     def _is_trainable(self, parameter_name: str) -> bool:
-        return parameter_name.startswith(self._trainable_prefixes()) or ".lora_" in parameter_name
+        return not is_pretrained_weight(parameter_name) or parameter_name.startswith(
+            self._trained_encoder_prefixes()
+        )
 
-    def _trainable_prefixes(self) -> tuple[str, ...]:
-        """The projector, and the encoder's top layers and final norm when they train."""
+    def _trained_encoder_prefixes(self) -> tuple[str, ...]:
+        """The encoder's top layers and final norm when they train."""
         if not self.config.encoder_trainable_layers:
-            return TRAINABLE_PREFIXES
+            return ()
         layers = range(self.config.frozen_encoder_layers, self.config.audio_config.num_hidden_layers)
-        return (*TRAINABLE_PREFIXES, *(f"audio_tower.layers.{i}." for i in layers), "audio_tower.layer_norm.")
+        return (*(f"{AUDIO_TOWER_PREFIX}layers.{i}." for i in layers), f"{AUDIO_TOWER_PREFIX}layer_norm.")
 
     def train(self, mode: bool = True) -> TinyAudioForConditionalGeneration:
         """Only the projector switches to training mode: the frozen towers never use dropout."""
@@ -1110,11 +1114,18 @@ class CTCPrefixScorer(LogitsProcessor):
         return out
 
 
+def is_pretrained_weight(name: str) -> bool:
+    """A weight of the encoder or the LLM as published: frozen unless it is a trained encoder layer."""
+    return name.startswith(PRETRAINED_PREFIXES) and LORA_MARKER not in name
+
+
 def holds_pretrained_weights(weights_file: str) -> bool:
     """True for a standalone checkpoint (every weight), False for a projector-only one (which may still hold
     trained encoder layers, but never the LLM's own weights)."""
     with safe_open(weights_file, framework="pt") as handle:
-        return any(key.startswith("language_model.") and ".lora_" not in key for key in handle.keys())
+        return any(
+            is_pretrained_weight(key) and key.startswith(LANGUAGE_MODEL_PREFIX) for key in handle.keys()
+        )
 
 
 def copy_hub_code(save_directory: str | os.PathLike, fallback_source: str | None = None) -> None:

@@ -23,7 +23,7 @@ import yaml
 from huggingface_hub import HfApi
 from safetensors import safe_open
 
-from modeling_tiny_audio import PRETRAINED_PREFIXES, holds_pretrained_weights
+from modeling_tiny_audio import holds_pretrained_weights, is_pretrained_weight
 from publish.card import LICENSE, build_card, is_hub_id, read_results, validate_card
 from training.average import AVERAGE_RECORD
 from training.data import parse_dataset_specs
@@ -152,7 +152,7 @@ def count_trainable(weight_files: list[Path]) -> tuple[int, bool]:
     for path in weight_files:
         with safe_open(str(path), framework="pt") as handle:
             for key in handle.keys():
-                frozen = standalone and key.startswith(PRETRAINED_PREFIXES) and "lora_" not in key
+                frozen = standalone and is_pretrained_weight(key)
                 trainable += 0 if frozen else math.prod(handle.get_slice(key).get_shape())
     return trainable, standalone
 
