@@ -24,6 +24,7 @@ import torch
 import yaml
 from datasets import Audio, Dataset, DatasetDict
 from huggingface_hub import HfApi
+from huggingface_hub.utils import filter_repo_objects
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, TrainerCallback, TrainingArguments
 
@@ -370,7 +371,17 @@ def test_resume_after_a_crash_reproduces_the_uninterrupted_run(workspace, refere
         torch.testing.assert_close(resumed[name], tensor)
 
     assert pushed["repo"] == "me/tiny-audio" and pushed["repo_id"] == "me/tiny-audio"
-    assert pushed["folder_path"] == output_dir and "checkpoint-*" in pushed["ignore_patterns"]
+    assert pushed["folder_path"] == output_dir
+    # What upload_folder sends of the run folder: the model's files, not the run's (checkpoints, logs, records).
+    in_folder = [str(path.relative_to(output_dir)) for path in Path(output_dir).rglob("*") if path.is_file()]
+    sent = set(filter_repo_objects(in_folder, allow_patterns=pushed["allow_patterns"]))
+    assert {"model.safetensors", "config.json", "modeling_tiny_audio.py", "tokenizer.json"} <= sent
+    assert sent == {name for name in in_folder if "/" not in name} - {
+        "run.json",
+        "skipped_rows.json",
+        "trainer_state.json",
+        "training_args.bin",
+    }
 
 
 @pytest.mark.parametrize(
@@ -593,6 +604,7 @@ def test_averaging_checkpoints_gives_a_checkpoint_with_the_mean_weights(tmp_path
 
     from modeling_tiny_audio import TinyAudioForConditionalGeneration
     from training import average
+    from training.run_folder import checkpoint_files
 
     model, processor = make_tiny_tiny_audio(tmp_path, lora_rank=4)
     saved = []
@@ -605,6 +617,8 @@ def test_averaging_checkpoints_gives_a_checkpoint_with_the_mean_weights(tmp_path
         processor.save_pretrained(tmp_path / name)
         saved.append(load_file(tmp_path / name / "model.safetensors"))
 
+    for leftover in ("optimizer.pt", "trainer_state.json", "run.json"):  # the run's, not the model's
+        (tmp_path / "second" / leftover).write_text("{}")
     (tmp_path / "mean").mkdir()  # an empty folder is fine
     average.main([str(tmp_path / "mean"), str(tmp_path / "first"), str(tmp_path / "second")])
     assert not list(tmp_path.glob(".*partial"))
@@ -613,6 +627,8 @@ def test_averaging_checkpoints_gives_a_checkpoint_with_the_mean_weights(tmp_path
     assert state.keys() == saved[0].keys() and any(".lora_B" in name for name in state)
     for name, tensor in state.items():
         torch.testing.assert_close(tensor, (saved[0][name] + saved[1][name]) / 2)
+    copied = {path.name for path in (tmp_path / "mean").iterdir()}
+    assert copied == {path.name for path in checkpoint_files(tmp_path / "second")} | {"averaged_from.json"}
     record = json.loads((tmp_path / "mean" / "averaged_from.json").read_text())
     assert record["weights"] == [0.5, 0.5]
 
