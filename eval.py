@@ -280,8 +280,9 @@ def pipeline_sampling_rate(pipe: Any) -> int:
     return int(rate or 16000)
 
 
-def load_pipeline(model: str, device: str, dtype: str) -> Any:
-    """One code path for Tiny Audio checkpoints (custom pipeline via remote code) and stock ASR models."""
+def load_pipeline(model: str, device: str | None, dtype: str) -> Any:
+    """One code path for Tiny Audio checkpoints (custom pipeline via remote code) and stock ASR models; with no
+    device, the pipeline picks the best one there is."""
     import torch
     from transformers import pipeline
 
@@ -753,12 +754,6 @@ def format_table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _default_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -778,7 +773,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_BATCH_SIZE,
         help=f"clips per generate call (default {DEFAULT_BATCH_SIZE}); stated beside every RTFx",
     )
-    parser.add_argument("--device", help="cpu, cuda, cuda:1, mps ... (default: cuda when available)")
+    parser.add_argument(
+        "--device",
+        help="cpu, cuda, cuda:1, mps ... (default: the pipeline's choice, an accelerator when there is one)",
+    )
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     parser.add_argument("--output-dir", type=Path, default=DEFAULT_OUTPUT_DIR)
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run in --output-dir")
@@ -871,12 +869,14 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:  # PreflightError, and load_source's column and split errors
         parser.error(str(error))
 
+    print(f"Loading model {args.model}" + (f" on {args.device}" if args.device else ""))
+    pipe = load_pipeline(args.model, args.device, args.dtype)
     settings = RunSettings(
         model=args.model,
         model_name=model_name,
         max_samples=args.max_samples,
         batch_size=args.batch_size,
-        device=args.device or _default_device(),
+        device=args.device or pipe.device.type,  # "cuda", "cpu": as results files name it
         dtype=args.dtype,
         checkpoint_every=args.checkpoint_every,
         generate_kwargs=args.generate_kwargs,
@@ -884,8 +884,6 @@ def main(argv: list[str] | None = None) -> int:
         contributor=args.contributor or _git_user(),
         git_hash=git_hash(),
     )
-    print(f"Loading model {args.model} on {settings.device}")
-    pipe = load_pipeline(args.model, settings.device, args.dtype)
     all_results = []
     comparisons = []
     for source, out_dir, baseline, baseline_rows in planned:
