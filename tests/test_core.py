@@ -16,12 +16,12 @@ import pytest
 import torch
 from conftest import HIDE_REPO_PRELUDE, speech_like
 from safetensors import safe_open
-from tiny_models import make_tiny_llm, make_tiny_tiny_audio
 from transformers import AutoModelForCausalLM, GenerationMixin
 
 from configuration_tiny_audio import TinyAudioConfig, audio_token_lengths
 from modeling_tiny_audio import CTCPrefixScorer, TinyAudioForConditionalGeneration, embedding_ctc_logits
 from processing_tiny_audio import IGNORE_INDEX
+from testing.tiny_models import make_tiny_llm, make_tiny_tiny_audio
 
 CLIPS = [speech_like(2.0, seed=1), speech_like(0.7, seed=2), speech_like(3.3, seed=3)]
 TRANSCRIPTS = ["hello world", "one two three", "the quick brown fox"]

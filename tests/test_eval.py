@@ -500,7 +500,8 @@ def test_a_clip_the_model_cannot_take_is_counted_not_fatal(
 def test_tiny_audio_is_evaluated_with_its_lora_merged(tmp_path):
     """Merged adapters transcribe as unmerged ones (tests/test_pipeline.py) and spare their matmuls."""
     from test_core import randomise_lora_b
-    from tiny_models import make_tiny_tiny_audio
+
+    from testing.tiny_models import make_tiny_tiny_audio
 
     model, processor = make_tiny_tiny_audio(tmp_path, lora_rank=4)
     randomise_lora_b(model)

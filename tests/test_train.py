@@ -29,7 +29,6 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, TrainerCallback, TrainingArguments
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import train  # noqa: E402
@@ -62,7 +61,7 @@ def speech_rows(count: int, seed: int) -> dict[str, list]:
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> dict[str, str]:
     """Tiny encoder + LLM folders and a small save_to_disk dataset with train/test splits."""
-    from tiny_models import make_tiny_encoder, make_tiny_llm
+    from testing.tiny_models import make_tiny_encoder, make_tiny_llm
 
     root = tmp_path_factory.mktemp("train")
     data = DatasetDict(
@@ -384,6 +383,15 @@ def test_resume_after_a_crash_reproduces_the_uninterrupted_run(workspace, refere
     }
 
 
+def test_training_does_not_import_publishing():
+    """publish/ builds on training/ (its run folders, averaged checkpoints); never the other way round."""
+    listing = "import sys, train, training.average; print(sorted(m for m in sys.modules if m.startswith('publish')))"
+    done = subprocess.run(
+        [sys.executable, "-c", listing], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr[-2000:]
+
+
 @pytest.mark.parametrize(
     "extra",
     [(), ("--ctc_weight", "0.5"), ("--ctc_weight", "0.5", "--ctc_only_steps", "2")],
@@ -453,9 +461,8 @@ def test_ctc_loss_is_low_exactly_when_frames_sit_on_the_spoken_token_embeddings(
     spoken = [7, 7, 12, 30]  # a repeated token needs a blank between its two frames
     path = [3, 7, 3, 7, 12, 12, 3, 30, 3]
     frames = embeddings.weight.detach()[path][None]
-    labels = torch.tensor(
-        [[IGNORE_INDEX, IGNORE_INDEX, *spoken, 0]]
-    )  # prompt positions ignored, EOS (special) dropped
+    # Prompt positions ignored, EOS (special) dropped.
+    labels = torch.tensor([[IGNORE_INDEX, IGNORE_INDEX, *spoken, 0]])
     mask = torch.ones(1, len(path), dtype=torch.bool)
 
     assert [t.tolist() for t in ctc.targets(labels)] == [spoken]
@@ -600,9 +607,8 @@ def test_feature_cache_key_is_the_same_for_a_saved_and_reloaded_processor(model_
 def test_averaging_checkpoints_gives_a_checkpoint_with_the_mean_weights(tmp_path):
     """training.average: the (weighted) mean of the trained weights, loadable like any checkpoint; it refuses
     checkpoints of different models and a folder that already holds something."""
-    from tiny_models import make_tiny_tiny_audio
-
     from modeling_tiny_audio import TinyAudioForConditionalGeneration
+    from testing.tiny_models import make_tiny_tiny_audio
     from training import average
     from training.run_folder import checkpoint_files
 
