@@ -21,12 +21,16 @@ DEFAULT_TASK_PROMPTS = {
 
 # Kernel, stride and padding of an encoder's convolutional front end, as (k, s, p) triples.
 ConvLayers = list[tuple[int, int, int]]
+# Whisper's encoder: two convolutions over log-mel frames, the second halving them.
+WHISPER_CONV_LAYERS: ConvLayers = [(3, 1, 1), (3, 2, 1)]
+# Samples between Whisper's log-mel frames (10 ms at 16 kHz).
+WHISPER_HOP_LENGTH = 160
 
 
 def encoder_conv_layers(audio_config: PreTrainedConfig) -> ConvLayers:
     """The convolutions that turn feature frames (Whisper mel frames, or wav2vec-style samples) into encoder frames."""
     if audio_config.model_type == "whisper":
-        return [(3, 1, 1), (3, 2, 1)]
+        return list(WHISPER_CONV_LAYERS)
     if hasattr(audio_config, "conv_kernel") and hasattr(audio_config, "conv_stride"):
         return [(k, s, 0) for k, s in zip(audio_config.conv_kernel, audio_config.conv_stride, strict=True)]
     raise ValueError(
@@ -200,8 +204,8 @@ class TinyAudioConfig(PreTrainedConfig):
 
     @property
     def feature_frame_seconds(self) -> float:
-        """Audio time one feature frame stands for: a Whisper mel frame (hop of 160 samples) or one raw sample."""
-        hop = 160 if self.audio_config.model_type == "whisper" else 1
+        """Audio time one feature frame stands for: a Whisper mel frame (one hop) or one raw sample."""
+        hop = WHISPER_HOP_LENGTH if self.audio_config.model_type == "whisper" else 1
         return hop / self.sampling_rate
 
     @property

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import functools
 import json
 import re
 import shutil
@@ -24,11 +23,9 @@ import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
-import jiwer
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -42,6 +39,7 @@ from training.preflight import (
     missing_local_data_message,
 )
 from training.sources import load_speech_rows
+from training.wer import WordErrors, normalize
 
 SEED = 42
 # Streaming Hub sets are shuffled through a buffer of this many clips; fixed so the selection never changes.
@@ -95,46 +93,6 @@ class DatasetSource:
     audio_column: str
     text_column: str
     base_dir: Path | None = None  # audio paths of a manifest or audio folder are named relative to this
-
-
-@dataclass(frozen=True)
-class WordErrors:
-    """jiwer's alignment counts over one or many utterances."""
-
-    wer: float
-    substitutions: int
-    deletions: int
-    insertions: int
-    reference_words: int
-
-    @classmethod
-    def of(cls, references: list[str], predictions: list[str]) -> WordErrors:
-        """Corpus WER = (S + D + I) / reference words, on already-normalised text."""
-        if not references:
-            return cls(0.0, 0, 0, 0, 0)
-        out = jiwer.process_words(references, predictions)
-        words = out.hits + out.substitutions + out.deletions
-        return cls(out.wer, out.substitutions, out.deletions, out.insertions, words)
-
-
-@functools.cache
-def _normalizer() -> Any:
-    """transformers' Whisper English normaliser with the British->American spelling map shipped by
-    the whisper-normalizer package (the Whisper tokenizer would otherwise download it from the Hub)."""
-    from transformers.models.whisper.english_normalizer import EnglishTextNormalizer
-
-    mapping = json.loads(files("whisper_normalizer").joinpath("normalizers/english.json").read_text())
-    return EnglishTextNormalizer(mapping)
-
-
-def normalize(text: str) -> str:
-    """Whisper English normalisation: numbers, spellings, contractions, punctuation, casing."""
-    return _normalizer()(text)
-
-
-def score(references: list[str], predictions: list[str]) -> WordErrors:
-    """Corpus WER of raw texts after Whisper normalisation."""
-    return WordErrors.of([normalize(r) for r in references], [normalize(p) for p in predictions])
 
 
 # ----------------------------------------------------------------------------- datasets
@@ -708,12 +666,6 @@ def format_table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _default_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -733,7 +685,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_BATCH_SIZE,
         help=f"clips per generate call (default {DEFAULT_BATCH_SIZE}); stated beside every RTFx",
     )
-    parser.add_argument("--device", help="cpu, cuda, cuda:1, mps ... (default: cuda when available)")
+    parser.add_argument(
+        "--device",
+        help="cpu, cuda, cuda:1, mps ... (default: the pipeline's choice, an accelerator when there is one)",
+    )
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     parser.add_argument(
         "--int8",
@@ -825,12 +780,17 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:  # PreflightError, and load_source's column and split errors
         parser.error(str(error))
 
+    print(f"Loading model {args.model}" + (f" on {args.device}" if args.device else ""))
+    try:
+        pipe = load_asr_pipeline(args.model, args.device, args.dtype, int8=args.int8)
+    except Int8Unsupported as error:
+        parser.error(str(error))
     settings = RunSettings(
         model=args.model,
         model_name=model_name,
         max_samples=args.max_samples,
         batch_size=args.batch_size,
-        device=args.device or _default_device(),
+        device=args.device or pipe.device.type,  # "cuda", "cpu": as results files name it
         dtype=args.dtype,
         int8=args.int8,
         checkpoint_every=args.checkpoint_every,
@@ -839,11 +799,6 @@ def main(argv: list[str] | None = None) -> int:
         contributor=args.contributor or _git_user(),
         git_hash=git_hash(),
     )
-    print(f"Loading model {args.model} on {settings.device}")
-    try:
-        pipe = load_asr_pipeline(args.model, settings.device, args.dtype, int8=settings.int8)
-    except Int8Unsupported as error:
-        parser.error(str(error))
     all_results = []
     comparisons = []
     for source, out_dir, baseline, baseline_rows in planned:

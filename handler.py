@@ -15,16 +15,13 @@ import base64
 import binascii
 from typing import Any
 
-import torch
 from transformers import pipeline
 
 
 class EndpointHandler:
     def __init__(self, path: str = "") -> None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.pipe = pipeline(
-            "automatic-speech-recognition", model=path, trust_remote_code=True, device=device
-        )
+        # No device: the pipeline picks the best one there is (a GPU when the Endpoint has one).
+        self.pipe = pipeline("automatic-speech-recognition", model=path, trust_remote_code=True)
         self.pipe.model.merge_lora()  # serving only: the same outputs without the adapters' extra matmuls
 
     def __call__(self, data: dict[str, Any]) -> dict[str, Any]:

@@ -44,7 +44,7 @@ try:
         ctc_forced_align,
         embedding_ctc_logits,
     )
-    from .processing_tiny_audio import add_audio_token
+    from .processing_tiny_audio import IGNORE_INDEX, add_audio_token
 except ImportError:
     from configuration_tiny_audio import (
         TinyAudioConfig,
@@ -59,7 +59,7 @@ except ImportError:
         ctc_forced_align,
         embedding_ctc_logits,
     )
-    from processing_tiny_audio import add_audio_token
+    from processing_tiny_audio import IGNORE_INDEX, add_audio_token
 
 # The Hub code: copied next to the weights so a saved folder serves with trust_remote_code alone.
 HUB_CODE_FILES = (
@@ -84,14 +84,16 @@ CUSTOM_PIPELINES = {
         "type": "multimodal",
     }
 }
-TRAINABLE_PREFIXES = ("multi_modal_projector.",)
 NO_CTC_HEAD = (
     "word timestamps come from the model's CTC head, and this checkpoint has none: config.ctc_blank_token_id is "
     "unset because it was not trained with the CTC loss (train.py --ctc_weight). Use return_timestamps=True for "
     "chunk-level times."
 )
-# Weight names of the pretrained towers: a checkpoint holding the LLM's own weights is a standalone one.
-PRETRAINED_PREFIXES = ("audio_tower.", "language_model.")
+# Weight names of the pretrained towers, frozen but for LoRA adapters (named by LORA_MARKER) and the encoder layers
+# that `encoder_trainable_layers` trains. Every other weight (the projector's) trains.
+AUDIO_TOWER_PREFIX, LANGUAGE_MODEL_PREFIX = "audio_tower.", "language_model."
+PRETRAINED_PREFIXES = (AUDIO_TOWER_PREFIX, LANGUAGE_MODEL_PREFIX)
+LORA_MARKER = ".lora_"
 # Precomputed encoder outputs stand in for input_features, so like them they are read at prefill only.
 PREFILL_ONLY_INPUTS = ("encoder_hidden_states", "encoder_mask")
 
@@ -558,7 +560,7 @@ class TinyAudioForConditionalGeneration(TinyAudioPreTrainedModel, GenerationMixi
             layers = {
                 name: default_dynamic_qconfig
                 for name, module in self.language_model.named_modules()
-                if isinstance(module, nn.Linear) and ".lora_" not in name
+                if isinstance(module, nn.Linear) and LORA_MARKER not in name
             }
             quantize_dynamic(self.language_model, layers, dtype=torch.qint8, inplace=True)
 
@@ -584,14 +586,16 @@ class TinyAudioForConditionalGeneration(TinyAudioPreTrainedModel, GenerationMixi
         self.language_model.eval()
 
     def _is_trainable(self, parameter_name: str) -> bool:
-        return parameter_name.startswith(self._trainable_prefixes()) or ".lora_" in parameter_name
+        return not is_pretrained_weight(parameter_name) or parameter_name.startswith(
+            self._trained_encoder_prefixes()
+        )
 
-    def _trainable_prefixes(self) -> tuple[str, ...]:
-        """The projector, and the encoder's top layers and final norm when they train."""
+    def _trained_encoder_prefixes(self) -> tuple[str, ...]:
+        """The encoder's top layers and final norm when they train."""
         if not self.config.encoder_trainable_layers:
-            return TRAINABLE_PREFIXES
+            return ()
         layers = range(self.config.frozen_encoder_layers, self.config.audio_config.num_hidden_layers)
-        return (*TRAINABLE_PREFIXES, *(f"audio_tower.layers.{i}." for i in layers), "audio_tower.layer_norm.")
+        return (*(f"{AUDIO_TOWER_PREFIX}layers.{i}." for i in layers), f"{AUDIO_TOWER_PREFIX}layer_norm.")
 
     def train(self, mode: bool = True) -> TinyAudioForConditionalGeneration:
         """Only the projector switches to training mode: the frozen towers never use dropout."""
@@ -809,7 +813,7 @@ class TinyAudioForConditionalGeneration(TinyAudioPreTrainedModel, GenerationMixi
         if labels is not None:
             # Position t predicts token t + 1: keep only positions whose next token is part of the answer.
             targets = labels[:, 1:]
-            keep = nn.functional.pad(targets != -100, (0, 1), value=False)
+            keep = nn.functional.pad(targets != IGNORE_INDEX, (0, 1), value=False)
             logits_to_keep = keep
         outputs = self.language_model(
             inputs_embeds=inputs_embeds,
@@ -821,7 +825,7 @@ class TinyAudioForConditionalGeneration(TinyAudioPreTrainedModel, GenerationMixi
         if labels is None:
             return outputs
 
-        answer_targets = targets[targets != -100].to(outputs.logits.device)
+        answer_targets = targets[targets != IGNORE_INDEX].to(outputs.logits.device)
         loss = nn.functional.cross_entropy(outputs.logits.float(), answer_targets, reduction="sum")
         denominator = num_items_in_batch if num_items_in_batch is not None else max(answer_targets.numel(), 1)
         outputs.loss = loss / denominator
@@ -979,11 +983,18 @@ class TinyAudioForConditionalGeneration(TinyAudioPreTrainedModel, GenerationMixi
         return input_features_mask.sum(-1).float() * self.config.feature_frame_seconds
 
 
+def is_pretrained_weight(name: str) -> bool:
+    """A weight of the encoder or the LLM as published: frozen unless it is a trained encoder layer."""
+    return name.startswith(PRETRAINED_PREFIXES) and LORA_MARKER not in name
+
+
 def holds_pretrained_weights(weights_file: str) -> bool:
     """True for a standalone checkpoint (every weight), False for a projector-only one (which may still hold
     trained encoder layers, but never the LLM's own weights)."""
     with safe_open(weights_file, framework="pt") as handle:
-        return any(key.startswith("language_model.") and ".lora_" not in key for key in handle.keys())
+        return any(
+            is_pretrained_weight(key) and key.startswith(LANGUAGE_MODEL_PREFIX) for key in handle.keys()
+        )
 
 
 def copy_hub_code(save_directory: str | os.PathLike, fallback_source: str | None = None) -> None:

@@ -12,6 +12,7 @@ from transformers.tokenization_utils_base import AddedToken
 try:
     from .configuration_tiny_audio import (
         DEFAULT_TASK_PROMPTS,
+        WHISPER_CONV_LAYERS,
         ConvLayers,
         TinyAudioConfig,
         audio_token_lengths,
@@ -20,12 +21,14 @@ try:
 except ImportError:
     from configuration_tiny_audio import (
         DEFAULT_TASK_PROMPTS,
+        WHISPER_CONV_LAYERS,
         ConvLayers,
         TinyAudioConfig,
         audio_token_lengths,
         encoder_conv_layers,
     )
 
+# Label of the positions the loss skips (prompt, audio, padding): the value PyTorch's cross_entropy ignores.
 IGNORE_INDEX = -100
 # Float audio lies within ±1; a peak beyond this is integer PCM stored as floats without being scaled.
 UNSCALED_PCM_PEAK = 2.0
@@ -86,7 +89,7 @@ class TinyAudioProcessor(ProcessorMixin):
         self.audio_token = audio_token
         self.task_prompts = dict(task_prompts or DEFAULT_TASK_PROMPTS)
         self.default_task = default_task
-        self.conv_layers = [tuple(layer) for layer in (conv_layers or [(3, 1, 1), (3, 2, 1)])]
+        self.conv_layers = [tuple(layer) for layer in (conv_layers or WHISPER_CONV_LAYERS)]
         self.projector_downsample = projector_downsample
         self.max_audio_seconds = max_audio_seconds
         self.audio_token_id = add_audio_token(tokenizer, audio_token)

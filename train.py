@@ -27,11 +27,9 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.utils import SAFE_WEIGHTS_NAME
 
 from configuration_tiny_audio import DEFAULT_AUDIO_MODEL_ID, DEFAULT_TEXT_MODEL_ID
-from eval import score
 from modeling_tiny_audio import TinyAudioForConditionalGeneration
 from pipeline_asr import read_audio
 from processing_tiny_audio import TinyAudioProcessor
-from publish.push import upload
 from training.collator import SpeechCollator
 from training.ctc_alignment import EmbeddingCTCLoss
 from training.data import (
@@ -44,7 +42,8 @@ from training.feature_cache import build_feature_cache
 from training.precision import cpu_has_native_bf16
 from training.prefix_cache import PromptPrefixCache
 from training.preflight import PreflightError, check_model_source, hub_problem, looks_like_path
-from training.run_folder import RUN_RECORD, RunFinished, prepare_output_dir, run_record
+from training.run_folder import RunFinished, prepare_output_dir, run_record, upload
+from training.wer import score
 
 logger = logging.getLogger("tiny_audio.train")
 
@@ -494,17 +493,6 @@ class TinyAudioTrainer(Trainer):
         return 100 * score(references, hypotheses).wer
 
 
-# Trainer leftovers that a published checkpoint does not need (optimizer state, logs, pickled arguments).
-PUSH_IGNORE = [
-    "checkpoint-*",
-    "checkpoint-*/**",
-    "incomplete-checkpoint-*/**",
-    "runs/**",
-    TRAINING_ARGS_NAME,
-    RUN_RECORD,
-]
-
-
 OFFLINE_CONFIG_HINT = (
     "configs/offline.yaml trains the offline kit's Whisper tiny.en + SmolLM2-135M instead "
     "(`python -m offline_kit.preset` builds them)"
@@ -706,7 +694,7 @@ def run(argv: Sequence[str] | None = None, callbacks: list[TrainerCallback] | No
                 training_args.output_dir,
                 run_args.push_to_hub_repo,
                 private=run_args.hub_private,
-                ignore_patterns=PUSH_IGNORE,
+                checkpoint_only=True,
             ),
         )
     if trainer.is_world_process_zero():

@@ -10,7 +10,7 @@ LoRA adapters is timed twice, adapters apart and merged into the LLM (``pipeline
 Model: ``--model`` if given, else the offline preset (``python -m offline_kit.preset``) when built, else a tiny
 random model; the script prints which.
 
-Run: ``python benchmarks/bench_serving.py [--model DIR] [--threads 1] [--dtype bfloat16] [--batch-sizes 1 4 16]``
+Run: ``python -m benchmarks.bench_serving [--model DIR] [--threads 1] [--dtype bfloat16] [--batch-sizes 1 4 16]``
 (on a busy shared CPU, ``--threads 1`` avoids thread thrashing that makes torch's default far slower).
 """
 
@@ -39,8 +39,7 @@ def resolve_model(requested: str | None, scratch: Path) -> tuple[str, str]:
         return requested, f"given model {requested}"
     if (OFFLINE_PRESET / "config.json").is_file():
         return str(OFFLINE_PRESET), f"offline preset {OFFLINE_PRESET} (Whisper tiny.en + SmolLM2-135M)"
-    sys.path[:0] = [str(REPO), str(REPO / "tests")]
-    from tiny_models import make_tiny_tiny_audio
+    from testing.tiny_models import make_tiny_tiny_audio
 
     model, processor = make_tiny_tiny_audio(scratch / "components")
     model.save_pretrained(scratch / "tiny")
@@ -71,7 +70,6 @@ def load_pipeline(model_dir: str, dtype: str, merge_lora: bool = True):
     """The standard factory, but with this checkout's pipeline class (a checkpoint holds a copy that may be older)."""
     from transformers import pipeline
 
-    sys.path.insert(0, str(REPO))
     from pipeline_asr import TinyAudioASRPipeline
 
     return pipeline(
@@ -155,7 +153,8 @@ def bench_memory(
         write_long_wav(wav, minutes)
         probe = [
             sys.executable,
-            __file__,
+            "-m",
+            "benchmarks.bench_serving",
             "--probe",
             str(wav),
             "--model",

@@ -1,7 +1,7 @@
 """Training throughput of train.py on the offline preset: live encoder vs feature cache, fp32 vs bf16.
 
     python -m offline_kit.preset                  # once: Whisper tiny.en + SmolLM2-135M in ~/.cache/tiny_audio/offline
-    python benchmarks/bench_training.py [--steps 10] [--warmup 2] [--configs bf16-cache,fp32-live]
+    python -m benchmarks.bench_training [--steps 10] [--warmup 2] [--configs bf16-cache,fp32-live]
 
 Each configuration trains in its own process through `train.run` (the real CLI path, Trainer included) on
 batches of 8 clips of ~3.4 s and reports seconds per step, clips/s, audio hours per hour, the one-time cost of
@@ -25,9 +25,6 @@ from pathlib import Path
 
 import numpy as np
 import soundfile
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 REFERENCE_SECONDS_PER_STEP = {"bf16": 2.15, "fp32": 4.36}
 BATCH = 8
@@ -59,8 +56,6 @@ def make_clips(directory: Path, count: int) -> Path:
 
 def random_preset(directory: Path) -> tuple[str, str]:
     """Whisper tiny.en and SmolLM2-135M architectures with random weights, when the offline preset is absent."""
-    sys.path.insert(0, str(ROOT / "tests"))
-    from tiny_models import make_tiny_tokenizer
     from transformers import (
         LlamaConfig,
         LlamaForCausalLM,
@@ -68,6 +63,8 @@ def random_preset(directory: Path) -> tuple[str, str]:
         WhisperFeatureExtractor,
         WhisperModel,
     )
+
+    from testing.tiny_models import make_tiny_tokenizer
 
     whisper = WhisperModel(
         WhisperConfig(
@@ -187,7 +184,7 @@ def main() -> None:
     load_before = os.getloadavg()[0]
     results = []
     for name in args.configs.split(","):
-        child = [sys.executable, __file__, "--child", name, "--work-dir", str(work)]
+        child = [sys.executable, "-m", "benchmarks.bench_training", "--child", name, "--work-dir", str(work)]
         child += ["--steps", str(args.steps), "--warmup", str(args.warmup), "--workers", str(args.workers)]
         output = subprocess.run(child, env=env, capture_output=True, text=True, check=False)
         lines = [line for line in output.stdout.splitlines() if line.startswith("RESULT ")]

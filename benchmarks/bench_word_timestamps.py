@@ -4,7 +4,7 @@ Reference times come from construction: each word of a Harvard sentence is synth
 voice (``offline_kit.voices``), trimmed to where its sound starts and ends (the first and last 10 ms frame within
 30 dB of the word's loudest), and the words are joined with random pauses of 30-300 ms. Each clip's true word
 boundaries are therefore exact. Hypothesis words are matched to reference words after Whisper normalisation
-(``eval.normalize``) with difflib; only matched words are scored, and the count is printed. Prints the median and
+(``training.wer.normalize``) with difflib; only matched words are scored, and the count is printed. Prints the median and
 90th-percentile absolute start and end error in milliseconds (target: median <= 80 ms, one projected frame).
 
 Model: ``--model`` if given, else the offline preset (``python -m offline_kit.preset``), loaded with this checkout's
@@ -22,11 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
-from eval import normalize
 from modeling_tiny_audio import TinyAudioForConditionalGeneration
 from offline_kit.text_sources import harvard_sentences
 from offline_kit.voices import SAMPLE_RATE, Voice, synthesize
 from pipeline_asr import TinyAudioASRPipeline
+from training.wer import normalize
 
 OFFLINE_PRESET = Path("~/.cache/tiny_audio/offline/tiny-audio-offline").expanduser()
 FRAME = SAMPLE_RATE // 100

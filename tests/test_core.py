@@ -16,12 +16,13 @@ import pytest
 import torch
 from conftest import HIDE_REPO_PRELUDE, speech_like
 from safetensors import safe_open
-from tiny_models import make_tiny_llm, make_tiny_tiny_audio
 from transformers import AutoModelForCausalLM, GenerationMixin
 
 from configuration_tiny_audio import TinyAudioConfig, audio_token_lengths
 from decoding_tiny_audio import CTCPrefixScorer, embedding_ctc_logits
 from modeling_tiny_audio import TinyAudioForConditionalGeneration
+from processing_tiny_audio import IGNORE_INDEX
+from testing.tiny_models import make_tiny_llm, make_tiny_tiny_audio
 
 CLIPS = [speech_like(2.0, seed=1), speech_like(0.7, seed=2), speech_like(3.3, seed=3)]
 TRANSCRIPTS = ["hello world", "one two three", "the quick brown fox"]
@@ -84,13 +85,15 @@ def test_loss_covers_answer_tokens_only(tiny_model_and_processor):
     answer_lengths = [
         len(processor.tokenizer(text, add_special_tokens=False)["input_ids"]) + 1 for text in TRANSCRIPTS[:2]
     ]
-    assert (labels != -100).sum(-1).tolist() == answer_lengths
+    assert (labels != IGNORE_INDEX).sum(-1).tolist() == answer_lengths
     assert not (labels == processor.audio_token_id).any()
 
     loss = model(**inputs).loss
     full_logits = model(**{k: v for k, v in inputs.items() if k != "labels"}).logits
     reference = torch.nn.functional.cross_entropy(
-        full_logits[:, :-1].reshape(-1, full_logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
+        full_logits[:, :-1].reshape(-1, full_logits.shape[-1]),
+        labels[:, 1:].reshape(-1),
+        ignore_index=IGNORE_INDEX,
     )
     torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-5)
 

@@ -21,12 +21,15 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from app import (  # demo/, by pytest's pythonpath
+    JOB_THREAD,
+    NO_SPEECH,
+    AudioRejected,
+    Backend,
+    check_audio_file,
+)
 from conftest import REPO_ROOT, speech_like
 from transformers import AutoModelForCausalLM
-
-sys.path.insert(0, str(REPO_ROOT / "demo"))
-
-from app import JOB_THREAD, NO_SPEECH, AudioRejected, Backend, check_audio_file  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [

@@ -29,6 +29,7 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode
 import eval as evaluation
 from pipeline_asr import AudioInputError, read_audio
 from serving.loading import load_asr_pipeline
+from training.wer import score
 
 ROOT = Path(__file__).resolve().parent.parent
 TRANSCRIPTS = [
@@ -115,13 +116,13 @@ def manifest(tmp_path: Path) -> Path:
     ],
 )
 def test_wer_of_single_pairs(reference: str, prediction: str, expected: float) -> None:
-    assert evaluation.score([reference], [prediction]).wer == pytest.approx(expected)
+    assert score([reference], [prediction]).wer == pytest.approx(expected)
 
 
 def test_corpus_wer_is_total_errors_over_total_words_not_mean_of_utterances() -> None:
     references = ["the quick brown fox jumps over the lazy dog", "hi"]
     predictions = ["The quick brown fox jumps over the lazy dog.", "bye there"]
-    errors = evaluation.score(references, predictions)
+    errors = score(references, predictions)
     # 10 reference words; the second utterance has one substitution and one insertion.
     assert (errors.substitutions, errors.deletions, errors.insertions) == (1, 0, 1)
     assert errors.reference_words == 10
@@ -129,7 +130,7 @@ def test_corpus_wer_is_total_errors_over_total_words_not_mean_of_utterances() ->
 
 
 def test_deletions_counted_for_empty_prediction() -> None:
-    errors = evaluation.score(["one more time"], [""])
+    errors = score(["one more time"], [""])
     assert (errors.deletions, errors.wer) == (3, 1.0)
 
 
@@ -300,7 +301,7 @@ def test_end_to_end_report_and_results_files(tiny_whisper: str, manifest: Path, 
     assert rows[2]["id"] == "wavs/broken.wav" and rows[2]["error"]
     scored = [r for r in rows if r["status"] == "ok"]
     assert results["wer"] == pytest.approx(
-        evaluation.score([r["reference"] for r in scored], [r["prediction"] for r in scored]).wer
+        score([r["reference"] for r in scored], [r["prediction"] for r in scored]).wer
     )
     assert results["audio_seconds"] == pytest.approx(sum(4000 + 800 * i for i in range(5)) / 8000, rel=1e-3)
     assert results["rtfx"] == pytest.approx(results["audio_seconds"] / results["wall_seconds"])
@@ -507,7 +508,8 @@ def test_tiny_audio_is_evaluated_with_its_lora_merged_and_int8_on_request(tmp_pa
     """Merged adapters transcribe as unmerged ones (tests/test_pipeline.py) and spare their matmuls; `--int8`
     quantizes the LLM for the run and says so in its results."""
     from test_core import randomise_lora_b
-    from tiny_models import make_tiny_tiny_audio
+
+    from testing.tiny_models import make_tiny_tiny_audio
 
     model, processor = make_tiny_tiny_audio(tmp_path, lora_rank=4)
     randomise_lora_b(model)

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import make_tiny_encoder, make_tiny_llm
 from transformers import BitsAndBytesConfig
 
 from modeling_tiny_audio import TinyAudioForConditionalGeneration
+from testing.tiny_models import make_tiny_encoder, make_tiny_llm
 
 ENCODER_REPO, LLM_REPO = "tiny-org/encoder", "tiny-org/llm"
 ENCODER_COMMIT, LLM_COMMIT, NEW_LLM_COMMIT = "a" * 40, "b" * 40, "c" * 40

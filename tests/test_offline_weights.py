@@ -20,7 +20,6 @@ import numpy as np
 import pytest
 import soundfile
 import torch
-from tiny_models import make_tiny_llm
 from tokenizers import pre_tokenizers
 from transformers import (
     GenerationConfig,
@@ -32,10 +31,11 @@ from transformers import (
 )
 
 from benchmarks import check_offline_weights as check
-from eval import score
 from modeling_tiny_audio import HUB_CODE_FILES
 from offline_kit import gguf_llm, preset, whisper_ct2
 from offline_kit.whisper_ct2 import convert_ct2_whisper, read_ct2_model
+from testing.tiny_models import make_tiny_llm
+from training.wer import score
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 WHISPER_SPECIALS = [

@@ -19,9 +19,9 @@ PACKAGE_DATA = [
 CHECK_INSTALLED = """
 import sys
 from pathlib import Path
-import leaderboard.build, offline_kit.preset, publish.card
+import leaderboard.build, offline_kit.preset, publish.card, testing.tiny_models, training.wer
 target = Path(sys.argv[1])
-for module in (leaderboard.build, offline_kit.preset, publish.card):
+for module in (leaderboard.build, offline_kit.preset, publish.card, testing.tiny_models, training.wer):
     assert Path(module.__file__).is_relative_to(target), module.__file__
 assert publish.card.TEMPLATE_PATH.is_file() and offline_kit.preset.shipped_weights() is not None
 print("ok")

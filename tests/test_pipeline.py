@@ -577,8 +577,9 @@ def test_loads_in_a_fresh_process_outside_the_repo(tiny_model_dir, tmp_path, asr
 def test_merge_lora_serves_the_same_text_from_merged_weights(tmp_path):
     """`pipeline(..., merge_lora=True)` folds the adapters into the LLM and transcribes as the adapters did."""
     from test_core import randomise_lora_b
-    from tiny_models import make_tiny_tiny_audio
     from transformers import pipeline
+
+    from testing.tiny_models import make_tiny_tiny_audio
 
     model, processor = make_tiny_tiny_audio(tmp_path, lora_rank=4, lora_target_modules=["q_proj", "v_proj"])
     randomise_lora_b(model)

@@ -12,10 +12,10 @@ import numpy as np
 import openai
 import pytest
 import soundfile as sf
-from tiny_models import make_tiny_tiny_audio
 
 from benchmarks.bench_server import free_port, start_server
 from serving.batching import AllCancelled, BatchQueue, DecodeOptions, Job, JobCancelled
+from testing.tiny_models import make_tiny_tiny_audio
 
 RATE = 16000
 MAX_UPLOAD_MB = 1

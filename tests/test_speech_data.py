@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from eval import score
 from offline_kit import augment, sanity_check, voices
 from offline_kit.data_deps import DATA_PACKAGES, debian_file, ensure_data_deps, missing_deps
 from offline_kit.real_speech import JFK_TEXT, asterisk_prompts, build_real_speech, normalize_reference
@@ -45,6 +44,7 @@ from offline_kit.voices import (
     word_chunks,
 )
 from offline_kit.whisper_ct2 import convert_ct2_whisper
+from training.wer import score
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -12,16 +12,13 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+import trace_data  # docs/, by pytest's pythonpath
 from conftest import REPO_ROOT, speech_like
 from test_demo import CHROMIUM, CHROMIUM_ARGS
-from tiny_models import make_tiny_tiny_audio
+from trace_data import SECTIONS, first_chunk, main, read_ctc_path, render_html, trace_clip
 
 from pipeline_asr import TinyAudioASRPipeline
-
-sys.path.insert(0, str(REPO_ROOT / "docs"))
-
-import trace_data  # noqa: E402
-from trace_data import SECTIONS, first_chunk, main, read_ctc_path, render_html, trace_clip  # noqa: E402
+from testing.tiny_models import make_tiny_tiny_audio
 
 RATE = 16000
 

@@ -24,11 +24,11 @@ import torch
 import yaml
 from datasets import Audio, Dataset, DatasetDict
 from huggingface_hub import HfApi
+from huggingface_hub.utils import filter_repo_objects
 from safetensors.torch import load_file, save_file
-from transformers import AutoTokenizer, TrainerCallback
+from transformers import AutoTokenizer, TrainerCallback, TrainingArguments
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import train  # noqa: E402
@@ -61,7 +61,7 @@ def speech_rows(count: int, seed: int) -> dict[str, list]:
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> dict[str, str]:
     """Tiny encoder + LLM folders and a small save_to_disk dataset with train/test splits."""
-    from tiny_models import make_tiny_encoder, make_tiny_llm
+    from testing.tiny_models import make_tiny_encoder, make_tiny_llm
 
     root = tmp_path_factory.mktemp("train")
     data = DatasetDict(
@@ -424,7 +424,26 @@ def test_resume_after_a_crash_reproduces_the_uninterrupted_run(workspace, refere
         torch.testing.assert_close(resumed[name], tensor)
 
     assert pushed["repo"] == "me/tiny-audio" and pushed["repo_id"] == "me/tiny-audio"
-    assert pushed["folder_path"] == output_dir and "checkpoint-*" in pushed["ignore_patterns"]
+    assert pushed["folder_path"] == output_dir
+    # What upload_folder sends of the run folder: the model's files, not the run's (checkpoints, logs, records).
+    in_folder = [str(path.relative_to(output_dir)) for path in Path(output_dir).rglob("*") if path.is_file()]
+    sent = set(filter_repo_objects(in_folder, allow_patterns=pushed["allow_patterns"]))
+    assert {"model.safetensors", "config.json", "modeling_tiny_audio.py", "tokenizer.json"} <= sent
+    assert sent == {name for name in in_folder if "/" not in name} - {
+        "run.json",
+        "skipped_rows.json",
+        "trainer_state.json",
+        "training_args.bin",
+    }
+
+
+def test_training_does_not_import_publishing():
+    """publish/ builds on training/ (its run folders, averaged checkpoints); never the other way round."""
+    listing = "import sys, train, training.average; print(sorted(m for m in sys.modules if m.startswith('publish')))"
+    done = subprocess.run(
+        [sys.executable, "-c", listing], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr[-2000:]
 
 
 @pytest.mark.parametrize(
@@ -487,6 +506,7 @@ if __name__ == "__main__":  # DDP worker: tests/test_train.py OUTPUT_DIR TRAIN_A
 
 
 def test_ctc_loss_is_low_exactly_when_frames_sit_on_the_spoken_token_embeddings():
+    from processing_tiny_audio import IGNORE_INDEX
     from training.ctc_alignment import EmbeddingCTCLoss
 
     torch.manual_seed(0)
@@ -495,7 +515,8 @@ def test_ctc_loss_is_low_exactly_when_frames_sit_on_the_spoken_token_embeddings(
     spoken = [7, 7, 12, 30]  # a repeated token needs a blank between its two frames
     path = [3, 7, 3, 7, 12, 12, 3, 30, 3]
     frames = embeddings.weight.detach()[path][None]
-    labels = torch.tensor([[-100, -100, *spoken, 0]])  # prompt positions ignored, EOS (special) dropped
+    # Prompt positions ignored, EOS (special) dropped.
+    labels = torch.tensor([[IGNORE_INDEX, IGNORE_INDEX, *spoken, 0]])
     mask = torch.ones(1, len(path), dtype=torch.bool)
 
     assert [t.tolist() for t in ctc.targets(labels)] == [spoken]
@@ -640,10 +661,10 @@ def test_feature_cache_key_is_the_same_for_a_saved_and_reloaded_processor(model_
 def test_averaging_checkpoints_gives_a_checkpoint_with_the_mean_weights(tmp_path):
     """training.average: the (weighted) mean of the trained weights, loadable like any checkpoint; it refuses
     checkpoints of different models and a folder that already holds something."""
-    from tiny_models import make_tiny_tiny_audio
-
     from modeling_tiny_audio import TinyAudioForConditionalGeneration
+    from testing.tiny_models import make_tiny_tiny_audio
     from training import average
+    from training.run_folder import checkpoint_files
 
     model, processor = make_tiny_tiny_audio(tmp_path, lora_rank=4)
     saved = []
@@ -656,6 +677,8 @@ def test_averaging_checkpoints_gives_a_checkpoint_with_the_mean_weights(tmp_path
         processor.save_pretrained(tmp_path / name)
         saved.append(load_file(tmp_path / name / "model.safetensors"))
 
+    for leftover in ("optimizer.pt", "trainer_state.json", "run.json"):  # the run's, not the model's
+        (tmp_path / "second" / leftover).write_text("{}")
     (tmp_path / "mean").mkdir()  # an empty folder is fine
     average.main([str(tmp_path / "mean"), str(tmp_path / "first"), str(tmp_path / "second")])
     assert not list(tmp_path.glob(".*partial"))
@@ -664,6 +687,8 @@ def test_averaging_checkpoints_gives_a_checkpoint_with_the_mean_weights(tmp_path
     assert state.keys() == saved[0].keys() and any(".lora_B" in name for name in state)
     for name, tensor in state.items():
         torch.testing.assert_close(tensor, (saved[0][name] + saved[1][name]) / 2)
+    copied = {path.name for path in (tmp_path / "mean").iterdir()}
+    assert copied == {path.name for path in checkpoint_files(tmp_path / "second")} | {"averaged_from.json"}
     record = json.loads((tmp_path / "mean" / "averaged_from.json").read_text())
     assert record["weights"] == [0.5, 0.5]
 
@@ -943,12 +968,14 @@ def test_warmup_longer_than_the_run_is_warned_about(workspace, tmp_path, caplog)
     assert "warmup_steps 50 is more than max_steps 6" in caplog.text
 
 
-def test_trainer_wer_is_eval_py_wer_in_percent(workspace, reference_run):
-    """The Trainer's eval_wer is eval.py's metric (Whisper normaliser, corpus WER, percent) on the same clip."""
-    import eval as evaluation
+def test_trainer_wer_is_eval_py_wer_in_percent(workspace, reference_run, tmp_path):
+    """The Trainer's eval_wer is eval.py's metric (Whisper normaliser, corpus WER, percent). The reference below is
+    the model's own words plus five more only once normalised as Whisper's normaliser does ("(laughs)" dropped,
+    "Mr." -> "mister", "two" -> "2"); a lowercase-and-strip-punctuation pipeline counts six, one of them "mr"."""
     from modeling_tiny_audio import TinyAudioForConditionalGeneration
     from pipeline_asr import read_audio
     from processing_tiny_audio import TinyAudioProcessor
+    from training.wer import normalize, score
 
     folder = reference_run["output_dir"]
     model = TinyAudioForConditionalGeneration.from_pretrained(folder).eval()
@@ -958,5 +985,19 @@ def test_trainer_wer_is_eval_py_wer_in_percent(workspace, reference_run):
     )[0]
     inputs = processor(audio=[read_audio(row["audio"], RATE)], task="transcribe")
     hypothesis = processor.decode_generated(model.generate(**inputs), inputs)[0]
-    expected = 100 * evaluation.score([row["text"]], [hypothesis]).wer
-    assert reference_run["metrics"]["eval_wer"] == pytest.approx(expected)
+    assert reference_run["metrics"]["eval_wer"] == pytest.approx(100 * score([row["text"]], [hypothesis]).wer)
+
+    # The tiny model then says something, not just whitespace.
+    model.generation_config.no_repeat_ngram_size = 1
+    hypothesis = processor.decode_generated(model.generate(**inputs), inputs)[0]
+    spoken = len(normalize(hypothesis).split())
+    assert spoken > 0
+    reference = f"{hypothesis.upper()} (laughs) Mr. Smith has two dogs."
+    trainer = train.TinyAudioTrainer(
+        model=model,
+        args=TrainingArguments(str(tmp_path), per_device_eval_batch_size=1, report_to=[]),
+        processing_class=processor,
+        wer_rows=[{"audio": row["audio"], "text": reference}],
+    )
+    assert trainer.generation_wer() == pytest.approx(100 * 5 / (spoken + 5))
+    assert 100 * score([reference], [hypothesis]).wer == pytest.approx(100 * 5 / (spoken + 5))

@@ -19,17 +19,8 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 from transformers.utils import CONFIG_NAME, SAFE_WEIGHTS_NAME
 
-# What a training run's folder holds beyond the model: the averaged checkpoint has no run of its own.
-RUN_FILES = (
-    "checkpoint-*",
-    "incomplete-checkpoint-*",
-    "runs",
-    "hub",
-    "trainer_state.json",
-    "training_args.bin",
-    "skipped_rows.json",
-    "run.json",
-)
+from training.run_folder import checkpoint_files
+
 # Config fields that must agree for checkpoints to be one model.
 SAME_MODEL_FIELDS = ("audio_model_id", "text_model_id", "lora_target_modules", "lora_rank", "lora_alpha")
 AVERAGE_RECORD = "averaged_from.json"
@@ -76,7 +67,10 @@ def average_checkpoints(
     # Written next to `out` and renamed once complete: an interrupted run leaves no half checkpoint behind.
     partial = out.with_name(f".{out.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)
-    shutil.copytree(checkpoints[-1], partial, ignore=shutil.ignore_patterns(SAFE_WEIGHTS_NAME, *RUN_FILES))
+    partial.mkdir(parents=True)
+    for path in checkpoint_files(checkpoints[-1]):
+        if path.name != SAFE_WEIGHTS_NAME:
+            shutil.copy2(path, partial / path.name)
     save_file(averaged, partial / SAFE_WEIGHTS_NAME, metadata={"format": "pt"})
     record = {"checkpoints": [str(c) for c in checkpoints], "weights": [w / total for w in weights]}
     (partial / AVERAGE_RECORD).write_text(json.dumps(record, indent=2) + "\n")

@@ -15,8 +15,7 @@ import torch
 from torch import nn
 
 from decoding_tiny_audio import embedding_ctc_logits
-
-IGNORE_INDEX = -100
+from processing_tiny_audio import IGNORE_INDEX
 
 
 class EmbeddingCTCLoss:

@@ -7,12 +7,14 @@ finished run is never overwritten and a resumed run only ever continues its own 
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import json
 import logging
 import shutil
 from pathlib import Path
 from typing import Any
 
+from huggingface_hub import HfApi
 from transformers import TrainingArguments
 from transformers.trainer import TRAINER_STATE_NAME, TRAINING_ARGS_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
@@ -60,6 +62,25 @@ RUN_ARTIFACTS = (
 )
 # Where an incomplete checkpoint is moved when a resumed run falls back to an earlier one.
 INCOMPLETE_PREFIX = "incomplete-"
+# The files of a saved model (weights, config, processor, Hub code). The rest of a run's folder (intermediate
+# checkpoints, optimizer state, logs, run records) is the run's: it is not pushed, published or averaged.
+CHECKPOINT_FILE_PATTERNS = (
+    "config.json",
+    "generation_config.json",
+    "*.safetensors",
+    "*.safetensors.index.json",
+    "*.py",
+    "processor_config.json",
+    "preprocessor_config.json",
+    "tokenizer*.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "*.model",
+    "chat_template.jinja",
+    "chat_template.json",
+)
 
 
 class RunFinished(Exception):
@@ -246,3 +267,30 @@ def prepare_output_dir(
         folder.mkdir(parents=True, exist_ok=True)
         recorded_path.write_text(json.dumps(record, indent=2) + "\n")
     return resume_from
+
+
+def checkpoint_files(folder: Path) -> list[Path]:
+    """The files directly in `folder` that belong to the model saved there, by name."""
+    return sorted(
+        path
+        for path in Path(folder).iterdir()
+        if path.is_file() and any(fnmatch.fnmatch(path.name, pattern) for pattern in CHECKPOINT_FILE_PATTERNS)
+    )
+
+
+def upload(
+    folder: Path, repo_id: str, private: bool = False, token: str | None = None, checkpoint_only: bool = False
+) -> str:
+    """Creates the Hub repo if needed and uploads the folder in one commit (with `checkpoint_only`, only its
+    `checkpoint_files`); returns the commit URL."""
+    api = HfApi(token=token)
+    api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+    commit = api.upload_folder(
+        repo_id=repo_id,
+        repo_type="model",
+        folder_path=str(folder),
+        commit_message="Upload Tiny Audio checkpoint",
+        # Exact names match only the folder's own files, never those of the checkpoint-N folders inside it.
+        allow_patterns=[path.name for path in checkpoint_files(folder)] if checkpoint_only else None,
+    )
+    return commit.commit_url
