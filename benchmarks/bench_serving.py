@@ -10,7 +10,7 @@ LoRA adapters is timed twice, adapters apart and merged into the LLM (``pipeline
 Model: ``--model`` if given, else the offline preset (``python -m offline_kit.preset``) when built, else a tiny
 random model; the script prints which.
 
-Run: ``python -m benchmarks.bench_serving [--model DIR] [--threads 1] [--dtype bfloat16] [--batch-sizes 1 4 16]``
+Run: ``python -m benchmarks.bench_serving [--model DIR] [--threads 1] [--dtype bfloat16] [--batch-sizes 1 4 16] [--int8]``
 (on a busy shared CPU, ``--threads 1`` avoids thread thrashing that makes torch's default far slower).
 """
 
@@ -66,7 +66,7 @@ def fixed_clips(count: int) -> list[np.ndarray]:
     return [speech_with_pauses(rng.uniform(2.5, 4.5), RATE, rng) for _ in range(count)]
 
 
-def load_pipeline(model_dir: str, dtype: str, merge_lora: bool = True):
+def load_pipeline(model_dir: str, dtype: str, merge_lora: bool = True, int8: bool = False):
     """The standard factory, but with this checkout's pipeline class (a checkpoint holds a copy that may be older)."""
     from transformers import pipeline
 
@@ -79,16 +79,22 @@ def load_pipeline(model_dir: str, dtype: str, merge_lora: bool = True):
         dtype=dtype,
         pipeline_class=TinyAudioASRPipeline,
         merge_lora=merge_lora,
+        int8=int8,
     )
 
 
-def bench_rtfx(model_dir: str, dtype: str, batch_sizes: list[int], clip_count: int, new_tokens: int) -> None:
-    """RTFx per batch size; a model with LoRA is timed with its adapters apart and merged (as eval.py serves it)."""
+def bench_rtfx(
+    model_dir: str, dtype: str, batch_sizes: list[int], clip_count: int, new_tokens: int, int8: bool = False
+) -> None:
+    """RTFx per batch size; a model with LoRA is timed with its adapters apart and merged (as eval.py serves it),
+    and with ``int8`` also with its LLM quantized to dynamic int8 (``--int8`` of eval.py, the demo, the server)."""
     unmerged = load_pipeline(model_dir, dtype, merge_lora=False)
     if unmerged.model.config.lora_rank:
         variants = {"unmerged": unmerged, "merged": load_pipeline(model_dir, dtype, merge_lora=True)}
     else:
-        variants = {"none": unmerged}
+        variants = {"fp": unmerged}
+    if int8:
+        variants["int8"] = load_pipeline(model_dir, dtype, int8=True)
     clips = fixed_clips(clip_count)
     audio_seconds = sum(len(clip) for clip in clips) / RATE
     exact = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "loop_guard": False}
@@ -99,13 +105,21 @@ def bench_rtfx(model_dir: str, dtype: str, batch_sizes: list[int], clip_count: i
         f"{new_tokens} new tokens each, dtype {dtype}, torch threads {__import__('torch').get_num_threads()}"
     )
     print(f"load average before: {os.getloadavg()[0]:.1f} (the machine may be shared)")
-    print(f"{'LoRA':>8} {'batch':>5} {'wall s':>8} {'RTFx':>7}")
+    print(f"{'variant':>8} {'batch':>5} {'wall s':>8} {'RTFx':>7}")
     for batch_size in batch_sizes:
-        for name, variant in variants.items():  # alternated, so both see the same load on a shared machine
+        walls = {}
+        for name, variant in variants.items():  # alternated, so all see the same load on a shared machine
             start = time.perf_counter()
             variant(clips, batch_size=batch_size, **exact)
-            wall = time.perf_counter() - start
-            print(f"{name:>8} {batch_size:>5} {wall:>8.2f} {audio_seconds / wall:>7.1f}", flush=True)
+            walls[name] = time.perf_counter() - start
+            print(
+                f"{name:>8} {batch_size:>5} {walls[name]:>8.2f} {audio_seconds / walls[name]:>7.1f}",
+                flush=True,
+            )
+        if len(walls) > 1:  # against what eval.py, the demo and the server serve by default
+            base = "merged" if "merged" in walls else next(iter(walls))
+            ratios = ", ".join(f"{name} {walls[base] / walls[name]:.2f}x" for name in walls if name != base)
+            print(f"{'':>8} {batch_size:>5} speed against {base}: {ratios}")
     print(f"load average after: {os.getloadavg()[0]:.1f}")
 
 
@@ -186,6 +200,9 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="*", default=[1, 4, 16], help="none: skip RTFx")
     parser.add_argument("--clips", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=24)
+    parser.add_argument(
+        "--int8", action="store_true", help="also time the LLM quantized to dynamic int8 (float32)"
+    )
     parser.add_argument("--long-minutes", type=float, nargs="*", default=[1, 5, 10], help="none: skip memory")
     parser.add_argument("--probe-batch-size", type=int, default=8)
     parser.add_argument(
@@ -206,7 +223,7 @@ def main() -> None:
         model_dir, description = resolve_model(args.model, Path(scratch))
         print(f"model: {description}")
         if args.batch_sizes:
-            bench_rtfx(model_dir, args.dtype, args.batch_sizes, args.clips, args.new_tokens)
+            bench_rtfx(model_dir, args.dtype, args.batch_sizes, args.clips, args.new_tokens, args.int8)
         if args.long_minutes:
             bench_memory(
                 model_dir, args.dtype, args.long_minutes, args.probe_batch_size, Path(scratch), args.threads
