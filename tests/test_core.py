@@ -181,7 +181,7 @@ def test_generation_budget_follows_audio_length(tiny_model_and_processor):
     model, processor = tiny_model_and_processor
     inputs = processor(audio=speech_like(2.0))
     expected = model.config.max_new_tokens_for(2.0)
-    out = model.generate(**inputs, min_new_tokens=expected + 5)
+    out = model.generate(**inputs, min_new_tokens=expected + 5, loop_guard=False)  # the tiny model loops
     assert out.shape[1] - inputs["input_ids"].shape[1] == expected
 
 

@@ -77,6 +77,7 @@ EXPECTED_FILES = [
     "chat_template.jinja",
     "config.json",
     "configuration_tiny_audio.py",
+    "decoding_tiny_audio.py",
     "example.flac",
     "generation_config.json",
     "handler.py",
