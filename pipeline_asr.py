@@ -57,10 +57,15 @@ SORT_WINDOW_BATCHES = 4
 # A chunk counts as speech when the voice-activity detector finds at least this much of it. Silero's default of
 # 250 ms misses a word said alone: 3 of the 552 real-speech clips ("third", "eighth", "l").
 MIN_SPEECH_MS = 100
-# CTC puts a token on one or two frames (a spike), near its start, so the spikes say where words start but not
-# where they end: a word ends where the sound goes quiet (this many dB under the chunk's loudest 10 ms) for at least
-# WORD_PAUSE_SECONDS after its last token, at the latest where the next word starts.
+# CTC puts a token on one or two frames (a spike), a little after its onset, so the spikes say which sound is which
+# word but not where it starts and ends: a word starts where the sound heard at its spike began (after a pause of
+# WORD_PAUSE_SECONDS, or else where the previous word ended) and ends where the sound goes quiet for at least
+# WORD_PAUSE_SECONDS after its last token, at the latest where the next word starts. Quiet is QUIET_DB under the chunk's loudest 10 ms, or, in a noisy recording
+# whose background is louder than that, within NOISE_MARGIN_DB of the background (the chunk's NOISE_PERCENTILE
+# quietest frame).
 QUIET_DB = 35.0
+NOISE_MARGIN_DB = 6.0
+NOISE_PERCENTILE = 5
 WORD_PAUSE_SECONDS = 0.05
 LEVEL_FRAME_SECONDS = 0.01
 
@@ -386,9 +391,10 @@ def timed_words(
     levels: np.ndarray,
 ) -> list[TimedWord]:
     """The whitespace-separated words of the decoded ``tokens``, each timed from the frames of the tokens it is made
-    of (``frames`` from the model's ``ctc_token_frames``). A word starts at its first token's first frame and ends
-    where the chunk's sound (``levels``: dB per LEVEL_FRAME_SECONDS, from `sound_levels`) falls quiet after its
-    last token, at the latest where the next word starts.
+    of (``frames`` from the model's ``ctc_token_frames``). The chunk's sound (``levels``: dB per
+    LEVEL_FRAME_SECONDS, from `sound_levels`) places the edges: a word starts where the sound heard at its first
+    spoken token (punctuation is not spoken) began, after the previous word's end, and ends where the sound falls
+    quiet after its last spoken token, at the latest where the next word starts.
 
     Without frames (the text holds more tokens than the audio has frames), the words share ``duration`` by length.
     """
@@ -408,20 +414,28 @@ def timed_words(
     spans: list[tuple[int, int]] = []
     for _, first_char, last_char in words:
         inside = [
-            span
+            (
+                span,
+                any(character.isalnum() for character in text[max(start, first_char) : min(end, last_char)]),
+            )
             for span, end, start in zip(frames, ends, [0, *ends[:-1]], strict=True)
             if span is not None and start < last_char and end > first_char
         ]
+        # Punctuation is not spoken: CTC places it in the pause after the word, so it times nothing when the word
+        # has a spoken token.
+        inside = [span for span, spoken in inside if spoken] or [span for span, _ in inside]
         # Every word holds a non-blank token; the fallback only guards odd decodings of split characters.
         spans.append(
             (min(s[0] for s in inside), max(s[1] for s in inside)) if inside else (spans or [(0, 0)])[-1]
         )
-    timed = []
+    timed: list[TimedWord] = []
     following_spans = [*spans[1:], None] if spans else []  # an empty transcript has no words to time
     for (word, _, _), (first, last), following in zip(words, spans, following_spans, strict=True):
+        spike = first * frame_seconds
+        start = sound_onset_before(levels, spike, earliest=timed[-1].end if timed else 0.0)
         latest = duration if following is None else max(following[0], first + 1) * frame_seconds
         end = quiet_after(levels, last * frame_seconds, latest)
-        timed.append(TimedWord(word, first * frame_seconds, max(end, (first + 1) * frame_seconds)))
+        timed.append(TimedWord(word, start, max(end, spike + frame_seconds)))
     return timed
 
 
@@ -432,12 +446,32 @@ def sound_levels(samples: np.ndarray, rate: int) -> np.ndarray:
     return 10 * np.log10(np.square(frames, dtype=np.float64).mean(axis=1) + 1e-12)
 
 
+def quiet_frames(levels: np.ndarray) -> np.ndarray:
+    """Which LEVEL_FRAME_SECONDS frames are quiet: QUIET_DB under the loudest, or near the background noise."""
+    background = np.percentile(levels, NOISE_PERCENTILE)
+    return levels < max(levels.max() - QUIET_DB, background + NOISE_MARGIN_DB)
+
+
+def sound_onset_before(levels: np.ndarray, spike: float, earliest: float) -> float:
+    """Seconds where the sound heard at ``spike`` began: the end of the last WORD_PAUSE_SECONDS of quiet before
+    it, no earlier than ``earliest`` (the previous word's end). A CTC spike comes a little after a word's onset."""
+    if not len(levels) or spike <= earliest:
+        return min(spike, max(earliest, 0.0))
+    quiet = quiet_frames(levels)
+    run = max(1, round(WORD_PAUSE_SECONDS / LEVEL_FRAME_SECONDS))
+    first, last = int(earliest / LEVEL_FRAME_SECONDS), min(int(spike / LEVEL_FRAME_SECONDS), len(quiet))
+    pause_ends = (
+        np.flatnonzero(np.convolve(quiet[first:last], np.ones(run), mode="valid") == run) + first + run
+    )  # pause_ends[k]: the frame after a pause of `run` quiet frames
+    return float(pause_ends[-1]) * LEVEL_FRAME_SECONDS if len(pause_ends) else earliest
+
+
 def quiet_after(levels: np.ndarray, start: float, latest: float) -> float:
     """Seconds where the sound going on at ``start`` first stays quiet for WORD_PAUSE_SECONDS; ``latest`` if it
     does not before then."""
     if not len(levels):
         return latest
-    quiet = levels < levels.max() - QUIET_DB
+    quiet = quiet_frames(levels)
     run = max(1, round(WORD_PAUSE_SECONDS / LEVEL_FRAME_SECONDS))
     pauses = (
         np.convolve(quiet, np.ones(run), mode="valid") == run

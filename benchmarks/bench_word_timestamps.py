@@ -7,8 +7,11 @@ boundaries are therefore exact. Hypothesis words are matched to reference words 
 (``training.wer.normalize``) with difflib; only matched words are scored, and the count is printed. Prints the median and
 90th-percentile absolute start and end error in milliseconds (target: median <= 80 ms, one projected frame).
 
+``--noise-snr DB`` adds white noise at that signal-to-noise ratio (against the words' mean power), so that the
+pauses are not digital silence, as in a real recording.
+
 Model: ``--model`` if given, else the offline preset (``python -m offline_kit.preset``), loaded with this checkout's
-code. Run: ``python -m benchmarks.bench_word_timestamps [--clips 8] [--voice kokoro/af_heart]``.
+code. Run: ``python -m benchmarks.bench_word_timestamps [--clips 8] [--voice kokoro/af_heart] [--noise-snr 20]``.
 """
 
 from __future__ import annotations
@@ -66,6 +69,16 @@ def build_clip(sentence: str, voice: Voice, rng: random.Random) -> Clip:
     return Clip(np.concatenate(pieces), [w for w in words if w[0] and " " not in w[0]])
 
 
+def add_noise(clip: Clip, snr_db: float, rng: np.random.Generator) -> Clip:
+    """The clip with white noise ``snr_db`` under the mean power of its words (pauses excluded)."""
+    spoken = np.concatenate(
+        [clip.audio[int(start * SAMPLE_RATE) : int(end * SAMPLE_RATE)] for _, start, end in clip.words]
+    )
+    noise_power = np.mean(np.square(spoken)) / 10 ** (snr_db / 10)
+    noise = rng.normal(0.0, np.sqrt(noise_power), len(clip.audio)).astype(np.float32)
+    return Clip(clip.audio + noise, clip.words)
+
+
 def matched_errors(clip: Clip, chunks: list[dict]) -> list[tuple[float, float]]:
     """(start error, end error) in seconds for each hypothesis word that matches a reference word."""
     hypothesis = [(normalize(chunk["text"]), *chunk["timestamp"]) for chunk in chunks]
@@ -89,12 +102,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--clips", type=int, default=8, help="Harvard sentences to synthesise (the last N)")
     parser.add_argument("--voice", default="kokoro/af_heart", help="FAMILY/NAME from offline_kit.voices")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--noise-snr", type=float, help="add white noise at this SNR in dB (default: none)")
     args = parser.parse_args(argv)
 
     family, name = args.voice.split("/", 1)
     rng = random.Random(0)
     sentences = harvard_sentences()[-args.clips :]
     clips = [build_clip(sentence, Voice(family, name), rng) for sentence in sentences]
+    if args.noise_snr is not None:
+        noise_rng = np.random.default_rng(0)
+        clips = [add_noise(clip, args.noise_snr, noise_rng) for clip in clips]
     model = TinyAudioForConditionalGeneration.from_pretrained(args.model).eval()
     pipe = TinyAudioASRPipeline(model=model)
     started = time.perf_counter()
@@ -110,7 +127,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     reference_words = sum(len(clip.words) for clip in clips)
     audio_seconds = sum(len(clip.audio) for clip in clips) / SAMPLE_RATE
-    print(f"model: {args.model}; voice {args.voice}; {len(clips)} clips, {audio_seconds:.1f} s of audio")
+    noise = "no noise" if args.noise_snr is None else f"white noise at {args.noise_snr:g} dB SNR"
+    print(
+        f"model: {args.model}; voice {args.voice}; {len(clips)} clips, {audio_seconds:.1f} s of audio, {noise}"
+    )
     print(f"transcribed with word timestamps in {elapsed:.1f} s (batch {args.batch_size})")
     print(f"matched words: {len(errors)} of {reference_words} reference words")
     for label, column in (("start", 0), ("end", 1)):

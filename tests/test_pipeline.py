@@ -680,6 +680,59 @@ def test_a_word_ends_where_its_sound_stops_or_where_the_next_word_starts():
     assert quiet_after(levels, 0.8, latest=1.2) == 1.2
 
 
+def test_a_word_starts_where_the_sound_heard_at_its_spike_began():
+    """The spike comes a little after the onset: the start is the end of the last pause before it."""
+    from pipeline_asr import sound_levels, sound_onset_before
+
+    audio = np.zeros(RATE * 2, dtype=np.float32)
+    audio[int(0.2 * RATE) : int(0.65 * RATE)] = tone(0.45)
+    audio[int(0.75 * RATE) : int(1.5 * RATE)] = tone(0.75)
+    levels = sound_levels(audio, RATE)
+    assert sound_onset_before(levels, 0.32, earliest=0.0) == pytest.approx(0.2)
+    assert type(sound_onset_before(levels, 0.32, earliest=0.0)) is float
+    assert sound_onset_before(levels, 0.88, earliest=0.65) == pytest.approx(0.75)
+    assert sound_onset_before(levels, 1.2, earliest=0.9) == 0.9  # no pause since the previous word's end
+    assert sound_onset_before(levels, 0.5, earliest=0.6) == 0.5  # a spike before that end keeps its own time
+
+
+def test_word_edges_are_found_over_background_noise():
+    """A recording's noise floor may be louder than QUIET_DB under its peak: quiet is then near the floor."""
+    from pipeline_asr import QUIET_DB, quiet_after, sound_levels, sound_onset_before
+
+    audio = np.zeros(RATE * 2, dtype=np.float32)
+    audio[int(0.2 * RATE) : int(0.65 * RATE)] = tone(0.45)
+    audio[int(0.9 * RATE) : int(1.5 * RATE)] = tone(0.6)
+    noise_db = 20.0  # the tone's power over the noise's
+    audio += (
+        np.random.default_rng(0)
+        .normal(0, 0.3 / np.sqrt(2) / 10 ** (noise_db / 20), len(audio))
+        .astype(np.float32)
+    )
+    assert noise_db < QUIET_DB  # so the fixed threshold alone would call the noise sound
+    levels = sound_levels(audio, RATE)
+    assert quiet_after(levels, 0.24, latest=1.0) == pytest.approx(0.65, abs=0.011)
+    assert sound_onset_before(levels, 1.0, earliest=0.65) == pytest.approx(0.9, abs=0.011)
+
+
+def test_punctuation_does_not_stretch_a_word_to_where_ctc_placed_it(tiny_model_and_processor):
+    """CTC emits a full stop in the pause after the word; the word still ends where its sound does."""
+    from pipeline_asr import sound_levels, timed_words
+
+    _, processor = tiny_model_and_processor
+    tokenizer = processor.tokenizer
+    audio = np.zeros(RATE * 2, dtype=np.float32)
+    audio[int(0.1 * RATE) : int(0.4 * RATE)] = tone(0.3)
+    audio[int(0.5 * RATE) : int(0.9 * RATE)] = tone(0.4)
+    tokens = tokenizer("hello world.", add_special_tokens=False)["input_ids"]
+    ends = [len(tokenizer.decode(tokens[: index + 1])) for index in range(len(tokens))]
+    assert tokenizer.decode(tokens[-1:]) == "."
+    # spikes at 0.16 s ("hello") and 0.56 s ("world"), 80-ms frames; the full stop at 1.6 s, in the silence
+    frames = [(2, 2) if end <= len("hello") else (7, 7) for end in ends[:-1]] + [(20, 20)]
+    words = timed_words(tokenizer, tokens, frames, 0.08, 2.0, sound_levels(audio, RATE))
+    assert [word.text for word in words] == ["hello", "world."]
+    assert [(word.start, word.end) for word in words] == pytest.approx([(0.1, 0.4), (0.5, 0.9)], abs=0.011)
+
+
 @pytest.fixture
 def asr_with_ctc_head(asr):
     asr.model.config.ctc_blank_token_id = asr.tokenizer(" ", add_special_tokens=False)["input_ids"][0]
