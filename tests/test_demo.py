@@ -177,6 +177,63 @@ def test_closing_the_page_stops_the_job(backend: Backend, tmp_path: Path) -> Non
     assert len(prefills) == 1  # of 3 chunks
 
 
+def _bad_files(tmp_path: Path, max_seconds: int) -> dict[str, tuple[Path | None, str]]:
+    """name -> (the file Transcribe mode is given, the message the page shows instead of a transcript)."""
+    files: dict[str, bytes] = {
+        "notes.wav": b"meeting notes, not a recording\n",
+        "noise.wav": np.random.default_rng(0).bytes(4096),
+        "empty.wav": b"",
+    }
+    for name, content in files.items():
+        (tmp_path / name).write_bytes(content)
+    cut = write_clip(tmp_path / "cut.wav", 1.0)
+    cut.write_bytes(cut.read_bytes()[:30])  # the header stops mid-way
+    sf.write(tmp_path / "silent.wav", np.zeros(0, dtype=np.float32), 16000)
+    sf.write(tmp_path / "nan.wav", np.full(16000, np.nan, dtype=np.float32), 16000, subtype="FLOAT")
+    sf.write(tmp_path / "long.flac", np.zeros((max_seconds + 1) * 8000, dtype=np.float32), 8000)
+    not_audio = "could not be read as audio"
+    return {
+        "no_file": (None, "Upload or record some audio first."),
+        "text_named_wav": (tmp_path / "notes.wav", f"Not an audio file: 'notes.wav' {not_audio}"),
+        "random_bytes": (tmp_path / "noise.wav", f"Not an audio file: 'noise.wav' {not_audio}"),
+        "empty_file": (tmp_path / "empty.wav", f"Not an audio file: 'empty.wav' {not_audio}"),
+        "cut_header": (tmp_path / "cut.wav", f"Not an audio file: 'cut.wav' {not_audio}"),
+        "no_samples": (tmp_path / "silent.wav", "Empty audio: 'silent.wav' holds no samples."),
+        "nan_samples": (tmp_path / "nan.wav", "nan.wav"),
+        "too_long": (
+            tmp_path / "long.flac",
+            f"Too long: 'long.flac' lasts {max_seconds + 1} s; this demo transcribes at most {max_seconds} s "
+            "(--max-audio-seconds).",
+        ),
+    }
+
+
+BAD_FILES = [
+    "no_file",
+    "text_named_wav",
+    "random_bytes",
+    "empty_file",
+    "cut_header",
+    "no_samples",
+    "nan_samples",
+    "too_long",
+]
+
+
+@pytest.mark.parametrize("name", BAD_FILES)
+def test_bad_file_gets_one_message_naming_it_and_no_transcript(
+    backend: Backend, tmp_path: Path, name: str
+) -> None:
+    path, message = _bad_files(tmp_path, int(backend.max_audio_seconds))[name]
+    updates = list(backend.transcribe(str(path) if path else None))
+    transcript, words, *_, note = updates[-1]
+    assert (transcript, words) == ("", [])
+    assert message in note, note
+    if name == "nan_samples":  # read, then refused by the pipeline's reader, which says why
+        assert "NaN" in note
+    assert "Traceback" not in note
+
+
 def test_text_prompt_longer_than_the_limit_is_refused(backend: Backend) -> None:
     import gradio as gr
 
