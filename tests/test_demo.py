@@ -3,6 +3,7 @@ streaming, Text mode, limits, readable rejections, the API page."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -16,6 +17,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -567,3 +569,48 @@ def test_transcriptions_run_side_by_side_and_text_mode_has_its_own_worker(backen
     }
     # Gradio runs a group at the lowest limit of its members: the page-only handlers must not lower it.
     assert {fn.concurrency_limit for fn in demo.fns.values() if fn.concurrency_id == "live"} == {3}
+
+
+class HeldPipe:
+    """The backend's pipeline, except that a file named ``long.wav`` waits until the test releases it: a long file
+    that holds a worker for as long as the test needs."""
+
+    def __init__(self, pipe: Any) -> None:
+        self.pipe, self.holding, self.release = pipe, threading.Event(), threading.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.pipe, name)
+
+    def __call__(self, source: Any, **kwargs: Any) -> Any:
+        if str(source).endswith("long.wav"):
+            self.holding.set()
+            self.release.wait()
+        return self.pipe(source, **kwargs)
+
+
+def test_a_short_clip_is_transcribed_while_a_long_file_holds_a_worker(
+    backend: Backend, tmp_path: Path
+) -> None:
+    """Through Gradio's own queue, as a client sees it: a short clip sent while a long file is being transcribed
+    gets its text without waiting for the long file."""
+    from app import build_demo
+    from gradio_client import Client, handle_file
+
+    held = HeldPipe(backend.pipe)
+    app = build_demo(dataclasses.replace(backend, pipe=held), "model")  # the default number of workers
+    app.queue()
+    app.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
+    try:
+        client = Client(app.local_url, verbose=False)
+        long = client.submit(handle_file(str(write_clip(tmp_path / "long.wav", 3.0))), api_name="/transcribe")
+        assert held.holding.wait(timeout=120), "the long file never started"
+        short = client.submit(
+            handle_file(str(write_clip(tmp_path / "short.wav", 1.0))), api_name="/transcribe"
+        )
+        transcript, *_ = short.result(timeout=120)  # a queue that held it behind the long file times out here
+        assert transcript and not long.done()
+        held.release.set()
+        assert long.result(timeout=120)[0]
+    finally:
+        held.release.set()
+        app.close()
