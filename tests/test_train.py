@@ -848,6 +848,14 @@ def _bad_train_arguments(workspace: dict, tmp_path: Path) -> dict[str, tuple[lis
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "model.safetensors").write_bytes(b"someone's weights")
 
+    other_run = tmp_path / "other-run"  # a checkpoint of a run with another learning rate
+    (other_run / "checkpoint-2").mkdir(parents=True)
+    (other_run / "run.json").write_text(json.dumps({"training": {"learning_rate": 0.01}}))
+    (other_run / "checkpoint-2" / "trainer_state.json").write_text(json.dumps({"global_step": 2}))
+    (other_run / "checkpoint-2" / "model.safetensors").write_bytes(b"weights")
+    (tmp_path / "torn" / "checkpoint-4").mkdir(parents=True)
+    (tmp_path / "torn" / "checkpoint-4" / "model.safetensors").write_bytes(b"weights")
+
     def data(**spec: object) -> list[str]:
         return ["--train_datasets", json.dumps([{"path": workspace["data"], "split": "train", **spec}])]
 
@@ -909,6 +917,14 @@ def _bad_train_arguments(workspace: dict, tmp_path: Path) -> dict[str, tuple[lis
             "not empty and holds no record of a run",
         ),
         "resume_nothing": (base_args(workspace, out, "--resume"), "holds no run to continue"),
+        "resume_from_another_runs_checkpoint": (
+            base_args(workspace, out, "--resume_from_checkpoint", str(other_run / "checkpoint-2")),
+            r"checkpoint-2 belongs to another run \(not resuming from it\).*learning_rate: 0.01 -> 0.05",
+        ),
+        "resume_from_incomplete_checkpoint": (
+            base_args(workspace, out, "--resume_from_checkpoint", str(tmp_path / "torn" / "checkpoint-4")),
+            "checkpoint-4 is not a complete checkpoint",
+        ),
     }
 
 
@@ -927,6 +943,8 @@ BAD_TRAIN_ARGUMENTS = [
     "hub_models_offline",
     "folder_of_something_else",
     "resume_nothing",
+    "resume_from_another_runs_checkpoint",
+    "resume_from_incomplete_checkpoint",
 ]
 
 

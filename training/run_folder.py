@@ -191,6 +191,29 @@ def _remove_run(folder: Path) -> None:
             path.unlink()
 
 
+def _recorded_run(folder: Path) -> dict[str, Any] | None:
+    """The run.json of the run in `folder`, if it has a readable one."""
+    try:
+        return json.loads((folder / RUN_RECORD).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def check_explicit_checkpoint(checkpoint: Path, record: dict[str, Any]) -> None:
+    """`--resume_from_checkpoint PATH`: a complete checkpoint, of this run when its folder records one."""
+    if _trainer_state(checkpoint) is None or not (checkpoint / SAFE_WEIGHTS_NAME).is_file():
+        raise PreflightError(
+            f"--resume_from_checkpoint {checkpoint} is not a complete checkpoint (no readable {TRAINER_STATE_NAME} "
+            f"or {SAFE_WEIGHTS_NAME})"
+        )
+    recorded = _recorded_run(checkpoint.parent)
+    if recorded is not None and recorded != record:
+        raise PreflightError(
+            f"--resume_from_checkpoint {checkpoint} belongs to another run (not resuming from it); what differs: "
+            f"{'; '.join(_differences(recorded, record))}"
+        )
+
+
 def prepare_output_dir(
     folder: Path,
     record: dict[str, Any],
@@ -207,10 +230,7 @@ def prepare_output_dir(
     """
     contents = [path for path in folder.iterdir()] if folder.is_dir() else []
     recorded_path = folder / RUN_RECORD
-    try:
-        recorded = json.loads(recorded_path.read_text()) if recorded_path.is_file() else None
-    except json.JSONDecodeError:
-        recorded = None
+    recorded = _recorded_run(folder)
     resume_from = None
     if overwrite and contents and recorded != record:
         if is_main_process:
