@@ -798,6 +798,9 @@ def test_a_finished_run_is_never_trained_over(workspace, reference_run, tmp_path
     monkeypatch.setattr(train, "build_model", _no_model_may_load)
     with pytest.raises(PreflightError, match="holds this run, finished: --resume does nothing"):
         train.run(argv)
+    capsys.readouterr()
+    assert train.run([*argv, "--resume"]) == {}  # nothing to do, and it says so, with no model loaded
+    assert "already finished this run at step 6 (max_steps 6): nothing to do" in capsys.readouterr().out
     # Another learning rate is another run: refused, and --resume will not continue the old run's checkpoints.
     with pytest.raises(
         PreflightError, match=r"holds another run \(not training over it\).*learning_rate: 0.05 -> 0.01"
