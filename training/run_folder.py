@@ -21,7 +21,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import SAFE_WEIGHTS_NAME
 
 from training.data import data_fingerprint, parse_dataset_specs
-from training.preflight import PreflightError
+from training.preflight import PreflightError, differences
 
 logger = logging.getLogger(__name__)
 
@@ -108,18 +108,6 @@ def run_record(model_args: Any, data_args: Any, training_args: TrainingArguments
         "training": {name: getattr(training_args, name) for name in LEARNING_ARGUMENTS},
     }
     return json.loads(json.dumps(record, default=str))  # enums and paths as the JSON file will hold them
-
-
-def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
-    """`key: old -> new` for every leaf that differs."""
-    out = []
-    for key in sorted(set(old) | set(new)):
-        before, after = old.get(key), new.get(key)
-        if isinstance(before, dict) and isinstance(after, dict):
-            out += _differences(before, after, f"{prefix}{key}.")
-        elif before != after:
-            out.append(f"{prefix}{key}: {json.dumps(before)} -> {json.dumps(after)}")
-    return out
 
 
 def _checkpoint_step(path: Path) -> int | None:
@@ -210,7 +198,7 @@ def check_explicit_checkpoint(checkpoint: Path, record: dict[str, Any]) -> None:
     if recorded is not None and recorded != record:
         raise PreflightError(
             f"--resume_from_checkpoint {checkpoint} belongs to another run (not resuming from it); what differs: "
-            f"{'; '.join(_differences(recorded, record))}"
+            f"{'; '.join(differences(recorded, record))}"
         )
 
 
@@ -252,7 +240,7 @@ def prepare_output_dir(
         )
         resume_from = resume_checkpoint(folder, is_main_process)
     elif recorded is not None and recorded != record:
-        changes = "; ".join(_differences(recorded, record))
+        changes = "; ".join(differences(recorded, record))
         action = "not resuming from its checkpoints" if resume else "not training over it"
         raise PreflightError(
             f"output folder {folder} holds another run ({action}); what differs: {changes}. Choose another "
