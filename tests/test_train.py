@@ -841,6 +841,29 @@ def test_a_finished_run_is_never_trained_over(workspace, reference_run, tmp_path
         train.run([*mine, "--resume", "--max_steps", "2"])
 
 
+def test_a_run_killed_while_saving_its_final_model_gets_it_back_on_resume(
+    workspace, reference_run, tmp_path, monkeypatch, capsys
+):
+    """All steps trained, then killed mid-way through the final save: `--resume` puts the last checkpoint's model
+    (the Trainer saves one at the last step) in place of the torn one instead of calling the run finished."""
+    output_dir = tmp_path / "killed-at-the-end"
+    shutil.copytree(reference_run["output_dir"], output_dir)
+    weights = output_dir / "model.safetensors"
+    weights.write_bytes(
+        weights.read_bytes()[:100]
+    )  # torn; the trainer state comes after it, so it is missing
+    (output_dir / "trainer_state.json").unlink()
+    monkeypatch.setattr(train, "build_model", _no_model_may_load)
+    capsys.readouterr()
+
+    assert train.run(base_args(workspace, str(output_dir), "--resume")) == {}
+    assert "stopped while saving its final model, now restored from checkpoint-6" in capsys.readouterr().out
+    for name, tensor in projector_of(reference_run["output_dir"]).items():
+        assert torch.equal(projector_of(output_dir)[name], tensor)
+    assert train.run(base_args(workspace, str(output_dir), "--resume")) == {}  # and now it is simply finished
+    assert "restored" not in capsys.readouterr().out
+
+
 def _no_model_may_load(*args, **kwargs):
     raise AssertionError("a model was loaded before the arguments were checked")
 

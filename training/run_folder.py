@@ -170,6 +170,13 @@ def resume_checkpoint(folder: Path, is_main_process: bool = True) -> Path:
     return chosen
 
 
+def _restore_final_model(folder: Path, checkpoint: Path) -> None:
+    """A run killed while saving its final model: the checkpoint of its last step holds the same model (the
+    Trainer saves one at the end), so its model files and trainer state take the place of the torn ones."""
+    for path in [*checkpoint_files(checkpoint), checkpoint / TRAINER_STATE_NAME]:
+        shutil.copy2(path, folder / path.name)
+
+
 def _remove_run(folder: Path) -> None:
     """What --overwrite_output_dir clears: the old run's checkpoints, record, state and weights."""
     for path in [*checkpoints(folder), *(folder / name for name in RUN_ARTIFACTS)]:
@@ -249,12 +256,22 @@ def prepare_output_dir(
     elif recorded is not None:
         finished = _trainer_state(folder)
         latest = [path for path in checkpoints(folder) if is_complete(path)]
-        step = finished["global_step"] if finished else (_checkpoint_step(latest[-1]) if latest else 0)
+        saved_step = finished["global_step"] if finished else 0
+        checkpoint_step = _checkpoint_step(latest[-1]) if latest else 0
+        step = max(saved_step, checkpoint_step)
         done = (finished is not None and max_steps <= 0) or (max_steps > 0 and step >= max_steps)
         if done and resume:
+            restored = ""
+            if checkpoint_step > saved_step:
+                if is_main_process:
+                    _restore_final_model(folder, latest[-1])
+                restored = (
+                    f" (it was stopped while saving its final model, now restored from {latest[-1].name})"
+                )
             raise RunFinished(
                 f"{folder} already finished this run at step {step}"
                 + (f" (max_steps {max_steps})" if max_steps > 0 else "")
+                + restored
                 + ": nothing to do. Raise --max_steps to train it further"
             )
         if (done or checkpoints(folder)) and not overwrite and not resume:
