@@ -22,7 +22,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ from training.preflight import (
     PreflightError,
     check_hub_dataset,
     check_model_source,
+    differences,
     looks_like_path,
     missing_local_data_message,
 )
@@ -425,10 +426,35 @@ def partial_dir(out_dir: Path) -> Path:
     return out_dir.with_name(out_dir.name + ".partial")
 
 
-def check_output_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse, before any model loads, a folder whose run this one would replace without being asked to."""
+def run_key(settings: RunSettings, source: DatasetSource) -> dict[str, Any]:
+    """What makes a run: the same clips transcribed the same way. `--resume` continues only a run of equal key."""
+    return {
+        "model": settings.model,
+        "dataset": source.location,
+        "split": source.split,
+        "max_samples": settings.max_samples,
+        "seed": settings.seed,
+        "generate_kwargs": settings.generate_kwargs,
+        "chunk_length_s": settings.chunk_length_s,
+    }
+
+
+def check_output_dir(out_dir: Path, resume: bool, overwrite: bool, key: dict[str, Any]) -> None:
+    """Refuse, before any model loads, a folder whose run this one would replace without being asked to, or that
+    `--resume` would continue though it holds another run."""
     partial = partial_dir(out_dir)
     finished = (out_dir / "results.json").is_file()
+    if resume and not overwrite:
+        runs = ([(out_dir, "a finished")] if finished else []) + [(partial, "an interrupted")]
+        for folder, state in runs:
+            recorded = _recorded_key(folder)
+            if recorded is not None and recorded != key:
+                changes = "; ".join(differences(recorded, key))
+                raise PreflightError(
+                    f"{folder} holds {state} run of other settings, so --resume does not continue it; what "
+                    f"differs: {changes}. --overwrite replaces it once the new run completes, or choose another "
+                    "--output-dir"
+                )
     if partial.exists() and not (resume or overwrite):
         raise PreflightError(
             f"{partial} holds an interrupted run: --resume continues it, --overwrite starts it again"
@@ -443,6 +469,12 @@ def check_output_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
             f"{out_dir} is not empty and holds no finished eval run: choose another --output-dir, or --overwrite "
             "to replace it once the new run completes"
         )
+
+
+def _recorded_key(folder: Path) -> dict[str, Any] | None:
+    """The run.json of the run in `folder`, if it has one."""
+    path = folder / "run.json"
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def _replace_dir(partial: Path, out_dir: Path) -> None:
@@ -475,37 +507,29 @@ def evaluate(
 ) -> dict[str, Any]:
     """Transcribe, score and time the selected clips. Rows go to `OUT.partial/samples.jsonl` after every batch;
     the finished run then replaces `out_dir` (a finished run of other settings only with `overwrite`)."""
-    run_key = {
-        "model": settings.model,
-        "dataset": source.location,
-        "split": source.split,
-        "max_samples": settings.max_samples,
-        "seed": settings.seed,
-        "generate_kwargs": settings.generate_kwargs,
-        "chunk_length_s": settings.chunk_length_s,
-    }
+    key = run_key(settings, source)
     if resume and (out_dir / "results.json").exists():
-        previous = json.loads((out_dir / "run.json").read_text())
-        if previous == run_key:  # finished before: nothing to stream again
+        previous = _recorded_key(out_dir)
+        if previous == key:  # finished before: nothing to stream again
             results = json.loads((out_dir / "results.json").read_text())
             print(f"[resume] {source.name} already finished")
             _print_summary(results, out_dir)
             return results
         if not overwrite:
-            raise ValueError(f"{out_dir} holds another run ({previous}); not resuming {run_key}")
+            raise ValueError(f"{out_dir} holds another run ({previous}); not resuming {key}")
     work = partial_dir(out_dir)
     samples_path, run_path = work / "samples.jsonl", work / "run.json"
     rows: list[dict[str, Any]] = []
-    interrupted = json.loads(run_path.read_text()) if resume and run_path.exists() else None
-    if interrupted == run_key:
+    interrupted = _recorded_key(work) if resume else None
+    if interrupted == key:
         rows = read_finished(samples_path)
         print(f"[resume] {len(rows)} samples already done in {samples_path}")
     elif interrupted is not None and not overwrite:
-        raise ValueError(f"{work} holds another run ({interrupted}); not resuming {run_key}")
+        raise ValueError(f"{work} holds another run ({interrupted}); not resuming {key}")
     else:
         shutil.rmtree(work, ignore_errors=True)  # an interrupted run the user asked to start again
     work.mkdir(parents=True, exist_ok=True)
-    run_path.write_text(json.dumps(run_key, indent=2) + "\n")
+    run_path.write_text(json.dumps(key, indent=2) + "\n")
     samples_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     rate = pipeline_sampling_rate(pipe)
@@ -767,13 +791,27 @@ def main(argv: list[str] | None = None) -> int:
     if not isinstance(args.generate_kwargs, dict):
         parser.error("--generate-kwargs must be a JSON object, e.g. '{\"num_beams\": 1}'")
     model_name = args.model_name or default_model_name(args.model)
+    settings = RunSettings(
+        model=args.model,
+        model_name=model_name,
+        max_samples=args.max_samples,
+        batch_size=args.batch_size,
+        device=args.device or "",  # the pipeline's choice, filled in once it has loaded
+        dtype=args.dtype,
+        int8=args.int8,
+        checkpoint_every=args.checkpoint_every,
+        generate_kwargs=args.generate_kwargs,
+        chunk_length_s=args.chunk_length_s,
+        contributor=args.contributor or _git_user(),
+        git_hash=git_hash(),
+    )
     planned = []
     try:
         sources = [resolve_dataset(name, args.split, args.audio_column, args.text_column) for name in names]
         check_model_source(args.model)
         for source in sources:
             out_dir = args.output_dir / _slug(model_name) / _slug(source.name)
-            check_output_dir(out_dir, args.resume, args.overwrite)
+            check_output_dir(out_dir, args.resume, args.overwrite, run_key(settings, source))
             baseline = args.compare_with and baseline_samples(args.compare_with, _slug(source.name))
             # Read now: with --overwrite the baseline may be the very run this one replaces.
             planned.append((source, out_dir, baseline, baseline and read_finished(baseline)))
@@ -785,20 +823,8 @@ def main(argv: list[str] | None = None) -> int:
         pipe = load_asr_pipeline(args.model, args.device, args.dtype, int8=args.int8)
     except Int8Unsupported as error:
         parser.error(str(error))
-    settings = RunSettings(
-        model=args.model,
-        model_name=model_name,
-        max_samples=args.max_samples,
-        batch_size=args.batch_size,
-        device=args.device or pipe.device.type,  # "cuda", "cpu": as results files name it
-        dtype=args.dtype,
-        int8=args.int8,
-        checkpoint_every=args.checkpoint_every,
-        generate_kwargs=args.generate_kwargs,
-        chunk_length_s=args.chunk_length_s,
-        contributor=args.contributor or _git_user(),
-        git_hash=git_hash(),
-    )
+    if not settings.device:
+        settings = replace(settings, device=pipe.device.type)  # "cuda", "cpu": as results name it
     all_results = []
     comparisons = []
     for source, out_dir, baseline, baseline_rows in planned:

@@ -42,7 +42,13 @@ from training.feature_cache import build_feature_cache
 from training.precision import cpu_has_native_bf16
 from training.prefix_cache import PromptPrefixCache
 from training.preflight import PreflightError, check_model_source, hub_problem, looks_like_path
-from training.run_folder import RunFinished, prepare_output_dir, run_record, upload
+from training.run_folder import (
+    RunFinished,
+    check_explicit_checkpoint,
+    prepare_output_dir,
+    run_record,
+    upload,
+)
 from training.wer import score
 
 logger = logging.getLogger("tiny_audio.train")
@@ -590,11 +596,14 @@ def run(argv: Sequence[str] | None = None, callbacks: list[TrainerCallback] | No
     )
     check_arguments(model_args, data_args, training_args)
     explicit_checkpoint = training_args.resume_from_checkpoint
+    record = run_record(model_args, data_args, training_args)
+    if explicit_checkpoint:
+        check_explicit_checkpoint(Path(explicit_checkpoint), record)
     with training_args.main_process_first(desc="checking the output folder"):
         try:
             resume_from = prepare_output_dir(
                 Path(training_args.output_dir),
-                run_record(model_args, data_args, training_args),
+                record,
                 resume=run_args.resume or bool(explicit_checkpoint),
                 overwrite=run_args.overwrite_output_dir,
                 max_steps=training_args.max_steps,

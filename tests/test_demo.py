@@ -3,6 +3,7 @@ streaming, Text mode, limits, readable rejections, the API page."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -16,6 +17,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -175,6 +177,63 @@ def test_closing_the_page_stops_the_job(backend: Backend, tmp_path: Path) -> Non
     finally:
         hook.remove()
     assert len(prefills) == 1  # of 3 chunks
+
+
+def _bad_files(tmp_path: Path, max_seconds: int) -> dict[str, tuple[Path | None, str]]:
+    """name -> (the file Transcribe mode is given, the message the page shows instead of a transcript)."""
+    files: dict[str, bytes] = {
+        "notes.wav": b"meeting notes, not a recording\n",
+        "noise.wav": np.random.default_rng(0).bytes(4096),
+        "empty.wav": b"",
+    }
+    for name, content in files.items():
+        (tmp_path / name).write_bytes(content)
+    cut = write_clip(tmp_path / "cut.wav", 1.0)
+    cut.write_bytes(cut.read_bytes()[:30])  # the header stops mid-way
+    sf.write(tmp_path / "silent.wav", np.zeros(0, dtype=np.float32), 16000)
+    sf.write(tmp_path / "nan.wav", np.full(16000, np.nan, dtype=np.float32), 16000, subtype="FLOAT")
+    sf.write(tmp_path / "long.flac", np.zeros((max_seconds + 1) * 8000, dtype=np.float32), 8000)
+    not_audio = "could not be read as audio"
+    return {
+        "no_file": (None, "Upload or record some audio first."),
+        "text_named_wav": (tmp_path / "notes.wav", f"Not an audio file: 'notes.wav' {not_audio}"),
+        "random_bytes": (tmp_path / "noise.wav", f"Not an audio file: 'noise.wav' {not_audio}"),
+        "empty_file": (tmp_path / "empty.wav", f"Not an audio file: 'empty.wav' {not_audio}"),
+        "cut_header": (tmp_path / "cut.wav", f"Not an audio file: 'cut.wav' {not_audio}"),
+        "no_samples": (tmp_path / "silent.wav", "Empty audio: 'silent.wav' holds no samples."),
+        "nan_samples": (tmp_path / "nan.wav", "nan.wav"),
+        "too_long": (
+            tmp_path / "long.flac",
+            f"Too long: 'long.flac' lasts {max_seconds + 1} s; this demo transcribes at most {max_seconds} s "
+            "(--max-audio-seconds).",
+        ),
+    }
+
+
+BAD_FILES = [
+    "no_file",
+    "text_named_wav",
+    "random_bytes",
+    "empty_file",
+    "cut_header",
+    "no_samples",
+    "nan_samples",
+    "too_long",
+]
+
+
+@pytest.mark.parametrize("name", BAD_FILES)
+def test_bad_file_gets_one_message_naming_it_and_no_transcript(
+    backend: Backend, tmp_path: Path, name: str
+) -> None:
+    path, message = _bad_files(tmp_path, int(backend.max_audio_seconds))[name]
+    updates = list(backend.transcribe(str(path) if path else None))
+    transcript, words, *_, note = updates[-1]
+    assert (transcript, words) == ("", [])
+    assert message in note, note
+    if name == "nan_samples":  # read, then refused by the pipeline's reader, which says why
+        assert "NaN" in note
+    assert "Traceback" not in note
 
 
 def test_text_prompt_longer_than_the_limit_is_refused(backend: Backend) -> None:
@@ -510,3 +569,48 @@ def test_transcriptions_run_side_by_side_and_text_mode_has_its_own_worker(backen
     }
     # Gradio runs a group at the lowest limit of its members: the page-only handlers must not lower it.
     assert {fn.concurrency_limit for fn in demo.fns.values() if fn.concurrency_id == "live"} == {3}
+
+
+class HeldPipe:
+    """The backend's pipeline, except that a file named ``long.wav`` waits until the test releases it: a long file
+    that holds a worker for as long as the test needs."""
+
+    def __init__(self, pipe: Any) -> None:
+        self.pipe, self.holding, self.release = pipe, threading.Event(), threading.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.pipe, name)
+
+    def __call__(self, source: Any, **kwargs: Any) -> Any:
+        if str(source).endswith("long.wav"):
+            self.holding.set()
+            self.release.wait()
+        return self.pipe(source, **kwargs)
+
+
+def test_a_short_clip_is_transcribed_while_a_long_file_holds_a_worker(
+    backend: Backend, tmp_path: Path
+) -> None:
+    """Through Gradio's own queue, as a client sees it: a short clip sent while a long file is being transcribed
+    gets its text without waiting for the long file."""
+    from app import build_demo
+    from gradio_client import Client, handle_file
+
+    held = HeldPipe(backend.pipe)
+    app = build_demo(dataclasses.replace(backend, pipe=held), "model")  # the default number of workers
+    app.queue()
+    app.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
+    try:
+        client = Client(app.local_url, verbose=False)
+        long = client.submit(handle_file(str(write_clip(tmp_path / "long.wav", 3.0))), api_name="/transcribe")
+        assert held.holding.wait(timeout=120), "the long file never started"
+        short = client.submit(
+            handle_file(str(write_clip(tmp_path / "short.wav", 1.0))), api_name="/transcribe"
+        )
+        transcript, *_ = short.result(timeout=120)  # a queue that held it behind the long file times out here
+        assert transcript and not long.done()
+        held.release.set()
+        assert long.result(timeout=120)[0]
+    finally:
+        held.release.set()
+        app.close()

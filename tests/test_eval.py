@@ -361,8 +361,10 @@ def test_resume_continues_after_last_finished_sample(
     assert "[resume] manifest.jsonl already finished" in capsys.readouterr().out
     assert json.loads((out_dir / "results.json").read_text()) == results
 
-    with pytest.raises(ValueError, match="holds another run"):
+    with pytest.raises(SystemExit):  # a run of other settings is not resumed: refused before the model loads
         evaluation.main([*args, "--max-samples", "4", "--resume"])
+    refused = capsys.readouterr()
+    assert "holds a finished run of other settings" in refused.err and "Loading model" not in refused.out
 
 
 def _row(clip: str, errors: int, words: int = 4, reference: str = "a b c d") -> dict:
@@ -555,6 +557,13 @@ def _bad_eval_arguments(
 ) -> dict[str, tuple[list[str], list[str]]]:
     """name -> (eval.py arguments, texts the one error message must contain)."""
     (tmp_path / "not-a-model").mkdir()
+    runs = {}  # --output-dir -> the run of 3 clips there, finished or interrupted
+    for state, folder_name in (("finished", "manifest.jsonl"), ("interrupted", "manifest.jsonl.partial")):
+        runs[state] = tmp_path / state / Path(tiny_whisper).name / folder_name
+        runs[state].mkdir(parents=True)
+        (runs[state] / "run.json").write_text(json.dumps({"model": tiny_whisper, "max_samples": 3}))
+    (runs["finished"] / "results.json").write_text("{}")
+    resume = [tiny_whisper, "--dataset", str(manifest), "--resume", "--output-dir"]
     return {
         "hub_dataset_offline": (
             [tiny_whisper, "--dataset", "loquacious"],
@@ -608,6 +617,17 @@ def _bad_eval_arguments(
             [tiny_whisper, "--dataset", str(manifest), "--generate-kwargs", "[1]"],
             ["--generate-kwargs must be a JSON object"],
         ),
+        "resume_another_finished_run": (
+            [*resume, str(tmp_path / "finished"), "--max-samples", "2"],
+            [
+                f"{runs['finished']} holds a finished run of other settings, so --resume does not continue it",
+                "max_samples: 3 -> 2",
+            ],
+        ),
+        "resume_another_interrupted_run": (
+            [*resume, str(tmp_path / "interrupted")],
+            [f"{runs['interrupted']} holds an interrupted run of other settings", "max_samples: 3 -> null"],
+        ),
     }
 
 
@@ -624,6 +644,8 @@ BAD_EVAL_ARGUMENTS = [
     "zero_batch",
     "negative_chunk",
     "generate_kwargs_not_object",
+    "resume_another_finished_run",
+    "resume_another_interrupted_run",
 ]
 
 
@@ -639,7 +661,10 @@ def test_bad_arguments_fail_with_one_message_before_the_model_loads(
     monkeypatch.chdir(tmp_path)  # relative dataset paths resolve here, where nothing has been built
     argv, expected = _bad_eval_arguments(tmp_path, tiny_whisper, manifest)[name]
     with pytest.raises(SystemExit) as exited:
-        evaluation.main([*argv, "--output-dir", str(tmp_path / "out"), "--device", "cpu"])
+        evaluation.main(
+            [*argv, "--device", "cpu"]
+            + ([] if "--output-dir" in argv else ["--output-dir", str(tmp_path / "out")])
+        )
     captured = capsys.readouterr()
     assert exited.value.code == 2
     for text in expected:

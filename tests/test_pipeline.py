@@ -19,6 +19,7 @@ from pipeline_asr import (
     AudioInputError,
     chunk_blocks,
     iter_chunks,
+    read_audio,
     to_mono_float,
 )
 
@@ -207,11 +208,19 @@ BAD_INPUTS = [
 ]
 
 
+# The pipeline's chunked reading, and the whole-clip reading of training, eval.py, the demo and the offline kit.
+READERS = {
+    "iter_chunks": lambda source, rate: list(iter_chunks(source, RATE, 30.0, sampling_rate=rate)),
+    "read_audio": lambda source, rate: read_audio(source, RATE, sampling_rate=rate),
+}
+
+
+@pytest.mark.parametrize("reader", READERS)
 @pytest.mark.parametrize("name", BAD_INPUTS)
-def test_bad_input_raises_one_error_naming_it_and_its_problem(tmp_path, name):
+def test_bad_input_raises_one_error_naming_it_and_its_problem(tmp_path, name, reader):
     source, sampling_rate, named, reason = _bad_inputs(tmp_path)[name]
     with pytest.raises(AudioInputError, match="Cannot read audio input") as caught:
-        list(iter_chunks(source, RATE, 30.0, sampling_rate=sampling_rate))
+        READERS[reader](source, sampling_rate)
     message = str(caught.value)
     assert named in message and reason in message, message
     assert "possibly a pipe" not in message

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import io
+import socket
+import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -23,9 +26,9 @@ MAX_AUDIO_SECONDS = 20
 MAX_PROMPT_TOKENS = 16
 
 
-def wav_bytes(audio: np.ndarray, rate: int = RATE) -> bytes:
+def wav_bytes(audio: np.ndarray, rate: int = RATE, subtype: str = "PCM_16") -> bytes:
     buffer = io.BytesIO()
-    sf.write(buffer, audio, rate, format="WAV", subtype="PCM_16")
+    sf.write(buffer, audio, rate, format="WAV", subtype=subtype)
     return buffer.getvalue()
 
 
@@ -121,12 +124,30 @@ def test_audio_without_speech_gives_no_text(client, kind):
     assert transcribe(client, wav_bytes(audio.astype(np.float32))).text == ""
 
 
-def test_bad_upload_gets_a_400_naming_the_file(client):
+BAD_UPLOADS = {  # name -> (bytes, what the message says of them)
+    "notes.txt": (b"this is not audio at all" * 20, "'notes.txt' is not audio this server can read"),
+    "noise.bin": (np.random.default_rng(0).bytes(4096), "'noise.bin' is not audio this server can read"),
+    "empty.wav": (b"", "'empty.wav' is not audio this server can read: empty bytes"),
+    "cut.wav": (
+        wav_bytes(np.zeros(RATE, dtype=np.float32))[:30],
+        "'cut.wav' is not audio this server can read",
+    ),
+    "silent.wav": (wav_bytes(np.zeros(0, dtype=np.float32)), "'silent.wav' holds no audio samples"),
+    "nan.wav": (
+        wav_bytes(np.full(RATE, np.nan, dtype=np.float32), subtype="FLOAT"),
+        "'nan.wav' is not audio this server can read: audio contains NaN",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", BAD_UPLOADS)
+def test_bad_upload_gets_a_400_naming_the_file(client, name):
+    data, named = BAD_UPLOADS[name]
     with pytest.raises(openai.BadRequestError) as caught:
-        transcribe(client, b"this is not audio at all" * 20, name="notes.txt")
+        transcribe(client, data, name=name)
     error = caught.value.body
     assert caught.value.status_code == 400 and error["param"] == "file" and error["code"] == "invalid_audio"
-    assert "'notes.txt' is not audio this server can read" in error["message"]
+    assert named in error["message"], error["message"]
 
 
 def test_oversized_upload_gets_a_413(client, server):
@@ -246,3 +267,62 @@ def test_a_batch_whose_clients_all_left_stops_generating(local_pipeline, speech)
 
     assert text_with([gone, waiting]) == full
     assert len(text_with([gone])) < len(full)
+
+
+def wait_until(condition, what: str, limit_s: float = 60.0) -> None:
+    """Polls ``condition``; fails naming ``what`` if it never holds (a wait for an event, not a speed check)."""
+    deadline = time.monotonic() + limit_s
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what} did not happen within {limit_s:g} s")
+        time.sleep(0.05)
+
+
+def test_a_client_that_hangs_up_takes_its_request_out_of_the_queue(local_pipeline, speech):
+    """A real HTTP client sends a request while the model worker is busy, then closes its connection: the server
+    drops the request from the queue, and the model never transcribes it."""
+    import uvicorn
+
+    from serving.server import create_app
+
+    app = create_app(local_pipeline, "tiny-audio")
+    queue = app.state.queue
+    release, batches = threading.Event(), []
+    run_batch = queue.run_batch
+
+    def held_until_released(jobs):  # the worker is busy until the test says so
+        batches.append(jobs)
+        release.wait()
+        return run_batch(jobs)
+
+    queue.run_batch = held_until_released
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: server.started, "the server's start")
+        busy = queue.submit(speech[0], DecodeOptions())
+        wait_until(lambda: batches, "the worker taking the first job")
+        url = f"http://127.0.0.1:{port}"
+        request = httpx.Request(
+            "POST",
+            f"{url}/v1/audio/transcriptions",
+            files={"file": ("clip.wav", wav_bytes(speech[1]))},
+            data={"model": "tiny-audio"},
+        )
+        head = "".join(f"{name}: {value}\r\n" for name, value in request.headers.items())
+        with socket.create_connection(("127.0.0.1", port)) as connection:
+            connection.sendall(
+                f"POST /v1/audio/transcriptions HTTP/1.1\r\n{head}\r\n".encode() + request.read()
+            )
+            wait_until(lambda: httpx.get(f"{url}/health").json()["queued"] == 1, "the request being queued")
+        wait_until(lambda: httpx.get(f"{url}/health").json()["cancelled"] == 1, "the request's cancellation")
+        assert httpx.get(f"{url}/health").json()["queued"] == 0
+        release.set()
+        busy.result.result(timeout=120)
+        assert batches == [[busy]]  # the hung-up request never reached the model
+    finally:
+        release.set()
+        server.should_exit = True
+        thread.join(timeout=60)

@@ -798,6 +798,9 @@ def test_a_finished_run_is_never_trained_over(workspace, reference_run, tmp_path
     monkeypatch.setattr(train, "build_model", _no_model_may_load)
     with pytest.raises(PreflightError, match="holds this run, finished: --resume does nothing"):
         train.run(argv)
+    capsys.readouterr()
+    assert train.run([*argv, "--resume"]) == {}  # nothing to do, and it says so, with no model loaded
+    assert "already finished this run at step 6 (max_steps 6): nothing to do" in capsys.readouterr().out
     # Another learning rate is another run: refused, and --resume will not continue the old run's checkpoints.
     with pytest.raises(
         PreflightError, match=r"holds another run \(not training over it\).*learning_rate: 0.05 -> 0.01"
@@ -838,6 +841,29 @@ def test_a_finished_run_is_never_trained_over(workspace, reference_run, tmp_path
         train.run([*mine, "--resume", "--max_steps", "2"])
 
 
+def test_a_run_killed_while_saving_its_final_model_gets_it_back_on_resume(
+    workspace, reference_run, tmp_path, monkeypatch, capsys
+):
+    """All steps trained, then killed mid-way through the final save: `--resume` puts the last checkpoint's model
+    (the Trainer saves one at the last step) in place of the torn one instead of calling the run finished."""
+    output_dir = tmp_path / "killed-at-the-end"
+    shutil.copytree(reference_run["output_dir"], output_dir)
+    weights = output_dir / "model.safetensors"
+    weights.write_bytes(
+        weights.read_bytes()[:100]
+    )  # torn; the trainer state comes after it, so it is missing
+    (output_dir / "trainer_state.json").unlink()
+    monkeypatch.setattr(train, "build_model", _no_model_may_load)
+    capsys.readouterr()
+
+    assert train.run(base_args(workspace, str(output_dir), "--resume")) == {}
+    assert "stopped while saving its final model, now restored from checkpoint-6" in capsys.readouterr().out
+    for name, tensor in projector_of(reference_run["output_dir"]).items():
+        assert torch.equal(projector_of(output_dir)[name], tensor)
+    assert train.run(base_args(workspace, str(output_dir), "--resume")) == {}  # and now it is simply finished
+    assert "restored" not in capsys.readouterr().out
+
+
 def _no_model_may_load(*args, **kwargs):
     raise AssertionError("a model was loaded before the arguments were checked")
 
@@ -847,6 +873,14 @@ def _bad_train_arguments(workspace: dict, tmp_path: Path) -> dict[str, tuple[lis
     out = str(tmp_path / "out")
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "model.safetensors").write_bytes(b"someone's weights")
+
+    other_run = tmp_path / "other-run"  # a checkpoint of a run with another learning rate
+    (other_run / "checkpoint-2").mkdir(parents=True)
+    (other_run / "run.json").write_text(json.dumps({"training": {"learning_rate": 0.01}}))
+    (other_run / "checkpoint-2" / "trainer_state.json").write_text(json.dumps({"global_step": 2}))
+    (other_run / "checkpoint-2" / "model.safetensors").write_bytes(b"weights")
+    (tmp_path / "torn" / "checkpoint-4").mkdir(parents=True)
+    (tmp_path / "torn" / "checkpoint-4" / "model.safetensors").write_bytes(b"weights")
 
     def data(**spec: object) -> list[str]:
         return ["--train_datasets", json.dumps([{"path": workspace["data"], "split": "train", **spec}])]
@@ -909,6 +943,14 @@ def _bad_train_arguments(workspace: dict, tmp_path: Path) -> dict[str, tuple[lis
             "not empty and holds no record of a run",
         ),
         "resume_nothing": (base_args(workspace, out, "--resume"), "holds no run to continue"),
+        "resume_from_another_runs_checkpoint": (
+            base_args(workspace, out, "--resume_from_checkpoint", str(other_run / "checkpoint-2")),
+            r"checkpoint-2 belongs to another run \(not resuming from it\).*learning_rate: 0.01 -> 0.05",
+        ),
+        "resume_from_incomplete_checkpoint": (
+            base_args(workspace, out, "--resume_from_checkpoint", str(tmp_path / "torn" / "checkpoint-4")),
+            "checkpoint-4 is not a complete checkpoint",
+        ),
     }
 
 
@@ -927,6 +969,8 @@ BAD_TRAIN_ARGUMENTS = [
     "hub_models_offline",
     "folder_of_something_else",
     "resume_nothing",
+    "resume_from_another_runs_checkpoint",
+    "resume_from_incomplete_checkpoint",
 ]
 
 

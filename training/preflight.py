@@ -6,8 +6,10 @@ says what to do, instead of after a minute of loading as a library traceback.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+from typing import Any
 
 import huggingface_hub
 from huggingface_hub.errors import GatedRepoError, OfflineModeIsEnabled, RepositoryNotFoundError
@@ -99,3 +101,15 @@ def check_model_source(name: str, role: str = "model") -> None:
         raise PreflightError(
             f"{role} {name} is not a local folder and cannot be loaded from the Hub: {problem}"
         )
+
+
+def differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """`key: old -> new` for every leaf that differs: what a refusal to continue another run names."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        before, after = old.get(key), new.get(key)
+        if isinstance(before, dict) and isinstance(after, dict):
+            out += differences(before, after, f"{prefix}{key}.")
+        elif before != after:
+            out.append(f"{prefix}{key}: {json.dumps(before)} -> {json.dumps(after)}")
+    return out

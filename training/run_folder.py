@@ -21,7 +21,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import SAFE_WEIGHTS_NAME
 
 from training.data import data_fingerprint, parse_dataset_specs
-from training.preflight import PreflightError
+from training.preflight import PreflightError, differences
 
 logger = logging.getLogger(__name__)
 
@@ -110,18 +110,6 @@ def run_record(model_args: Any, data_args: Any, training_args: TrainingArguments
     return json.loads(json.dumps(record, default=str))  # enums and paths as the JSON file will hold them
 
 
-def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
-    """`key: old -> new` for every leaf that differs."""
-    out = []
-    for key in sorted(set(old) | set(new)):
-        before, after = old.get(key), new.get(key)
-        if isinstance(before, dict) and isinstance(after, dict):
-            out += _differences(before, after, f"{prefix}{key}.")
-        elif before != after:
-            out.append(f"{prefix}{key}: {json.dumps(before)} -> {json.dumps(after)}")
-    return out
-
-
 def _checkpoint_step(path: Path) -> int | None:
     name = path.name
     prefix = f"{PREFIX_CHECKPOINT_DIR}-"
@@ -182,6 +170,13 @@ def resume_checkpoint(folder: Path, is_main_process: bool = True) -> Path:
     return chosen
 
 
+def _restore_final_model(folder: Path, checkpoint: Path) -> None:
+    """A run killed while saving its final model: the checkpoint of its last step holds the same model (the
+    Trainer saves one at the end), so its model files and trainer state take the place of the torn ones."""
+    for path in [*checkpoint_files(checkpoint), checkpoint / TRAINER_STATE_NAME]:
+        shutil.copy2(path, folder / path.name)
+
+
 def _remove_run(folder: Path) -> None:
     """What --overwrite_output_dir clears: the old run's checkpoints, record, state and weights."""
     for path in [*checkpoints(folder), *(folder / name for name in RUN_ARTIFACTS)]:
@@ -189,6 +184,29 @@ def _remove_run(folder: Path) -> None:
             shutil.rmtree(path)
         elif path.exists():
             path.unlink()
+
+
+def _recorded_run(folder: Path) -> dict[str, Any] | None:
+    """The run.json of the run in `folder`, if it has a readable one."""
+    try:
+        return json.loads((folder / RUN_RECORD).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def check_explicit_checkpoint(checkpoint: Path, record: dict[str, Any]) -> None:
+    """`--resume_from_checkpoint PATH`: a complete checkpoint, of this run when its folder records one."""
+    if _trainer_state(checkpoint) is None or not (checkpoint / SAFE_WEIGHTS_NAME).is_file():
+        raise PreflightError(
+            f"--resume_from_checkpoint {checkpoint} is not a complete checkpoint (no readable {TRAINER_STATE_NAME} "
+            f"or {SAFE_WEIGHTS_NAME})"
+        )
+    recorded = _recorded_run(checkpoint.parent)
+    if recorded is not None and recorded != record:
+        raise PreflightError(
+            f"--resume_from_checkpoint {checkpoint} belongs to another run (not resuming from it); what differs: "
+            f"{'; '.join(differences(recorded, record))}"
+        )
 
 
 def prepare_output_dir(
@@ -207,10 +225,7 @@ def prepare_output_dir(
     """
     contents = [path for path in folder.iterdir()] if folder.is_dir() else []
     recorded_path = folder / RUN_RECORD
-    try:
-        recorded = json.loads(recorded_path.read_text()) if recorded_path.is_file() else None
-    except json.JSONDecodeError:
-        recorded = None
+    recorded = _recorded_run(folder)
     resume_from = None
     if overwrite and contents and recorded != record:
         if is_main_process:
@@ -232,7 +247,7 @@ def prepare_output_dir(
         )
         resume_from = resume_checkpoint(folder, is_main_process)
     elif recorded is not None and recorded != record:
-        changes = "; ".join(_differences(recorded, record))
+        changes = "; ".join(differences(recorded, record))
         action = "not resuming from its checkpoints" if resume else "not training over it"
         raise PreflightError(
             f"output folder {folder} holds another run ({action}); what differs: {changes}. Choose another "
@@ -241,12 +256,22 @@ def prepare_output_dir(
     elif recorded is not None:
         finished = _trainer_state(folder)
         latest = [path for path in checkpoints(folder) if is_complete(path)]
-        step = finished["global_step"] if finished else (_checkpoint_step(latest[-1]) if latest else 0)
+        saved_step = finished["global_step"] if finished else 0
+        checkpoint_step = _checkpoint_step(latest[-1]) if latest else 0
+        step = max(saved_step, checkpoint_step)
         done = (finished is not None and max_steps <= 0) or (max_steps > 0 and step >= max_steps)
         if done and resume:
+            restored = ""
+            if checkpoint_step > saved_step:
+                if is_main_process:
+                    _restore_final_model(folder, latest[-1])
+                restored = (
+                    f" (it was stopped while saving its final model, now restored from {latest[-1].name})"
+                )
             raise RunFinished(
                 f"{folder} already finished this run at step {step}"
                 + (f" (max_steps {max_steps})" if max_steps > 0 else "")
+                + restored
                 + ": nothing to do. Raise --max_steps to train it further"
             )
         if (done or checkpoints(folder)) and not overwrite and not resume:
