@@ -427,7 +427,8 @@ def partial_dir(out_dir: Path) -> Path:
 
 
 def run_key(settings: RunSettings, source: DatasetSource) -> dict[str, Any]:
-    """What makes a run: the same clips transcribed the same way. `--resume` continues only a run of equal key."""
+    """What makes a run: the same clips transcribed the same way, by the same weights' precision. `--resume`
+    continues only a run of equal key."""
     return {
         "model": settings.model,
         "dataset": source.location,
@@ -436,6 +437,8 @@ def run_key(settings: RunSettings, source: DatasetSource) -> dict[str, Any]:
         "seed": settings.seed,
         "generate_kwargs": settings.generate_kwargs,
         "chunk_length_s": settings.chunk_length_s,
+        "dtype": settings.dtype,
+        "int8": settings.int8,
     }
 
 

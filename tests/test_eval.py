@@ -561,7 +561,9 @@ def _bad_eval_arguments(
     for state, folder_name in (("finished", "manifest.jsonl"), ("interrupted", "manifest.jsonl.partial")):
         runs[state] = tmp_path / state / Path(tiny_whisper).name / folder_name
         runs[state].mkdir(parents=True)
-        (runs[state] / "run.json").write_text(json.dumps({"model": tiny_whisper, "max_samples": 3}))
+        (runs[state] / "run.json").write_text(
+            json.dumps({"model": tiny_whisper, "max_samples": 3, "int8": False})
+        )
     (runs["finished"] / "results.json").write_text("{}")
     resume = [tiny_whisper, "--dataset", str(manifest), "--resume", "--output-dir"]
     return {
@@ -628,6 +630,10 @@ def _bad_eval_arguments(
             [*resume, str(tmp_path / "interrupted")],
             [f"{runs['interrupted']} holds an interrupted run of other settings", "max_samples: 3 -> null"],
         ),
+        "resume_in_int8": (  # int8 transcripts must not be mixed into a float run's results
+            [*resume, str(tmp_path / "interrupted"), "--max-samples", "3", "--int8"],
+            [f"{runs['interrupted']} holds an interrupted run of other settings", "int8: false -> true"],
+        ),
     }
 
 
@@ -646,6 +652,7 @@ BAD_EVAL_ARGUMENTS = [
     "generate_kwargs_not_object",
     "resume_another_finished_run",
     "resume_another_interrupted_run",
+    "resume_in_int8",
 ]
 
 
