@@ -667,12 +667,27 @@ class TinyAudioForConditionalGeneration(TinyAudioPreTrainedModel, GenerationMixi
                 )
                 if not config.encoder_trainable_layers:
                     hidden = self.audio_tower.layer_norm(hidden)
+            elif getattr(config.audio_config, "feat_extract_norm", "layer") == "group":
+                hidden = self._encode_clip_by_clip(features, input_features_mask, lengths)
             else:
-                use_mask = getattr(config.audio_config, "feat_extract_norm", "layer") == "layer"
-                hidden = self.audio_tower(features, attention_mask=input_features_mask if use_mask else None)
-                hidden = hidden.last_hidden_state
+                hidden = self.audio_tower(features, attention_mask=input_features_mask).last_hidden_state
         frame_ids = torch.arange(hidden.shape[1], device=hidden.device)
         return hidden, frame_ids[None, :] < lengths[:, None].to(hidden.device)
+
+    def _encode_clip_by_clip(
+        self, samples: torch.Tensor, samples_mask: torch.Tensor, lengths: torch.Tensor
+    ) -> torch.Tensor:
+        """Group-norm encoders (wav2vec2-base, hubert-base) normalise each channel over the whole input, padding
+        included, and take no attention mask: in a padded batch every clip's frames would depend on the others'
+        lengths. Each clip runs alone on its own samples; the frames are padded back into a batch."""
+        rows = [
+            self.audio_tower(clip[None, : int(count)]).last_hidden_state[0]
+            for clip, count in zip(samples, samples_mask.sum(-1), strict=True)
+        ]
+        hidden = rows[0].new_zeros(len(rows), int(lengths.max()), rows[0].shape[-1])
+        for index, frames in enumerate(rows):
+            hidden[index, : len(frames)] = frames[: hidden.shape[1]]
+        return hidden
 
     def project_audio(
         self, encoder_hidden: torch.Tensor, encoder_mask: torch.Tensor

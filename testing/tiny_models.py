@@ -58,7 +58,9 @@ def make_tiny_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def make_tiny_encoder(directory: str | Path, kind: str = "whisper", num_layers: int = 1) -> str:
-    """Saves a random tiny encoder checkpoint (with its feature extractor) and returns its folder."""
+    """Saves a random tiny encoder checkpoint (with its feature extractor) and returns its folder. ``kind`` is
+    "whisper", "hubert", "wav2vec2", "wavlm" (layer-norm feature encoders, like the large checkpoints) or
+    "wav2vec2-group" (group norm over time in the first convolution, like wav2vec2-base and hubert-base)."""
     directory = Path(directory)
     if kind == "whisper":
         config = WhisperConfig(
@@ -92,6 +94,9 @@ def make_tiny_encoder(directory: str | Path, kind: str = "whisper", num_layers: 
             "do_stable_layer_norm": True,
             **WAV2VEC_CONV,
         }
+        if kind == "wav2vec2-group":
+            kind = "wav2vec2"
+            common |= {"feat_extract_norm": "group", "do_stable_layer_norm": False}
         config_class, model_class = {
             "hubert": (HubertConfig, HubertModel),
             "wav2vec2": (Wav2Vec2Config, Wav2Vec2Model),
