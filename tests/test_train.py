@@ -968,6 +968,34 @@ def test_warmup_longer_than_the_run_is_warned_about(workspace, tmp_path, caplog)
     assert "warmup_steps 50 is more than max_steps 6" in caplog.text
 
 
+class KeepModel(TrainerCallback):
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.model = model
+
+
+def test_console_names_the_folder_what_trains_on_how_much_and_what_to_do_next(workspace, tmp_path, capsys):
+    """The start summary (output folder, trainable and frozen parameters, clips, steps, effective batch) and
+    the closing hint (how to evaluate and demo the result), with the run's own numbers."""
+    kept, output_dir = KeepModel(), tmp_path / "out"
+    argv = base_args(
+        workspace, str(output_dir), *NO_EVAL, "--max_steps", "1", "--gradient_accumulation_steps", "2"
+    )
+    train.run(argv, callbacks=[kept])
+    printed = capsys.readouterr().out
+    trainable = sum(tensor.numel() for tensor in kept.model.trainable_state_dict().values())  # what is saved
+    frozen = sum(parameter.numel() for parameter in kept.model.parameters()) - trainable
+    assert (
+        f"Training Tiny Audio into {output_dir}\n"
+        f"  parameters: {trainable:,} trainable (projector, LoRA), {frozen:,} frozen (encoder, LLM)\n"
+        "  clips: 24 (skipped: 0), steps: 1, effective batch: 8 (4 per device x 2 accumulation x 1 process)\n"
+    ) in printed, printed
+    assert printed.rstrip().endswith(
+        f"Trained model saved in {output_dir}\n"
+        f"  evaluate it: python eval.py {output_dir} --dataset data/real_speech\n"
+        f"  try it:      python demo/app.py --model {output_dir}"
+    ), printed
+
+
 def test_trainer_wer_is_eval_py_wer_in_percent(workspace, reference_run, tmp_path):
     """The Trainer's eval_wer is eval.py's metric (Whisper normaliser, corpus WER, percent). The reference below is
     the model's own words plus five more only once normalised as Whisper's normaliser does ("(laughs)" dropped,
