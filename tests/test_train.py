@@ -152,6 +152,19 @@ def test_yaml_config_with_command_line_overrides(workspace, tmp_path):
         parse_dataset_specs('[{"path": "x", "colums": 1}]')
 
 
+def test_wandb_without_its_package_is_dropped_saying_how_to_install_it(workspace, tmp_path, caplog):
+    """The run goes on without W&B and says how to get it; the README says that and how to run W&B offline."""
+    if train.OPTIONAL_REPORTERS["wandb"]():
+        pytest.skip("wandb is installed here")
+    training_args = train.parse_args(base_args(workspace, str(tmp_path / "out"), "--report_to", "wandb"))[3]
+    assert training_args.report_to == []
+    assert "Not reporting to wandb: its package is not installed (pip install wandb)" in caplog.text
+    readme = re.sub(r"\s+", " ", (ROOT / "README.md").read_text())
+    assert "`--report_to wandb` logs to Weights & Biases instead; it needs `pip install wandb`" in readme
+    assert "`WANDB_MODE=offline python train.py configs/offline.yaml --report_to wandb`" in readme
+    assert "`wandb sync wandb/offline-run-*`" in readme
+
+
 @pytest.mark.parametrize("config", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda path: path.name)
 def test_checked_in_configs_parse(config):
     written = yaml.safe_load(config.read_text())
