@@ -993,7 +993,7 @@ def test_console_names_the_folder_what_trains_on_how_much_and_what_to_do_next(wo
     argv = base_args(
         workspace, str(output_dir), *NO_EVAL, "--max_steps", "1", "--gradient_accumulation_steps", "2"
     )
-    train.run(argv, callbacks=[kept])
+    train.run([*argv, "--lora_rank", "2"], callbacks=[kept])
     printed = capsys.readouterr().out
     trainable = sum(tensor.numel() for tensor in kept.model.trainable_state_dict().values())  # what is saved
     frozen = sum(parameter.numel() for parameter in kept.model.parameters()) - trainable
@@ -1007,6 +1007,9 @@ def test_console_names_the_folder_what_trains_on_how_much_and_what_to_do_next(wo
         f"  evaluate it: python eval.py {output_dir} --dataset data/real_speech\n"
         f"  try it:      python demo/app.py --model {output_dir}"
     ), printed
+    # A run without LoRA does not claim it; one that trains encoder layers names them.
+    train.run([*argv, "--encoder_trainable_layers", "1", "--overwrite_output_dir"])
+    assert " trainable (projector, top encoder layers), " in capsys.readouterr().out
 
 
 def test_trainer_wer_is_eval_py_wer_in_percent(workspace, reference_run, tmp_path):
