@@ -27,7 +27,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.utils import SAFE_WEIGHTS_NAME
 
 from configuration_tiny_audio import DEFAULT_AUDIO_MODEL_ID, DEFAULT_TEXT_MODEL_ID
-from modeling_tiny_audio import TinyAudioForConditionalGeneration
+from modeling_tiny_audio import AUDIO_TOWER_PREFIX, LORA_MARKER, TinyAudioForConditionalGeneration
 from pipeline_asr import read_audio
 from processing_tiny_audio import TinyAudioProcessor
 from training.collator import SpeechCollator
@@ -562,11 +562,15 @@ def _print_start(trainer: Trainer, train_dataset, skipped, resume_from: Path | N
     model = trainer.model
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    trained = [name for name, p in model.named_parameters() if p.requires_grad]
+    parts = ["projector"]
+    parts += ["LoRA"] * any(LORA_MARKER in name for name in trained)
+    parts += ["top encoder layers"] * any(name.startswith(AUDIO_TOWER_PREFIX) for name in trained)
     effective = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
     clips = f"{len(train_dataset):,}" if hasattr(train_dataset, "__len__") else "streamed"
     steps = args.max_steps if args.max_steps > 0 else f"{args.num_train_epochs:g} epochs"
     print(f"Training Tiny Audio into {os.path.abspath(args.output_dir)}")
-    print(f"  parameters: {trainable:,} trainable (projector, LoRA), {frozen:,} frozen (encoder, LLM)")
+    print(f"  parameters: {trainable:,} trainable ({', '.join(parts)}), {frozen:,} frozen (encoder, LLM)")
     print(
         f"  clips: {clips} (skipped: {sum(skipped.values())}), steps: {steps}, effective batch: {effective} "
         f"({args.per_device_train_batch_size} per device x {args.gradient_accumulation_steps} accumulation x "

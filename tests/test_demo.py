@@ -510,10 +510,16 @@ def test_live_microphone_text_appears_while_speaking(page) -> None:
     assert page.outside_requests == []
 
 
+def choose_example(page, name: str) -> None:
+    """Click an example clip, as a user does, and wait until the audio box holds it (Gradio fetches it first)."""
+    page.get_by_text(name).first.click()
+    page.locator(f'#audio a[data-testid="download-link"][href$="/{name}"]').wait_for(timeout=60_000)
+
+
 @pytest.mark.browser
 def test_example_clip_is_transcribed_and_upload_label_names_ogg(page) -> None:
     assert page.get_by_text(re.compile(r"Audio \(WAV, MP3, FLAC, OGG; up to 0\.5 MB and 0\.75 min\)")).count()
-    page.get_by_text("kokoro_heart.ogg").first.click()
+    choose_example(page, "kokoro_heart.ogg")
     page.click("#transcribe-btn")
     assert wait_for_transcript(page)
     assert page.locator("#duration textarea, #duration input").input_value() == "2.85 s"
@@ -521,7 +527,7 @@ def test_example_clip_is_transcribed_and_upload_label_names_ogg(page) -> None:
 
 @pytest.mark.browser
 def test_audio_without_speech_is_reported(page) -> None:
-    page.get_by_text("beeps.ogg").first.click()
+    choose_example(page, "beeps.ogg")
     page.click("#transcribe-btn")
     page.get_by_text(NO_SPEECH).first.wait_for(timeout=60_000)
     assert page.locator("#transcript textarea").input_value() == ""

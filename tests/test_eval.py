@@ -9,6 +9,8 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import datasets
@@ -292,7 +294,9 @@ def test_end_to_end_report_and_results_files(tiny_whisper: str, manifest: Path, 
     assert re.search(
         r"\| manifest.jsonl \| all \| 5 \| \d+\.\d\d% \| \d+\.\d \(2\) \|", stdout
     )  # final table
-    assert "7/7" in result.stderr  # the progress bar counts every selected clip, scored or skipped
+    # The progress bar counts every selected clip, scored or skipped, against the total, with an ETA.
+    progress_bar = r"manifest.jsonl: 100%\|.*\| 7/7 \[\d\d:\d\d<\d\d:\d\d"  # elapsed<remaining
+    assert re.search(progress_bar, result.stderr), result.stderr[-500:]
 
     out_dir = tmp_path / "out" / Path(tiny_whisper).name / "manifest.jsonl"
     results = json.loads((out_dir / "results.json").read_text())
@@ -321,6 +325,17 @@ def test_end_to_end_report_and_results_files(tiny_whisper: str, manifest: Path, 
     # A local model is named by its folder, not by the whole path (kept as model_path).
     assert (results["seed"], results["device"]) == (42, "cpu")
     assert (results["model"], results["model_path"]) == (Path(tiny_whisper).name, tiny_whisper)
+
+
+def test_default_batch_size_is_the_one_of_the_published_figures() -> None:
+    """One default, the batch size the README's RTFx figures (the shipped results files) were measured at."""
+    default = evaluation.build_parser().parse_args(["some/model"]).batch_size
+    published = {
+        json.loads(path.read_text())["batch_size"]
+        for path in (ROOT / "offline_kit" / "trained" / "results").glob("*.json")
+    }
+    assert published == {default}
+    assert f"at `--batch-size` (default {default})" in (ROOT / "README.md").read_text()
 
 
 def test_resume_continues_after_last_finished_sample(
@@ -677,6 +692,82 @@ def test_bad_arguments_fail_with_one_message_before_the_model_loads(
     for text in expected:
         assert text in captured.err, captured.err
     assert "Traceback" not in captured.err and "Loading model" not in captured.out
+
+
+@pytest.mark.parametrize("name", [None, *evaluation.DATASETS])
+def test_every_registry_set_offline_is_one_message_before_the_model_loads(
+    name: str | None, tiny_whisper: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The default set (no --dataset) and each benchmark name, with the Hub offline: what, why and what to do."""
+    chosen = ["--dataset", name] if name else []
+    with pytest.raises(SystemExit) as exited:
+        evaluation.main([tiny_whisper, *chosen, "--output-dir", str(tmp_path / "out"), "--device", "cpu"])
+    captured = capsys.readouterr()
+    assert exited.value.code == 2
+    error = captured.err.strip().splitlines()[-1]
+    spec = evaluation.DATASETS[name or "loquacious"]
+    for text in (
+        f"dataset '{name or 'loquacious'}'",
+        spec.path,
+        "HF_HUB_OFFLINE is set",
+        "terms accepted on the Hub and a token",
+        "data/real_speech (python -m offline_kit.real_speech)",
+    ):
+        assert text in error, error
+    assert "Traceback" not in captured.err and "Loading model" not in captured.out
+
+
+class FakeHub(BaseHTTPRequestHandler):
+    """The Hub's auth-check answer for a gated dataset whose terms this user has not accepted."""
+
+    def do_GET(self) -> None:
+        self.send_response(403)
+        self.send_header("X-Error-Code", "GatedRepo")
+        self.send_header("X-Error-Message", "Access to this dataset is restricted.")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.mark.parametrize("hub", ["gated", "unreachable"])
+def test_a_hub_set_that_cannot_be_read_online_is_one_message_before_the_model_loads(
+    hub: str, tiny_whisper: str, tmp_path: Path
+) -> None:
+    """Online, through the real HTTP client: a gated set says to accept its terms and log in; a Hub that does
+    not answer says so. Either way one line, before the model loads."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeHub)
+    port = server.server_address[1]
+    if hub == "gated":
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    else:
+        server.server_close()  # nothing listens on the port any more
+    env = {key: value for key, value in os.environ.items() if key not in ("HF_HUB_OFFLINE", "HF_TOKEN")}
+    try:
+        done = subprocess.run(
+            [sys.executable, str(ROOT / "eval.py"), tiny_whisper, "--output-dir", str(tmp_path / "out")],
+            capture_output=True,
+            text=True,
+            env=env | {"HF_ENDPOINT": f"http://127.0.0.1:{port}", "HF_HOME": str(tmp_path / "hf")},
+            cwd=tmp_path,
+            timeout=300,
+        )
+    finally:
+        if hub == "gated":
+            server.shutdown()
+            server.server_close()
+    assert done.returncode == 2 and "Traceback" not in done.stderr and "Loading model" not in done.stdout
+    error = done.stderr.strip().splitlines()[-1]
+    assert error.startswith("eval.py: error: dataset 'loquacious'") and "data/real_speech" in error, error
+    if hub == "gated":
+        assert (
+            "it is gated: accept its terms at https://huggingface.co/datasets/speechbrain/LoquaciousSet"
+            in error
+        )
+        assert "hf auth login" in error
+    else:
+        assert "the Hub cannot be reached (ConnectError" in error
 
 
 def test_a_finished_run_is_kept_until_a_new_one_completes(

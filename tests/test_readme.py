@@ -39,15 +39,21 @@ NOT_RUN = {
 # Commands that read the real offline preset (their config names it), and the flags appended to keep them short
 # (argparse keeps the last value of a repeated flag).
 NEEDS_PRESET = {
-    "python train.py configs/offline.yaml --max_steps 5": "--max_steps 2 --max_eval_samples 8 --wer_eval_samples 2",
-    "python train.py configs/offline.yaml --resume": "--max_steps 2 --max_eval_samples 8 --wer_eval_samples 2",
+    "python train.py configs/offline.yaml --max_steps 5": "--max_steps 1 --max_eval_samples 8 --wer_eval_samples 2",
+    "python train.py configs/offline.yaml --resume": "--max_steps 1 --max_eval_samples 8 --wer_eval_samples 2",
 }
-# What a new user runs first, for commands that use an earlier run (README's own placeholders filled in).
+# What a new user runs first, for commands that use an earlier run or data the README builds just before them
+# (README's own placeholders filled in).
+SMALLEST_TRAINING = "python train.py configs/offline.yaml --max_steps 5"
 BEFORE = {
     "python eval.py NEW --dataset data/real_speech --output-dir outputs/eval/new --compare-with outputs/eval/old": [
         "python eval.py MODEL --dataset data/real_speech --output-dir outputs/eval/old"
     ],
+    SMALLEST_TRAINING: ["python -m offline_kit.synthetic_corpus"],  # the starter corpus, the line above it
 }
+# Commands that must work, not only fail clearly: on a fresh machine after scripts/offline.sh, the README's
+# smallest training command trains.
+MUST_WORK = {SMALLEST_TRAINING}
 # Placeholder -> value, longest first; {model}, {run_a}, {run_b} are folders of the sandbox.
 PLACEHOLDERS = {
     "outputs/eval/MODEL/DATASET/results.json": "outputs/eval/tiny-audio-offline/real_speech/results.json",
@@ -163,7 +169,7 @@ def test_every_readme_command_is_run_or_says_why_not() -> None:
     """A command added to the README runs here unless it is listed as not run; a listed one must still exist."""
     commands = readme_commands()
     assert len(commands) >= 10
-    for listed in [*NOT_RUN, *NEEDS_PRESET, *BEFORE]:
+    for listed in [*NOT_RUN, *NEEDS_PRESET, *BEFORE, *MUST_WORK]:
         assert listed in commands, f"{listed!r} is no longer in the README: update this test"
 
 
@@ -173,11 +179,15 @@ def _cheap_commands() -> list[str]:
     ]
 
 
-@pytest.mark.parametrize("command", _cheap_commands())
-def test_readme_command(command: str, sandbox: dict[str, str]) -> None:
+def run_earlier_commands(command: str, sandbox: dict[str, str]) -> None:
     for earlier in BEFORE.get(command, []):
         done = run(earlier, sandbox)
         assert done.returncode == 0, f"{earlier!r} (run first):\n{done.stderr[-3000:]}"
+
+
+@pytest.mark.parametrize("command", _cheap_commands())
+def test_readme_command(command: str, sandbox: dict[str, str]) -> None:
+    run_earlier_commands(command, sandbox)
     works_or_says_why(command, run(command, sandbox))
 
 
@@ -187,7 +197,12 @@ def test_readme_command(command: str, sandbox: dict[str, str]) -> None:
 def test_readme_command_on_the_offline_preset(command: str, sandbox: dict[str, str]) -> None:
     if not (resolve_cache_dir() / MODEL_FOLDER / "config.json").is_file():
         pytest.skip("needs the offline preset: python -m offline_kit.preset")
-    works_or_says_why(command, run(f"{command} {NEEDS_PRESET[command]}", sandbox, timeout=900))
+    run_earlier_commands(command, sandbox)
+    done = run(f"{command} {NEEDS_PRESET[command]}", sandbox, timeout=900)
+    works_or_says_why(command, done)
+    if command in MUST_WORK:
+        assert done.returncode == 0, f"{command!r} did not work as written:\n{done.stderr[-3000:]}"
+        assert "Trained model saved in outputs/offline" in done.stdout
 
 
 def test_readme_python_examples(sandbox: dict[str, str]) -> None:

@@ -152,6 +152,19 @@ def test_yaml_config_with_command_line_overrides(workspace, tmp_path):
         parse_dataset_specs('[{"path": "x", "colums": 1}]')
 
 
+def test_wandb_without_its_package_is_dropped_saying_how_to_install_it(workspace, tmp_path, caplog):
+    """The run goes on without W&B and says how to get it; the README says that and how to run W&B offline."""
+    if train.OPTIONAL_REPORTERS["wandb"]():
+        pytest.skip("wandb is installed here")
+    training_args = train.parse_args(base_args(workspace, str(tmp_path / "out"), "--report_to", "wandb"))[3]
+    assert training_args.report_to == []
+    assert "Not reporting to wandb: its package is not installed (pip install wandb)" in caplog.text
+    readme = re.sub(r"\s+", " ", (ROOT / "README.md").read_text())
+    assert "`--report_to wandb` logs to Weights & Biases instead; it needs `pip install wandb`" in readme
+    assert "`WANDB_MODE=offline python train.py configs/offline.yaml --report_to wandb`" in readme
+    assert "`wandb sync wandb/offline-run-*`" in readme
+
+
 @pytest.mark.parametrize("config", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda path: path.name)
 def test_checked_in_configs_parse(config):
     written = yaml.safe_load(config.read_text())
@@ -1010,6 +1023,37 @@ def test_warmup_longer_than_the_run_is_warned_about(workspace, tmp_path, caplog)
     )
     train.check_arguments(model_args, data_args, training_args)
     assert "warmup_steps 50 is more than max_steps 6" in caplog.text
+
+
+class KeepModel(TrainerCallback):
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.model = model
+
+
+def test_console_names_the_folder_what_trains_on_how_much_and_what_to_do_next(workspace, tmp_path, capsys):
+    """The start summary (output folder, trainable and frozen parameters, clips, steps, effective batch) and
+    the closing hint (how to evaluate and demo the result), with the run's own numbers."""
+    kept, output_dir = KeepModel(), tmp_path / "out"
+    argv = base_args(
+        workspace, str(output_dir), *NO_EVAL, "--max_steps", "1", "--gradient_accumulation_steps", "2"
+    )
+    train.run([*argv, "--lora_rank", "2"], callbacks=[kept])
+    printed = capsys.readouterr().out
+    trainable = sum(tensor.numel() for tensor in kept.model.trainable_state_dict().values())  # what is saved
+    frozen = sum(parameter.numel() for parameter in kept.model.parameters()) - trainable
+    assert (
+        f"Training Tiny Audio into {output_dir}\n"
+        f"  parameters: {trainable:,} trainable (projector, LoRA), {frozen:,} frozen (encoder, LLM)\n"
+        "  clips: 24 (skipped: 0), steps: 1, effective batch: 8 (4 per device x 2 accumulation x 1 process)\n"
+    ) in printed, printed
+    assert printed.rstrip().endswith(
+        f"Trained model saved in {output_dir}\n"
+        f"  evaluate it: python eval.py {output_dir} --dataset data/real_speech\n"
+        f"  try it:      python demo/app.py --model {output_dir}"
+    ), printed
+    # A run without LoRA does not claim it; one that trains encoder layers names them.
+    train.run([*argv, "--encoder_trainable_layers", "1", "--overwrite_output_dir"])
+    assert " trainable (projector, top encoder layers), " in capsys.readouterr().out
 
 
 def test_trainer_wer_is_eval_py_wer_in_percent(workspace, reference_run, tmp_path):
