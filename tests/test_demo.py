@@ -30,7 +30,7 @@ from app import (  # demo/, by pytest's pythonpath
     Backend,
     check_audio_file,
 )
-from conftest import REPO_ROOT, speech_like
+from conftest import REPO_ROOT, listening_addresses, speech_like
 from transformers import AutoModelForCausalLM
 
 CHROMIUM = "/usr/bin/chromium"
@@ -315,14 +315,7 @@ def demo_url(demo: RunningDemo) -> str:
 def test_demo_listens_on_loopback_only(demo_url: str) -> None:
     """Started without --host, the server must not be reachable from the network."""
     port = int(demo_url.rstrip("/").rsplit(":", 1)[1])
-    listening = []
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in Path(table).read_text().splitlines()[1:]:
-            local, state = line.split()[1], line.split()[3]
-            address, local_port = local.split(":")
-            if state == "0A" and int(local_port, 16) == port:  # 0A = LISTEN
-                listening.append(address)
-    assert listening == ["0100007F"]  # 127.0.0.1, little-endian hex
+    assert listening_addresses(port) == ["0100007F"]  # 127.0.0.1, little-endian hex
 
 
 @pytest.fixture(scope="module")
