@@ -53,6 +53,19 @@ def copy_checkout(destination: Path) -> Path:
     return destination
 
 
+def listening_addresses(port: int) -> list[str]:
+    """The addresses a TCP socket listens on at ``port`` (from /proc/net/tcp*), as the kernel writes them:
+    "0100007F" is 127.0.0.1 and "00000000" is every IPv4 interface."""
+    listening = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, local_port = local.split(":")
+            if state == "0A" and int(local_port, 16) == port:  # 0A = LISTEN
+                listening.append(address)
+    return listening
+
+
 def speech_like(seconds: float, sampling_rate: int = 16000, seed: int = 0) -> np.ndarray:
     """A deterministic non-silent test signal: a few harmonics with a syllable-rate envelope plus noise."""
     rng = np.random.default_rng(seed)

@@ -467,7 +467,7 @@ def test_resaving_a_remote_code_model_keeps_every_code_file(tmp_path, tiny_model
     model = AutoModel.from_pretrained(tiny_model_dir, trust_remote_code=True)
     assert type(model).__module__.startswith("transformers_modules.")
     model.save_pretrained(tmp_path / "again")
-    assert {"pipeline_asr.py", "modeling_tiny_audio.py", "processing_tiny_audio.py"} <= set(
+    assert {"pipeline_asr.py", "modeling_tiny_audio.py", "processing_tiny_audio.py", "handler.py"} <= set(
         os.listdir(tmp_path / "again")
     )
 

@@ -30,7 +30,7 @@ from app import (  # demo/, by pytest's pythonpath
     Backend,
     check_audio_file,
 )
-from conftest import REPO_ROOT, speech_like
+from conftest import REPO_ROOT, listening_addresses, speech_like
 from transformers import AutoModelForCausalLM
 
 CHROMIUM = "/usr/bin/chromium"
@@ -315,14 +315,7 @@ def demo_url(demo: RunningDemo) -> str:
 def test_demo_listens_on_loopback_only(demo_url: str) -> None:
     """Started without --host, the server must not be reachable from the network."""
     port = int(demo_url.rstrip("/").rsplit(":", 1)[1])
-    listening = []
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in Path(table).read_text().splitlines()[1:]:
-            local, state = line.split()[1], line.split()[3]
-            address, local_port = local.split(":")
-            if state == "0A" and int(local_port, 16) == port:  # 0A = LISTEN
-                listening.append(address)
-    assert listening == ["0100007F"]  # 127.0.0.1, little-endian hex
+    assert listening_addresses(port) == ["0100007F"]  # 127.0.0.1, little-endian hex
 
 
 @pytest.fixture(scope="module")
@@ -475,25 +468,28 @@ def word_rows(page, count: int) -> list[tuple[str, float, float]]:
     return rows
 
 
-RECORD_VALUES = """selector => {
+RECORD_VALUES = """selectors => {
     window.seen = [];
     setInterval(() => {
-        const value = document.querySelector(selector).value;
-        if (window.seen[window.seen.length - 1] !== value) window.seen.push(value);
+        const values = selectors.map(selector => document.querySelector(selector).value);
+        if (JSON.stringify(window.seen[window.seen.length - 1]) !== JSON.stringify(values)) window.seen.push(values);
     }, 20);
 }"""
 
 
 @pytest.mark.browser
 def test_long_file_shows_text_and_progress_as_chunks_finish(page, tmp_path: Path) -> None:
-    """A 40 s file is two chunks: the page shows the first chunk's text and progress before the second is done."""
+    """A 40 s file is two chunks: the page shows text while the first chunk decodes, then that chunk's text and
+    progress before the second is done."""
     page.locator("#audio input[type=file]").set_input_files(str(write_clip(tmp_path / "long.ogg", 40.0)))
-    page.evaluate(RECORD_VALUES, "#progress textarea, #progress input")
+    page.evaluate(RECORD_VALUES, ["#progress textarea, #progress input", "#transcript textarea"])
     page.click("#transcribe-btn")
     wait_for_filled(page, "#elapsed textarea, #elapsed input")
-    seen = [value for value in page.evaluate("window.seen") if value]
-    done = [float(value.split()[0]) for value in seen]
+    seen = [(progress, text) for progress, text in page.evaluate("window.seen") if progress]
+    done = [float(progress.split()[0]) for progress, _ in seen]
     assert done[-1] == 40.0 and any(0 < seconds < 40 for seconds in done), seen
+    # live partial text: words on the page while the first chunk is still decoding
+    assert any(text for seconds, (_, text) in zip(done, seen, strict=True) if seconds == 0), seen
     assert page.locator("#duration textarea, #duration input").input_value() == "40.00 s (2 chunks)"
 
 

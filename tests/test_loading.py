@@ -15,6 +15,7 @@ from testing.tiny_models import make_tiny_encoder, make_tiny_llm
 
 ENCODER_REPO, LLM_REPO = "tiny-org/encoder", "tiny-org/llm"
 ENCODER_COMMIT, LLM_COMMIT, NEW_LLM_COMMIT = "a" * 40, "b" * 40, "c" * 40
+CHECKPOINT_REPO, FIRST_COMMIT, SECOND_COMMIT = "tiny-org/asr", "d" * 40, "e" * 40
 
 
 def add_snapshot(cache: Path, repo_id: str, folder: str, commit: str) -> None:
@@ -60,6 +61,27 @@ def test_a_checkpoint_keeps_loading_the_base_revisions_it_was_built_on(hub_cache
     # The towers are only in that cache: without cache_dir they are not found.
     with pytest.raises(OSError, match="couldn.t find them in the cached files"):
         TinyAudioForConditionalGeneration.from_pretrained(tmp_path / "checkpoint", local_files_only=True)
+
+
+def test_revision_picks_the_checkpoints_own_commit_and_the_towers_keep_theirs(hub_cache, tmp_path):
+    """A pushed checkpoint at two commits: ``revision`` chooses among the checkpoint's, while the encoder and LLM
+    still load the commits its config records (they are other repositories, where that commit does not exist)."""
+    cached = {"cache_dir": str(hub_cache), "local_files_only": True}
+    model = TinyAudioForConditionalGeneration.from_components(ENCODER_REPO, LLM_REPO, **cached)
+    first = model.multi_modal_projector.linear_1.weight.detach().clone()
+    model.save_pretrained(tmp_path / "first")
+    with torch.no_grad():
+        model.multi_modal_projector.linear_1.weight.add_(1.0)
+    model.save_pretrained(tmp_path / "second")
+    add_snapshot(hub_cache, CHECKPOINT_REPO, tmp_path / "first", FIRST_COMMIT)
+    add_snapshot(hub_cache, CHECKPOINT_REPO, tmp_path / "second", SECOND_COMMIT)  # main is the second
+
+    def projector(**revision: str) -> torch.Tensor:
+        loaded = TinyAudioForConditionalGeneration.from_pretrained(CHECKPOINT_REPO, **revision, **cached)
+        return loaded.multi_modal_projector.linear_1.weight.detach()
+
+    assert torch.equal(projector(revision=FIRST_COMMIT), first)
+    assert torch.equal(projector(), first + 1.0)
 
 
 def test_a_local_folder_records_no_revision(tiny_model_and_processor):

@@ -15,6 +15,7 @@ import numpy as np
 import openai
 import pytest
 import soundfile as sf
+from conftest import listening_addresses
 
 from benchmarks.bench_server import free_port, start_server
 from serving.batching import AllCancelled, BatchQueue, DecodeOptions, Job, JobCancelled
@@ -73,6 +74,12 @@ def local_pipeline(model_dir):
 
 def transcribe(client: openai.OpenAI, audio: bytes, name: str = "clip.wav", **kwargs):
     return client.audio.transcriptions.create(file=(name, audio), model="tiny-audio", **kwargs)
+
+
+def test_the_server_listens_on_loopback_only(server):
+    """Started without --host (as the fixture starts it), the server must not be reachable from the network."""
+    port = int(server.rsplit(":", 1)[1])
+    assert listening_addresses(port) == ["0100007F"]  # 127.0.0.1, little-endian hex
 
 
 def test_a_real_clip_gives_the_pipelines_text(client, local_pipeline, speech):
