@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import shutil
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -82,6 +87,62 @@ def test_revision_picks_the_checkpoints_own_commit_and_the_towers_keep_theirs(hu
 
     assert torch.equal(projector(revision=FIRST_COMMIT), first)
     assert torch.equal(projector(), first + 1.0)
+
+
+class RecordingHub(BaseHTTPRequestHandler):
+    """A Hub that holds no file and notes who asked for what: (path, Authorization header)."""
+
+    requests: list[tuple[str, str | None]] = []
+
+    def answer(self) -> None:
+        RecordingHub.requests.append((self.path, self.headers.get("Authorization")))
+        self.send_response(404)
+        self.send_header("X-Error-Code", "EntryNotFound")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    do_GET = do_HEAD = answer
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.mark.parametrize("missing", [ENCODER_REPO, LLM_REPO])
+def test_token_reaches_the_tower_that_must_be_downloaded(hub_cache, tmp_path, missing):
+    """The tower missing from the cache is requested with the caller's token, as is every other file the towers'
+    loads ask the Hub for (through the real HTTP client, in a fresh process)."""
+    cached = {"cache_dir": str(hub_cache), "local_files_only": True}
+    TinyAudioForConditionalGeneration.from_components(ENCODER_REPO, LLM_REPO, **cached).save_pretrained(
+        tmp_path / "checkpoint"
+    )
+    cache = tmp_path / "cache"
+    shutil.copytree(hub_cache, cache)
+    shutil.rmtree(cache / f"models--{missing.replace('/', '--')}")
+    RecordingHub.requests = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), RecordingHub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    load = (
+        "from modeling_tiny_audio import TinyAudioForConditionalGeneration as M; "
+        f"M.from_pretrained({str(tmp_path / 'checkpoint')!r}, cache_dir={str(cache)!r}, token='hf_secret')"
+    )
+    env = {key: value for key, value in os.environ.items() if key not in ("HF_HUB_OFFLINE", "HF_TOKEN")}
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", load],
+            capture_output=True,
+            text=True,
+            env=env
+            | {"HF_ENDPOINT": f"http://127.0.0.1:{server.server_address[1]}", "HF_HOME": str(tmp_path)},
+            cwd=Path(__file__).resolve().parents[1],
+            timeout=300,
+        )
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert done.returncode != 0  # this Hub has nothing to give
+    files = [(path, auth) for path, auth in RecordingHub.requests if "/resolve/" in path]
+    assert any(path.startswith(f"/{missing}/resolve/") for path, _ in files), (files, done.stderr[-2000:])
+    assert {auth for _, auth in files} == {"Bearer hf_secret"}  # every tower file asked for, with the token
 
 
 def test_a_local_folder_records_no_revision(tiny_model_and_processor):
