@@ -285,6 +285,9 @@ def parse_args(
             "/proc/cpuinfo), and emulated bf16 is slower than fp32"
         )
         training_args.bf16 = False
+        # TrainingArguments chose the Trainer's autocast from bf16 when it was built: without this, every matmul
+        # still ran in emulated bf16 (one step of configs/offline.yaml took 236 s instead of a few).
+        training_args.mixed_precision = "no"
     if training_args.push_to_hub:  # one push path: ours, at the end, through huggingface_hub
         run_args.push_to_hub_repo = run_args.push_to_hub_repo or training_args.hub_model_id
         training_args.push_to_hub = False

@@ -227,6 +227,7 @@ def test_bf16_training_on_a_cpu_without_native_bf16_runs_in_fp32(monkeypatch, tm
     monkeypatch.setattr(train.torch.cuda, "is_available", lambda: False)
     *_, training_args = train.parse_args(["--bf16", "true", "--output_dir", str(tmp_path)])
     assert training_args.bf16 is native
+    assert training_args.mixed_precision == ("bf16" if native else "no")  # the Trainer's autocast follows
 
 
 def test_the_split_whisper_encoder_is_the_library_encoder(two_layer_encoder_model):
