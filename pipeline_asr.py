@@ -68,6 +68,7 @@ NOISE_MARGIN_DB = 6.0
 NOISE_PERCENTILE = 5
 WORD_PAUSE_SECONDS = 0.05
 LEVEL_FRAME_SECONDS = 0.01
+PAUSE_FRAMES = max(1, round(WORD_PAUSE_SECONDS / LEVEL_FRAME_SECONDS))
 
 
 class AudioInputError(ValueError):
@@ -429,12 +430,13 @@ def timed_words(
             (min(s[0] for s in inside), max(s[1] for s in inside)) if inside else (spans or [(0, 0)])[-1]
         )
     timed: list[TimedWord] = []
+    pauses = pause_starts(levels)
     following_spans = [*spans[1:], None] if spans else []  # an empty transcript has no words to time
     for (word, _, _), (first, last), following in zip(words, spans, following_spans, strict=True):
         spike = first * frame_seconds
-        start = sound_onset_before(levels, spike, earliest=timed[-1].end if timed else 0.0)
+        start = sound_onset_before(pauses, spike, earliest=timed[-1].end if timed else 0.0)
         latest = duration if following is None else max(following[0], first + 1) * frame_seconds
-        end = quiet_after(levels, last * frame_seconds, latest)
+        end = quiet_after(pauses, last * frame_seconds, latest)
         timed.append(TimedWord(word, start, max(end, spike + frame_seconds)))
     return timed
 
@@ -446,36 +448,28 @@ def sound_levels(samples: np.ndarray, rate: int) -> np.ndarray:
     return 10 * np.log10(np.square(frames, dtype=np.float64).mean(axis=1) + 1e-12)
 
 
-def quiet_frames(levels: np.ndarray) -> np.ndarray:
-    """Which LEVEL_FRAME_SECONDS frames are quiet: QUIET_DB under the loudest, or near the background noise."""
+def pause_starts(levels: np.ndarray) -> np.ndarray:
+    """Where the chunk pauses: ``pauses[i]`` is True when the PAUSE_FRAMES level frames from i on are all quiet,
+    QUIET_DB under the loudest or near the background noise. Computed once per chunk for all its words."""
+    if len(levels) < PAUSE_FRAMES:
+        return np.zeros(0, dtype=bool)
     background = np.percentile(levels, NOISE_PERCENTILE)
-    return levels < max(levels.max() - QUIET_DB, background + NOISE_MARGIN_DB)
+    quiet = levels < max(levels.max() - QUIET_DB, background + NOISE_MARGIN_DB)
+    return np.convolve(quiet, np.ones(PAUSE_FRAMES), mode="valid") == PAUSE_FRAMES
 
 
-def sound_onset_before(levels: np.ndarray, spike: float, earliest: float) -> float:
-    """Seconds where the sound heard at ``spike`` began: the end of the last WORD_PAUSE_SECONDS of quiet before
-    it, no earlier than ``earliest`` (the previous word's end). A CTC spike comes a little after a word's onset."""
-    if not len(levels) or spike <= earliest:
-        return min(spike, max(earliest, 0.0))
-    quiet = quiet_frames(levels)
-    run = max(1, round(WORD_PAUSE_SECONDS / LEVEL_FRAME_SECONDS))
-    first, last = int(earliest / LEVEL_FRAME_SECONDS), min(int(spike / LEVEL_FRAME_SECONDS), len(quiet))
-    pause_ends = (
-        np.flatnonzero(np.convolve(quiet[first:last], np.ones(run), mode="valid") == run) + first + run
-    )  # pause_ends[k]: the frame after a pause of `run` quiet frames
-    return float(pause_ends[-1]) * LEVEL_FRAME_SECONDS if len(pause_ends) else earliest
+def sound_onset_before(pauses: np.ndarray, spike: float, earliest: float) -> float:
+    """Seconds where the sound heard at ``spike`` began: the end of the last pause wholly before it, no earlier
+    than ``earliest`` (the previous word's end). A CTC spike comes a little after a word's onset."""
+    if spike <= earliest:
+        return spike
+    first, last = int(earliest / LEVEL_FRAME_SECONDS), int(spike / LEVEL_FRAME_SECONDS)
+    starts = np.flatnonzero(pauses[first : max(first, last - PAUSE_FRAMES + 1)]) + first
+    return float(starts[-1] + PAUSE_FRAMES) * LEVEL_FRAME_SECONDS if len(starts) else earliest
 
 
-def quiet_after(levels: np.ndarray, start: float, latest: float) -> float:
-    """Seconds where the sound going on at ``start`` first stays quiet for WORD_PAUSE_SECONDS; ``latest`` if it
-    does not before then."""
-    if not len(levels):
-        return latest
-    quiet = quiet_frames(levels)
-    run = max(1, round(WORD_PAUSE_SECONDS / LEVEL_FRAME_SECONDS))
-    pauses = (
-        np.convolve(quiet, np.ones(run), mode="valid") == run
-    )  # pauses[i]: frames i .. i + run - 1 are quiet
+def quiet_after(pauses: np.ndarray, start: float, latest: float) -> float:
+    """Seconds where the sound going on at ``start`` first pauses; ``latest`` if it does not before then."""
     first, last = int(start / LEVEL_FRAME_SECONDS), int(latest / LEVEL_FRAME_SECONDS)
     found = np.flatnonzero(pauses[first:last])
     return min(latest, float(first + found[0]) * LEVEL_FRAME_SECONDS) if len(found) else latest

@@ -678,35 +678,35 @@ def test_forced_alignment_of_a_text_longer_than_the_audio_is_none():
 
 def test_a_word_ends_where_its_sound_stops_or_where_the_next_word_starts():
     """CTC spikes mark starts; the end is the first pause after the word's last token, else the next word."""
-    from pipeline_asr import quiet_after, sound_levels
+    from pipeline_asr import pause_starts, quiet_after, sound_levels
 
     audio = np.zeros(RATE * 2, dtype=np.float32)
     audio[int(0.2 * RATE) : int(0.65 * RATE)] = tone(0.45)  # a word from 0.2 s to 0.65 s, silence after it
     audio[int(0.7 * RATE) : int(1.5 * RATE)] = tone(0.8)  # the next one runs on without a pause
-    levels = sound_levels(audio, RATE)
-    assert quiet_after(levels, 0.24, latest=1.2) == pytest.approx(0.65)
-    assert type(quiet_after(levels, 0.24, latest=1.2)) is float  # plain floats, for JSON and the page
-    assert quiet_after(levels, 0.8, latest=1.2) == 1.2
+    pauses = pause_starts(sound_levels(audio, RATE))
+    assert quiet_after(pauses, 0.24, latest=1.2) == pytest.approx(0.65)
+    assert type(quiet_after(pauses, 0.24, latest=1.2)) is float  # plain floats, for JSON and the page
+    assert quiet_after(pauses, 0.8, latest=1.2) == 1.2
 
 
 def test_a_word_starts_where_the_sound_heard_at_its_spike_began():
     """The spike comes a little after the onset: the start is the end of the last pause before it."""
-    from pipeline_asr import sound_levels, sound_onset_before
+    from pipeline_asr import pause_starts, sound_levels, sound_onset_before
 
     audio = np.zeros(RATE * 2, dtype=np.float32)
     audio[int(0.2 * RATE) : int(0.65 * RATE)] = tone(0.45)
     audio[int(0.75 * RATE) : int(1.5 * RATE)] = tone(0.75)
-    levels = sound_levels(audio, RATE)
-    assert sound_onset_before(levels, 0.32, earliest=0.0) == pytest.approx(0.2)
-    assert type(sound_onset_before(levels, 0.32, earliest=0.0)) is float
-    assert sound_onset_before(levels, 0.88, earliest=0.65) == pytest.approx(0.75)
-    assert sound_onset_before(levels, 1.2, earliest=0.9) == 0.9  # no pause since the previous word's end
-    assert sound_onset_before(levels, 0.5, earliest=0.6) == 0.5  # a spike before that end keeps its own time
+    pauses = pause_starts(sound_levels(audio, RATE))
+    assert sound_onset_before(pauses, 0.32, earliest=0.0) == pytest.approx(0.2)
+    assert type(sound_onset_before(pauses, 0.32, earliest=0.0)) is float
+    assert sound_onset_before(pauses, 0.88, earliest=0.65) == pytest.approx(0.75)
+    assert sound_onset_before(pauses, 1.2, earliest=0.9) == 0.9  # no pause since the previous word's end
+    assert sound_onset_before(pauses, 0.5, earliest=0.6) == 0.5  # a spike before that end keeps its own time
 
 
 def test_word_edges_are_found_over_background_noise():
     """A recording's noise floor may be louder than QUIET_DB under its peak: quiet is then near the floor."""
-    from pipeline_asr import QUIET_DB, quiet_after, sound_levels, sound_onset_before
+    from pipeline_asr import QUIET_DB, pause_starts, quiet_after, sound_levels, sound_onset_before
 
     audio = np.zeros(RATE * 2, dtype=np.float32)
     audio[int(0.2 * RATE) : int(0.65 * RATE)] = tone(0.45)
@@ -718,9 +718,9 @@ def test_word_edges_are_found_over_background_noise():
         .astype(np.float32)
     )
     assert noise_db < QUIET_DB  # so the fixed threshold alone would call the noise sound
-    levels = sound_levels(audio, RATE)
-    assert quiet_after(levels, 0.24, latest=1.0) == pytest.approx(0.65, abs=0.011)
-    assert sound_onset_before(levels, 1.0, earliest=0.65) == pytest.approx(0.9, abs=0.011)
+    pauses = pause_starts(sound_levels(audio, RATE))
+    assert quiet_after(pauses, 0.24, latest=1.0) == pytest.approx(0.65, abs=0.011)
+    assert sound_onset_before(pauses, 1.0, earliest=0.65) == pytest.approx(0.9, abs=0.011)
 
 
 def test_punctuation_does_not_stretch_a_word_to_where_ctc_placed_it(tiny_model_and_processor):
