@@ -401,6 +401,34 @@ def test_feature_cache_key_names_a_local_encoder_folder_however_it_is_spelled(
     assert encoder_key(model, processor) not in keys
 
 
+def test_feature_cache_key_reads_the_encoder_weights_not_their_sum(model_and_test_rows):
+    """The same encoder names the same cache whatever torch's thread count (a float sum's rounding depends on it),
+    and weights holding the same values in another order (other features) name another."""
+    from training.feature_cache import encoder_key
+
+    model, processor, _ = model_and_test_rows
+    threads = torch.get_num_threads()
+    try:
+        keys_by_threads = set()
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            keys_by_threads.add(encoder_key(model, processor))
+    finally:
+        torch.set_num_threads(threads)
+    assert len(keys_by_threads) == 1
+    weight = next(p for p in model.audio_tower.parameters() if p.dim() == 2)
+    with torch.no_grad():
+        original = weight.clone()
+        try:
+            # Small integers sum exactly in any order, so only the order of the values tells these two apart.
+            weight.copy_((torch.arange(weight.numel()) % 7).reshape(weight.shape))
+            in_order = encoder_key(model, processor)
+            weight.copy_(weight.flip(0))
+            assert encoder_key(model, processor) != in_order
+        finally:
+            weight.copy_(original)
+
+
 def test_prompt_prefix_cache_gives_the_same_loss_and_gradient(model_and_test_rows):
     model, processor, dataset = model_and_test_rows
     batch = SpeechCollator(processor)(list(dataset))

@@ -49,9 +49,11 @@ def encoder_key(model, processor) -> str:
         digest.update(f"frozen layers: {model.config.frozen_encoder_layers}".encode())
     if model.config.encoder_real_length:  # other frames than those of the 30-s window
         digest.update(b"real length")
+    # The weights' bytes, not a float sum: a sum's rounding depends on the thread count, so the same encoder
+    # would name a new cache whenever torch ran with another number of threads.
     for name, parameter in model.audio_tower.named_parameters():
         if not model._is_trainable(AUDIO_TOWER_PREFIX + name):
-            digest.update(parameter.detach().float().sum().cpu().numpy().tobytes())
+            digest.update(parameter.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
     return digest.hexdigest()[:24]
 
 
