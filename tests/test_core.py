@@ -52,7 +52,7 @@ def test_audio_token_count_follows_real_length(tiny_model_and_processor):
     # 3 s of Whisper audio: 300 mel frames -> 150 encoder frames -> 38 tokens; 30 s -> 375 tokens.
     assert counts.tolist() == [38, 375]
     full = processor(audio=speech_like(3.0))
-    assert model.audio_token_counts(full["input_features_mask"]).item() == 38
+    assert processor.audio_token_counts(full["input_features_mask"]).item() == 38
     embeds, mask = model.get_audio_features(full["input_features"], full["input_features_mask"])
     assert mask.sum().item() == 38 and embeds.shape[-1] == model.config.text_config.hidden_size
 

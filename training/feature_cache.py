@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from modeling_tiny_audio import AUDIO_TOWER_PREFIX
+from checkpoint_tiny_audio import AUDIO_TOWER_PREFIX
 from pipeline_asr import read_audio
 
 logger = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ def encoder_key(model, processor) -> str:
     if model.config.encoder_real_length:  # other frames than those of the 30-s window
         digest.update(b"real length")
     for name, parameter in model.audio_tower.named_parameters():
-        if not model._is_trainable(AUDIO_TOWER_PREFIX + name):
+        if not model.is_trainable(AUDIO_TOWER_PREFIX + name):
             digest.update(parameter.detach().float().sum().cpu().numpy().tobytes())
     return digest.hexdigest()[:24]
 
