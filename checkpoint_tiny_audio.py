@@ -62,7 +62,6 @@ TOWER_OPTIONS = ("attn_implementation", "quantization_config", "offload_folder")
 MODEL_PARTS = ("audio_tower", "multi_modal_projector", "language_model")
 
 
-
 def pinned_revision(model_id: str, revision: str | None, hub_options: dict) -> str | None:
     """The commit a Hub repository's ``revision`` (None: its default branch) points to now, so the config can
     record it; the revision as given when it cannot be resolved, and None for a local folder."""
