@@ -45,20 +45,20 @@ def embedding_ctc_loss(
     audio_embeds: torch.Tensor,
     audio_mask: torch.Tensor,
     embeddings: torch.Tensor,
-    ctc_labels: torch.Tensor,
+    ctc_targets: torch.Tensor,
     blank_id: int,
 ) -> torch.Tensor:
     """Mean per-token CTC loss of projected audio frames [batch, frames, dim] (real where `audio_mask`) against
-    each row's spoken tokens (`ctc_labels`, right-padded with IGNORE_INDEX; a row of padding only, an answer that
+    each row's spoken tokens (`ctc_targets`, right-padded with IGNORE_INDEX; a row of padding only, an answer that
     is no transcript, is left out), scored against the LLM's embedding table; 0 when no row has any."""
-    target_lengths = (ctc_labels != IGNORE_INDEX).sum(-1)
+    target_lengths = (ctc_targets != IGNORE_INDEX).sum(-1)
     rows = target_lengths > 0
     if not rows.any():
         return audio_embeds.sum() * 0.0
     # The table in the LLM's dtype: bf16 halves the cost of this large matmul.
     squared_norms = embeddings.detach().float().pow(2).sum(-1)
     log_probs = embedding_ctc_logits(audio_embeds[rows], embeddings, squared_norms).log_softmax(-1)
-    targets = ctc_labels[rows]
+    targets = ctc_targets[rows]
     target_lengths = target_lengths[rows].cpu()
     loss = nn.functional.ctc_loss(
         log_probs.transpose(0, 1),

@@ -151,7 +151,7 @@ class TinyAudioPreTrainedModel(PreTrainedModel):
 
 @dataclass
 class TinyAudioCausalLMOutputWithPast(CausalLMOutputWithPast):
-    """The LLM's output, with the projected audio it read and, when `ctc_labels` were given, the CTC term of the
+    """The LLM's output, with the projected audio it read and, when `ctc_targets` were given, the CTC term of the
     loss (before `config.ctc_loss_weight`).
 
     audio_embeds (`torch.FloatTensor` of shape `(batch_size, audio_tokens, hidden_size)`): the projected audio.
@@ -439,7 +439,7 @@ class TinyAudioForConditionalGeneration(CheckpointMixin, LoraMixin, TinyAudioMod
         encoder_mask: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
-        ctc_labels: torch.LongTensor | None = None,
+        ctc_targets: torch.LongTensor | None = None,
         ctc_only: bool = False,
         logits_to_keep: int | torch.Tensor = 0,
         num_items_in_batch: int | torch.Tensor | None = None,
@@ -448,7 +448,7 @@ class TinyAudioForConditionalGeneration(CheckpointMixin, LoraMixin, TinyAudioMod
         """LLM forward over the prompt with audio merged in, and the training losses.
 
         With `labels`, logits are computed only where an answer token is predicted and the loss covers those
-        positions only. With `ctc_labels` (each row's spoken tokens, padded with IGNORE_INDEX, as
+        positions only. With `ctc_targets` (each row's spoken tokens, padded with IGNORE_INDEX, as
         `training.collator.SpeechCollator` gives them) the loss adds `config.ctc_loss_weight` times the CTC loss of
         the projected audio (`ctc_loss`); `ctc_only` computes that alone and never runs the LLM (a warm-up).
         """
@@ -456,7 +456,7 @@ class TinyAudioForConditionalGeneration(CheckpointMixin, LoraMixin, TinyAudioMod
             audio_embeds, audio_mask = self.get_audio_features(
                 input_features, input_features_mask, encoder_hidden_states, encoder_mask
             )
-            ctc = self._ctc_term(audio_embeds, audio_mask, ctc_labels, labels, num_items_in_batch)
+            ctc = self._ctc_term(audio_embeds, audio_mask, ctc_targets, labels, num_items_in_batch)
             return TinyAudioCausalLMOutputWithPast(
                 loss=ctc, audio_embeds=audio_embeds, audio_mask=audio_mask, ctc_loss=ctc
             )
@@ -477,9 +477,9 @@ class TinyAudioForConditionalGeneration(CheckpointMixin, LoraMixin, TinyAudioMod
             logits_to_keep=logits_to_keep,
             **kwargs,
         )
-        if ctc_labels is not None:
+        if ctc_targets is not None:
             outputs.ctc_loss = self._ctc_term(
-                outputs.audio_embeds, outputs.audio_mask, ctc_labels, labels, num_items_in_batch
+                outputs.audio_embeds, outputs.audio_mask, ctc_targets, labels, num_items_in_batch
             )
         if labels is None:
             return outputs
@@ -498,15 +498,15 @@ class TinyAudioForConditionalGeneration(CheckpointMixin, LoraMixin, TinyAudioMod
         self,
         audio_embeds: torch.Tensor | None,
         audio_mask: torch.Tensor | None,
-        ctc_labels: torch.LongTensor | None,
+        ctc_targets: torch.LongTensor | None,
         labels: torch.LongTensor | None,
         num_items_in_batch: int | torch.Tensor | None,
     ) -> torch.Tensor:
         """The CTC loss of the projected audio: a mean per spoken token, given the share of the accumulated batch
         (`num_items_in_batch`) that this batch's answer tokens hold, as the next-token loss has."""
-        if ctc_labels is None or audio_embeds is None:
+        if ctc_targets is None or audio_embeds is None:
             raise ValueError(
-                "the CTC loss needs ctc_labels and the audio (input_features or encoder outputs)"
+                "the CTC loss needs ctc_targets and the audio (input_features or encoder outputs)"
             )
         if self.config.ctc_blank_token_id is None:
             raise ValueError(
@@ -516,7 +516,7 @@ class TinyAudioForConditionalGeneration(CheckpointMixin, LoraMixin, TinyAudioMod
             audio_embeds,
             audio_mask,
             self.get_input_embeddings().weight,
-            ctc_labels,
+            ctc_targets,
             self.config.ctc_blank_token_id,
         )
         if labels is not None and num_items_in_batch is not None:

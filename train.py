@@ -418,8 +418,8 @@ class TinyAudioTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
         if not model.training:
-            inputs.pop("ctc_labels", None)  # evaluation reports the plain LM loss, comparable across runs
-        elif "ctc_labels" in inputs and self.state.global_step < self.ctc_only_steps:
+            inputs.pop("ctc_targets", None)  # evaluation reports the plain LM loss, comparable across runs
+        elif "ctc_targets" in inputs and self.state.global_step < self.ctc_only_steps:
             inputs["ctc_only"] = True  # the warm-up trains on the CTC loss alone: the LLM is not run at all
         if self.prefix_cache is not None and not inputs.get("ctc_only"):
             inputs = self.prefix_cache.apply(inputs, self.accelerator.autocast())

@@ -529,13 +529,13 @@ def test_ctc_loss_is_low_exactly_when_frames_sit_on_the_spoken_token_embeddings(
     path = [3, 7, 3, 7, 12, 12, 3, 30, 3]
     frames = embeddings[path][None]
     mask = torch.ones(1, len(path), dtype=torch.bool)
-    ctc_labels = torch.tensor([spoken])
+    ctc_targets = torch.tensor([spoken])
 
     logits = embedding_ctc_logits(frames, embeddings, embeddings.pow(2).sum(-1))
     assert logits.argmax(-1)[0].tolist() == path  # each frame scores its own token best
-    aligned = embedding_ctc_loss(frames, mask, embeddings, ctc_labels, blank_id=3)
+    aligned = embedding_ctc_loss(frames, mask, embeddings, ctc_targets, blank_id=3)
     wrong = embedding_ctc_loss(
-        embeddings[[3, 20, 3, 21, 22, 22, 3, 40, 3]][None], mask, embeddings, ctc_labels, 3
+        embeddings[[3, 20, 3, 21, 22, 22, 3, 40, 3]][None], mask, embeddings, ctc_targets, 3
     )
     assert aligned < 0.5 < wrong
     no_transcript = torch.full((1, 4), IGNORE_INDEX)
@@ -543,7 +543,7 @@ def test_ctc_loss_is_low_exactly_when_frames_sit_on_the_spoken_token_embeddings(
 
 
 def test_ctc_loss_is_part_of_the_model_forward(model_and_test_rows):
-    """The collator gives each transcript row's spoken tokens as `ctc_labels`; the model's forward adds
+    """The collator gives each transcript row's spoken tokens as `ctc_targets`; the model's forward adds
     `ctc_loss_weight` times their CTC loss to the LM loss, and `ctc_only` computes the CTC loss alone without the
     LLM. With `num_items_in_batch` (gradient accumulation) the CTC mean takes this batch's share, as the LM loss."""
     from decoding_tiny_audio import embedding_ctc_loss
@@ -555,21 +555,21 @@ def test_ctc_loss_is_part_of_the_model_forward(model_and_test_rows):
     blank = train.ctc_blank_token_id(processor.tokenizer, " ")
     batch = SpeechCollator(processor, ctc_blank_token_id=blank)(rows)
     eos = processor.tokenizer.eos_token_id
-    for row, ctc_row in zip(batch["labels"][:2], batch["ctc_labels"][:2], strict=True):
+    for row, ctc_row in zip(batch["labels"][:2], batch["ctc_targets"][:2], strict=True):
         answer = row[row != IGNORE_INDEX].tolist()
         assert ctc_row[ctc_row != IGNORE_INDEX].tolist() == [t for t in answer if t not in (eos, blank)]
-    assert (batch["ctc_labels"][2] == IGNORE_INDEX).all()  # not a transcript
+    assert (batch["ctc_targets"][2] == IGNORE_INDEX).all()  # not a transcript
 
     model.config.ctc_blank_token_id, model.config.ctc_loss_weight = blank, 0.5
     try:
         with torch.no_grad():
-            plain = model(**{k: v for k, v in batch.items() if k != "ctc_labels"})
+            plain = model(**{k: v for k, v in batch.items() if k != "ctc_targets"})
             joint = model(**batch)
             audio, audio_mask = model.get_audio_features(
                 batch["input_features"], batch["input_features_mask"]
             )
             expected = embedding_ctc_loss(
-                audio, audio_mask, model.get_input_embeddings().weight, batch["ctc_labels"], blank
+                audio, audio_mask, model.get_input_embeddings().weight, batch["ctc_targets"], blank
             )
             torch.testing.assert_close(joint.ctc_loss, expected)
             torch.testing.assert_close(joint.loss, plain.loss + 0.5 * expected)
@@ -588,6 +588,16 @@ def test_ctc_loss_is_part_of_the_model_forward(model_and_test_rows):
             torch.testing.assert_close(half.loss, expected / 2)
     finally:
         model.config.ctc_blank_token_id, model.config.ctc_loss_weight = None, 0.0
+
+
+def test_the_trainer_takes_labels_as_the_only_label_input():
+    """The Trainer treats every forward argument named like "label" as a label, and computes an evaluation loss
+    only when all of them are in the batch: the CTC targets must not be one, or runs without CTC lose eval_loss."""
+    from transformers.utils.generic import find_labels
+
+    from modeling_tiny_audio import TinyAudioForConditionalGeneration
+
+    assert find_labels(TinyAudioForConditionalGeneration) == ["labels"]
 
 
 @pytest.mark.parametrize("accumulation", [1, 2])

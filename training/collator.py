@@ -17,7 +17,7 @@ class SpeechCollator:
 
     Without a store the batch carries `input_features` for the live encoder; with one it carries the cached
     `encoder_hidden_states` (trimmed clips padded to the longest of the batch) and `encoder_mask`. With the CTC
-    head's `ctc_blank_token_id` it adds `ctc_labels`, the targets of the model's CTC loss.
+    head's `ctc_blank_token_id` it adds `ctc_targets`, the targets of the model's CTC loss.
     """
 
     def __init__(self, processor, store: FeatureStore | None = None, ctc_blank_token_id: int | None = None):
@@ -45,12 +45,12 @@ class SpeechCollator:
         batch = self.processor.text_inputs(counts, instructions, [row["text"] for row in rows])
         batch.update(audio)
         if self.ctc_blank_token_id is not None:
-            batch["ctc_labels"] = self.ctc_labels(
+            batch["ctc_targets"] = self.ctc_targets(
                 batch["labels"], [row["task"] == "transcribe" for row in rows]
             )
         return batch
 
-    def ctc_labels(self, labels: torch.Tensor, transcript_rows: list[bool]) -> torch.Tensor:
+    def ctc_targets(self, labels: torch.Tensor, transcript_rows: list[bool]) -> torch.Tensor:
         """The spoken tokens of each transcript row: its answer without special tokens (EOS) or the blank, padded
         with IGNORE_INDEX; a row whose answer is no transcript is padding only."""
         silent = torch.tensor(sorted({*self.processor.tokenizer.all_special_ids, self.ctc_blank_token_id}))
