@@ -455,7 +455,7 @@ class TinyAudioForConditionalGeneration(CheckpointMixin, LoraMixin, TinyAudioMod
         if ctc_only:
             audio_embeds, audio_mask = self.get_audio_features(
                 input_features, input_features_mask, encoder_hidden_states, encoder_mask
-            )
+            ) or (None, None)
             ctc = self._ctc_term(audio_embeds, audio_mask, ctc_targets, labels, num_items_in_batch)
             return TinyAudioCausalLMOutputWithPast(
                 loss=ctc, audio_embeds=audio_embeds, audio_mask=audio_mask, ctc_loss=ctc
