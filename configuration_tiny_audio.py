@@ -153,9 +153,11 @@ class TinyAudioConfig(PreTrainedConfig):
     max_audio_seconds: float = 30.0
     max_new_tokens_per_second: float = 8.0
     min_new_tokens: int = 16
-    # Joint CTC/attention decoding (modeling_tiny_audio.CTCPrefixScorer), for models trained with the auxiliary
-    # CTC loss: the blank's token id, and the CTC share of each step's score (0 = the LLM alone decides).
+    # The CTC head (decoding_tiny_audio): the token its blank frames stand for (None: the model has no CTC head);
+    # the weight of the auxiliary CTC loss in training (0 = off); and the CTC share of each step's score in joint
+    # CTC/attention decoding (0 = the LLM alone decides).
     ctc_blank_token_id: int | None = None
+    ctc_loss_weight: float = 0.0
     ctc_decoding_weight: float = 0.0
     tie_word_embeddings: bool = False
 
@@ -192,6 +194,24 @@ class TinyAudioConfig(PreTrainedConfig):
             )
         if self.projector_num_layers < 0:
             raise ValueError(f"projector_num_layers must be 0 or more, got {self.projector_num_layers}")
+
+    def validate_ctc(self) -> None:
+        """Part of the config's strict validation: a CTC weight needs the CTC head's blank token."""
+        vocab_size = self.text_config.vocab_size
+        if self.ctc_blank_token_id is not None and not 0 <= self.ctc_blank_token_id < vocab_size:
+            raise ValueError(
+                f"ctc_blank_token_id {self.ctc_blank_token_id} is not a token of the LLM's {vocab_size}"
+            )
+        if self.ctc_loss_weight < 0:
+            raise ValueError(f"ctc_loss_weight must not be negative, got {self.ctc_loss_weight}")
+        if not 0 <= self.ctc_decoding_weight <= 1:
+            raise ValueError(f"ctc_decoding_weight must be between 0 and 1, got {self.ctc_decoding_weight}")
+        for name in ("ctc_loss_weight", "ctc_decoding_weight"):
+            if getattr(self, name) > 0 and self.ctc_blank_token_id is None:
+                raise ValueError(
+                    f"{name} {getattr(self, name)} needs a CTC head (ctc_blank_token_id): train with the CTC loss "
+                    "(train.py --ctc_weight > 0), or start from a checkpoint that was"
+                )
 
     @property
     def encoder_conv_layers(self) -> ConvLayers:

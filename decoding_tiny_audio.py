@@ -1,6 +1,14 @@
 """How Tiny Audio turns scores into text, inside `generate`: the CTC head's scores (the auxiliary training loss,
 joint CTC/attention decoding as a `LogitsProcessor`, word alignment) and the repetition-loop guard (a
-`StoppingCriteria`, and the trim of the loop it stopped)."""
+`StoppingCriteria`, and the trim of the loop it stopped).
+
+The CTC head needs no weights of its own. Through a frozen LLM the next-token loss gives the projector a weak, slow
+signal: on a few hours of audio the projector alone stalls at the language model's prior (fluent text unrelated
+to the audio). CTC gives every projected frame a direct target instead. Its logits are negative squared distances
+to the LLM's input embeddings, so a frame that scores a token highly *is* close to that token's embedding, and the
+frozen LLM reads the projected audio as (spaced-out) text. Blank frames are pulled onto the embedding of a neutral
+token (`config.ctc_blank_token_id`, a single space by default).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +16,13 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from torch import nn
 from transformers import LogitsProcessor, StoppingCriteria
+
+try:
+    from .processing_tiny_audio import IGNORE_INDEX
+except ImportError:
+    from processing_tiny_audio import IGNORE_INDEX
 
 # ---------------------------------------------------------------------------------------------------------------
 # CTC over the projected audio frames
@@ -25,6 +39,37 @@ def embedding_ctc_logits(
     """
     logits = 2 * audio_embeds.to(embeddings.dtype) @ embeddings.detach().transpose(-1, -2)
     return logits.float() - squared_norms.unsqueeze(-2)
+
+
+def embedding_ctc_loss(
+    audio_embeds: torch.Tensor,
+    audio_mask: torch.Tensor,
+    embeddings: torch.Tensor,
+    ctc_targets: torch.Tensor,
+    blank_id: int,
+) -> torch.Tensor:
+    """Mean per-token CTC loss of projected audio frames [batch, frames, dim] (real where `audio_mask`) against
+    each row's spoken tokens (`ctc_targets`, right-padded with IGNORE_INDEX; a row of padding only, an answer that
+    is no transcript, is left out), scored against the LLM's embedding table; 0 when no row has any."""
+    target_lengths = (ctc_targets != IGNORE_INDEX).sum(-1)
+    rows = target_lengths > 0
+    if not rows.any():
+        return audio_embeds.sum() * 0.0
+    # The table in the LLM's dtype: bf16 halves the cost of this large matmul.
+    squared_norms = embeddings.detach().float().pow(2).sum(-1)
+    log_probs = embedding_ctc_logits(audio_embeds[rows], embeddings, squared_norms).log_softmax(-1)
+    targets = ctc_targets[rows]
+    target_lengths = target_lengths[rows].cpu()
+    loss = nn.functional.ctc_loss(
+        log_probs.transpose(0, 1),
+        targets[targets != IGNORE_INDEX].cpu(),
+        audio_mask[rows].sum(-1).cpu(),
+        target_lengths,
+        blank=blank_id,
+        reduction="sum",
+        zero_infinity=True,  # a clip too short for its transcript adds nothing rather than inf
+    )
+    return loss / target_lengths.sum().clamp(min=1)
 
 
 def ctc_forced_align(

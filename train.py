@@ -20,18 +20,20 @@ from pathlib import Path
 
 import torch
 import yaml
+from huggingface_hub.errors import StrictDataclassClassValidationError
 from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.integrations import is_tensorboard_available, is_wandb_available
 from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.utils import SAFE_WEIGHTS_NAME
 
+from checkpoint_tiny_audio import AUDIO_TOWER_PREFIX
 from configuration_tiny_audio import DEFAULT_AUDIO_MODEL_ID, DEFAULT_TEXT_MODEL_ID
-from modeling_tiny_audio import AUDIO_TOWER_PREFIX, LORA_MARKER, TinyAudioForConditionalGeneration
+from lora_tiny_audio import LORA_MARKER
+from modeling_tiny_audio import TinyAudioForConditionalGeneration
 from pipeline_asr import read_audio
 from processing_tiny_audio import TinyAudioProcessor
 from training.collator import SpeechCollator
-from training.ctc_alignment import EmbeddingCTCLoss
 from training.data import (
     check_dataset_spec,
     load_speech_data,
@@ -137,7 +139,7 @@ class ModelArguments:
         default=0.0,
         metadata={
             "help": "Weight of the auxiliary CTC loss tying audio frames to the LLM's token embeddings "
-            "(training/ctc_alignment.py); 0 = off"
+            "(decoding_tiny_audio.embedding_ctc_loss); 0 = off"
         },
     )
     ctc_only_steps: int = dataclasses.field(
@@ -390,8 +392,6 @@ class TinyAudioTrainer(Trainer):
         *args,
         wer_rows: list[dict] | None = None,
         prefix_cache: bool = True,
-        ctc_loss: EmbeddingCTCLoss | None = None,
-        ctc_weight: float = 0.0,
         ctc_only_steps: int = 0,
         **kwargs,
     ):
@@ -404,8 +404,10 @@ class TinyAudioTrainer(Trainer):
         self.prefix_cache = (
             PromptPrefixCache(model, model.config.audio_token_id) if prefix_cache and not llm_trains else None
         )
-        self.ctc_loss, self.ctc_weight, self.ctc_only_steps = ctc_loss, ctc_weight, ctc_only_steps
-        self._ctc_logged: list[float] = []
+        self.ctc_only_steps = ctc_only_steps
+        # The CTC terms of the micro-batches since the last log, and the step of that log.
+        self._ctc_terms: list[float] = []
+        self._ctc_logged_step = 0
 
     def _get_train_sampler(self, train_dataset=None):
         sampler = super()._get_train_sampler(train_dataset)
@@ -415,48 +417,25 @@ class TinyAudioTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
-        transcript_rows = inputs.pop("transcript_rows", None)
-        ctc = None
-        if self.ctc_loss is not None:
-            # Project the audio once: the CTC loss reads the frames, the LLM reads them merged into the prompt.
-            unwrapped = self.accelerator.unwrap_model(model)
-            audio_keys = ("input_features", "input_features_mask", "encoder_hidden_states", "encoder_mask")
-            audio = unwrapped.audio_embeddings(**{key: inputs.pop(key, None) for key in audio_keys})
-            ctc = self.ctc_loss(*audio, inputs["labels"], transcript_rows)
-            if model.training:
-                self._ctc_logged.append(float(ctc.detach()))
-                # A mean per micro-batch: scaled like the LM loss, which is normalised over the accumulated batch.
-                ctc = ctc / self.current_gradient_accumulation_steps
-                if self._in_ctc_warm_up():  # the LLM is not run at all
-                    return (ctc, None) if return_outputs else ctc
-        if self.prefix_cache is not None:
+        if not model.training:
+            inputs.pop("ctc_targets", None)  # evaluation reports the plain LM loss, comparable across runs
+        elif "ctc_targets" in inputs and self.state.global_step < self.ctc_only_steps:
+            inputs["ctc_only"] = True  # the warm-up trains on the CTC loss alone: the LLM is not run at all
+        if self.prefix_cache is not None and not inputs.get("ctc_only"):
             inputs = self.prefix_cache.apply(inputs, self.accelerator.autocast())
-        if ctc is not None:
-            inputs["inputs_embeds"] = unwrapped.embed_with_audio(inputs.pop("input_ids"), *audio)
         loss, outputs = super().compute_loss(
             model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
         )
-        if ctc is not None and model.training:  # evaluation reports the plain LM loss, comparable across runs
-            loss = loss + self.ctc_weight * ctc
+        if model.training and outputs.ctc_loss is not None:
+            self._ctc_terms.append(float(outputs.ctc_loss.detach()))
         return (loss, outputs) if return_outputs else loss
 
-    def _in_ctc_warm_up(self) -> bool:
-        return self.ctc_loss is not None and self.state.global_step < self.ctc_only_steps
-
-    def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
-        loss = super().training_step(model, inputs, num_items_in_batch)
-        if self._in_ctc_warm_up() and self.accelerator.num_processes > 1 and self.accelerator.sync_gradients:
-            # The warm-up projects audio outside the DDP wrapper, so DDP's gradient averaging never ran: do it here.
-            trained = [parameter for parameter in model.parameters() if parameter.grad is not None]
-            averaged = self.accelerator.reduce([parameter.grad for parameter in trained], reduction="mean")
-            for parameter, grad in zip(trained, averaged, strict=True):
-                parameter.grad = grad
-        return loss
-
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
-        if self._ctc_logged and "loss" in logs:
-            logs["ctc_loss"] = round(sum(self._ctc_logged) / len(self._ctc_logged), 4)
-            self._ctc_logged = []
+        if self._ctc_terms and "loss" in logs:
+            # Per optimizer step, as the Trainer logs "loss": each micro-batch's term is its share of the step.
+            steps = max(self.state.global_step - self._ctc_logged_step, 1)
+            logs["ctc_loss"] = round(sum(self._ctc_terms) / steps, 4)
+            self._ctc_terms, self._ctc_logged_step = [], self.state.global_step
         super().log(logs, *args, **kwargs)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
@@ -527,6 +506,14 @@ def _check_components(model_args: ModelArguments) -> None:
             f"the {named} of this config come from the Hugging Face Hub, which cannot serve them here "
             f"({'; '.join(problems)}). {OFFLINE_CONFIG_HINT}"
         )
+
+
+def ctc_blank_token_id(tokenizer, blank_token: str) -> int:
+    """The id of the token CTC blank frames are pulled onto (`--ctc_blank_token`), which must be one token."""
+    blank = tokenizer(blank_token, add_special_tokens=False)["input_ids"]
+    if len(blank) != 1:
+        raise ValueError(f"ctc_blank_token {blank_token!r} must be a single token, got ids {blank}")
+    return blank[0]
 
 
 def check_arguments(
@@ -667,30 +654,25 @@ def run(argv: Sequence[str] | None = None, callbacks: list[TrainerCallback] | No
         transcribe = (row for row in eval_dataset if row["task"] == "transcribe")
         wer_rows = list(itertools.islice(transcribe, data_args.wer_eval_samples))
     use_ctc = model_args.ctc_weight > 0 or model_args.ctc_only_steps > 0
-    ctc_loss = (
-        EmbeddingCTCLoss.for_model(model, processor.tokenizer, model_args.ctc_blank_token)
-        if use_ctc
-        else None
-    )
-    if ctc_loss is not None:  # then the saved model can decode jointly with its CTC head
-        model.config.ctc_blank_token_id = ctc_loss.blank_id
-    if model.config.ctc_decoding_weight > 0 and model.config.ctc_blank_token_id is None:
-        raise ValueError(
-            f"ctc_decoding_weight {model.config.ctc_decoding_weight} needs a CTC head: train with --ctc_weight > 0 "
-            "(or start from a checkpoint that was)"
-        )
+    if use_ctc:  # then the saved model can also decode jointly with its CTC head
+        model.config.ctc_blank_token_id = ctc_blank_token_id(processor.tokenizer, model_args.ctc_blank_token)
+    model.config.ctc_loss_weight = model_args.ctc_weight
+    try:
+        model.config.validate()
+    except StrictDataclassClassValidationError as error:  # a config field the flags set: say which, plainly
+        raise PreflightError(str(error.__cause__)) from error
     trainer = TinyAudioTrainer(
         model=model,
         args=training_args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
-        data_collator=SpeechCollator(processor, store, mark_transcripts=use_ctc),
+        data_collator=SpeechCollator(
+            processor, store, ctc_blank_token_id=model.config.ctc_blank_token_id if use_ctc else None
+        ),
         processing_class=processor,
         callbacks=callbacks,
         wer_rows=wer_rows,
         prefix_cache=model_args.prefix_cache,
-        ctc_loss=ctc_loss,
-        ctc_weight=model_args.ctc_weight,
         ctc_only_steps=model_args.ctc_only_steps,
     )
     if trainer.is_world_process_zero():

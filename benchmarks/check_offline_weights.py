@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from modeling_tiny_audio import is_pretrained_weight
+from checkpoint_tiny_audio import is_pretrained_weight
 from offline_kit.gguf_llm import load_gguf_llm
 from offline_kit.preset import build_offline_preset, packaged_gguf_file, packaged_whisper_dir
 from offline_kit.voices import Voice, synthesize
@@ -125,7 +125,7 @@ def tiny_audio_round(model_dir: Path, audio: np.ndarray, transcript: str) -> dic
         "params_with_grad": len(with_grad),
         # the projector and, when the shipped model has them, its LoRA adapters: the pretrained weights stay frozen
         "only_trainable_have_grad": bool(with_grad)
-        and all(model._is_trainable(name) for name in with_grad)
+        and all(model.is_trainable(name) for name in with_grad)
         and any(not is_pretrained_weight(name) for name in with_grad),
         "new_tokens": int(ids.shape[1] - inputs["input_ids"].shape[1]),
         "generated": generated,

@@ -158,7 +158,7 @@ def ship_checkpoint(checkpoint: Path, trained_dir: Path = TRAINED_DIR) -> Path:
     from safetensors.torch import load_file, save_file
     from transformers import GenerationConfig
 
-    from modeling_tiny_audio import holds_pretrained_weights
+    from checkpoint_tiny_audio import holds_pretrained_weights
 
     config = json.loads((checkpoint / "config.json").read_text())
     try:
@@ -197,10 +197,10 @@ def _file_digest(path: Path) -> str:
 
 def _hub_code_digests() -> dict[str, str]:
     """The Hub code ``save_pretrained`` copies into the model folder: a new version rebuilds the folder."""
-    import modeling_tiny_audio
+    import checkpoint_tiny_audio
 
-    source_dir = Path(modeling_tiny_audio.__file__).resolve().parent  # where copy_hub_code takes them from
-    return {name: _file_digest(source_dir / name) for name in modeling_tiny_audio.HUB_CODE_FILES}
+    source_dir = Path(checkpoint_tiny_audio.__file__).resolve().parent  # where copy_hub_code takes them from
+    return {name: _file_digest(source_dir / name) for name in checkpoint_tiny_audio.HUB_CODE_FILES}
 
 
 def _build_tiny_audio(whisper_dir: Path, llm_dir: Path, out: Path, trained: ShippedWeights | None) -> None:

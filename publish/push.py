@@ -21,7 +21,7 @@ import soundfile as sf
 import yaml
 from safetensors import safe_open
 
-from modeling_tiny_audio import holds_pretrained_weights, is_pretrained_weight
+from checkpoint_tiny_audio import holds_pretrained_weights, is_pretrained_weight
 from publish.card import LICENSE, build_card, is_hub_id, read_results, validate_card
 from training.average import AVERAGE_RECORD
 from training.data import parse_dataset_specs

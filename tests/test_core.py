@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import HIDE_REPO_PRELUDE, speech_like
+from huggingface_hub.errors import StrictDataclassClassValidationError
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, GenerationMixin, set_seed
 
@@ -45,6 +46,28 @@ def test_config_round_trips(tmp_path, tiny_model_and_processor):
     assert reloaded.audio_config.model_type == "whisper" and reloaded.text_config.model_type == "llama"
 
 
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"ctc_loss_weight": 0.5}, "ctc_loss_weight 0.5 needs a CTC head"),
+        ({"ctc_decoding_weight": 0.3}, "ctc_decoding_weight 0.3 needs a CTC head"),
+        (
+            {"ctc_blank_token_id": 5, "ctc_decoding_weight": 1.5},
+            "ctc_decoding_weight must be between 0 and 1",
+        ),
+        ({"ctc_blank_token_id": 5, "ctc_loss_weight": -1.0}, "ctc_loss_weight must not be negative"),
+        ({"ctc_blank_token_id": 10**6}, "ctc_blank_token_id 1000000 is not a token of the LLM's 128256"),
+    ],
+)
+def test_config_validates_its_ctc_fields(fields, message):
+    with pytest.raises(StrictDataclassClassValidationError, match=message):
+        TinyAudioConfig(**fields)
+    config = TinyAudioConfig(ctc_blank_token_id=5, ctc_loss_weight=0.5, ctc_decoding_weight=0.3)
+    config.ctc_blank_token_id = None  # set later, as train.py sets its fields: validate() checks them again
+    with pytest.raises(StrictDataclassClassValidationError, match="needs a CTC head"):
+        config.validate()
+
+
 def test_audio_token_count_follows_real_length(tiny_model_and_processor):
     model, processor = tiny_model_and_processor
     short, full = processor(audio=[speech_like(3.0), speech_like(30.0)])["input_ids"], None
@@ -52,7 +75,7 @@ def test_audio_token_count_follows_real_length(tiny_model_and_processor):
     # 3 s of Whisper audio: 300 mel frames -> 150 encoder frames -> 38 tokens; 30 s -> 375 tokens.
     assert counts.tolist() == [38, 375]
     full = processor(audio=speech_like(3.0))
-    assert model.audio_token_counts(full["input_features_mask"]).item() == 38
+    assert processor.audio_token_counts(full["input_features_mask"]).item() == 38
     embeds, mask = model.get_audio_features(full["input_features"], full["input_features_mask"])
     assert mask.sum().item() == 38 and embeds.shape[-1] == model.config.text_config.hidden_size
 
@@ -147,6 +170,23 @@ def test_spec_augment_zeroes_spans_of_real_frames_and_channels_in_training_only(
     assert not torch.isclose(loss_masked.detach(), clean)
     embeds, _ = model.project_audio(hidden, mask)
     torch.testing.assert_close(embeds, model.multi_modal_projector(hidden))
+
+
+def test_spec_augment_span_sampler_draws_the_same_spans():
+    """SpecAugment draws its spans with transformers' private `_compute_mask_indices` (no public API does): its
+    call signature and what it draws for a seed are pinned here, so a release that changes them is noticed."""
+    import modeling_tiny_audio
+
+    real = torch.tensor([[1] * 20, [1] * 10 + [0] * 10])
+    np.random.seed(0)
+    frames = modeling_tiny_audio._compute_mask_indices((2, 20), 0.3, 3, attention_mask=real, min_masks=1)
+    assert frames.astype(int).tolist() == [
+        [0, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 0, 0],
+        [0, 0, 0, 0, 0, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],  # real frames only
+    ]
+    np.random.seed(0)
+    channels = modeling_tiny_audio._compute_mask_indices((2, 8), 0.25, 2)
+    assert channels.astype(int).tolist() == [[0, 0, 0, 0, 0, 0, 1, 1], [0, 1, 1, 0, 0, 0, 0, 0]]
 
 
 @pytest.mark.parametrize("encoder", ["whisper", "hubert", "wav2vec2-group"])

@@ -31,7 +31,7 @@ from transformers import (
 )
 
 from benchmarks import check_offline_weights as check
-from modeling_tiny_audio import HUB_CODE_FILES
+from checkpoint_tiny_audio import HUB_CODE_FILES
 from offline_kit import gguf_llm, preset, whisper_ct2
 from offline_kit.whisper_ct2 import convert_ct2_whisper, read_ct2_model
 from testing.tiny_models import make_tiny_llm

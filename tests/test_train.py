@@ -548,27 +548,84 @@ if __name__ == "__main__":  # DDP worker: tests/test_train.py OUTPUT_DIR TRAIN_A
 
 
 def test_ctc_loss_is_low_exactly_when_frames_sit_on_the_spoken_token_embeddings():
+    from decoding_tiny_audio import embedding_ctc_logits, embedding_ctc_loss
     from processing_tiny_audio import IGNORE_INDEX
-    from training.ctc_alignment import EmbeddingCTCLoss
 
     torch.manual_seed(0)
-    embeddings = torch.nn.Embedding(50, 16)
-    ctc = EmbeddingCTCLoss(embeddings, blank_id=3, skip_ids=[0])
+    embeddings = torch.nn.Embedding(50, 16).weight.detach()
     spoken = [7, 7, 12, 30]  # a repeated token needs a blank between its two frames
     path = [3, 7, 3, 7, 12, 12, 3, 30, 3]
-    frames = embeddings.weight.detach()[path][None]
-    # Prompt positions ignored, EOS (special) dropped.
-    labels = torch.tensor([[IGNORE_INDEX, IGNORE_INDEX, *spoken, 0]])
+    frames = embeddings[path][None]
     mask = torch.ones(1, len(path), dtype=torch.bool)
+    ctc_targets = torch.tensor([spoken])
 
-    assert [t.tolist() for t in ctc.targets(labels)] == [spoken]
-    assert ctc.frame_log_probs(frames).argmax(-1)[0].tolist() == path  # each frame scores its own token best
-    aligned = ctc(frames, mask, labels)
-    wrong = ctc(embeddings.weight.detach()[[3, 20, 3, 21, 22, 22, 3, 40, 3]][None], mask, labels)
+    logits = embedding_ctc_logits(frames, embeddings, embeddings.pow(2).sum(-1))
+    assert logits.argmax(-1)[0].tolist() == path  # each frame scores its own token best
+    aligned = embedding_ctc_loss(frames, mask, embeddings, ctc_targets, blank_id=3)
+    wrong = embedding_ctc_loss(
+        embeddings[[3, 20, 3, 21, 22, 22, 3, 40, 3]][None], mask, embeddings, ctc_targets, 3
+    )
     assert aligned < 0.5 < wrong
-    assert (
-        ctc(frames, mask, labels, rows=torch.tensor([False])) == 0
-    )  # rows without a transcript are left out
+    no_transcript = torch.full((1, 4), IGNORE_INDEX)
+    assert embedding_ctc_loss(frames, mask, embeddings, no_transcript, blank_id=3) == 0  # the row is left out
+
+
+def test_ctc_loss_is_part_of_the_model_forward(model_and_test_rows):
+    """The collator gives each transcript row's spoken tokens as `ctc_targets`; the model's forward adds
+    `ctc_loss_weight` times their CTC loss to the LM loss, and `ctc_only` computes the CTC loss alone without the
+    LLM. With `num_items_in_batch` (gradient accumulation) the CTC mean takes this batch's share, as the LM loss."""
+    from decoding_tiny_audio import embedding_ctc_loss
+    from processing_tiny_audio import IGNORE_INDEX
+
+    model, processor, dataset = model_and_test_rows
+    rows = list(dataset)[:3]
+    rows[2] = {**rows[2], "task": "describe"}
+    blank = train.ctc_blank_token_id(processor.tokenizer, " ")
+    batch = SpeechCollator(processor, ctc_blank_token_id=blank)(rows)
+    eos = processor.tokenizer.eos_token_id
+    for row, ctc_row in zip(batch["labels"][:2], batch["ctc_targets"][:2], strict=True):
+        answer = row[row != IGNORE_INDEX].tolist()
+        assert ctc_row[ctc_row != IGNORE_INDEX].tolist() == [t for t in answer if t not in (eos, blank)]
+    assert (batch["ctc_targets"][2] == IGNORE_INDEX).all()  # not a transcript
+
+    model.config.ctc_blank_token_id, model.config.ctc_loss_weight = blank, 0.5
+    try:
+        with torch.no_grad():
+            plain = model(**{k: v for k, v in batch.items() if k != "ctc_targets"})
+            joint = model(**batch)
+            audio, audio_mask = model.get_audio_features(
+                batch["input_features"], batch["input_features_mask"]
+            )
+            expected = embedding_ctc_loss(
+                audio, audio_mask, model.get_input_embeddings().weight, batch["ctc_targets"], blank
+            )
+            torch.testing.assert_close(joint.ctc_loss, expected)
+            torch.testing.assert_close(joint.loss, plain.loss + 0.5 * expected)
+
+            calls = []
+            hook = model.language_model.register_forward_hook(lambda *_: calls.append(1))
+            try:
+                warm_up = model(**batch, ctc_only=True)
+            finally:
+                hook.remove()
+            assert calls == [] and warm_up.logits is None
+            torch.testing.assert_close(warm_up.loss, expected)
+
+            answer_tokens = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+            half = model(**batch, ctc_only=True, num_items_in_batch=2 * answer_tokens)
+            torch.testing.assert_close(half.loss, expected / 2)
+    finally:
+        model.config.ctc_blank_token_id, model.config.ctc_loss_weight = None, 0.0
+
+
+def test_the_trainer_takes_labels_as_the_only_label_input():
+    """The Trainer treats every forward argument named like "label" as a label, and computes an evaluation loss
+    only when all of them are in the batch: the CTC targets must not be one, or runs without CTC lose eval_loss."""
+    from transformers.utils.generic import find_labels
+
+    from modeling_tiny_audio import TinyAudioForConditionalGeneration
+
+    assert find_labels(TinyAudioForConditionalGeneration) == ["labels"]
 
 
 @pytest.mark.parametrize("accumulation", [1, 2])
@@ -618,7 +675,7 @@ def test_ctc_warm_up_skips_the_llm_then_trains_on_both_losses(workspace, tmp_pat
     assert changed and all(k.startswith("multi_modal_projector.") for k in changed)
     # the saved model knows its CTC blank and decodes jointly with its CTC head at the weight asked for
     saved = json.loads(Path(output_dir, "config.json").read_text())
-    assert saved["ctc_decoding_weight"] == 0.3
+    assert (saved["ctc_decoding_weight"], saved["ctc_loss_weight"]) == (0.3, 0.5)
     assert json.loads(Path(output_dir, "generation_config.json").read_text())["num_beams"] == 2
     space = AutoTokenizer.from_pretrained(workspace["llm"])(" ", add_special_tokens=False)["input_ids"]
     assert [saved["ctc_blank_token_id"]] == space

@@ -8,6 +8,7 @@ from transformers import BatchFeature
 
 from configuration_tiny_audio import projector_token_lengths
 from pipeline_asr import read_audio
+from processing_tiny_audio import IGNORE_INDEX
 from training.feature_cache import FeatureStore
 
 
@@ -15,14 +16,14 @@ class SpeechCollator:
     """Turns checked rows (audio, text, task, audio_hash) into a training batch.
 
     Without a store the batch carries `input_features` for the live encoder; with one it carries the cached
-    `encoder_hidden_states` (trimmed clips padded to the longest of the batch) and `encoder_mask`. With
-    `mark_transcripts` it adds `transcript_rows`, true where the answer is a transcript (the CTC loss's rows).
+    `encoder_hidden_states` (trimmed clips padded to the longest of the batch) and `encoder_mask`. With the CTC
+    head's `ctc_blank_token_id` it adds `ctc_targets`, the targets of the model's CTC loss.
     """
 
-    def __init__(self, processor, store: FeatureStore | None = None, mark_transcripts: bool = False):
+    def __init__(self, processor, store: FeatureStore | None = None, ctc_blank_token_id: int | None = None):
         self.processor = processor
         self.store = store
-        self.mark_transcripts = mark_transcripts
+        self.ctc_blank_token_id = ctc_blank_token_id
 
     def __call__(self, rows: list[dict]) -> BatchFeature:
         if self.store is None:
@@ -43,6 +44,18 @@ class SpeechCollator:
         instructions = [self.processor.instruction(row["task"], None) for row in rows]
         batch = self.processor.text_inputs(counts, instructions, [row["text"] for row in rows])
         batch.update(audio)
-        if self.mark_transcripts:
-            batch["transcript_rows"] = torch.tensor([row["task"] == "transcribe" for row in rows])
+        if self.ctc_blank_token_id is not None:
+            batch["ctc_targets"] = self.ctc_targets(
+                batch["labels"], [row["task"] == "transcribe" for row in rows]
+            )
         return batch
+
+    def ctc_targets(self, labels: torch.Tensor, transcript_rows: list[bool]) -> torch.Tensor:
+        """The spoken tokens of each transcript row: its answer without special tokens (EOS) or the blank, padded
+        with IGNORE_INDEX; a row whose answer is no transcript is padding only."""
+        silent = torch.tensor(sorted({*self.processor.tokenizer.all_special_ids, self.ctc_blank_token_id}))
+        spoken = []
+        for row, is_transcript in zip(labels, transcript_rows, strict=True):
+            answer = row[row != IGNORE_INDEX] if is_transcript else row[:0]
+            spoken.append(answer[~torch.isin(answer, silent)])
+        return pad_sequence(spoken, batch_first=True, padding_value=IGNORE_INDEX)

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from modeling_tiny_audio import AUDIO_TOWER_PREFIX
+from checkpoint_tiny_audio import AUDIO_TOWER_PREFIX
 from pipeline_asr import read_audio
 
 logger = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ def encoder_key(model, processor) -> str:
     # The weights' bytes, not a float sum: a sum's rounding depends on the thread count, so the same encoder
     # would name a new cache whenever torch ran with another number of threads.
     for name, parameter in model.audio_tower.named_parameters():
-        if not model._is_trainable(AUDIO_TOWER_PREFIX + name):
+        if not model.is_trainable(AUDIO_TOWER_PREFIX + name):
             digest.update(parameter.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
     return digest.hexdigest()[:24]
 
