@@ -430,6 +430,60 @@ def test_prompt_prefix_cache_gives_the_same_loss_and_gradient(model_and_test_row
     torch.testing.assert_close(results[1], results[0], rtol=1e-4, atol=1e-5)
 
 
+def test_checkpoints_hold_only_the_trained_weights_and_what_resumes_them(reference_run):
+    """The Trainer's own saving writes through the model's save_pretrained: a checkpoint holds the projector (no
+    encoder or LLM weight), the processor and the training arguments."""
+    from modeling_tiny_audio import is_pretrained_weight
+
+    output_dir = Path(reference_run["output_dir"])
+    for folder in (output_dir / "checkpoint-3", output_dir / "checkpoint-6", output_dir):
+        names = set(projector_of(folder))
+        assert names and not any(is_pretrained_weight(name) for name in names), folder.name
+        assert {"config.json", "tokenizer.json", "processor_config.json"} <= set(os.listdir(folder)), (
+            folder.name
+        )
+    assert (output_dir / "checkpoint-3" / "training_args.bin").is_file()
+
+
+def test_the_private_trainer_hooks_train_py_overrides_are_called(model_and_test_rows, tmp_path):
+    """train.py overrides two private Trainer hooks where no public one does the job: `_get_train_sampler` (the
+    length-grouped order drawn from the seed alone) and `_load_from_checkpoint` (strict loading of the trained
+    weights). If transformers renames them or stops calling them, this fails instead of training on silently."""
+    model, processor, dataset = model_and_test_rows
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "run"),
+        use_cpu=True,
+        per_device_train_batch_size=1,
+        train_sampling_strategy="group_by_length",
+        seed=3,
+        report_to=[],
+        remove_unused_columns=False,  # as train.py: the collator reads the audio column
+    )
+    trainer = train.TinyAudioTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        data_collator=SpeechCollator(processor),
+        processing_class=processor,
+    )
+    orders = []
+    for global_seed in (0, 1):
+        torch.manual_seed(global_seed)  # whatever ran before must not move the order
+        sampler = trainer.get_train_dataloader().batch_sampler.sampler
+        assert isinstance(sampler, train.SeededLengthGroupedSampler)
+        orders.append(list(sampler))
+    assert orders[0] == orders[1] and sorted(orders[0]) == list(range(len(dataset)))
+
+    checkpoint = tmp_path / "checkpoint-1"
+    checkpoint.mkdir()
+    weights = {name: tensor.clone() for name, tensor in model.trainable_state_dict().items()}
+    save_file(
+        {**weights, "multi_modal_projector.extra.weight": torch.zeros(1)}, checkpoint / "model.safetensors"
+    )
+    with pytest.raises(ValueError, match="does not match this model's trainable weights"):
+        trainer.train(resume_from_checkpoint=str(checkpoint))
+
+
 def test_resume_after_a_crash_reproduces_the_uninterrupted_run(workspace, reference_run, monkeypatch):
     output_dir = os.path.join(workspace["root"], "crashed")
     with pytest.raises(KeyboardInterrupt):
