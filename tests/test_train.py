@@ -825,9 +825,12 @@ def test_a_killed_run_resumes_from_its_newest_complete_checkpoint_and_skips_fini
     output_dir = tmp_path / "killed"
     # Far more steps than will run: the kill always lands mid-run. Steps and schedule are those of the reference.
     argv = base_args(workspace, str(output_dir), *NO_EVAL, "--save_steps", "1", "--disable_tqdm", "true")
+    # The reference trained in this process: as many threads here, so that every step sums in the same order and
+    # an exact resume gives the reference's weights exactly (with one thread they differ even uninterrupted).
+    env = {**TRAIN_ENV, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     with open(tmp_path / "first.log", "w") as log:
         process = subprocess.Popen(
-            _train_command([*argv, "--max_steps", "1000"]), cwd=ROOT, env=TRAIN_ENV, stdout=log, stderr=log
+            _train_command([*argv, "--max_steps", "1000"]), cwd=ROOT, env=env, stdout=log, stderr=log
         )
         try:
             _wait_for_complete_checkpoint(process, output_dir, 2)
@@ -847,7 +850,7 @@ def test_a_killed_run_resumes_from_its_newest_complete_checkpoint_and_skips_fini
     resumed = subprocess.run(
         _train_command([*argv, "--max_steps", "6", "--resume"]),
         cwd=ROOT,
-        env=TRAIN_ENV,
+        env=env,
         capture_output=True,
         text=True,
         timeout=600,
