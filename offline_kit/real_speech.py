@@ -28,7 +28,7 @@ from offline_kit.data_deps import DATA_PACKAGES, debian_file, ensure_data_deps
 from offline_kit.synthetic_corpus import SAMPLE_RATE, encode_flac, summarize, to_audio_dataset
 from pipeline_asr import read_audio
 
-DEFAULT_OUT = Path(__file__).resolve().parent.parent / "data" / "real_speech"
+DEFAULT_OUT = Path("data") / "real_speech"  # relative to where the command runs, as synthetic_corpus's
 DOWNLOAD_DIR = Path.home() / ".cache" / "tiny_audio" / "downloads"
 JFK_TEXT = "And so my fellow Americans, ask not what your country can do for you, ask what you can do for your country."
 ASTERISK_SPEAKER = "asterisk/allison"

@@ -20,12 +20,12 @@ from pathlib import Path
 import datasets
 import torch
 
-import eval as asr_eval
 from offline_kit.preset import CACHE_ENV, DEFAULT_CACHE, WHISPER_FOLDER
 from offline_kit.real_speech import DEFAULT_OUT as DEFAULT_REAL
 from offline_kit.synthetic_corpus import DEFAULT_OUT as DEFAULT_CORPUS
 from pipeline_asr import read_audio
 from serving.loading import load_asr_pipeline
+from training.evaluation import pipeline_sampling_rate
 from training.wer import score
 
 
@@ -61,7 +61,7 @@ def sample_rows(path: Path, group_column: str, per_group: int, seed: int) -> lis
 
 def transcribe(pipe, rows: list[dict], batch_size: int) -> list[str]:
     """Whisper transcripts of undecoded dataset rows."""
-    rate = asr_eval.pipeline_sampling_rate(pipe)
+    rate = pipeline_sampling_rate(pipe)
     inputs = [{"raw": read_audio(row["audio"], rate), "sampling_rate": rate} for row in rows]
     return [out["text"] for out in pipe(inputs, batch_size=batch_size)]
 

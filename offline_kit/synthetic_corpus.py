@@ -48,7 +48,8 @@ from offline_kit.text_sources import (
 )
 from offline_kit.voices import FAMILIES, SAMPLE_RATE, Voice, all_voices, split_voices, synthesize
 
-DEFAULT_OUT = Path(__file__).resolve().parent.parent / "data" / "synthetic"
+# Relative to where the command runs, as the configs' dataset paths are: never inside an installed package.
+DEFAULT_OUT = Path("data") / "synthetic"
 SPLITS = ("train", "test")
 # espeak-ng is left out by default: even its best accents/variants, clean, scored 39% WER with Whisper tiny.en
 # (piper 13%, flite 18%; python -m offline_kit.sanity_check), too unlike speech to train on.  --families adds it.

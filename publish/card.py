@@ -15,8 +15,8 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
-from eval import DATASETS
 from offline_kit.whisper_ct2 import ENGLISH_ONLY_VOCAB_SIZE
+from training.evaluation import DATASETS
 
 TEMPLATE_PATH = Path(__file__).with_name("modelcard_template.md")
 PIPELINE_TAG = "automatic-speech-recognition"

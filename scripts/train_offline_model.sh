@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Reproduces the shipped offline model (offline_kit/trained) from nothing, on CPU:
-# offline kit -> synthetic corpora -> stages 1 to 7 (configs/offline_recipe{,_stage2,...,_stage7}.yaml)
+# offline kit -> synthetic corpora -> stages 1 to 7 (configs/recipes/offline_stage{1..7}.yaml)
 # -> the mean of stages 6 and 7 -> ship -> evaluate against Whisper tiny.en.
 #   bash scripts/train_offline_model.sh              # resumable: run it again after an interruption
 set -euo pipefail
@@ -49,13 +49,13 @@ train() {
   if ls -d "$2"/checkpoint-* >/dev/null 2>&1; then RESUME=--resume; else RESUME=; fi
   $PYTHON train.py "$1" $RESUME
 }
-train configs/offline_recipe.yaml outputs/offline-recipe
-train configs/offline_recipe_stage2.yaml outputs/offline-recipe-stage2
-train configs/offline_recipe_stage3.yaml outputs/offline-recipe-stage3
-train configs/offline_recipe_stage4.yaml outputs/offline-recipe-stage4
-train configs/offline_recipe_stage5.yaml outputs/offline-recipe-stage5
-train configs/offline_recipe_stage6.yaml outputs/offline-recipe-stage6
-train configs/offline_recipe_stage7.yaml outputs/offline-recipe-stage7
+train configs/recipes/offline_stage1.yaml outputs/offline-recipe
+train configs/recipes/offline_stage2.yaml outputs/offline-recipe-stage2
+train configs/recipes/offline_stage3.yaml outputs/offline-recipe-stage3
+train configs/recipes/offline_stage4.yaml outputs/offline-recipe-stage4
+train configs/recipes/offline_stage5.yaml outputs/offline-recipe-stage5
+train configs/recipes/offline_stage6.yaml outputs/offline-recipe-stage6
+train configs/recipes/offline_stage7.yaml outputs/offline-recipe-stage7
 # What ships: the mean of stages 6 and 7 (stage 7 alone reads the synthetic voices better and real speech worse).
 [ -f "$RUN/model.safetensors" ] ||
   $PYTHON -m training.average "$RUN" outputs/offline-recipe-stage6 outputs/offline-recipe-stage7
@@ -82,9 +82,7 @@ $PYTHON -m publish.push "$RUN" --repo tiny-audio/tiny-audio-offline --dry-run --
   --results "$TRAINED"/results/tiny-audio-offline-*.json \
   --baseline-results "$TRAINED"/results/whisper-tiny.en-*.json \
   --audio-model-id openai/whisper-tiny.en --text-model-id HuggingFaceTB/SmolLM2-135M-Instruct \
-  --train-config configs/offline_recipe.yaml configs/offline_recipe_stage2.yaml configs/offline_recipe_stage3.yaml \
-    configs/offline_recipe_stage4.yaml configs/offline_recipe_stage5.yaml configs/offline_recipe_stage6.yaml \
-    configs/offline_recipe_stage7.yaml \
+  --train-config configs/recipes/offline_stage{1..7}.yaml \
   --language en --training-data-note "synthetic English speech only, made offline by offline_kit.synthetic_corpus \
 (Piper, flite, espeak-ng and Kokoro voices reading Harvard sentences, WordNet examples, the World English Bible, \
 GNOME help pages and fortunes), no recorded human speech"

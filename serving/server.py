@@ -176,6 +176,8 @@ def create_app(
     patience: float = DEFAULT_PATIENCE_SECONDS,
 ) -> FastAPI:
     """The FastAPI app serving ``pipe``; its batch worker runs while the app does (lifespan)."""
+    # `_sanitize_parameters` is the hook every Pipeline subclass defines to declare its call options (transformers'
+    # custom-pipeline guide); its signature is how to tell a checkpoint's older pipeline code. Pinned by a test.
     if skip_non_speech and "skip_non_speech" not in inspect.signature(pipe._sanitize_parameters).parameters:
         raise ValueError(
             "this checkpoint's pipeline code predates the voice-activity check (skip_non_speech): save the model "

@@ -30,6 +30,33 @@ CHATML_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+# SmolLM3's chat format, written here from its model card (no copy of the Hub file is available offline): a
+# system turn with a metadata block whose "Reasoning Mode" is /think unless `enable_thinking=False` or the system
+# message says /no_think, then ChatML turns; with reasoning off, the generation prompt closes an empty think block.
+# Tool calling (xml_tools, python_tools) is left out: Tiny Audio never passes tools.
+SMOLLM3_TEMPLATE = (
+    "{%- set thinking = enable_thinking if enable_thinking is defined else true -%}"
+    "{%- set instructions = 'You are a helpful AI assistant named SmolLM, trained by Hugging Face.' -%}"
+    "{%- set turns = messages -%}"
+    "{%- if messages and messages[0]['role'] == 'system' -%}"
+    "{%- set system_text = messages[0]['content'] -%}"
+    "{%- if '/no_think' in system_text -%}{%- set thinking = false -%}"
+    "{%- elif '/think' in system_text -%}{%- set thinking = true -%}{%- endif -%}"
+    "{%- set instructions = system_text.replace('/no_think', '').replace('/think', '').strip() -%}"
+    "{%- set turns = messages[1:] -%}"
+    "{%- endif -%}"
+    "{{- '<|im_start|>system\\n## Metadata\\n\\nKnowledge Cutoff Date: June 2025\\n' -}}"
+    "{{- 'Today Date: ' + strftime_now('%d %B %Y') + '\\n' -}}"
+    "{{- 'Reasoning Mode: ' + ('/think' if thinking else '/no_think') + '\\n\\n' -}}"
+    "{{- '## Custom Instructions\\n\\n' + instructions + '\\n\\n<|im_end|>\\n' -}}"
+    "{%- for message in turns -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}"
+    "{{- '<|im_start|>assistant\\n' + ('' if thinking else '<think>\\n\\n</think>\\n') -}}"
+    "{%- endif -%}"
+)
+THINK_TOKENS = ["<think>", "</think>"]
 TOKENIZER_CORPUS = [
     "the quick brown fox jumps over the lazy dog",
     "transcribe the speech describe the audio what emotion does the speaker express",
@@ -110,9 +137,13 @@ def make_tiny_encoder(directory: str | Path, kind: str = "whisper", num_layers: 
 
 
 def make_tiny_llm(directory: str | Path, kind: str = "llama") -> str:
-    """Saves a random tiny causal LM with tied embeddings plus a real tokenizer and returns its folder."""
+    """Saves a random tiny causal LM with tied embeddings plus a real tokenizer and returns its folder (SmolLM3
+    with its own chat format, the others with ChatML)."""
     directory = Path(directory)
     tokenizer = make_tiny_tokenizer()
+    if kind == "smollm3":  # its chat template and its think markers, special tokens as in SmolLM3's tokenizer
+        tokenizer.add_special_tokens({"additional_special_tokens": THINK_TOKENS})
+        tokenizer.chat_template = SMOLLM3_TEMPLATE
     common = {
         "vocab_size": len(tokenizer),
         "hidden_size": 32,

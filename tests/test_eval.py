@@ -28,9 +28,10 @@ from transformers import (
 )
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-import eval as evaluation
+import eval as eval_command
 from pipeline_asr import AudioInputError, read_audio
 from serving.loading import load_asr_pipeline
+from training import evaluation
 from training.wer import score
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -155,7 +156,7 @@ def test_selection_is_deterministic_and_seeded() -> None:
 
 def test_unknown_dataset_lists_known_ones(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
-        evaluation.main(["some/model", "--dataset", "no-such-set"])
+        eval_command.main(["some/model", "--dataset", "no-such-set"])
     err = capsys.readouterr().err
     assert "unknown dataset 'no-such-set'" in err
     for name in ("loquacious", "librispeech-clean", "ami", "tedlium", "commonvoice"):
@@ -329,7 +330,7 @@ def test_end_to_end_report_and_results_files(tiny_whisper: str, manifest: Path, 
 
 def test_default_batch_size_is_the_one_of_the_published_figures() -> None:
     """One default, the batch size the README's RTFx figures (the shipped results files) were measured at."""
-    default = evaluation.build_parser().parse_args(["some/model"]).batch_size
+    default = eval_command.build_parser().parse_args(["some/model"]).batch_size
     published = {
         json.loads(path.read_text())["batch_size"]
         for path in (ROOT / "offline_kit" / "trained" / "results").glob("*.json")
@@ -343,7 +344,7 @@ def test_resume_continues_after_last_finished_sample(
 ) -> None:
     out = tmp_path / "out"
     args = [tiny_whisper, "--dataset", str(manifest), "--output-dir", str(out), "--device", "cpu"]
-    assert evaluation.main([*args, "--max-samples", "6"]) == 0
+    assert eval_command.main([*args, "--max-samples", "6"]) == 0
     out_dir = out / Path(tiny_whisper).name / "manifest.jsonl"
     complete = [json.loads(line) for line in (out_dir / "samples.jsonl").read_text().splitlines()]
     assert len(complete) == 6
@@ -361,7 +362,7 @@ def test_resume_continues_after_last_finished_sample(
     (partial / "results.json").unlink()  # written only when a run finishes
     capsys.readouterr()
 
-    assert evaluation.main([*args, "--max-samples", "6", "--resume"]) == 0
+    assert eval_command.main([*args, "--max-samples", "6", "--resume"]) == 0
     stdout = capsys.readouterr().out
     assert "[resume] 3 samples already done" in stdout
     assert not partial.exists()
@@ -372,12 +373,12 @@ def test_resume_continues_after_last_finished_sample(
     results = json.loads((out_dir / "results.json").read_text())
     assert results["n"] + results["skipped_bad_audio"] + results["skipped_empty_reference"] == 6
 
-    assert evaluation.main([*args, "--max-samples", "6", "--resume"]) == 0  # finished: nothing redone
+    assert eval_command.main([*args, "--max-samples", "6", "--resume"]) == 0  # finished: nothing redone
     assert "[resume] manifest.jsonl already finished" in capsys.readouterr().out
     assert json.loads((out_dir / "results.json").read_text()) == results
 
     with pytest.raises(SystemExit):  # a run of other settings is not resumed: refused before the model loads
-        evaluation.main([*args, "--max-samples", "4", "--resume"])
+        eval_command.main([*args, "--max-samples", "4", "--resume"])
     refused = capsys.readouterr()
     assert "holds a finished run of other settings" in refused.err and "Loading model" not in refused.out
 
@@ -424,7 +425,7 @@ def test_compare_with_an_earlier_run(
 ) -> None:
     """--compare-with finds the earlier run of the same dataset and writes comparison.json next to results.json."""
     args = [tiny_whisper, "--dataset", str(manifest), "--device", "cpu"]
-    assert evaluation.main([*args, "--output-dir", str(tmp_path / "new")]) == 0
+    assert eval_command.main([*args, "--output-dir", str(tmp_path / "new")]) == 0
     new_dir = tmp_path / "new" / Path(tiny_whisper).name / "manifest.jsonl"
     rows = evaluation.read_finished(new_dir / "samples.jsonl")
     # The earlier run: the same clips, with two more substitutions on the first scored one.
@@ -437,7 +438,7 @@ def test_compare_with_an_earlier_run(
     capsys.readouterr()
 
     compare = ["--output-dir", str(tmp_path / "new"), "--resume", "--compare-with"]
-    assert evaluation.main([*args, *compare, str(tmp_path / "old")]) == 0
+    assert eval_command.main([*args, *compare, str(tmp_path / "old")]) == 0
     assert f"Against {old_dir} (5 clips)" in capsys.readouterr().out
     comparison = json.loads((new_dir / "comparison.json").read_text())
     assert comparison["baseline"] == str(old_dir / "samples.jsonl")
@@ -446,7 +447,7 @@ def test_compare_with_an_earlier_run(
     assert comparison["wer_change"] == pytest.approx(-2 / words)
 
     with pytest.raises(SystemExit):
-        evaluation.main([*args, *compare, str(tmp_path / "nowhere")])
+        eval_command.main([*args, *compare, str(tmp_path / "nowhere")])
     assert "no run of dataset manifest.jsonl" in capsys.readouterr().err
 
 
@@ -465,7 +466,7 @@ def test_end_to_end_on_tiny_audio_checkpoint_over_two_datasets(
     out = tmp_path / "out"
     args = [tiny_model_dir, "--dataset", str(manifest), str(tmp_path / "folder"), "--output-dir", str(out)]
     options = ["--device", "cpu", "--dtype", "bfloat16", "--batch-size", "3", "--model-name", "tiny-random"]
-    assert evaluation.main([*args, *options, "--max-samples", "5"]) == 0
+    assert eval_command.main([*args, *options, "--max-samples", "5"]) == 0
     stdout = capsys.readouterr().out
 
     model_dir = out / "tiny-random"  # --model-name names the folder
@@ -505,7 +506,7 @@ def test_a_clip_the_model_cannot_take_is_counted_not_fatal(
         "--device",
         "cpu",
     ]
-    assert evaluation.main([*args, "--batch-size", "3"]) == 0
+    assert eval_command.main([*args, "--batch-size", "3"]) == 0
 
     stdout = capsys.readouterr().out
     assert stdout.count("Batch of 3 failed") == 1 and "Skipped 1.wav: transcription failed" in stdout
@@ -516,7 +517,7 @@ def test_a_clip_the_model_cannot_take_is_counted_not_fatal(
     assert (results["n"], results["skipped_failed"]) == (2, 1)
 
     # The pipeline's own chunking takes the long clip (a new run: it replaces the finished one when asked to).
-    assert evaluation.main([*args, "--batch-size", "3", "--chunk-length-s", "30", "--overwrite"]) == 0
+    assert eval_command.main([*args, "--batch-size", "3", "--chunk-length-s", "30", "--overwrite"]) == 0
     results = json.loads((out_dir / "results.json").read_text())
     assert (results["n"], results["skipped_failed"], results["chunk_length_s"]) == (3, 0, 30.0)
 
@@ -683,7 +684,7 @@ def test_bad_arguments_fail_with_one_message_before_the_model_loads(
     monkeypatch.chdir(tmp_path)  # relative dataset paths resolve here, where nothing has been built
     argv, expected = _bad_eval_arguments(tmp_path, tiny_whisper, manifest)[name]
     with pytest.raises(SystemExit) as exited:
-        evaluation.main(
+        eval_command.main(
             [*argv, "--device", "cpu"]
             + ([] if "--output-dir" in argv else ["--output-dir", str(tmp_path / "out")])
         )
@@ -701,7 +702,7 @@ def test_every_registry_set_offline_is_one_message_before_the_model_loads(
     """The default set (no --dataset) and each benchmark name, with the Hub offline: what, why and what to do."""
     chosen = ["--dataset", name] if name else []
     with pytest.raises(SystemExit) as exited:
-        evaluation.main([tiny_whisper, *chosen, "--output-dir", str(tmp_path / "out"), "--device", "cpu"])
+        eval_command.main([tiny_whisper, *chosen, "--output-dir", str(tmp_path / "out"), "--device", "cpu"])
     captured = capsys.readouterr()
     assert exited.value.code == 2
     error = captured.err.strip().splitlines()[-1]
@@ -779,12 +780,12 @@ def test_a_finished_run_is_kept_until_a_new_one_completes(
 ) -> None:
     out = tmp_path / "out"
     args = [tiny_whisper, "--dataset", str(manifest), "--output-dir", str(out), "--device", "cpu"]
-    assert evaluation.main(args) == 0
+    assert eval_command.main(args) == 0
     out_dir = out / Path(tiny_whisper).name / "manifest.jsonl"
     finished = {name: (out_dir / name).read_text() for name in ("results.json", "samples.jsonl", "run.json")}
 
     with pytest.raises(SystemExit):  # a second run into the same folder is refused, before the model loads
-        evaluation.main([*args, "--max-samples", "2"])
+        eval_command.main([*args, "--max-samples", "2"])
     assert "holds a finished run" in capsys.readouterr().err
 
     # --overwrite: the new run writes beside the finished one; interrupted, it has replaced nothing.
@@ -799,17 +800,17 @@ def test_a_finished_run_is_kept_until_a_new_one_completes(
 
     monkeypatch.setattr(evaluation, "_transcribe", interrupted_after_one_call)
     with pytest.raises(KeyboardInterrupt):
-        evaluation.main([*args, "--max-samples", "6", "--batch-size", "1", "--overwrite"])
+        eval_command.main([*args, "--max-samples", "6", "--batch-size", "1", "--overwrite"])
     assert {name: (out_dir / name).read_text() for name in finished} == finished
     partial = evaluation.partial_dir(out_dir)
     assert len(evaluation.read_finished(partial / "samples.jsonl")) == 4  # one call of 4 clips was written
 
     with pytest.raises(SystemExit):  # the interrupted run is not silently thrown away either
-        evaluation.main([*args, "--max-samples", "6"])
+        eval_command.main([*args, "--max-samples", "6"])
     assert "holds an interrupted run" in capsys.readouterr().err
 
     monkeypatch.setattr(evaluation, "_transcribe", transcribe)
-    assert evaluation.main([*args, "--max-samples", "6", "--resume", "--overwrite"]) == 0
+    assert eval_command.main([*args, "--max-samples", "6", "--resume", "--overwrite"]) == 0
     assert "[resume] 4 samples already done" in capsys.readouterr().out
     assert not partial.exists() and not out_dir.with_name("manifest.jsonl.replaced").exists()
     assert json.loads((out_dir / "run.json").read_text())["max_samples"] == 6
@@ -832,7 +833,7 @@ def test_a_run_with_no_scored_clip_is_an_error(
         "--device",
         "cpu",
     ]
-    assert evaluation.main(argv) == 1
+    assert eval_command.main(argv) == 1
     err = capsys.readouterr().err
     assert "no clip of broken.jsonl could be scored" in err and "1 bad audio, 1 empty references" in err
     assert not (out / Path(tiny_whisper).name / "broken.jsonl" / "results.json").exists()

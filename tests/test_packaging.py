@@ -24,6 +24,9 @@ target = Path(sys.argv[1])
 for module in (leaderboard.build, offline_kit.preset, publish.card, testing.tiny_models, training.wer):
     assert Path(module.__file__).is_relative_to(target), module.__file__
 assert publish.card.TEMPLATE_PATH.is_file() and offline_kit.preset.shipped_weights() is not None
+import offline_kit.real_speech, offline_kit.synthetic_corpus
+for built in (offline_kit.real_speech.DEFAULT_OUT, offline_kit.synthetic_corpus.DEFAULT_OUT):
+    assert not built.resolve().is_relative_to(target), built  # data is never written into the install
 print("ok")
 """
 

@@ -84,7 +84,7 @@ def test_int16_becomes_float_in_unit_range():
 @pytest.mark.parametrize("dtype", [np.int16, np.int32, np.uint8])
 def test_integer_pcm_is_scaled_one_way_by_the_pipeline_processor_training_and_eval(asr, dtype):
     """Centred on the format's midpoint (128 for uint8) and divided by its half range, wherever audio comes in."""
-    import eval as evaluation
+    from training import evaluation
     from training.data import audio_hash, check_row
 
     info = np.iinfo(dtype)

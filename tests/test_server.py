@@ -19,7 +19,7 @@ from conftest import listening_addresses
 
 from benchmarks.bench_server import free_port, start_server
 from serving.batching import AllCancelled, BatchQueue, DecodeOptions, Job, JobCancelled
-from testing.tiny_models import make_tiny_tiny_audio
+from testing.tiny_models import make_tiny_encoder, make_tiny_tiny_audio, make_tiny_tokenizer
 
 RATE = 16000
 MAX_UPLOAD_MB = 1
@@ -333,3 +333,25 @@ def test_a_client_that_hangs_up_takes_its_request_out_of_the_queue(local_pipelin
         release.set()
         server.should_exit = True
         thread.join(timeout=60)
+
+
+def test_a_pipeline_without_the_voice_activity_option_is_refused_before_serving(tmp_path, local_pipeline):
+    """The server reads a pipeline's options from its `_sanitize_parameters` signature: a pipeline that cannot skip
+    non-speech (a stock transformers one here, as a checkpoint's older code would be) is refused with what to do;
+    Tiny Audio's own pipeline declares the option."""
+    from transformers import pipeline
+
+    from serving.server import create_app
+
+    whisper = make_tiny_encoder(tmp_path / "whisper")
+    stock = pipeline(
+        "automatic-speech-recognition",
+        model=whisper,
+        tokenizer=make_tiny_tokenizer(),
+        feature_extractor=whisper,
+    )
+    with pytest.raises(
+        ValueError, match=r"predates the voice-activity check \(skip_non_speech\).*--keep-non-speech"
+    ):
+        create_app(stock, "stock")
+    assert create_app(local_pipeline, "tiny-audio") is not None

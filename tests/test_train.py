@@ -165,7 +165,11 @@ def test_wandb_without_its_package_is_dropped_saying_how_to_install_it(workspace
     assert "`wandb sync wandb/offline-run-*`" in readme
 
 
-@pytest.mark.parametrize("config", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda path: path.name)
+@pytest.mark.parametrize(
+    "config",
+    sorted((ROOT / "configs").rglob("*.yaml")),
+    ids=lambda path: str(path.relative_to(ROOT / "configs")),
+)
 def test_checked_in_configs_parse(config):
     written = yaml.safe_load(config.read_text())
     _, data_args, _, training_args = train.parse_args([str(config)])
@@ -175,19 +179,29 @@ def test_checked_in_configs_parse(config):
         assert getattr(training_args, key) == written[key], key
 
 
+def test_config_comments_say_what_the_file_is_for_and_leave_results_to_training_md():
+    """Recipes and trials live apart, and no config comment narrates a result: a WER, a change or a timing has
+    one home, offline_kit/trained/TRAINING.md."""
+    configs = ROOT / "configs"
+    assert {path.parent.name for path in configs.rglob("*.yaml")} == {"configs", "recipes", "trials"}
+    result = re.compile(r"\d%|->|\bminutes\b|\bRTFx\b|\bWER\b")
+    for config in configs.rglob("*.yaml"):
+        comments = [line.split("#", 1)[1] for line in config.read_text().splitlines() if "#" in line]
+        narrated = [comment for comment in comments if result.search(comment) and "--" not in comment]
+        assert not narrated, (config.name, narrated)
+
+
 def test_offline_recipe_stages_chain_and_the_script_runs_each_one():
     """Each stage starts from the previous stage's output, and train_offline_model.sh trains them all and ships the
     last, alone or averaged with others (training.average)."""
     script = (ROOT / "scripts" / "train_offline_model.sh").read_text()
-    stages = [
-        ROOT / "configs" / "offline_recipe.yaml",
-        *sorted((ROOT / "configs").glob("offline_recipe_stage*.yaml")),
-    ]
+    stages = sorted((ROOT / "configs" / "recipes").glob("offline_stage*.yaml"))
+    assert [config.name for config in stages] == [f"offline_stage{number}.yaml" for number in range(1, 8)]
     previous_output = None
     for config in stages:
         model_args, _, _, training_args = train.parse_args([str(config)])
         assert model_args.model_name_or_path == previous_output, config.name
-        assert f"train configs/{config.name} " in script, config.name
+        assert f"train configs/recipes/{config.name} " in script, config.name
         previous_output = training_args.output_dir
     run = re.search(r"^RUN=(\S+)$", script, re.MULTILINE).group(1)
     averaged = re.search(r'-m training\.average "\$RUN" (.+)$', script, re.MULTILINE)
@@ -442,6 +456,60 @@ def test_prompt_prefix_cache_gives_the_same_loss_and_gradient(model_and_test_row
         results.append((loss.detach(), model.multi_modal_projector.linear_1.weight.grad.clone()))
     model.zero_grad()
     torch.testing.assert_close(results[1], results[0], rtol=1e-4, atol=1e-5)
+
+
+def test_checkpoints_hold_only_the_trained_weights_and_what_resumes_them(reference_run):
+    """The Trainer's own saving writes through the model's save_pretrained: a checkpoint holds the projector (no
+    encoder or LLM weight), the processor and the training arguments."""
+    from modeling_tiny_audio import is_pretrained_weight
+
+    output_dir = Path(reference_run["output_dir"])
+    for folder in (output_dir / "checkpoint-3", output_dir / "checkpoint-6", output_dir):
+        names = set(projector_of(folder))
+        assert names and not any(is_pretrained_weight(name) for name in names), folder.name
+        assert {"config.json", "tokenizer.json", "processor_config.json"} <= set(os.listdir(folder)), (
+            folder.name
+        )
+    assert (output_dir / "checkpoint-3" / "training_args.bin").is_file()
+
+
+def test_the_private_trainer_hooks_train_py_overrides_are_called(model_and_test_rows, tmp_path):
+    """train.py overrides two private Trainer hooks where no public one does the job: `_get_train_sampler` (the
+    length-grouped order drawn from the seed alone) and `_load_from_checkpoint` (strict loading of the trained
+    weights). If transformers renames them or stops calling them, this fails instead of training on silently."""
+    model, processor, dataset = model_and_test_rows
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "run"),
+        use_cpu=True,
+        per_device_train_batch_size=1,
+        train_sampling_strategy="group_by_length",
+        seed=3,
+        report_to=[],
+        remove_unused_columns=False,  # as train.py: the collator reads the audio column
+    )
+    trainer = train.TinyAudioTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        data_collator=SpeechCollator(processor),
+        processing_class=processor,
+    )
+    orders = []
+    for global_seed in (0, 1):
+        torch.manual_seed(global_seed)  # whatever ran before must not move the order
+        sampler = trainer.get_train_dataloader().batch_sampler.sampler
+        assert isinstance(sampler, train.SeededLengthGroupedSampler)
+        orders.append(list(sampler))
+    assert orders[0] == orders[1] and sorted(orders[0]) == list(range(len(dataset)))
+
+    checkpoint = tmp_path / "checkpoint-1"
+    checkpoint.mkdir()
+    weights = {name: tensor.clone() for name, tensor in model.trainable_state_dict().items()}
+    save_file(
+        {**weights, "multi_modal_projector.extra.weight": torch.zeros(1)}, checkpoint / "model.safetensors"
+    )
+    with pytest.raises(ValueError, match="does not match this model's trainable weights"):
+        trainer.train(resume_from_checkpoint=str(checkpoint))
 
 
 def test_resume_after_a_crash_reproduces_the_uninterrupted_run(workspace, reference_run, monkeypatch):
@@ -842,9 +910,12 @@ def test_a_killed_run_resumes_from_its_newest_complete_checkpoint_and_skips_fini
     output_dir = tmp_path / "killed"
     # Far more steps than will run: the kill always lands mid-run. Steps and schedule are those of the reference.
     argv = base_args(workspace, str(output_dir), *NO_EVAL, "--save_steps", "1", "--disable_tqdm", "true")
+    # The reference trained in this process: as many threads here, so that every step sums in the same order and
+    # an exact resume gives the reference's weights exactly (with one thread they differ even uninterrupted).
+    env = {**TRAIN_ENV, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     with open(tmp_path / "first.log", "w") as log:
         process = subprocess.Popen(
-            _train_command([*argv, "--max_steps", "1000"]), cwd=ROOT, env=TRAIN_ENV, stdout=log, stderr=log
+            _train_command([*argv, "--max_steps", "1000"]), cwd=ROOT, env=env, stdout=log, stderr=log
         )
         try:
             _wait_for_complete_checkpoint(process, output_dir, 2)
@@ -864,7 +935,7 @@ def test_a_killed_run_resumes_from_its_newest_complete_checkpoint_and_skips_fini
     resumed = subprocess.run(
         _train_command([*argv, "--max_steps", "6", "--resume"]),
         cwd=ROOT,
-        env=TRAIN_ENV,
+        env=env,
         capture_output=True,
         text=True,
         timeout=600,
