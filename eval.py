@@ -8,6 +8,10 @@ checkpoints bring their own pipeline class through ``trust_remote_code``. Refere
 with Whisper's English normaliser and scored with jiwer (corpus WER = total errors / total reference words).
 RTFx is audio seconds divided by the wall seconds of the pipeline calls (feature extraction + generation +
 decoding), warm-up excluded.
+
+``--task describe`` asks the model to describe each clip instead and scores what the sentence says of the speaker's
+gender and accent, the channel, the noise and the speaking rate against what the offline kit's corpora record of
+the clip (``offline_kit.descriptions``): accuracy per attribute and a confusion table of each.
 """
 
 from __future__ import annotations
@@ -29,6 +33,15 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from offline_kit.descriptions import (
+    ATTRIBUTES,
+    attribute_scores,
+    clip_facts,
+    format_confusion,
+    has_facts,
+    read_attributes,
+    reference_attributes,
+)
 from pipeline_asr import read_audio
 from serving.loading import Int8Unsupported, load_asr_pipeline
 from training.preflight import (
@@ -54,6 +67,11 @@ IGNORED_REFERENCES = {"", "ignore time segment in scoring"}
 ID_COLUMNS = ("id", "ID", "clip_id", "segment_id", "utterance_id", "file_name", "audio_filepath", "path")
 # How the user names a column the dataset loader did not find (shown in its error).
 COLUMN_OPTION = "--{kind}-column"
+# What eval.py scores: transcripts by WER, descriptions by the attributes they state; a description run's folder
+# is the dataset's, with a suffix.
+TRANSCRIBE, DESCRIBE = "transcribe", "describe"
+SCORED_TASKS = (TRANSCRIBE, DESCRIBE)
+TASK_SUFFIX = {DESCRIBE: "-describe"}
 # Resamples of the clips behind the 95% interval of a paired comparison (--compare-with).
 BOOTSTRAP_DRAWS = 2000
 
@@ -232,6 +250,7 @@ class RunSettings:
     contributor: str
     git_hash: str  # taken when the run starts: the code that produced the numbers
     seed: int = SEED
+    task: str = "transcribe"  # or "describe": scored by attribute, not by WER
 
 
 # Clips handed to the pipeline per call, in batches: Tiny Audio's pipeline batches a window of 4 batches shortest
@@ -259,6 +278,8 @@ def _transcribe(pipe: Any, audios: list[np.ndarray], rate: int, settings: RunSet
     # The pipeline pops keys from its input dicts, so each call gets fresh ones.
     inputs = [{"raw": a, "sampling_rate": rate} for a in audios]
     kwargs: dict[str, Any] = {"generate_kwargs": settings.generate_kwargs} if settings.generate_kwargs else {}
+    if settings.task != TRANSCRIBE:  # stock ASR pipelines know no task
+        kwargs["task"] = settings.task
     if settings.chunk_length_s:
         kwargs["chunk_length_s"] = settings.chunk_length_s
     outputs = pipe(inputs, batch_size=settings.batch_size, **kwargs)
@@ -314,6 +335,40 @@ def _scored_row(
     }
 
 
+def _described_row(
+    index: int,
+    sample_id: str,
+    facts: str,
+    prediction: str,
+    audio_seconds: float,
+    time_s: float,
+    call_clips: int,
+) -> dict[str, Any]:
+    """A described clip: the attributes its facts state and those its description says."""
+    return {
+        "index": index,
+        "id": sample_id,
+        "status": "ok",
+        "prediction": prediction,
+        "reference_attributes": reference_attributes(json.loads(facts)),
+        "predicted_attributes": read_attributes(prediction),
+        "audio_seconds": audio_seconds,
+        "time_s": time_s,
+        "call_clips": call_clips,
+    }
+
+
+def _print_described(number: int, row: dict[str, Any]) -> None:
+    said = row["predicted_attributes"]
+    marks = [
+        f"{name} {'ok' if said[name] == truth else f'{said[name]} (is {truth})'}"
+        for name, truth in row["reference_attributes"].items()
+        if truth is not None
+    ]
+    tqdm.write(f"Sample {number}: {', '.join(marks)}")
+    tqdm.write(f"  Said: {row['prediction']}")
+
+
 def _print_sample(number: int, row: dict[str, Any]) -> None:
     clips = row.get("call_clips", 1)
     shared = f" (1/{clips} of a {clips}-clip call)" if clips > 1 else ""
@@ -334,23 +389,24 @@ def _print_checkpoint(scored: list[dict[str, Any]]) -> None:
 def summarize(rows: list[dict[str, Any]], source: DatasetSource, settings: RunSettings) -> dict[str, Any]:
     """results.json content from the per-sample rows."""
     scored = [r for r in rows if r["status"] == "ok"]
+    if settings.task == DESCRIBE:
+        pairs = [(r["reference_attributes"], r["predicted_attributes"]) for r in scored]
+        audio_s, wall_s = sum(r["audio_seconds"] for r in scored), sum(r["time_s"] for r in scored)
+        return {
+            **_run_facts(rows, source, settings),
+            "task": settings.task,
+            "attributes": attribute_scores(pairs),
+            "audio_seconds": audio_s,
+            "wall_seconds": wall_s,
+            "rtfx": audio_s / wall_s if wall_s > 0 else 0.0,
+        }
     errors = WordErrors.of(
         [r["reference_normalized"] for r in scored], [r["prediction_normalized"] for r in scored]
     )
     audio_s = sum(r["audio_seconds"] for r in scored)
     wall_s = sum(r["time_s"] for r in scored)
     return {
-        "model": settings.model_name,
-        "model_path": settings.model,
-        "dataset": source.name,
-        "dataset_location": source.location,
-        "split": source.split,
-        "n": len(scored),
-        "skipped_bad_audio": sum(r["status"] == "bad_audio" for r in rows),
-        "skipped_empty_reference": sum(r["status"] == "empty_reference" for r in rows),
-        "skipped_failed": sum(r["status"] == "failed" for r in rows),
-        "max_samples": settings.max_samples,
-        "seed": settings.seed,
+        **_run_facts(rows, source, settings),
         "wer": errors.wer,
         "substitutions": errors.substitutions,
         "deletions": errors.deletions,
@@ -359,6 +415,23 @@ def summarize(rows: list[dict[str, Any]], source: DatasetSource, settings: RunSe
         "audio_seconds": audio_s,
         "wall_seconds": wall_s,
         "rtfx": audio_s / wall_s if wall_s > 0 else 0.0,
+    }
+
+
+def _run_facts(rows: list[dict[str, Any]], source: DatasetSource, settings: RunSettings) -> dict[str, Any]:
+    """What every results.json says of its run, whatever the task."""
+    return {
+        "model": settings.model_name,
+        "model_path": settings.model,
+        "dataset": source.name,
+        "dataset_location": source.location,
+        "split": source.split,
+        "n": sum(r["status"] == "ok" for r in rows),
+        "skipped_bad_audio": sum(r["status"] == "bad_audio" for r in rows),
+        "skipped_empty_reference": sum(r["status"] == "empty_reference" for r in rows),
+        "skipped_failed": sum(r["status"] == "failed" for r in rows),
+        "max_samples": settings.max_samples,
+        "seed": settings.seed,
         "batch_size": settings.batch_size,
         "chunk_length_s": settings.chunk_length_s,
         "generate_kwargs": settings.generate_kwargs,
@@ -372,6 +445,16 @@ def summarize(rows: list[dict[str, Any]], source: DatasetSource, settings: RunSe
 
 
 def _print_summary(results: dict[str, Any], out_dir: Path) -> None:
+    if results.get("task") == DESCRIBE:
+        print("=" * 60)
+        print(
+            f"DESCRIPTIONS: {results['model']} on {results['dataset']} ({results['split']}), {results['n']} clips"
+        )
+        for attribute, score in results["attributes"].items():
+            print(format_confusion(attribute, score))
+        print(f"  Results: {out_dir}")
+        print("=" * 60)
+        return
     print("=" * 60)
     print(f"RESULTS: {results['model']} on {results['dataset']} ({results['split']})")
     print(
@@ -396,15 +479,18 @@ def _skip(index: int, sample_id: str, status: str, reason: str) -> dict[str, Any
 
 
 def _prepare_batch(
-    batch: list[tuple[int, dict[str, Any]]], source: DatasetSource, rate: int
+    batch: list[tuple[int, dict[str, Any]]], source: DatasetSource, rate: int, task: str = "transcribe"
 ) -> tuple[dict[int, dict[str, Any]], list[tuple[int, str, np.ndarray, str]]]:
-    """Rows skipped for an empty reference or undecodable audio, and (index, id, audio, reference) to transcribe."""
+    """Rows skipped for an empty reference or undecodable audio, and (index, id, audio, reference) to transcribe;
+    a described clip's reference is its facts (JSON)."""
     skipped: dict[int, dict[str, Any]] = {}
     todo: list[tuple[int, str, np.ndarray, str]] = []
     for index, row in batch:
         sample_id = _sample_id(row, index, source)
         reference = str(row.get(source.text_column) or "")
-        if normalize(reference) in IGNORED_REFERENCES:
+        if task == DESCRIBE:
+            reference = json.dumps(clip_facts(row))
+        elif normalize(reference) in IGNORED_REFERENCES:
             skipped[index] = _skip(index, sample_id, "empty_reference", "empty reference")
             continue
         try:
@@ -439,6 +525,9 @@ def run_key(settings: RunSettings, source: DatasetSource) -> dict[str, Any]:
         "chunk_length_s": settings.chunk_length_s,
         "dtype": settings.dtype,
         "int8": settings.int8,
+        **(
+            {"task": settings.task} if settings.task != TRANSCRIBE else {}
+        ),  # keys of transcription runs unchanged
     }
 
 
@@ -550,7 +639,7 @@ def evaluate(
             len(rows),
             settings.batch_size * CALL_BATCHES,
         ):
-            done, todo = _prepare_batch(batch, source, rate)
+            done, todo = _prepare_batch(batch, source, rate, settings.task)
             if todo:
                 audios = [t[2] for t in todo]
                 if not warmed_up:  # first call pays for lazy init / kernel compilation: not timed
@@ -565,7 +654,8 @@ def evaluate(
                         done[index] = _skip(index, sample_id, "failed", f"transcription failed: {outcome}")
                         continue
                     prediction, seconds, call_clips = outcome
-                    done[index] = _scored_row(
+                    score = _described_row if settings.task == DESCRIBE else _scored_row
+                    done[index] = score(
                         index, sample_id, reference, prediction, len(audio) / rate, seconds, call_clips
                     )
             for index in sorted(done):
@@ -576,6 +666,9 @@ def evaluate(
                 if row["status"] != "ok":
                     continue
                 scored.append(row)
+                if settings.task == DESCRIBE:
+                    _print_described(len(scored), row)
+                    continue
                 _print_sample(len(scored), row)
                 if len(scored) % settings.checkpoint_every == 0:
                     _print_checkpoint(scored)
@@ -583,10 +676,11 @@ def evaluate(
 
     results = summarize(rows, source, settings)
     if results["n"] == 0:
+        what = "descriptions" if settings.task == DESCRIBE else "WER"
         raise NoScoredClips(
             f"no clip of {source.name} could be scored ({len(rows)} selected: {results['skipped_bad_audio']} "
             f"bad audio, {results['skipped_empty_reference']} empty references, {results['skipped_failed']} "
-            f"failed transcriptions), so there is no WER; each clip's reason is in {samples_path}"
+            f"failed transcriptions), so there are no {what} to score; each clip's reason is in {samples_path}"
         )
     (work / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     _replace_dir(work, out_dir)
@@ -680,6 +774,16 @@ def format_comparison(comparison: dict[str, Any], baseline: Path) -> str:
     )
 
 
+def format_attribute_table(results: list[dict[str, Any]]) -> str:
+    """Markdown table of one model's description accuracy per attribute over several datasets."""
+    names = [name for name in ATTRIBUTES if any(name in r["attributes"] for r in results)]
+    lines = ["| Dataset | Samples | " + " | ".join(names) + " |", "|---|---:|" + "---:|" * len(names)]
+    for r in results:
+        cells = [_pct(r["attributes"][n]["accuracy"]) if n in r["attributes"] else "" for n in names]
+        lines.append(f"| {r['dataset']} | {r['n']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def format_table(results: list[dict[str, Any]]) -> str:
     """Markdown table of one model over several datasets, with the plain average WER the leaderboard uses."""
     lines = ["| Dataset | Split | Samples | WER | RTFx (batch size) |", "|---|---|---:|---:|---:|"]
@@ -748,6 +852,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--contributor", help="name on the leaderboard (default: git config user.name)")
     parser.add_argument(
+        "--task",
+        default=TRANSCRIBE,
+        help="transcribe (scored by WER), or describe (Tiny Audio models; scored per attribute on the offline "
+        "kit's corpora, whose rows record what each clip sounds like)",
+    )
+    parser.add_argument(
         "--compare-with",
         type=Path,
         help="an earlier run's --output-dir: pairs the clips and prints the WER change with a bootstrap 95%% "
@@ -793,6 +903,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--chunk-length-s must be positive")
     if not isinstance(args.generate_kwargs, dict):
         parser.error("--generate-kwargs must be a JSON object, e.g. '{\"num_beams\": 1}'")
+    if args.task not in SCORED_TASKS:
+        parser.error(f"--task {args.task!r}: eval.py scores the tasks {', '.join(SCORED_TASKS)}")
+    if args.task != TRANSCRIBE and args.compare_with:
+        parser.error("--compare-with pairs WERs: use it with --task transcribe")
     model_name = args.model_name or default_model_name(args.model)
     settings = RunSettings(
         model=args.model,
@@ -807,13 +921,22 @@ def main(argv: list[str] | None = None) -> int:
         chunk_length_s=args.chunk_length_s,
         contributor=args.contributor or _git_user(),
         git_hash=git_hash(),
+        task=args.task,
     )
     planned = []
     try:
         sources = [resolve_dataset(name, args.split, args.audio_column, args.text_column) for name in names]
+        for source in sources:
+            if args.task == DESCRIBE and not has_facts(list(source.rows.column_names or [])):
+                raise PreflightError(
+                    f"{source.name} does not say what its clips sound like (no facts column, nor the voice, "
+                    "family and speaker columns of the offline kit's corpora), so descriptions cannot be scored"
+                )
         check_model_source(args.model)
         for source in sources:
-            out_dir = args.output_dir / _slug(model_name) / _slug(source.name)
+            out_dir = (
+                args.output_dir / _slug(model_name) / (_slug(source.name) + TASK_SUFFIX.get(args.task, ""))
+            )
             check_output_dir(out_dir, args.resume, args.overwrite, run_key(settings, source))
             baseline = args.compare_with and baseline_samples(args.compare_with, _slug(source.name))
             # Read now: with --overwrite the baseline may be the very run this one replaces.
@@ -826,6 +949,9 @@ def main(argv: list[str] | None = None) -> int:
         pipe = load_asr_pipeline(args.model, args.device, args.dtype, int8=args.int8)
     except Int8Unsupported as error:
         parser.error(str(error))
+    tasks = getattr(getattr(pipe, "processor", None), "task_prompts", {TRANSCRIBE: None})
+    if args.task not in tasks:
+        parser.error(f"--task {args.task!r}: this model's tasks are {', '.join(sorted(tasks))}")
     if not settings.device:
         settings = replace(settings, device=pipe.device.type)  # "cuda", "cpu": as results name it
     all_results = []
@@ -842,7 +968,7 @@ def main(argv: list[str] | None = None) -> int:
                 json.dumps({"baseline": str(baseline), **comparison}, indent=2) + "\n"
             )
             comparisons.append(format_comparison(comparison, baseline.parent))
-    print(format_table(all_results))
+    print(format_attribute_table(all_results) if args.task == DESCRIBE else format_table(all_results))
     for line in comparisons:
         print(line)
     return 0

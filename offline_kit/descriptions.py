@@ -232,6 +232,53 @@ def reference_attributes(facts: dict) -> dict[str, str | None]:
     return {attribute: facts.get(attribute) for attribute in ATTRIBUTES}
 
 
+# ---- scoring -------------------------------------------------------------------------------------------------------
+
+UNSTATED = "(none)"
+
+
+def attribute_scores(pairs: list[tuple[dict, dict]]) -> dict[str, dict]:
+    """Accuracy and confusion counts per attribute over (reference, predicted) attribute pairs; an attribute is
+    scored on the clips whose reference states it, and a prediction that states no value counts as wrong."""
+    scores = {}
+    for attribute in ATTRIBUTES:
+        confusion: dict[str, dict[str, int]] = {}
+        for reference, predicted in pairs:
+            if reference.get(attribute) is None:
+                continue
+            said = predicted.get(attribute) or UNSTATED
+            row = confusion.setdefault(reference[attribute], {})
+            row[said] = row.get(said, 0) + 1
+        clips = sum(sum(row.values()) for row in confusion.values())
+        if clips:
+            correct = sum(row.get(value, 0) for value, row in confusion.items())
+            scores[attribute] = {"clips": clips, "accuracy": correct / clips, "confusion": confusion}
+    return scores
+
+
+def format_confusion(attribute: str, score: dict) -> str:
+    """One attribute's accuracy and its confusion table: a row per true value, a column per value said."""
+    said = [
+        v for v in (*ATTRIBUTES[attribute], UNSTATED) if any(v in row for row in score["confusion"].values())
+    ]
+    truths = [v for v in ATTRIBUTES[attribute] if v in score["confusion"]]
+    width = max(len(v) for v in [*said, *truths, "true \\ said"])
+    lines = [f"{attribute}: {100 * score['accuracy']:.1f}% of {score['clips']} clips"]
+    lines.append("  " + "true \\ said".ljust(width) + "".join(v.rjust(width + 2) for v in said))
+    for truth in truths:
+        counts = score["confusion"][truth]
+        lines.append(
+            "  " + truth.ljust(width) + "".join(str(counts.get(v, 0)).rjust(width + 2) for v in said)
+        )
+    return "\n".join(lines)
+
+
+def has_facts(columns: list[str]) -> bool:
+    """Whether a dataset's rows say what their clips sound like (a ``facts`` column, or the voice columns of the
+    offline kit's corpora)."""
+    return "facts" in columns or {"voice", "family", "speaker"} <= set(columns)
+
+
 # ---- corpora -------------------------------------------------------------------------------------------------------
 
 
