@@ -551,7 +551,7 @@ def test_descriptions_are_scored_per_attribute_with_a_confusion_table(
 
 
 def test_a_tiny_model_describes_real_speech_and_each_attribute_counts_the_clips_its_source_states(
-    tiny_model_dir: str, tmp_path: Path
+    tiny_model_dir: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """End to end with the model's own generation, on a real-speech set as offline_kit.real_speech saves it (no
     facts column): jfk states no channel and neither recording a rate, so those are scored on fewer clips."""
@@ -564,6 +564,18 @@ def test_a_tiny_model_describes_real_speech_and_each_attribute_counts_the_clips_
     Dataset.from_list(rows).cast_column("audio", Audio(sampling_rate=16000)).save_to_disk(
         str(tmp_path / "real")
     )
+    prompts = []
+
+    def load_watched(*args, **kwargs):
+        """The real pipeline, noting the instruction of every batch it builds."""
+        pipe = load_asr_pipeline(*args, **kwargs)
+        collate = pipe._collate
+        monkeypatch.setattr(
+            pipe, "_collate", lambda chunks, prompt: prompts.append(prompt) or collate(chunks, prompt)
+        )
+        return pipe
+
+    monkeypatch.setattr(evaluation, "load_asr_pipeline", load_watched)
     out = tmp_path / "out"
     args = [tiny_model_dir, "--dataset", str(tmp_path / "real"), "--task", "describe", "--device", "cpu"]
     assert evaluation.main([*args, "--output-dir", str(out), "--model-name", "tiny"]) == 0
@@ -575,7 +587,7 @@ def test_a_tiny_model_describes_real_speech_and_each_attribute_counts_the_clips_
         for line in (out / "tiny" / "real-describe" / "samples.jsonl").read_text().splitlines()
     ]
     assert [s["reference_attributes"]["gender"] for s in samples] == ["female", "male"]
-    assert all(isinstance(s["prediction"], str) for s in samples)
+    assert prompts and set(prompts) == {"Describe the audio."}  # the model was asked to describe every clip
 
 
 def test_a_clip_the_model_cannot_take_is_counted_not_fatal(
