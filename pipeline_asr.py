@@ -649,6 +649,11 @@ class TinyAudioASRPipeline(AutomaticSpeechRecognitionPipeline):
                 f"return_timestamps must be True (chunk times) or 'word' (word times), got {return_timestamps!r}"
             )
         forward = {**(generate_kwargs or {}), **kwargs}
+        if task not in (
+            None,
+            "transcribe",
+        ):  # the CTC head scores transcripts: a description is no spelling of the audio
+            forward.setdefault("ctc_weight", 0.0)
         if loop_guard is not None:
             forward["loop_guard"] = loop_guard
         if return_timestamps == "word":

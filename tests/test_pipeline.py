@@ -473,6 +473,12 @@ def test_task_chooses_the_instruction_and_an_unknown_task_names_the_known_ones(a
     described = asr(clip, task="describe", max_new_tokens=4)["text"]
     assert prompts == [asr.processor.task_prompts["describe"]]
     assert described == asr(clip, prompt=asr.processor.task_prompts["describe"], max_new_tokens=4)["text"]
+    # Joint CTC decoding scores transcripts only: a description is decoded by the LLM alone, unless asked otherwise.
+    assert asr._sanitize_parameters(task="describe")[1]["ctc_weight"] == 0.0
+    assert (
+        asr._sanitize_parameters(task="describe", generate_kwargs={"ctc_weight": 0.2})[1]["ctc_weight"] == 0.2
+    )
+    assert "ctc_weight" not in asr._sanitize_parameters(task="transcribe")[1]
     with pytest.raises(
         ValueError, match=r"Unknown task 'dance'; known tasks: \['describe', 'emotion', 'transcribe'\]"
     ):
