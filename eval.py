@@ -250,7 +250,7 @@ class RunSettings:
     contributor: str
     git_hash: str  # taken when the run starts: the code that produced the numbers
     seed: int = SEED
-    task: str = "transcribe"  # or "describe": scored by attribute, not by WER
+    task: str = TRANSCRIBE  # or DESCRIBE: scored by attribute, not by WER
 
 
 # Clips handed to the pipeline per call, in batches: Tiny Audio's pipeline batches a window of 4 batches shortest
@@ -391,20 +391,14 @@ def summarize(rows: list[dict[str, Any]], source: DatasetSource, settings: RunSe
     scored = [r for r in rows if r["status"] == "ok"]
     if settings.task == DESCRIBE:
         pairs = [(r["reference_attributes"], r["predicted_attributes"]) for r in scored]
-        audio_s, wall_s = sum(r["audio_seconds"] for r in scored), sum(r["time_s"] for r in scored)
         return {
             **_run_facts(rows, source, settings),
             "task": settings.task,
             "attributes": attribute_scores(pairs),
-            "audio_seconds": audio_s,
-            "wall_seconds": wall_s,
-            "rtfx": audio_s / wall_s if wall_s > 0 else 0.0,
         }
     errors = WordErrors.of(
         [r["reference_normalized"] for r in scored], [r["prediction_normalized"] for r in scored]
     )
-    audio_s = sum(r["audio_seconds"] for r in scored)
-    wall_s = sum(r["time_s"] for r in scored)
     return {
         **_run_facts(rows, source, settings),
         "wer": errors.wer,
@@ -412,26 +406,29 @@ def summarize(rows: list[dict[str, Any]], source: DatasetSource, settings: RunSe
         "deletions": errors.deletions,
         "insertions": errors.insertions,
         "reference_words": errors.reference_words,
-        "audio_seconds": audio_s,
-        "wall_seconds": wall_s,
-        "rtfx": audio_s / wall_s if wall_s > 0 else 0.0,
     }
 
 
 def _run_facts(rows: list[dict[str, Any]], source: DatasetSource, settings: RunSettings) -> dict[str, Any]:
     """What every results.json says of its run, whatever the task."""
+    scored = [r for r in rows if r["status"] == "ok"]
+    audio_s = sum(r["audio_seconds"] for r in scored)
+    wall_s = sum(r["time_s"] for r in scored)
     return {
         "model": settings.model_name,
         "model_path": settings.model,
         "dataset": source.name,
         "dataset_location": source.location,
         "split": source.split,
-        "n": sum(r["status"] == "ok" for r in rows),
+        "n": len(scored),
         "skipped_bad_audio": sum(r["status"] == "bad_audio" for r in rows),
         "skipped_empty_reference": sum(r["status"] == "empty_reference" for r in rows),
         "skipped_failed": sum(r["status"] == "failed" for r in rows),
         "max_samples": settings.max_samples,
         "seed": settings.seed,
+        "audio_seconds": audio_s,
+        "wall_seconds": wall_s,
+        "rtfx": audio_s / wall_s if wall_s > 0 else 0.0,
         "batch_size": settings.batch_size,
         "chunk_length_s": settings.chunk_length_s,
         "generate_kwargs": settings.generate_kwargs,
@@ -479,7 +476,7 @@ def _skip(index: int, sample_id: str, status: str, reason: str) -> dict[str, Any
 
 
 def _prepare_batch(
-    batch: list[tuple[int, dict[str, Any]]], source: DatasetSource, rate: int, task: str = "transcribe"
+    batch: list[tuple[int, dict[str, Any]]], source: DatasetSource, rate: int, task: str = TRANSCRIBE
 ) -> tuple[dict[int, dict[str, Any]], list[tuple[int, str, np.ndarray, str]]]:
     """Rows skipped for an empty reference or undecodable audio, and (index, id, audio, reference) to transcribe;
     a described clip's reference is its facts (JSON)."""
@@ -515,7 +512,7 @@ def partial_dir(out_dir: Path) -> Path:
 def run_key(settings: RunSettings, source: DatasetSource) -> dict[str, Any]:
     """What makes a run: the same clips transcribed the same way, by the same weights' precision. `--resume`
     continues only a run of equal key."""
-    return {
+    key = {
         "model": settings.model,
         "dataset": source.location,
         "split": source.split,
@@ -525,10 +522,10 @@ def run_key(settings: RunSettings, source: DatasetSource) -> dict[str, Any]:
         "chunk_length_s": settings.chunk_length_s,
         "dtype": settings.dtype,
         "int8": settings.int8,
-        **(
-            {"task": settings.task} if settings.task != TRANSCRIBE else {}
-        ),  # keys of transcription runs unchanged
     }
+    if settings.task != TRANSCRIBE:  # transcription runs keep the key they always had
+        key["task"] = settings.task
+    return key
 
 
 def check_output_dir(out_dir: Path, resume: bool, overwrite: bool, key: dict[str, Any]) -> None:
@@ -676,11 +673,11 @@ def evaluate(
 
     results = summarize(rows, source, settings)
     if results["n"] == 0:
-        what = "descriptions" if settings.task == DESCRIBE else "WER"
+        what = "description score" if settings.task == DESCRIBE else "WER"
         raise NoScoredClips(
             f"no clip of {source.name} could be scored ({len(rows)} selected: {results['skipped_bad_audio']} "
             f"bad audio, {results['skipped_empty_reference']} empty references, {results['skipped_failed']} "
-            f"failed transcriptions), so there are no {what} to score; each clip's reason is in {samples_path}"
+            f"failed transcriptions), so there is no {what}; each clip's reason is in {samples_path}"
         )
     (work / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     _replace_dir(work, out_dir)

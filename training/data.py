@@ -282,12 +282,12 @@ def load_speech_data(
     if len(sources) == 1:
         mixed = sources[0][0]
     else:
-        datasets = [dataset for dataset, _ in sources]
-        if any(isinstance(dataset, IterableDataset) for dataset in datasets):
-            datasets = [d if isinstance(d, IterableDataset) else d.to_iterable_dataset() for d in datasets]
+        parts = [dataset for dataset, _ in sources]
+        if any(isinstance(part, IterableDataset) for part in parts):
+            parts = [p if isinstance(p, IterableDataset) else p.to_iterable_dataset() for p in parts]
         total = sum(weight for _, weight in sources)
         mixed = interleave_datasets(
-            datasets,
+            parts,
             probabilities=[weight / total for _, weight in sources],
             seed=seed,
             stopping_strategy="all_exhausted",
@@ -297,6 +297,7 @@ def load_speech_data(
 
 
 def unknown_task_message(task: str, tasks: Iterable[str]) -> str:
+    """What train.py says of a task the model has no prompt for."""
     return (
         f"unknown task {task!r}; the model's tasks are {', '.join(sorted(tasks))} (add one with task_prompts)"
     )
@@ -350,7 +351,7 @@ def by_task(
             raise ValueError(
                 f"task_weights gives task {task!r} a share, but no training dataset has its rows"
             )
-    totals = Counter()
+    totals: Counter[str] = Counter()
     for _, task, weight in parts:
         totals[task] += weight
     return [(part, task_weights[task] * weight / totals[task]) for part, task, weight in parts]
