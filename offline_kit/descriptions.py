@@ -37,14 +37,14 @@ FACT_COLUMNS = ("facts", "description")
 # espeak-ng's variant files ("gender" lines; edward, john, paul, quincy and robert are male names without one),
 # flite's voices (slt, rms, kal16: American; awb: Scottish) and Piper's joe (en_US, a man).
 ESPEAK_FEMALE_VARIANTS = frozenset({"f2", "Annie", "steph"})
-ESPEAK_ACCENTS = {
+ESPEAK_ACCENT_OF = {
     "en-us": "american",
     "en-us-nyc": "american",
     "en-gb": "british",
     "en-gb-x-rp": "british",
     "en-gb-scotland": "scottish",
 }
-FLITE_VOICES = {
+FLITE_TRAITS = {
     "slt": ("female", "american"),
     "rms": ("male", "american"),
     "awb": ("male", "scottish"),
@@ -52,8 +52,9 @@ FLITE_VOICES = {
 }
 KOKORO_ACCENTS = {"a": "american", "b": "british"}
 KOKORO_GENDERS = {"f": "female", "m": "male"}
-# Real recordings: what their sources say. The Asterisk prompts are one professional voice artist (Allison Smith,
-# American) recorded at 8 kHz; jfk.wav is John F. Kennedy's 1961 inaugural address, an old and noisy recording.
+# Real recordings: what their sources say. The Asterisk prompts (Debian: "asterisk PBX sound files - US English")
+# are one professional voice artist, a woman, recorded at 8 kHz; jfk.wav is John F. Kennedy's 1961 inaugural
+# address, an old and noisy recording.
 REAL_SPEAKERS = {
     "asterisk/allison": {"gender": "female", "accent": "american", "channel": "narrowband", "noise": "quiet",
                          "notes": ["professional"]},
@@ -74,9 +75,9 @@ def voice_traits(family: str, name: str) -> tuple[str | None, str | None]:
         return KOKORO_GENDERS.get(name[1:2]), KOKORO_ACCENTS.get(name[:1])
     if family == "espeak":
         accent, _, variant = name.partition("+")
-        return ("female" if variant in ESPEAK_FEMALE_VARIANTS else "male"), ESPEAK_ACCENTS.get(accent)
+        return ("female" if variant in ESPEAK_FEMALE_VARIANTS else "male"), ESPEAK_ACCENT_OF.get(accent)
     if family == "flite":
-        return FLITE_VOICES.get(name, (None, None))
+        return FLITE_TRAITS.get(name, (None, None))
     if family == "piper":
         return "male", "american"
     return None, None
