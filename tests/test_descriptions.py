@@ -125,3 +125,17 @@ def test_a_corpus_without_description_columns_gets_them_and_one_with_them_keeps_
     for row in described:
         assert read_attributes(row["description"])["accent"] == "scottish"
         assert json.loads(row["facts"])["snr_db"] == 20.0
+
+
+def test_the_command_writes_a_described_copy_and_never_overwrites(tmp_path, capsys):
+    from offline_kit.descriptions import main
+
+    rows = [synthetic_row("kokoro/af_heart", clip_id=f"test-{i}") for i in range(2)]
+    datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "corpus"))
+    main([str(tmp_path / "corpus"), "--out", str(tmp_path / "described")])
+    described = datasets.load_from_disk(str(tmp_path / "described"))["test"]
+    assert read_attributes(described[0]["description"])["gender"] == "female"
+    assert "facts" not in datasets.load_from_disk(str(tmp_path / "corpus"))["test"].column_names
+    assert "test: 2 clips, e.g. 'A" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="described exists; choose another --out"):
+        main([str(tmp_path / "corpus"), "--out", str(tmp_path / "described")])
