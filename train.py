@@ -376,7 +376,7 @@ def build_model(
             model_args.audio_model_id, model_args.text_model_id, config=model.config
         )
     prompts = parse_task_prompts(model_args.task_prompts)
-    if prompts:  # the processor reads the config's prompts when it is saved with the model
+    if prompts:  # the saved config and processor both carry them
         model.config.task_prompts = {**model.config.task_prompts, **prompts}
         processor.task_prompts = dict(model.config.task_prompts)
     for field in CONFIG_OVERRIDES:

@@ -9,7 +9,8 @@
 
 Saved as a ``datasets.DatasetDict`` with one split ``test`` and the synthetic corpus' core columns
 (``audio`` 16 kHz, ``text``, ``voice``, ``speaker``, ``family``, ``duration``, ``source``, ``clip_id``), and
-``facts`` and ``description``: what each recording's source says of its speaker and sound (``offline_kit.descriptions``).
+``facts`` and ``description``: what each recording's source says of its speaker and sound
+(``offline_kit.descriptions``).
 This is a development set, not training data.
 """
 
