@@ -11,9 +11,9 @@ Output (default ``data/synthetic``) is a ``datasets.DatasetDict`` saved with ``s
 and ``test``; columns ``audio`` (Audio, 16 kHz FLAC bytes), ``text``, ``voice``, ``speaker``, ``family``,
 ``duration``, ``source``, ``tts_params`` (JSON), ``aug_*``, ``clip_id``, and ``facts`` (JSON) and
 ``description``: what the clip sounds like (``offline_kit.descriptions``), the targets of the describe task.  The
-test split shares no sentence with train and uses only held-out voices.  Clips are rendered in shards by one process per core; finished
-shards are skipped on a rerun, and the same arguments give the same corpus.  Missing engines or data packages
-are installed by ``offline_kit/install_data_deps.sh`` first (``--no-install`` to fail instead).
+test split shares no sentence with train and uses only held-out voices.  Clips are rendered in shards by one process
+per core; finished shards are skipped on a rerun, and the same arguments give the same corpus.  Missing engines or
+data packages are installed by ``offline_kit/install_data_deps.sh`` first (``--no-install`` to fail instead).
 """
 
 from __future__ import annotations
