@@ -20,17 +20,23 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+from offline_kit.descriptions import has_facts
 from serving.loading import Int8Unsupported, load_asr_pipeline
 from training.evaluation import (
     DATASETS,
     DEFAULT_BATCH_SIZE,
     DEFAULT_OUTPUT_DIR,
+    DESCRIBE,
+    SCORED_TASKS,
+    TASK_SUFFIX,
+    TRANSCRIBE,
     NoScoredClips,
     RunSettings,
     baseline_samples,
     check_output_dir,
     compare_runs,
     evaluate,
+    format_attribute_table,
     format_comparison,
     format_table,
     git_hash,
@@ -40,7 +46,7 @@ from training.evaluation import (
     run_key,
     slug,
 )
-from training.preflight import check_model_source
+from training.preflight import PreflightError, check_model_source
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,6 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--contributor", help="name on the leaderboard (default: git config user.name)")
     parser.add_argument(
+        "--task",
+        default=TRANSCRIBE,
+        help="transcribe (scored by WER), or describe (Tiny Audio models; scored per attribute on the offline "
+        "kit's corpora, whose rows record what each clip sounds like)",
+    )
+    parser.add_argument(
         "--compare-with",
         type=Path,
         help="an earlier run's --output-dir: pairs the clips and prints the WER change with a bootstrap 95%% "
@@ -127,6 +139,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--chunk-length-s must be positive")
     if not isinstance(args.generate_kwargs, dict):
         parser.error("--generate-kwargs must be a JSON object, e.g. '{\"num_beams\": 1}'")
+    if args.task not in SCORED_TASKS:
+        parser.error(f"--task {args.task!r}: eval.py scores the tasks {', '.join(SCORED_TASKS)}")
+    if args.task != TRANSCRIBE and args.compare_with:
+        parser.error("--compare-with pairs WERs: use it with --task transcribe")
     model_name = args.model_name or default_model_name(args.model)
     settings = RunSettings(
         model=args.model,
@@ -141,13 +157,22 @@ def main(argv: list[str] | None = None) -> int:
         chunk_length_s=args.chunk_length_s,
         contributor=args.contributor or git_user(),
         git_hash=git_hash(),
+        task=args.task,
     )
     planned = []
     try:
         sources = [resolve_dataset(name, args.split, args.audio_column, args.text_column) for name in names]
+        for source in sources:
+            if args.task == DESCRIBE and not has_facts(list(source.rows.column_names or [])):
+                raise PreflightError(
+                    f"{source.name} does not say what its clips sound like (no facts column, nor the voice, "
+                    "family and speaker columns of the offline kit's corpora), so descriptions cannot be scored"
+                )
         check_model_source(args.model)
         for source in sources:
-            out_dir = args.output_dir / slug(model_name) / slug(source.name)
+            out_dir = (
+                args.output_dir / slug(model_name) / (slug(source.name) + TASK_SUFFIX.get(args.task, ""))
+            )
             check_output_dir(out_dir, args.resume, args.overwrite, run_key(settings, source))
             baseline = args.compare_with and baseline_samples(args.compare_with, slug(source.name))
             # Read now: with --overwrite the baseline may be the very run this one replaces.
@@ -160,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
         pipe = load_asr_pipeline(args.model, args.device, args.dtype, int8=args.int8)
     except Int8Unsupported as error:
         parser.error(str(error))
+    tasks = getattr(getattr(pipe, "processor", None), "task_prompts", {TRANSCRIBE: None})
+    if args.task not in tasks:
+        parser.error(f"--task {args.task!r}: this model's tasks are {', '.join(sorted(tasks))}")
     if not settings.device:
         settings = replace(settings, device=pipe.device.type)  # "cuda", "cpu": as results name it
     all_results = []
@@ -176,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
                 json.dumps({"baseline": str(baseline), **comparison}, indent=2) + "\n"
             )
             comparisons.append(format_comparison(comparison, baseline.parent))
-    print(format_table(all_results))
+    print(format_attribute_table(all_results) if args.task == DESCRIBE else format_table(all_results))
     for line in comparisons:
         print(line)
     return 0

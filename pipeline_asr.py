@@ -560,8 +560,9 @@ class TinyAudioASRPipeline(AutomaticSpeechRecognitionPipeline):
     """ASR for Tiny Audio checkpoints: long audio, batching across inputs and chunks, real audio files.
 
     Call options (besides the stock ones): ``sampling_rate`` (of bare array inputs), ``chunk_length_s`` (at most
-    the encoder window, ``config.max_audio_seconds``), ``prompt`` (instruction instead of the default transcribe
-    prompt), ``return_timestamps=True`` (chunk-level ``chunks``) or ``"word"`` (a ``chunks`` entry per word, timed
+    the encoder window, ``config.max_audio_seconds``), ``task`` (one of the model's ``task_prompts``, e.g.
+    ``"describe"``: what the speaker and the recording sound like; default: transcribe), ``prompt`` (free instruction
+    instead of the task's), ``return_timestamps=True`` (chunk-level ``chunks``) or ``"word"`` (a ``chunks`` entry per word, timed
     by the model's CTC head), ``skip_errors=True`` (a bad input yields ``{"text": "", "error": ...}`` instead of
     raising), ``skip_non_speech=True`` (chunks in which a voice-activity detector finds no speech give empty text
     without reaching the model; needs ``silero-vad``; off by default, so transcripts stay the model's own),
@@ -613,6 +614,7 @@ class TinyAudioASRPipeline(AutomaticSpeechRecognitionPipeline):
         sampling_rate: int | None = None,
         chunk_length_s: float | None = None,
         prompt: str | None = None,
+        task: str | None = None,
         on_chunk: Callable[[dict[str, Any]], None] | None = None,
         return_timestamps: bool | None = None,
         skip_errors: bool | None = None,
@@ -631,7 +633,10 @@ class TinyAudioASRPipeline(AutomaticSpeechRecognitionPipeline):
                     f"chunk_length_s must be in (0, {window}] (the encoder window), got {chunk_length_s}"
                 )
             preprocess["chunk_length_s"] = chunk_length_s
-        if prompt is not None:
+        if task is not None:  # an unknown task is refused here, naming the model's tasks
+            instruction = self.processor.instruction(task, None)
+            preprocess["prompt"] = instruction if prompt is None else prompt
+        elif prompt is not None:
             preprocess["prompt"] = prompt
         if skip_errors is not None:
             preprocess["skip_errors"] = skip_errors
@@ -644,6 +649,11 @@ class TinyAudioASRPipeline(AutomaticSpeechRecognitionPipeline):
                 f"return_timestamps must be True (chunk times) or 'word' (word times), got {return_timestamps!r}"
             )
         forward = {**(generate_kwargs or {}), **kwargs}
+        if task not in (
+            None,
+            "transcribe",
+        ):  # the CTC head scores transcripts: a description is no spelling of the audio
+            forward.setdefault("ctc_weight", 0.0)
         if loop_guard is not None:
             forward["loop_guard"] = loop_guard
         if return_timestamps == "word":

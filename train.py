@@ -27,7 +27,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.utils import SAFE_WEIGHTS_NAME
 
 from checkpoint_tiny_audio import AUDIO_TOWER_PREFIX
-from configuration_tiny_audio import DEFAULT_AUDIO_MODEL_ID, DEFAULT_TEXT_MODEL_ID
+from configuration_tiny_audio import DEFAULT_AUDIO_MODEL_ID, DEFAULT_TASK_PROMPTS, DEFAULT_TEXT_MODEL_ID
 from lora_tiny_audio import LORA_MARKER
 from modeling_tiny_audio import TinyAudioForConditionalGeneration
 from pipeline_asr import read_audio
@@ -37,6 +37,8 @@ from training.data import (
     check_dataset_spec,
     load_speech_data,
     parse_dataset_specs,
+    parse_task_weights,
+    unknown_task_message,
     write_skip_report,
 )
 from training.feature_cache import build_feature_cache
@@ -170,6 +172,13 @@ class ModelArguments:
         metadata={"help": "SpecAugment: share of encoder channels zeroed, in spans of mask_feature_length"},
     )
     mask_feature_length: int | None = None
+    task_prompts: str | None = dataclasses.field(
+        default=None,
+        metadata={
+            "help": "Instructions per task, YAML/JSON {task: prompt}: added to (or replacing) the model's own, and "
+            "saved with it; a dataset's `task` picks one"
+        },
+    )
     num_beams: int | None = dataclasses.field(
         default=None,
         metadata={
@@ -190,6 +199,13 @@ class DataArguments:
         },
     )
     eval_datasets: str | None = None
+    task_weights: str | None = dataclasses.field(
+        default=None,
+        metadata={
+            "help": "Share of the training rows per task, YAML/JSON {task: share}, e.g. {transcribe: 0.8, describe: "
+            "0.2}; default: the datasets' own weights decide"
+        },
+    )
     max_eval_samples: int = 64
     wer_eval_samples: int = dataclasses.field(
         default=32, metadata={"help": "Eval clips transcribed by generation for the WER (0 = loss only)"}
@@ -304,6 +320,16 @@ def parse_args(
     return model_args, data_args, run_args, training_args
 
 
+def parse_task_prompts(value: str | None) -> dict[str, str]:
+    """`{task: instruction}` from YAML/JSON text; every instruction is a non-empty string."""
+    parsed = yaml.safe_load(value) if value else {}
+    if not isinstance(parsed, dict) or not all(isinstance(p, str) and p.strip() for p in parsed.values()):
+        raise PreflightError(
+            f"task_prompts must map tasks to instructions, e.g. {{describe: Describe the speaker.}}; got {value!r}"
+        )
+    return {str(task): prompt for task, prompt in parsed.items()}
+
+
 def build_model(
     model_args: ModelArguments, training_args: TrainingArguments
 ) -> tuple[TinyAudioForConditionalGeneration, TinyAudioProcessor]:
@@ -350,6 +376,10 @@ def build_model(
         processor = TinyAudioProcessor.from_components(
             model_args.audio_model_id, model_args.text_model_id, config=model.config
         )
+    prompts = parse_task_prompts(model_args.task_prompts)
+    if prompts:  # the saved config and processor both carry them
+        model.config.task_prompts = {**model.config.task_prompts, **prompts}
+        processor.task_prompts = dict(model.config.task_prompts)
     for field in CONFIG_OVERRIDES:
         if getattr(model_args, field) is not None:
             setattr(model.config, field, getattr(model_args, field))
@@ -533,6 +563,16 @@ def check_arguments(
             training_args.max_steps,
             training_args.learning_rate,
         )
+    prompts = parse_task_prompts(model_args.task_prompts)
+    try:
+        weights = parse_task_weights(data_args.task_weights)
+    except ValueError as error:
+        raise PreflightError(str(error)) from None
+    if not model_args.model_name_or_path:  # a new model's tasks are known now; a checkpoint's once it loads
+        tasks = {**DEFAULT_TASK_PROMPTS, **prompts}
+        for task in weights:
+            if task not in tasks:
+                raise PreflightError(f"task_weights: {unknown_task_message(task, tasks)}")
     _check_components(model_args)  # first: a config whose models cannot load needs another config, not data
     specs = parse_dataset_specs(data_args.train_datasets)
     if data_args.eval_datasets:
@@ -621,7 +661,11 @@ def run(argv: Sequence[str] | None = None, callbacks: list[TrainerCallback] | No
         cache_dir=data_args.datasets_cache_dir,
     )
     with training_args.main_process_first(desc="preparing data"):
-        train_dataset, skipped = load_speech_data(parse_dataset_specs(data_args.train_datasets), **load)
+        train_dataset, skipped = load_speech_data(
+            parse_dataset_specs(data_args.train_datasets),
+            task_weights=parse_task_weights(data_args.task_weights),
+            **load,
+        )
         eval_dataset = None
         if data_args.eval_datasets:
             specs = parse_dataset_specs(data_args.eval_datasets)

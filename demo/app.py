@@ -5,7 +5,8 @@ LLM alone.
         [--max-audio-seconds 600] [--max-prompt-tokens 1024] [--workers 2] [--keep-non-speech]
 
 MODEL is a checkpoint folder or a Hub id. Transcribe mode runs the model's ASR pipeline (which chunks long files),
-shows the text as it is decoded, the progress through a long file, and each word with its time; Live mode
+shows the text as it is decoded, the progress through a long file, and each word with its time (or, with the task
+set to describe, what the speaker and the recording sound like); Live mode
 transcribes the microphone while you speak; Text mode runs the language model without audio so you can see what
 the decoder knows on its own.
 """
@@ -185,17 +186,30 @@ class Backend:
         """Words are timed by the model's CTC head; a model trained without it gives chunk times only."""
         return getattr(self.pipe.model.config, "ctc_blank_token_id", None) is not None
 
-    def _options(self) -> dict[str, Any]:
-        options: dict[str, Any] = {"return_timestamps": "word" if self.word_timestamps else True}
+    @property
+    def tasks(self) -> list[str]:
+        """What the Transcribe tab can ask of the model: its task prompts, transcription first."""
+        prompts = self.processor.task_prompts
+        return sorted(prompts, key=lambda task: (task != self.processor.default_task, task))
+
+    def _options(self, task: str | None = None) -> dict[str, Any]:
+        # Words are timed against a transcript: a description's words say nothing about when they were spoken.
+        timed_words = self.word_timestamps and task in (None, self.processor.default_task)
+        options: dict[str, Any] = {"return_timestamps": "word" if timed_words else True}
+        if task is not None:
+            options["task"] = task
         if self.skip_non_speech:
             options["skip_non_speech"] = True
         return options
 
     # ---- Transcribe mode -----------------------------------------------------------------------------------
 
-    def transcribe(self, path: str | None) -> Iterator[tuple[str, list[list], str, str, str, str]]:
+    def transcribe(
+        self, path: str | None, task: str | None = None
+    ) -> Iterator[tuple[str, list[list], str, str, str, str]]:
         """Handler for Transcribe mode, a generator: (transcript, words, duration, time taken, progress, message)
-        after every decoded piece of text, every finished chunk, and once more at the end."""
+        after every decoded piece of text, every finished chunk, and once more at the end. ``task`` is one of the
+        model's tasks (default: transcribe); "describe" answers with what the speaker and recording sound like."""
         if not path:
             yield "", [], "", "", "", "Upload or record some audio first."
             return
@@ -218,7 +232,7 @@ class Backend:
                 streamer=QueueStreamer(self.pipe.tokenizer, events),
                 stopping_criteria=[StopWhen(cancelled)],
                 on_chunk=chunk_done,
-                **self._options(),
+                **self._options(task),
             )
 
         finished: list[str] = []  # text of the chunks done so far
@@ -374,6 +388,12 @@ def build_demo(
             examples = sorted(str(path) for path in EXAMPLES.glob("*.ogg"))
             if examples:
                 gr.Examples(examples, inputs=audio, label="Example clips (click one, then Transcribe)")
+            task = gr.Radio(
+                backend.tasks,
+                value=backend.tasks[0],
+                label="Task (describe: who is speaking and how the recording sounds)",
+                elem_id="task",
+            )
             transcribe_btn = gr.Button("Transcribe", variant="primary", elem_id="transcribe-btn")
             audio_error = gr.Markdown(label="Message", elem_id="audio-error")
             transcript = gr.Textbox(label="Transcript", lines=4, elem_id="transcript")
@@ -390,7 +410,7 @@ def build_demo(
             )
             transcribe_btn.click(
                 backend.transcribe,
-                inputs=audio,
+                inputs=[audio, task],
                 outputs=[transcript, words, duration, elapsed, progress, audio_error],
                 api_name="transcribe",
                 concurrency_limit=workers,

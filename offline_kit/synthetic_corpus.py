@@ -9,10 +9,11 @@
 
 Output (default ``data/synthetic``) is a ``datasets.DatasetDict`` saved with ``save_to_disk``: splits ``train``
 and ``test``; columns ``audio`` (Audio, 16 kHz FLAC bytes), ``text``, ``voice``, ``speaker``, ``family``,
-``duration``, ``source``, ``tts_params`` (JSON), ``aug_*`` and ``clip_id``.  The test split shares no sentence
-with train and uses only held-out voices.  Clips are rendered in shards by one process per core; finished
-shards are skipped on a rerun, and the same arguments give the same corpus.  Missing engines or data packages
-are installed by ``offline_kit/install_data_deps.sh`` first (``--no-install`` to fail instead).
+``duration``, ``source``, ``tts_params`` (JSON), ``aug_*``, ``clip_id``, and ``facts`` (JSON) and
+``description``: what the clip sounds like (``offline_kit.descriptions``), the targets of the describe task.  The
+test split shares no sentence with train and uses only held-out voices.  Clips are rendered in shards by one process
+per core; finished shards are skipped on a rerun, and the same arguments give the same corpus.  Missing engines or
+data packages are installed by ``offline_kit/install_data_deps.sh`` first (``--no-install`` to fail instead).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from tqdm import tqdm
 
 from offline_kit import augment
 from offline_kit.data_deps import ensure_data_deps
+from offline_kit.descriptions import described_row, with_descriptions
 from offline_kit.text_sources import (
     DEFAULT_SOURCES,
     SOURCES,
@@ -179,7 +181,7 @@ def render_clip(
         else augment.NONE
     )
     audio = augment.apply(audio, aug, plan.seed)
-    return {
+    row = {
         "audio": {"bytes": encode_flac(audio), "path": f"{plan.clip_id}.flac"},
         "text": plan.text,
         "voice": voice.id,
@@ -191,6 +193,7 @@ def render_clip(
         **aug.columns(),
         "clip_id": plan.clip_id,
     }
+    return described_row(row)
 
 
 def render_shard(job: tuple[Path, list[ClipPlan], dict[str, float] | None, int]) -> int:
@@ -300,7 +303,11 @@ def build_corpus(
     corpus = datasets.DatasetDict(
         {
             split: datasets.concatenate_datasets(
-                [datasets.load_from_disk(str(p)) for p in sorted(shard_root.glob(f"{split}-?????"))]
+                # shards rendered before the description columns existed get them here
+                [
+                    with_descriptions(datasets.load_from_disk(str(p)))
+                    for p in sorted(shard_root.glob(f"{split}-?????"))
+                ]
             )
             for split in SPLITS
             if plans[split]

@@ -4,7 +4,9 @@
 
 `POST /v1/audio/transcriptions` takes what OpenAI's endpoint takes (multipart: file, model, response_format,
 language, prompt, temperature, timestamp_granularities[]), so an OpenAI client pointed at this server with
-`base_url="http://127.0.0.1:8000/v1"` works unchanged. `GET /v1/models` lists the one model served.
+`base_url="http://127.0.0.1:8000/v1"` works unchanged. One field of our own, `task` (e.g. `describe`; the OpenAI
+client sends it with `extra_body={"task": "describe"}`), picks one of the model's task prompts instead of
+transcription. `GET /v1/models` lists the one model served.
 """
 
 from __future__ import annotations
@@ -232,6 +234,7 @@ def create_app(
         temperature: Annotated[float, Form()] = 0.0,
         stream: Annotated[bool, Form()] = False,
         granularities: Annotated[list[str] | None, Form(alias="timestamp_granularities[]")] = None,
+        task: Annotated[str | None, Form()] = None,
     ) -> Response:
         granularities = granularities or ["segment"]
         check_options(response_format, temperature, stream, granularities)
@@ -248,6 +251,13 @@ def create_app(
                 "prompt",
                 "prompt_too_long",
             )
+        if task is not None:
+            tasks = transcriber.pipe.processor.task_prompts
+            if task not in tasks:
+                raise APIError(
+                    400, f"task {task!r} is not one of this model's tasks: {', '.join(sorted(tasks))}", "task"
+                )
+            prompt = prompt or tasks[task]
         timed = response_format in ("verbose_json", "srt", "vtt")
         if "word" in granularities and not transcriber.has_word_timestamps:
             raise APIError(

@@ -135,6 +135,23 @@ def test_long_file_shows_partial_text_progress_and_timed_words(backend: Backend,
     assert sorted(set(done))[0] == 0 and 0 < sorted(set(done))[1] < window + 5 and len(set(done)) == 3
 
 
+def test_describe_task_answers_without_word_times_and_an_unknown_task_names_the_tasks(
+    backend: Backend, tmp_path: Path
+) -> None:
+    clip = str(write_clip(tmp_path / "a.wav", 2.0))
+    assert backend.tasks[0] == "transcribe" and "describe" in backend.tasks
+    text, words, *_, note = list(backend.transcribe(clip, "describe"))[-1]
+    assert (
+        text == backend.pipe(clip, task="describe", skip_non_speech=True)["text"] and words == [] and not note
+    )
+    assert list(backend.transcribe(clip, "transcribe"))[-1][1]  # transcripts keep their timed words
+    *_, message = list(backend.transcribe(clip, "dance"))[-1]
+    assert (
+        message
+        == "**Error:** Unknown task 'dance'; known tasks: ['describe', 'emotion', 'transcribe'] (or pass prompt=...)"
+    )
+
+
 def test_live_text_is_kept_across_segments_longer_than_the_window(backend: Backend) -> None:
     """Live mode past the encoder window: the segment is cut, its text kept, and the rest heard on (microphone
     pieces arrive as 48 kHz 16-bit integers, as the browser sends them)."""
@@ -392,6 +409,19 @@ def test_upload_shows_transcript_words_duration_and_time(page, tmp_path: Path, s
         r"\d+\.\d\d s \(\d+\.\dx real time\)", page.locator("#elapsed textarea, #elapsed input").input_value()
     )
     assert page.locator("#audio-error").inner_text().strip() == ""
+    assert page.outside_requests == []
+
+
+@pytest.mark.browser
+def test_the_task_choice_asks_for_a_description(page, tmp_path: Path) -> None:
+    """Describe on the page: the model's answer fills the text box, and no word table (words of a description have
+    no times in the audio)."""
+    page.locator("#task").get_by_label("describe").check()
+    page.locator("#audio input[type=file]").set_input_files(str(write_clip(tmp_path / "speech.wav", 2.0)))
+    page.click("#transcribe-btn")
+    described = wait_for_transcript(page)
+    assert described and set(described.split()) <= {"tiny", "audio"}, described
+    assert page.locator("#words tbody tr td").all_text_contents() in ([], [""] * 3, [""])
     assert page.outside_requests == []
 
 

@@ -3,6 +3,7 @@ report and results files, resume and bad clips (the leaderboard: tests/test_lead
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -485,6 +486,111 @@ def test_end_to_end_on_tiny_audio_checkpoint_over_two_datasets(
     assert f"{100 * (first['wer'] + second['wer']) / 2:.2f}%" in table[-1]
 
 
+# ----------------------------------------------------------------------------- descriptions
+
+# Clips of the offline kit's corpora, their metadata as the corpus builder writes it (one length per clip).
+DESCRIBED_CLIPS = [
+    {"voice": "kokoro/bf_emma", "tts_params": {"speed": 1.0}},
+    {"voice": "kokoro/am_adam", "tts_params": {"speed": 1.12}, "aug_telephone": True, "aug_noise": "pink",
+     "aug_snr_db": 10.0},
+    {"voice": "flite/awb", "tts_params": {"duration_stretch": 1.05}},
+    {"voice": "piper/joe@fast", "tts_params": {"length_scale": 0.85}, "aug_narrowband": True},
+]  # fmt: skip
+
+
+def flac_clip(samples: np.ndarray) -> dict:
+    """An undecoded datasets audio value, as the offline kit's corpora store clips."""
+    buffer = io.BytesIO()
+    sf.write(buffer, samples, 16000, format="FLAC")
+    return {"bytes": buffer.getvalue(), "path": None}
+
+
+def described_corpus(path: Path) -> None:
+    rng = np.random.default_rng(1)
+    rows = []
+    for index, clip in enumerate(DESCRIBED_CLIPS):
+        audio = flac_clip(rng.normal(0, 0.1, 16000 + 1600 * index))
+        rows.append(
+            {
+                "audio": audio, "text": "words", "voice": clip["voice"], "speaker": clip["voice"],
+                "family": clip["voice"].split("/")[0], "tts_params": json.dumps(clip["tts_params"]),
+                "aug_telephone": clip.get("aug_telephone", False), "aug_noise": clip.get("aug_noise", "none"),
+                "aug_snr_db": clip.get("aug_snr_db"), "aug_narrowband": clip.get("aug_narrowband", False),
+                "clip_id": f"test-{index:06d}",
+            }
+        )  # fmt: skip
+    Dataset.from_list(rows).cast_column("audio", Audio(sampling_rate=16000)).save_to_disk(str(path))
+
+
+def test_descriptions_are_scored_per_attribute_with_a_confusion_table(
+    tiny_model_dir: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Hand-made predictions through the whole run: every clip is said to be an American man speaking quickly
+    over a noisy telephone line, which is right for 3 of 4 genders, 2 accents, 1 channel, 1 noise, 2 rates."""
+    described_corpus(tmp_path / "synthetic")
+    said = "A man with an American accent, speaking quickly over a noisy telephone line."
+    asked = []
+
+    def hand_made(pipe, audios, rate, settings):
+        asked.append(settings.task)
+        return [said] * len(audios)
+
+    monkeypatch.setattr(evaluation, "_transcribe", hand_made)
+    out = tmp_path / "out"
+    args = [tiny_model_dir, "--dataset", str(tmp_path / "synthetic"), "--task", "describe", "--device", "cpu"]
+    assert evaluation.main([*args, "--output-dir", str(out), "--model-name", "tiny"]) == 0
+    results = json.loads((out / "tiny" / "synthetic-describe" / "results.json").read_text())
+    accuracy = {name: score["accuracy"] for name, score in results["attributes"].items()}
+    assert accuracy == {"gender": 0.75, "accent": 0.5, "channel": 0.25, "noise": 0.25, "rate": 0.5}
+    assert results["attributes"]["gender"]["confusion"] == {"female": {"male": 1}, "male": {"male": 3}}
+    assert set(asked) == {"describe"} and results["n"] == 4
+    stdout = capsys.readouterr().out
+    assert "gender: 75.0% of 4 clips" in stdout and "| synthetic | 4 | 75.00% | 50.00% |" in stdout
+    table = stdout[stdout.index("accent: 50.0%") :].splitlines()[1:5]
+    assert table[0].split() == ["true", "\\", "said", "american"]  # the one accent said
+    assert [row.split() for row in table[1:4]] == [["american", "2"], ["british", "1"], ["scottish", "1"]]
+
+
+def test_a_tiny_model_describes_real_speech_and_each_attribute_counts_the_clips_its_source_states(
+    tiny_model_dir: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """End to end with the model's own generation, on a real-speech set as offline_kit.real_speech saves it (no
+    facts column): jfk states no channel and neither recording a rate, so those are scored on fewer clips."""
+    rng = np.random.default_rng(2)
+    rows = [
+        {"audio": flac_clip(rng.normal(0, 0.1, 16000 * seconds)), "text": "words",
+         "voice": speaker, "speaker": speaker, "family": "real", "clip_id": speaker}
+        for speaker, seconds in (("asterisk/allison", 1), ("jfk", 2))
+    ]  # fmt: skip
+    Dataset.from_list(rows).cast_column("audio", Audio(sampling_rate=16000)).save_to_disk(
+        str(tmp_path / "real")
+    )
+    prompts = []
+
+    def load_watched(*args, **kwargs):
+        """The real pipeline, noting the instruction of every batch it builds."""
+        pipe = load_asr_pipeline(*args, **kwargs)
+        collate = pipe._collate
+        monkeypatch.setattr(
+            pipe, "_collate", lambda chunks, prompt: prompts.append(prompt) or collate(chunks, prompt)
+        )
+        return pipe
+
+    monkeypatch.setattr(evaluation, "load_asr_pipeline", load_watched)
+    out = tmp_path / "out"
+    args = [tiny_model_dir, "--dataset", str(tmp_path / "real"), "--task", "describe", "--device", "cpu"]
+    assert evaluation.main([*args, "--output-dir", str(out), "--model-name", "tiny"]) == 0
+    results = json.loads((out / "tiny" / "real-describe" / "results.json").read_text())
+    clips = {name: score["clips"] for name, score in results["attributes"].items()}
+    assert clips == {"gender": 2, "accent": 2, "channel": 1, "noise": 2}
+    samples = [
+        json.loads(line)
+        for line in (out / "tiny" / "real-describe" / "samples.jsonl").read_text().splitlines()
+    ]
+    assert [s["reference_attributes"]["gender"] for s in samples] == ["female", "male"]
+    assert prompts and set(prompts) == {"Describe the audio."}  # the model was asked to describe every clip
+
+
 def test_a_clip_the_model_cannot_take_is_counted_not_fatal(
     tiny_whisper: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -631,6 +737,14 @@ def _bad_eval_arguments(
             [tiny_whisper, "--dataset", str(manifest), "--chunk-length-s", "-1"],
             ["must be positive"],
         ),
+        "describe_without_facts": (
+            [tiny_whisper, "--dataset", str(manifest), "--task", "describe"],
+            ["manifest.jsonl does not say what its clips sound like", "voice, family and speaker"],
+        ),
+        "unknown_task": (
+            [tiny_whisper, "--dataset", str(manifest), "--task", "dance"],
+            ["--task 'dance': eval.py scores the tasks transcribe, describe"],
+        ),
         "generate_kwargs_not_object": (
             [tiny_whisper, "--dataset", str(manifest), "--generate-kwargs", "[1]"],
             ["--generate-kwargs must be a JSON object"],
@@ -665,6 +779,8 @@ BAD_EVAL_ARGUMENTS = [
     "hub_model_offline",
     "zero_batch",
     "negative_chunk",
+    "describe_without_facts",
+    "unknown_task",
     "generate_kwargs_not_object",
     "resume_another_finished_run",
     "resume_another_interrupted_run",

@@ -463,6 +463,28 @@ def test_prompt_replaces_the_transcribe_instruction(asr):
     asr(speech_with_pauses(1.0)[0], prompt="Describe the sounds.", max_new_tokens=2)  # accepted by __call__
 
 
+def test_task_chooses_the_instruction_and_an_unknown_task_names_the_known_ones(asr, monkeypatch):
+    prompts = []
+    collate = asr._collate
+    monkeypatch.setattr(
+        asr, "_collate", lambda chunks, prompt: prompts.append(prompt) or collate(chunks, prompt)
+    )
+    clip = speech_with_pauses(1.0)[0]
+    described = asr(clip, task="describe", max_new_tokens=4)["text"]
+    assert prompts == [asr.processor.task_prompts["describe"]]
+    assert described == asr(clip, prompt=asr.processor.task_prompts["describe"], max_new_tokens=4)["text"]
+    # Joint CTC decoding scores transcripts only: a description is decoded by the LLM alone, unless asked otherwise.
+    assert asr._sanitize_parameters(task="describe")[1]["ctc_weight"] == 0.0
+    assert (
+        asr._sanitize_parameters(task="describe", generate_kwargs={"ctc_weight": 0.2})[1]["ctc_weight"] == 0.2
+    )
+    assert "ctc_weight" not in asr._sanitize_parameters(task="transcribe")[1]
+    with pytest.raises(
+        ValueError, match=r"Unknown task 'dance'; known tasks: \['describe', 'emotion', 'transcribe'\]"
+    ):
+        asr(clip, task="dance")
+
+
 def test_processor_is_rebuilt_when_the_checkpoint_has_none(tiny_model_dir, tmp_path):
     from transformers import pipeline
 

@@ -90,6 +90,12 @@ def test_a_real_clip_gives_the_pipelines_text(client, local_pipeline, speech):
     assert transcribe(client, audio, response_format="text").strip() == expected
 
 
+def test_the_task_field_asks_for_a_description(client, local_pipeline, speech):
+    audio = wav_bytes(speech[0])
+    expected = local_pipeline(audio, task="describe", skip_non_speech=True)["text"]
+    assert transcribe(client, audio, extra_body={"task": "describe"}).text == expected
+
+
 def test_verbose_json_has_segments_and_word_timestamps(client, speech):
     audio = speech[1]
     result = transcribe(
@@ -186,6 +192,7 @@ def test_oversized_upload_gets_a_413(client, server):
         ({"language": "fr"}, "language", "transcribes 'en' only"),
         ({"prompt": "word " * 40}, "prompt", f"limit of {MAX_PROMPT_TOKENS}"),
         ({"timestamp_granularities": ["word"]}, "timestamp_granularities[]", "needs response_format"),
+        ({"extra_body": {"task": "dance"}}, "task", "tasks: describe, emotion, transcribe"),
     ],
 )
 def test_bad_options_get_a_400_naming_the_field(client, speech, kwargs, param, named):

@@ -20,6 +20,7 @@ import soundfile as sf
 
 from offline_kit import augment, sanity_check, voices
 from offline_kit.data_deps import DATA_PACKAGES, debian_file, ensure_data_deps, missing_deps
+from offline_kit.descriptions import clip_facts, read_attributes, reference_attributes
 from offline_kit.real_speech import JFK_TEXT, asterisk_prompts, build_real_speech, normalize_reference
 from offline_kit.synthetic_corpus import NUMBER_EVERY, build_corpus, plan_corpus, summarize
 from offline_kit.text_sources import (
@@ -237,6 +238,17 @@ def test_corpus_audio_is_16k_non_silent_and_as_long_as_recorded(corpus_dir):
             assert row["aug_noise"] in ("none", *augment.NOISE_KINDS)
 
 
+def test_every_clip_is_described_by_what_the_builder_chose_for_it(corpus_dir):
+    """The facts column is what the voice, tempo and augmentation columns say, and the description states them."""
+    corpus = datasets.load_from_disk(str(corpus_dir))
+    for split in corpus.values():
+        for row in split.remove_columns("audio"):
+            facts = json.loads(row["facts"])
+            assert facts == clip_facts({k: v for k, v in row.items() if k not in ("facts", "description")})
+            assert facts["gender"] and facts["accent"] and facts["rate"] and facts["channel"], row["clip_id"]
+            assert read_attributes(row["description"]) == reference_attributes(facts), row["description"]
+
+
 def test_corpus_splits_are_disjoint_by_text_and_voice(corpus_dir):
     corpus = datasets.load_from_disk(str(corpus_dir))
     train, test = corpus["train"], corpus["test"]
@@ -435,6 +447,11 @@ def test_real_speech_set_is_16k_with_jfk(real_dir):
     assert original.samplerate == 8000 and first["duration"] == pytest.approx(original.duration, abs=1e-3)
     jfk = next(r for r in rows if r["source"] == "jfk")
     assert jfk["text"] == JFK_TEXT and 10.5 < jfk["duration"] < 11.5
+    # Descriptions say what the sources support: one woman at 8 kHz; a man in an old, noisy public speech.
+    said = [read_attributes(row["description"]) for row in rows]
+    assert [s["gender"] for s in said] == ["female"] * 4 + ["male"]
+    assert [s["channel"] for s in said] == ["narrowband"] * 4 + [None] and said[-1]["noise"] == "noisy"
+    assert "public speech" in jfk["description"] or "crowd" in jfk["description"]
 
 
 # ----------------------------------------------------------------------------- Whisper sanity check

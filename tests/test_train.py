@@ -228,6 +228,93 @@ def test_mixing_weights_set_each_sources_share(tmp_path):
         assert len(texts) == 400 and 0.68 <= share <= 0.82, share
 
 
+def described_clips(path: Path, count: int) -> None:
+    """A saved corpus whose rows have a transcript and a description, as the offline kit's corpora do."""
+    clip = {"bytes": wav_bytes(0.1 * np.sin(np.arange(RATE // 10) / 3.0)), "path": None}
+    rows = {
+        "audio": [clip] * count,
+        "text": [f"words {i}" for i in range(count)],
+        "description": [f"A woman speaking, clip {i}." for i in range(count)],
+    }
+    Dataset.from_dict(rows).cast_column("audio", Audio(sampling_rate=RATE)).save_to_disk(path)
+
+
+def test_task_weights_set_each_tasks_share_whatever_the_sources_weights(tmp_path):
+    """One corpus read twice (transcripts and descriptions) at source weights 5:1, plus a source that mixes both
+    tasks in its task column: task_weights 1:3 gives about a quarter transcripts (5:1 alone would give 5/6)."""
+    described_clips(tmp_path / "corpus", 400)
+    Dataset.from_dict({**speech_rows(40, 3), "task": ["transcribe", "describe"] * 20}).cast_column(
+        "audio", Audio(sampling_rate=RATE)
+    ).save_to_disk(tmp_path / "mixed")
+    specs = parse_dataset_specs(
+        [
+            {"path": str(tmp_path / "corpus"), "task": "transcribe", "weight": 5},
+            {"path": str(tmp_path / "corpus"), "text_column": "description", "task": "describe"},
+            {"path": str(tmp_path / "mixed")},
+        ]
+    )
+    options = dict(default_task="transcribe", sampling_rate=RATE, max_audio_seconds=30.0)
+    tasks = ["transcribe", "describe"]
+    mixed, _ = load_speech_data(specs, tasks=tasks, task_weights={"transcribe": 1, "describe": 3}, **options)
+    rows = [row for _, row in zip(range(800), mixed, strict=False)]
+    share = sum(row["task"] == "transcribe" for row in rows) / len(rows)
+    assert len(rows) == 800 and 0.19 <= share <= 0.31, share
+    descriptions = [row["text"] for row in rows if row["task"] == "describe"]
+    assert all(text.startswith("A woman") for text in descriptions if "clip" in text)
+    unweighted, _ = load_speech_data(specs, tasks=tasks, **options)
+    rows = [row for _, row in zip(range(800), unweighted, strict=False)]
+    assert sum(row["task"] == "transcribe" for row in rows) / len(rows) > 0.6
+
+    with pytest.raises(ValueError, match="task 'describe', which task_weights .* gives no share"):
+        load_speech_data(specs, tasks=tasks, task_weights={"transcribe": 1}, **options)
+    with pytest.raises(ValueError, match="unknown task 'dance'; the model's tasks are describe, transcribe"):
+        load_speech_data([DatasetSpec(path=str(tmp_path / "corpus"), task="dance")], tasks=tasks, **options)
+
+
+class TaskCounter(SpeechCollator):
+    """The real collator, counting the tasks of the rows the Trainer hands it."""
+
+    seen: list[str] = []
+
+    def __call__(self, rows):
+        TaskCounter.seen += [row["task"] for row in rows]
+        return super().__call__(rows)
+
+
+def test_one_run_trains_transcription_and_description_with_prompts_from_the_config(
+    workspace, tmp_path, monkeypatch
+):
+    described_clips(tmp_path / "corpus", 48)
+    corpus = str(tmp_path / "corpus")
+    prompt = "Describe the speaker and the recording."
+    monkeypatch.setattr(train, "SpeechCollator", TaskCounter)
+    TaskCounter.seen = []
+    argv = base_args(
+        workspace,
+        str(tmp_path / "multitask"),
+        *NO_EVAL,
+        "--train_datasets",
+        json.dumps([{"path": corpus}, {"path": corpus, "text_column": "description", "task": "describe"}]),
+        "--task_weights",
+        '{"transcribe": 0.5, "describe": 0.5}',
+        "--task_prompts",
+        json.dumps({"describe": prompt}),
+        "--max_steps",
+        "8",
+    )
+    train.run(argv)
+    share = TaskCounter.seen.count("describe") / len(TaskCounter.seen)
+    assert len(TaskCounter.seen) >= 32 and 0.25 <= share <= 0.75, TaskCounter.seen
+    saved = json.loads((tmp_path / "multitask" / "config.json").read_text())
+    assert saved["task_prompts"]["describe"] == prompt and saved["task_prompts"]["transcribe"]
+    from processing_tiny_audio import TinyAudioProcessor
+
+    assert (
+        TinyAudioProcessor.from_pretrained(str(tmp_path / "multitask")).instruction("describe", None)
+        == prompt
+    )
+
+
 def test_bad_rows_are_skipped_and_counted(tmp_path):
     """Every source kind; bad rows of each sort are dropped and counted, good ones all kept, sources mixed."""
     rng = np.random.default_rng(0)
@@ -1092,6 +1179,18 @@ def _bad_train_arguments(workspace: dict, tmp_path: Path) -> dict[str, tuple[lis
             ),
             "no audio column 'wav'",
         ),
+        "unknown_task_weight": (
+            base_args(workspace, out, "--task_weights", '{"transcribe": 0.5, "dance": 0.5}'),
+            r"task_weights: unknown task 'dance'; the model's tasks are describe, emotion, transcribe",
+        ),
+        "negative_task_weight": (
+            base_args(workspace, out, "--task_weights", '{"transcribe": -1}'),
+            "the share of task 'transcribe' must be a positive number",
+        ),
+        "task_prompts_not_a_mapping": (
+            base_args(workspace, out, "--task_prompts", '["Describe it."]'),
+            "task_prompts must map tasks to instructions",
+        ),
         "missing_encoder_folder": (
             base_args(workspace, out, "--audio_model_id", str(tmp_path / "no-encoder")),
             "encoder .*no-encoder: no such folder",
@@ -1135,6 +1234,9 @@ BAD_TRAIN_ARGUMENTS = [
     "missing_column",
     "missing_split",
     "missing_eval_column",
+    "unknown_task_weight",
+    "negative_task_weight",
+    "task_prompts_not_a_mapping",
     "missing_encoder_folder",
     "hub_models_offline",
     "folder_of_something_else",

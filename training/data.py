@@ -233,8 +233,12 @@ def load_speech_data(
     num_proc: int | None = None,
     shuffle_buffer_size: int = 1000,
     cache_dir: str | None = None,
+    task_weights: dict[str, float] | None = None,
 ) -> tuple[Dataset | IterableDataset, Counter[str]]:
     """Load, check and interleave `specs`: a dataset of good rows plus the counts of skipped rows by reason.
+
+    Sources are mixed by their `weight`; with `task_weights` ({task: share}) each task gets its share of the rows,
+    split among the sources that hold it by their weights.
 
     Local datasets are checked up front (exact counts, cached by `datasets`); streamed ones are checked as they
     flow, and their counts are logged as rows are dropped.
@@ -242,8 +246,15 @@ def load_speech_data(
     """
     if not specs:
         raise ValueError("No training datasets given")
+    tasks = tuple(tasks)
+    for spec in specs:
+        if spec.task is not None and spec.task not in tasks:
+            raise ValueError(f"dataset {spec.path}: {unknown_task_message(spec.task, tasks)}")
+    for task in task_weights or {}:
+        if task not in tasks:
+            raise ValueError(f"task_weights: {unknown_task_message(task, tasks)}")
     check = functools.partial(
-        check_row, sampling_rate=sampling_rate, max_audio_seconds=max_audio_seconds, tasks=tuple(tasks)
+        check_row, sampling_rate=sampling_rate, max_audio_seconds=max_audio_seconds, tasks=tasks
     )
     skipped: Counter[str] = Counter()
     sources = []
@@ -263,21 +274,87 @@ def load_speech_data(
             dataset = dataset.filter(lambda skip: not skip, input_columns="skip", num_proc=num_proc)
             if len(dataset) == 0:
                 raise ValueError(f"Dataset {spec.path} has no usable rows (skipped: {dict(reasons)})")
-        sources.append(dataset.remove_columns("skip"))
-    if len(sources) == 1:
-        mixed = sources[0]
+        sources.append((dataset.remove_columns("skip"), spec))
+    if task_weights:
+        sources = by_task(sources, task_weights)
     else:
-        if any(isinstance(source, IterableDataset) for source in sources):
-            sources = [s if isinstance(s, IterableDataset) else s.to_iterable_dataset() for s in sources]
-        total = sum(spec.weight for spec in specs)
+        sources = [(dataset, spec.weight) for dataset, spec in sources]
+    if len(sources) == 1:
+        mixed = sources[0][0]
+    else:
+        parts = [dataset for dataset, _ in sources]
+        if any(isinstance(part, IterableDataset) for part in parts):
+            parts = [p if isinstance(p, IterableDataset) else p.to_iterable_dataset() for p in parts]
+        total = sum(weight for _, weight in sources)
         mixed = interleave_datasets(
-            sources,
-            probabilities=[spec.weight / total for spec in specs],
+            parts,
+            probabilities=[weight / total for _, weight in sources],
             seed=seed,
             stopping_strategy="all_exhausted",
         )
     mixed = mixed.map(lambda duration: {"length": duration}, input_columns="duration")
     return mixed, skipped
+
+
+def unknown_task_message(task: str, tasks: Iterable[str]) -> str:
+    """What train.py says of a task the model has no prompt for."""
+    return (
+        f"unknown task {task!r}; the model's tasks are {', '.join(sorted(tasks))} (add one with task_prompts)"
+    )
+
+
+def parse_task_weights(value: str | dict | None) -> dict[str, float]:
+    """`{task: share}` from YAML/JSON text (as given on the command line) or a parsed mapping; shares are positive."""
+    if value is None or value == "":
+        return {}
+    parsed = yaml.safe_load(value) if isinstance(value, str) else value
+    if not isinstance(parsed, dict):
+        raise ValueError(
+            f"task_weights must map tasks to shares, e.g. {{transcribe: 0.8, describe: 0.2}}; got {value!r}"
+        )
+    for task, share in parsed.items():
+        if isinstance(share, bool) or not isinstance(share, (int, float)) or share <= 0:
+            raise ValueError(
+                f"task_weights: the share of task {task!r} must be a positive number, got {share!r}"
+            )
+    return {str(task): float(share) for task, share in parsed.items()}
+
+
+def by_task(
+    sources: list[tuple[Dataset | IterableDataset, DatasetSpec]], task_weights: dict[str, float]
+) -> list[tuple[Dataset | IterableDataset, float]]:
+    """Each source split into one per task it holds, weighted so that every task gets its share of the mix."""
+    parts: list[tuple[Dataset | IterableDataset, str, float]] = []
+    for dataset, spec in sources:
+        if isinstance(dataset, Dataset):
+            present = sorted(set(dataset["task"]))
+        elif spec.task is not None:
+            present = [spec.task]
+        else:
+            raise ValueError(
+                f"task_weights: give the task of streamed dataset {spec.path} (task: ... in its entry), so that "
+                "its rows can be counted towards it"
+            )
+        for task in present:
+            if task not in task_weights:
+                raise ValueError(
+                    f"rows of {spec.path} have task {task!r}, which task_weights ({task_weights}) gives no share"
+                )
+            part = (
+                dataset
+                if len(present) == 1
+                else dataset.filter(lambda t, task=task: t == task, input_columns="task")
+            )
+            parts.append((part, task, spec.weight))
+    for task in task_weights:
+        if not any(part_task == task for _, part_task, _ in parts):
+            raise ValueError(
+                f"task_weights gives task {task!r} a share, but no training dataset has its rows"
+            )
+    totals: Counter[str] = Counter()
+    for _, task, weight in parts:
+        totals[task] += weight
+    return [(part, task_weights[task] * weight / totals[task]) for part, task, weight in parts]
 
 
 def write_skip_report(path: str, skipped: Counter[str]) -> None:

@@ -7,6 +7,10 @@ checkpoints bring their own pipeline class through ``trust_remote_code``. Refere
 with Whisper's English normaliser and scored with jiwer (corpus WER = total errors / total reference words).
 RTFx is audio seconds divided by the wall seconds of the pipeline calls (feature extraction + generation +
 decoding), warm-up excluded.
+
+``--task describe`` asks the model to describe each clip instead and scores what the sentence says of the speaker's
+gender and accent, the channel, the noise and the speaking rate against what the offline kit's corpora record of
+the clip (``offline_kit.descriptions``): accuracy per attribute and a confusion table of each.
 """
 
 from __future__ import annotations
@@ -27,6 +31,14 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from offline_kit.descriptions import (
+    ATTRIBUTES,
+    attribute_scores,
+    clip_facts,
+    format_confusion,
+    read_attributes,
+    reference_attributes,
+)
 from pipeline_asr import read_audio
 from training.preflight import (
     PreflightError,
@@ -50,6 +62,11 @@ IGNORED_REFERENCES = {"", "ignore time segment in scoring"}
 ID_COLUMNS = ("id", "ID", "clip_id", "segment_id", "utterance_id", "file_name", "audio_filepath", "path")
 # How the user names a column the dataset loader did not find (shown in its error).
 COLUMN_OPTION = "--{kind}-column"
+# What eval.py scores: transcripts by WER, descriptions by the attributes they state; a description run's folder
+# is the dataset's, with a suffix.
+TRANSCRIBE, DESCRIBE = "transcribe", "describe"
+SCORED_TASKS = (TRANSCRIBE, DESCRIBE)
+TASK_SUFFIX = {DESCRIBE: "-describe"}
 # Resamples of the clips behind the 95% interval of a paired comparison (--compare-with).
 BOOTSTRAP_DRAWS = 2000
 
@@ -228,6 +245,7 @@ class RunSettings:
     contributor: str
     git_hash: str  # taken when the run starts: the code that produced the numbers
     seed: int = SEED
+    task: str = TRANSCRIBE  # or DESCRIBE: scored by attribute, not by WER
 
 
 # Clips handed to the pipeline per call, in batches: Tiny Audio's pipeline batches a window of 4 batches shortest
@@ -255,6 +273,8 @@ def _transcribe(pipe: Any, audios: list[np.ndarray], rate: int, settings: RunSet
     # The pipeline pops keys from its input dicts, so each call gets fresh ones.
     inputs = [{"raw": a, "sampling_rate": rate} for a in audios]
     kwargs: dict[str, Any] = {"generate_kwargs": settings.generate_kwargs} if settings.generate_kwargs else {}
+    if settings.task != TRANSCRIBE:  # stock ASR pipelines know no task
+        kwargs["task"] = settings.task
     if settings.chunk_length_s:
         kwargs["chunk_length_s"] = settings.chunk_length_s
     outputs = pipe(inputs, batch_size=settings.batch_size, **kwargs)
@@ -310,6 +330,40 @@ def _scored_row(
     }
 
 
+def _described_row(
+    index: int,
+    sample_id: str,
+    facts: str,
+    prediction: str,
+    audio_seconds: float,
+    time_s: float,
+    call_clips: int,
+) -> dict[str, Any]:
+    """A described clip: the attributes its facts state and those its description says."""
+    return {
+        "index": index,
+        "id": sample_id,
+        "status": "ok",
+        "prediction": prediction,
+        "reference_attributes": reference_attributes(json.loads(facts)),
+        "predicted_attributes": read_attributes(prediction),
+        "audio_seconds": audio_seconds,
+        "time_s": time_s,
+        "call_clips": call_clips,
+    }
+
+
+def _print_described(number: int, row: dict[str, Any]) -> None:
+    said = row["predicted_attributes"]
+    marks = [
+        f"{name} {'ok' if said[name] == truth else f'{said[name]} (is {truth})'}"
+        for name, truth in row["reference_attributes"].items()
+        if truth is not None
+    ]
+    tqdm.write(f"Sample {number}: {', '.join(marks)}")
+    tqdm.write(f"  Said: {row['prediction']}")
+
+
 def _print_sample(number: int, row: dict[str, Any]) -> None:
     clips = row.get("call_clips", 1)
     shared = f" (1/{clips} of a {clips}-clip call)" if clips > 1 else ""
@@ -330,9 +384,29 @@ def _print_checkpoint(scored: list[dict[str, Any]]) -> None:
 def summarize(rows: list[dict[str, Any]], source: DatasetSource, settings: RunSettings) -> dict[str, Any]:
     """results.json content from the per-sample rows."""
     scored = [r for r in rows if r["status"] == "ok"]
+    if settings.task == DESCRIBE:
+        pairs = [(r["reference_attributes"], r["predicted_attributes"]) for r in scored]
+        return {
+            **_run_facts(rows, source, settings),
+            "task": settings.task,
+            "attributes": attribute_scores(pairs),
+        }
     errors = WordErrors.of(
         [r["reference_normalized"] for r in scored], [r["prediction_normalized"] for r in scored]
     )
+    return {
+        **_run_facts(rows, source, settings),
+        "wer": errors.wer,
+        "substitutions": errors.substitutions,
+        "deletions": errors.deletions,
+        "insertions": errors.insertions,
+        "reference_words": errors.reference_words,
+    }
+
+
+def _run_facts(rows: list[dict[str, Any]], source: DatasetSource, settings: RunSettings) -> dict[str, Any]:
+    """What every results.json says of its run, whatever the task."""
+    scored = [r for r in rows if r["status"] == "ok"]
     audio_s = sum(r["audio_seconds"] for r in scored)
     wall_s = sum(r["time_s"] for r in scored)
     return {
@@ -347,11 +421,6 @@ def summarize(rows: list[dict[str, Any]], source: DatasetSource, settings: RunSe
         "skipped_failed": sum(r["status"] == "failed" for r in rows),
         "max_samples": settings.max_samples,
         "seed": settings.seed,
-        "wer": errors.wer,
-        "substitutions": errors.substitutions,
-        "deletions": errors.deletions,
-        "insertions": errors.insertions,
-        "reference_words": errors.reference_words,
         "audio_seconds": audio_s,
         "wall_seconds": wall_s,
         "rtfx": audio_s / wall_s if wall_s > 0 else 0.0,
@@ -368,6 +437,16 @@ def summarize(rows: list[dict[str, Any]], source: DatasetSource, settings: RunSe
 
 
 def _print_summary(results: dict[str, Any], out_dir: Path) -> None:
+    if results.get("task") == DESCRIBE:
+        print("=" * 60)
+        print(
+            f"DESCRIPTIONS: {results['model']} on {results['dataset']} ({results['split']}), {results['n']} clips"
+        )
+        for attribute, score in results["attributes"].items():
+            print(format_confusion(attribute, score))
+        print(f"  Results: {out_dir}")
+        print("=" * 60)
+        return
     print("=" * 60)
     print(f"RESULTS: {results['model']} on {results['dataset']} ({results['split']})")
     print(
@@ -392,15 +471,18 @@ def _skip(index: int, sample_id: str, status: str, reason: str) -> dict[str, Any
 
 
 def _prepare_batch(
-    batch: list[tuple[int, dict[str, Any]]], source: DatasetSource, rate: int
+    batch: list[tuple[int, dict[str, Any]]], source: DatasetSource, rate: int, task: str = TRANSCRIBE
 ) -> tuple[dict[int, dict[str, Any]], list[tuple[int, str, np.ndarray, str]]]:
-    """Rows skipped for an empty reference or undecodable audio, and (index, id, audio, reference) to transcribe."""
+    """Rows skipped for an empty reference or undecodable audio, and (index, id, audio, reference) to transcribe;
+    a described clip's reference is its facts (JSON)."""
     skipped: dict[int, dict[str, Any]] = {}
     todo: list[tuple[int, str, np.ndarray, str]] = []
     for index, row in batch:
         sample_id = _sample_id(row, index, source)
         reference = str(row.get(source.text_column) or "")
-        if normalize(reference) in IGNORED_REFERENCES:
+        if task == DESCRIBE:
+            reference = json.dumps(clip_facts(row))
+        elif normalize(reference) in IGNORED_REFERENCES:
             skipped[index] = _skip(index, sample_id, "empty_reference", "empty reference")
             continue
         try:
@@ -425,7 +507,7 @@ def partial_dir(out_dir: Path) -> Path:
 def run_key(settings: RunSettings, source: DatasetSource) -> dict[str, Any]:
     """What makes a run: the same clips transcribed the same way, by the same weights' precision. `--resume`
     continues only a run of equal key."""
-    return {
+    key = {
         "model": settings.model,
         "dataset": source.location,
         "split": source.split,
@@ -436,6 +518,9 @@ def run_key(settings: RunSettings, source: DatasetSource) -> dict[str, Any]:
         "dtype": settings.dtype,
         "int8": settings.int8,
     }
+    if settings.task != TRANSCRIBE:  # transcription runs keep the key they always had
+        key["task"] = settings.task
+    return key
 
 
 def check_output_dir(out_dir: Path, resume: bool, overwrite: bool, key: dict[str, Any]) -> None:
@@ -546,7 +631,7 @@ def evaluate(
             len(rows),
             settings.batch_size * CALL_BATCHES,
         ):
-            done, todo = _prepare_batch(batch, source, rate)
+            done, todo = _prepare_batch(batch, source, rate, settings.task)
             if todo:
                 audios = [t[2] for t in todo]
                 if not warmed_up:  # first call pays for lazy init / kernel compilation: not timed
@@ -561,7 +646,8 @@ def evaluate(
                         done[index] = _skip(index, sample_id, "failed", f"transcription failed: {outcome}")
                         continue
                     prediction, seconds, call_clips = outcome
-                    done[index] = _scored_row(
+                    score = _described_row if settings.task == DESCRIBE else _scored_row
+                    done[index] = score(
                         index, sample_id, reference, prediction, len(audio) / rate, seconds, call_clips
                     )
             for index in sorted(done):
@@ -572,6 +658,9 @@ def evaluate(
                 if row["status"] != "ok":
                     continue
                 scored.append(row)
+                if settings.task == DESCRIBE:
+                    _print_described(len(scored), row)
+                    continue
                 _print_sample(len(scored), row)
                 if len(scored) % settings.checkpoint_every == 0:
                     _print_checkpoint(scored)
@@ -579,10 +668,11 @@ def evaluate(
 
     results = summarize(rows, source, settings)
     if results["n"] == 0:
+        what = "description score" if settings.task == DESCRIBE else "WER"
         raise NoScoredClips(
             f"no clip of {source.name} could be scored ({len(rows)} selected: {results['skipped_bad_audio']} "
             f"bad audio, {results['skipped_empty_reference']} empty references, {results['skipped_failed']} "
-            f"failed transcriptions), so there is no WER; each clip's reason is in {samples_path}"
+            f"failed transcriptions), so there is no {what}; each clip's reason is in {samples_path}"
         )
     (work / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     _replace_dir(work, out_dir)
@@ -674,6 +764,16 @@ def format_comparison(comparison: dict[str, Any], baseline: Path) -> str:
         f"(95% interval {100 * low:+.2f} to {100 * high:+.2f}); clips better {comparison['clips_better']}, "
         f"worse {comparison['clips_worse']}, same {comparison['clips_same']}"
     )
+
+
+def format_attribute_table(results: list[dict[str, Any]]) -> str:
+    """Markdown table of one model's description accuracy per attribute over several datasets."""
+    names = [name for name in ATTRIBUTES if any(name in r["attributes"] for r in results)]
+    lines = ["| Dataset | Samples | " + " | ".join(names) + " |", "|---|---:|" + "---:|" * len(names)]
+    for r in results:
+        cells = [_pct(r["attributes"][n]["accuracy"]) if n in r["attributes"] else "" for n in names]
+        lines.append(f"| {r['dataset']} | {r['n']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def format_table(results: list[dict[str, Any]]) -> str:
