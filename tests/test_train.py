@@ -36,6 +36,7 @@ from training.collator import SpeechCollator  # noqa: E402
 from training.data import DatasetSpec, load_speech_data, parse_dataset_specs  # noqa: E402
 from training.feature_cache import build_feature_cache  # noqa: E402
 from training.prefix_cache import PromptPrefixCache  # noqa: E402
+from training.trainer import SeededLengthGroupedSampler, TinyAudioTrainer  # noqa: E402
 
 WORDS = "the quick brown fox jumps over the lazy dog one two three four five".split()
 RATE = 16000
@@ -561,7 +562,7 @@ def test_checkpoints_hold_only_the_trained_weights_and_what_resumes_them(referen
 
 
 def test_the_private_trainer_hooks_train_py_overrides_are_called(model_and_test_rows, tmp_path):
-    """train.py overrides two private Trainer hooks where no public one does the job: `_get_train_sampler` (the
+    """`TinyAudioTrainer` overrides two private Trainer hooks where no public one does the job: `_get_train_sampler` (the
     length-grouped order drawn from the seed alone) and `_load_from_checkpoint` (strict loading of the trained
     weights). If transformers renames them or stops calling them, this fails instead of training on silently."""
     model, processor, dataset = model_and_test_rows
@@ -574,7 +575,7 @@ def test_the_private_trainer_hooks_train_py_overrides_are_called(model_and_test_
         report_to=[],
         remove_unused_columns=False,  # as train.py: the collator reads the audio column
     )
-    trainer = train.TinyAudioTrainer(
+    trainer = TinyAudioTrainer(
         model=model,
         args=args,
         train_dataset=dataset,
@@ -585,7 +586,7 @@ def test_the_private_trainer_hooks_train_py_overrides_are_called(model_and_test_
     for global_seed in (0, 1):
         torch.manual_seed(global_seed)  # whatever ran before must not move the order
         sampler = trainer.get_train_dataloader().batch_sampler.sampler
-        assert isinstance(sampler, train.SeededLengthGroupedSampler)
+        assert isinstance(sampler, SeededLengthGroupedSampler)
         orders.append(list(sampler))
     assert orders[0] == orders[1] and sorted(orders[0]) == list(range(len(dataset)))
 
@@ -1340,7 +1341,7 @@ def test_trainer_wer_is_eval_py_wer_in_percent(workspace, reference_run, tmp_pat
     spoken = len(normalize(hypothesis).split())
     assert spoken > 0
     reference = f"{hypothesis.upper()} (laughs) Mr. Smith has two dogs."
-    trainer = train.TinyAudioTrainer(
+    trainer = TinyAudioTrainer(
         model=model,
         args=TrainingArguments(str(tmp_path), per_device_eval_batch_size=1, report_to=[]),
         processing_class=processor,
