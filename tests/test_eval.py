@@ -538,7 +538,7 @@ def test_descriptions_are_scored_per_attribute_with_a_confusion_table(
     monkeypatch.setattr(evaluation, "_transcribe", hand_made)
     out = tmp_path / "out"
     args = [tiny_model_dir, "--dataset", str(tmp_path / "synthetic"), "--task", "describe", "--device", "cpu"]
-    assert evaluation.main([*args, "--output-dir", str(out), "--model-name", "tiny"]) == 0
+    assert eval_command.main([*args, "--output-dir", str(out), "--model-name", "tiny"]) == 0
     results = json.loads((out / "tiny" / "synthetic-describe" / "results.json").read_text())
     accuracy = {name: score["accuracy"] for name, score in results["attributes"].items()}
     assert accuracy == {"gender": 0.75, "accent": 0.5, "channel": 0.25, "noise": 0.25, "rate": 0.5}
@@ -576,10 +576,10 @@ def test_a_tiny_model_describes_real_speech_and_each_attribute_counts_the_clips_
         )
         return pipe
 
-    monkeypatch.setattr(evaluation, "load_asr_pipeline", load_watched)
+    monkeypatch.setattr(eval_command, "load_asr_pipeline", load_watched)
     out = tmp_path / "out"
     args = [tiny_model_dir, "--dataset", str(tmp_path / "real"), "--task", "describe", "--device", "cpu"]
-    assert evaluation.main([*args, "--output-dir", str(out), "--model-name", "tiny"]) == 0
+    assert eval_command.main([*args, "--output-dir", str(out), "--model-name", "tiny"]) == 0
     results = json.loads((out / "tiny" / "real-describe" / "results.json").read_text())
     clips = {name: score["clips"] for name, score in results["attributes"].items()}
     assert clips == {"gender": 2, "accent": 2, "channel": 1, "noise": 2}

@@ -1,12 +1,7 @@
 """Word error rate and speed of an ASR model, measured the way the Open ASR Leaderboard measures them: the
 library behind ``eval.py`` (datasets, runs that resume, scoring, comparison of two runs).
 
-MODEL is a Tiny Audio checkpoint (folder or Hub id) or any transformers ASR model (e.g. a Whisper checkpoint):
-both are loaded through the standard ``transformers.pipeline("automatic-speech-recognition", ...)``; Tiny Audio
-checkpoints bring their own pipeline class through ``trust_remote_code``. References and predictions are normalised
-with Whisper's English normaliser and scored with jiwer (corpus WER = total errors / total reference words).
-RTFx is audio seconds divided by the wall seconds of the pipeline calls (feature extraction + generation +
-decoding), warm-up excluded.
+How models load, and how WER and RTFx are measured: ``eval.py``'s docstring.
 
 ``--task describe`` asks the model to describe each clip instead and scores what the sentence says of the speaker's
 gender and accent, the channel, the noise and the speaking rate against what the offline kit's corpora record of
