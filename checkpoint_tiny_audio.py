@@ -123,9 +123,10 @@ def copy_hub_code(save_directory: str | os.PathLike, fallback_source: str | None
     for name in HUB_CODE_FILES:
         source = source_dir / name
         if not source.is_file() and fallback_source:
-            source = Path(
-                cached_file(fallback_source, name, _raise_exceptions_for_missing_entries=False) or source
-            )
+            try:
+                source = Path(cached_file(fallback_source, name))
+            except OSError:  # the folder or repo lacks it too: reported below
+                pass
         target = Path(save_directory) / name
         if not source.is_file():
             raise FileNotFoundError(f"Cannot save {name} with the model: not found next to {__file__}")
