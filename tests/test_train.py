@@ -549,7 +549,7 @@ def test_prompt_prefix_cache_gives_the_same_loss_and_gradient(model_and_test_row
 def test_checkpoints_hold_only_the_trained_weights_and_what_resumes_them(reference_run):
     """The Trainer's own saving writes through the model's save_pretrained: a checkpoint holds the projector (no
     encoder or LLM weight), the processor and the training arguments."""
-    from modeling_tiny_audio import is_pretrained_weight
+    from checkpoint_tiny_audio import is_pretrained_weight
 
     output_dir = Path(reference_run["output_dir"])
     for folder in (output_dir / "checkpoint-3", output_dir / "checkpoint-6", output_dir):
