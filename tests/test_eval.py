@@ -522,6 +522,13 @@ def described_corpus(path: Path) -> None:
     Dataset.from_list(rows).cast_column("audio", Audio(sampling_rate=16000)).save_to_disk(str(path))
 
 
+def describe_run(model_dir: str, dataset: Path, out: Path) -> dict:
+    """`eval.py MODEL --dataset DATASET --task describe` as a user runs it; its results.json."""
+    args = [model_dir, "--dataset", str(dataset), "--task", "describe", "--device", "cpu"]
+    assert eval_command.main([*args, "--output-dir", str(out), "--model-name", "tiny"]) == 0
+    return json.loads((out / "tiny" / f"{dataset.name}-describe" / "results.json").read_text())
+
+
 def test_descriptions_are_scored_per_attribute_with_a_confusion_table(
     tiny_model_dir: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -537,9 +544,7 @@ def test_descriptions_are_scored_per_attribute_with_a_confusion_table(
 
     monkeypatch.setattr(evaluation, "_transcribe", hand_made)
     out = tmp_path / "out"
-    args = [tiny_model_dir, "--dataset", str(tmp_path / "synthetic"), "--task", "describe", "--device", "cpu"]
-    assert eval_command.main([*args, "--output-dir", str(out), "--model-name", "tiny"]) == 0
-    results = json.loads((out / "tiny" / "synthetic-describe" / "results.json").read_text())
+    results = describe_run(tiny_model_dir, tmp_path / "synthetic", out)
     accuracy = {name: score["accuracy"] for name, score in results["attributes"].items()}
     assert accuracy == {"gender": 0.75, "accent": 0.5, "channel": 0.25, "noise": 0.25, "rate": 0.5}
     assert results["attributes"]["gender"]["confusion"] == {"female": {"male": 1}, "male": {"male": 3}}
@@ -578,9 +583,7 @@ def test_a_tiny_model_describes_real_speech_and_each_attribute_counts_the_clips_
 
     monkeypatch.setattr(eval_command, "load_asr_pipeline", load_watched)
     out = tmp_path / "out"
-    args = [tiny_model_dir, "--dataset", str(tmp_path / "real"), "--task", "describe", "--device", "cpu"]
-    assert eval_command.main([*args, "--output-dir", str(out), "--model-name", "tiny"]) == 0
-    results = json.loads((out / "tiny" / "real-describe" / "results.json").read_text())
+    results = describe_run(tiny_model_dir, tmp_path / "real", out)
     clips = {name: score["clips"] for name, score in results["attributes"].items()}
     assert clips == {"gender": 2, "accent": 2, "channel": 1, "noise": 2}
     samples = [
