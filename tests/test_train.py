@@ -32,6 +32,8 @@ ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import train  # noqa: E402
+import training.run  # noqa: E402
+from training.arguments import ModelArguments  # noqa: E402
 from training.collator import SpeechCollator  # noqa: E402
 from training.data import DatasetSpec, load_speech_data, parse_dataset_specs  # noqa: E402
 from training.feature_cache import build_feature_cache  # noqa: E402
@@ -288,7 +290,7 @@ def test_one_run_trains_transcription_and_description_with_prompts_from_the_conf
     described_clips(tmp_path / "corpus", 48)
     corpus = str(tmp_path / "corpus")
     prompt = "Describe the speaker and the recording."
-    monkeypatch.setattr(train, "SpeechCollator", TaskCounter)
+    monkeypatch.setattr(training.run, "SpeechCollator", TaskCounter)
     TaskCounter.seen = []
     argv = base_args(
         workspace,
@@ -453,9 +455,9 @@ def test_checkpoints_are_projector_only_and_load_back(reference_run):
 @pytest.fixture(scope="module")
 def model_and_test_rows(workspace, tmp_path_factory):
     """A fresh model + processor from the tiny towers, and the checked rows of the test split."""
-    model, processor = train.build_model(
-        train.ModelArguments(audio_model_id=workspace["encoder"], text_model_id=workspace["llm"]),
-        train.TrainingArguments(output_dir=str(tmp_path_factory.mktemp("unused")), use_cpu=True),
+    model, processor = training.run.build_model(
+        ModelArguments(audio_model_id=workspace["encoder"], text_model_id=workspace["llm"]),
+        TrainingArguments(output_dir=str(tmp_path_factory.mktemp("unused")), use_cpu=True),
     )
     options = dict(
         sampling_rate=RATE, max_audio_seconds=30.0, tasks=["transcribe"], default_task="transcribe"
@@ -736,7 +738,7 @@ def test_ctc_loss_is_part_of_the_model_forward(model_and_test_rows):
     model, processor, dataset = model_and_test_rows
     rows = list(dataset)[:3]
     rows[2] = {**rows[2], "task": "describe"}
-    blank = train.ctc_blank_token_id(processor.tokenizer, " ")
+    blank = training.run.ctc_blank_token_id(processor.tokenizer, " ")
     batch = SpeechCollator(processor, ctc_blank_token_id=blank)(rows)
     eos = processor.tokenizer.eos_token_id
     for row, ctc_row in zip(batch["labels"][:2], batch["ctc_targets"][:2], strict=True):
@@ -842,10 +844,10 @@ def test_spec_augment_flags_reach_the_saved_config_and_a_continued_run_keeps_the
     train.run(base_args(workspace, first, *NO_EVAL, "--mask_time_prob", "0.2", "--mask_feature_length", "4"))
     saved = json.loads(Path(first, "config.json").read_text())
     assert (saved["mask_time_prob"], saved["mask_time_length"], saved["mask_feature_length"]) == (0.2, 10, 4)
-    unused = train.TrainingArguments(output_dir=str(tmp_path / "unused"), use_cpu=True)
-    kept, _ = train.build_model(train.ModelArguments(model_name_or_path=first), unused)
+    unused = TrainingArguments(output_dir=str(tmp_path / "unused"), use_cpu=True)
+    kept, _ = training.run.build_model(ModelArguments(model_name_or_path=first), unused)
     assert (kept.config.mask_time_prob, kept.config.mask_feature_length) == (0.2, 4)
-    off, _ = train.build_model(train.ModelArguments(model_name_or_path=first, mask_time_prob=0.0), unused)
+    off, _ = training.run.build_model(ModelArguments(model_name_or_path=first, mask_time_prob=0.0), unused)
     assert (off.config.mask_time_prob, off.config.mask_feature_length) == (0.0, 4)
 
 
@@ -1053,7 +1055,7 @@ def test_a_finished_run_is_never_trained_over(workspace, reference_run, tmp_path
     argv = base_args(workspace, output_dir)
     from training.preflight import PreflightError
 
-    monkeypatch.setattr(train, "build_model", _no_model_may_load)
+    monkeypatch.setattr(training.run, "build_model", _no_model_may_load)
     with pytest.raises(PreflightError, match="holds this run, finished: --resume does nothing"):
         train.run(argv)
     capsys.readouterr()
@@ -1111,7 +1113,7 @@ def test_a_run_killed_while_saving_its_final_model_gets_it_back_on_resume(
         weights.read_bytes()[:100]
     )  # torn; the trainer state comes after it, so it is missing
     (output_dir / "trainer_state.json").unlink()
-    monkeypatch.setattr(train, "build_model", _no_model_may_load)
+    monkeypatch.setattr(training.run, "build_model", _no_model_may_load)
     capsys.readouterr()
 
     assert train.run(base_args(workspace, str(output_dir), "--resume")) == {}
@@ -1252,7 +1254,7 @@ def test_bad_arguments_fail_with_one_message_before_a_model_loads(name, workspac
     from training.preflight import PreflightError
 
     monkeypatch.chdir(tmp_path)  # relative dataset paths resolve here, where nothing has been built
-    monkeypatch.setattr(train, "build_model", _no_model_may_load)
+    monkeypatch.setattr(training.run, "build_model", _no_model_may_load)
     argv, expected = _bad_train_arguments(workspace, tmp_path)[name]
     with pytest.raises(PreflightError, match=expected):
         train.run(argv)
@@ -1281,7 +1283,7 @@ def test_warmup_longer_than_the_run_is_warned_about(workspace, tmp_path, caplog)
     model_args, data_args, _, training_args = train.parse_args(
         base_args(workspace, str(tmp_path / "out"), "--warmup_steps", "50")
     )
-    train.check_arguments(model_args, data_args, training_args)
+    training.run.check_arguments(model_args, data_args, training_args)
     assert "warmup_steps 50 is more than max_steps 6" in caplog.text
 
 

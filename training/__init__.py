@@ -1,1 +1,1 @@
-"""Data loading and the encoder feature cache behind `train.py`."""
+"""The library behind the `train.py` and `eval.py` commands: data, model building, the Trainer, evaluation."""

@@ -14,6 +14,8 @@ from typing import Any
 import huggingface_hub
 from huggingface_hub.errors import GatedRepoError, OfflineModeIsEnabled, RepositoryNotFoundError
 
+from training.arguments import ModelArguments
+
 # Local datasets the offline kit builds, and the command that builds each (run from the repository root).
 LOCAL_DATA_BUILDERS = {
     "data/real_speech": "python -m offline_kit.real_speech",
@@ -113,3 +115,30 @@ def differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> l
         elif before != after:
             out.append(f"{prefix}{key}: {json.dumps(before)} -> {json.dumps(after)}")
     return out
+
+
+OFFLINE_CONFIG_HINT = (
+    "configs/offline.yaml trains the offline kit's Whisper tiny.en + SmolLM2-135M instead "
+    "(`python -m offline_kit.preset` builds them)"
+)
+
+
+def check_components(model_args: ModelArguments) -> None:
+    """The encoder and LLM (or the starting checkpoint) can be loaded: local folders exist, Hub ids are reachable."""
+    if model_args.model_name_or_path:
+        check_model_source(model_args.model_name_or_path, "starting checkpoint (model_name_or_path)")
+        return
+    components = {"encoder": model_args.audio_model_id, "LLM": model_args.text_model_id}
+    from_hub = {}
+    for role, name in components.items():
+        if os.path.exists(os.path.expanduser(name)) or looks_like_path(name):
+            check_model_source(name, role)
+        elif problem := hub_problem(name, "model"):
+            from_hub[role] = (name, problem)
+    if from_hub:
+        named = " and the ".join(f"{role} {name}" for role, (name, _) in from_hub.items())
+        problems = sorted({problem for _, problem in from_hub.values()})
+        raise PreflightError(
+            f"the {named} of this config come from the Hugging Face Hub, which cannot serve them here "
+            f"({'; '.join(problems)}). {OFFLINE_CONFIG_HINT}"
+        )

@@ -20,6 +20,7 @@ from transformers.trainer import TRAINER_STATE_NAME, TRAINING_ARGS_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import SAFE_WEIGHTS_NAME
 
+from training.arguments import DataArguments, ModelArguments
 from training.data import data_fingerprint, parse_dataset_specs
 from training.preflight import PreflightError, differences
 
@@ -87,7 +88,9 @@ class RunFinished(Exception):
     """`--resume` of a run that has already trained its steps: there is nothing to do."""
 
 
-def run_record(model_args: Any, data_args: Any, training_args: TrainingArguments) -> dict[str, Any]:
+def run_record(
+    model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments
+) -> dict[str, Any]:
     """The run's identity as JSON: model and LoRA settings, the training data (with a content fingerprint of local
     sets) and the settings that change what it learns."""
     datasets = [
