@@ -22,6 +22,7 @@ from pathlib import Path
 
 from offline_kit.descriptions import has_facts
 from serving.loading import Int8Unsupported, load_asr_pipeline
+from serving.options import add_int8_option
 from training.evaluation import (
     DATASETS,
     DEFAULT_BATCH_SIZE,
@@ -73,11 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="cpu, cuda, cuda:1, mps ... (default: the pipeline's choice, an accelerator when there is one)",
     )
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
-    parser.add_argument(
-        "--int8",
-        action="store_true",
-        help="quantize the LLM's linear layers to dynamic int8 (CPU; README Benchmarks)",
-    )
+    add_int8_option(parser)
     parser.add_argument("--output-dir", type=Path, default=DEFAULT_OUTPUT_DIR)
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run in --output-dir")
     parser.add_argument(

@@ -36,6 +36,7 @@ import transformers  # noqa: E402
 from transformers import StoppingCriteria, TextStreamer  # noqa: E402
 
 from serving.loading import Int8Unsupported, load_asr_pipeline  # noqa: E402
+from serving.options import add_int8_option, require_positive  # noqa: E402
 
 DEFAULT_MAX_FILE_MB = 50.0
 # Ten minutes of audio is a few minutes of CPU work for the offline model: longer files would hold a worker.
@@ -511,15 +512,9 @@ def main(argv: list[str] | None = None) -> None:
         action="store_false",
         help="transcribe audio without speech too (by default a voice-activity check says there is none)",
     )
-    parser.add_argument(
-        "--int8",
-        action="store_true",
-        help="quantize the LLM's linear layers to dynamic int8 (CPU; README Benchmarks)",
-    )
+    add_int8_option(parser)
     args = parser.parse_args(argv)
-    for flag in ("max_file_mb", "max_audio_seconds", "max_prompt_tokens", "workers"):
-        if getattr(args, flag) <= 0:
-            parser.error(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+    require_positive(parser, args, ("max_file_mb", "max_audio_seconds", "max_prompt_tokens", "workers"))
 
     try:
         backend = Backend.load(

@@ -253,18 +253,12 @@ def build_corpus(
         "num_clips": num_clips, "seed": seed, "test_fraction": test_fraction, "families": list(families),
         "sources": list(sources), "augment": use_augment, "shard_size": shard_size,
     }  # fmt: skip
-    if first_clip:
-        settings["first_clip"] = first_clip
-    if max_words:
-        settings["max_words"] = max_words
-    if min_words:
-        settings["min_words"] = min_words
-    if narrowband:
-        settings["narrowband"] = narrowband
-    if isolated_words:
-        settings["isolated_words"] = isolated_words
-    if room:
-        settings["room"] = room
+    optional = {
+        "first_clip": first_clip, "max_words": max_words, "min_words": min_words, "narrowband": narrowband,
+        "isolated_words": isolated_words, "room": room,
+    }  # fmt: skip
+    # Only the options in use: a corpus built before an option existed keeps settings that match, and resumes.
+    settings.update({name: value for name, value in optional.items() if value})
     out.mkdir(parents=True, exist_ok=True)
     settings_file = out / "corpus_settings.json"
     if settings_file.exists() and json.loads(settings_file.read_text()) != settings:

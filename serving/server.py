@@ -35,6 +35,7 @@ from pipeline_asr import decode_audio, resample_blocks
 from serving import formats
 from serving.batching import AllCancelled, BatchQueue, DecodeOptions, Job, JobCancelled
 from serving.loading import Int8Unsupported, load_asr_pipeline
+from serving.options import add_int8_option, require_positive
 
 # OpenAI's own upload limit; Whisper's prompt limit; ten minutes of audio is a few minutes of CPU work.
 DEFAULT_MAX_UPLOAD_MB = 25.0
@@ -380,11 +381,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--device", default=None, help="torch device (default: the pipeline's choice)")
-    parser.add_argument(
-        "--int8",
-        action="store_true",
-        help="quantize the LLM's linear layers to dynamic int8 (CPU; README Benchmarks)",
-    )
+    add_int8_option(parser)
     parser.add_argument("--max-upload-mb", type=float, default=DEFAULT_MAX_UPLOAD_MB)
     parser.add_argument("--max-audio-seconds", type=float, default=DEFAULT_MAX_AUDIO_SECONDS)
     parser.add_argument("--max-prompt-tokens", type=int, default=DEFAULT_MAX_PROMPT_TOKENS)
@@ -402,9 +399,7 @@ def main(argv: list[str] | None = None) -> None:
         help="transcribe audio in which the voice-activity detector finds no speech (default: empty text)",
     )
     args = parser.parse_args(argv)
-    for flag in ("max_upload_mb", "max_audio_seconds", "max_prompt_tokens", "max_batch"):
-        if getattr(args, flag) <= 0:
-            parser.error(f"--{flag.replace('_', '-')} must be positive")
+    require_positive(parser, args, ("max_upload_mb", "max_audio_seconds", "max_prompt_tokens", "max_batch"))
 
     limits = Limits(int(args.max_upload_mb * 2**20), args.max_audio_seconds, args.max_prompt_tokens)
     try:

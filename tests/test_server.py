@@ -362,3 +362,13 @@ def test_a_pipeline_without_the_voice_activity_option_is_refused_before_serving(
     ):
         create_app(stock, "stock")
     assert create_app(local_pipeline, "tiny-audio") is not None
+
+
+
+def test_a_limit_that_is_not_positive_stops_the_server_before_a_model_loads(capsys):
+    """A usage error that names the flag and its value (serving/options.py, as the demo's)."""
+    from serving.server import main
+
+    with pytest.raises(SystemExit) as stopped:
+        main(["model", "--max-batch", "0"])
+    assert stopped.value.code == 2 and "--max-batch must be positive, got 0" in capsys.readouterr().err
