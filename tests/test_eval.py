@@ -248,19 +248,16 @@ def test_read_audio_rejects_garbage_and_silence_of_zero_length(tmp_path: Path) -
 # ----------------------------------------------------------------------------- end to end
 
 
+def eval_args(model: str, dataset: Path, out: Path) -> list[str]:
+    """eval.py's arguments for one model on one dataset into `out`, on the CPU (the tests' machine)."""
+    return [model, "--dataset", str(dataset), "--output-dir", str(out), "--device", "cpu"]
+
+
 def run_eval(model: str, dataset: Path, out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "OMP_NUM_THREADS": "1"}
-    command = [
-        sys.executable,
-        str(ROOT / "eval.py"),
-        model,
-        "--dataset",
-        str(dataset),
-        "--output-dir",
-        str(out),
-    ]
+    command = [sys.executable, str(ROOT / "eval.py"), *eval_args(model, dataset, out)]
     result = subprocess.run(
-        [*command, "--device", "cpu", "--contributor", "tester", *extra],
+        [*command, "--contributor", "tester", *extra],
         capture_output=True,
         text=True,
         env=env,
@@ -344,7 +341,7 @@ def test_resume_continues_after_last_finished_sample(
     tiny_whisper: str, manifest: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "out"
-    args = [tiny_whisper, "--dataset", str(manifest), "--output-dir", str(out), "--device", "cpu"]
+    args = eval_args(tiny_whisper, manifest, out)
     assert eval_command.main([*args, "--max-samples", "6"]) == 0
     out_dir = out / Path(tiny_whisper).name / "manifest.jsonl"
     complete = [json.loads(line) for line in (out_dir / "samples.jsonl").read_text().splitlines()]
@@ -606,15 +603,7 @@ def test_a_clip_the_model_cannot_take_is_counted_not_fatal(
         rows.append({"audio": f"{i}.wav", "text": TRANSCRIPTS[i]})
     (tmp_path / "long.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "out"
-    args = [
-        tiny_whisper,
-        "--dataset",
-        str(tmp_path / "long.jsonl"),
-        "--output-dir",
-        str(out),
-        "--device",
-        "cpu",
-    ]
+    args = eval_args(tiny_whisper, tmp_path / "long.jsonl", out)
     assert eval_command.main([*args, "--batch-size", "3"]) == 0
 
     stdout = capsys.readouterr().out
@@ -898,7 +887,7 @@ def test_a_finished_run_is_kept_until_a_new_one_completes(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     out = tmp_path / "out"
-    args = [tiny_whisper, "--dataset", str(manifest), "--output-dir", str(out), "--device", "cpu"]
+    args = eval_args(tiny_whisper, manifest, out)
     assert eval_command.main(args) == 0
     out_dir = out / Path(tiny_whisper).name / "manifest.jsonl"
     finished = {name: (out_dir / name).read_text() for name in ("results.json", "samples.jsonl", "run.json")}
@@ -943,15 +932,7 @@ def test_a_run_with_no_scored_clip_is_an_error(
     rows = [{"audio": "broken.wav", "text": "never decoded"}, {"audio": "broken.wav", "text": " "}]
     (tmp_path / "broken.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "out"
-    argv = [
-        tiny_whisper,
-        "--dataset",
-        str(tmp_path / "broken.jsonl"),
-        "--output-dir",
-        str(out),
-        "--device",
-        "cpu",
-    ]
+    argv = eval_args(tiny_whisper, tmp_path / "broken.jsonl", out)
     assert eval_command.main(argv) == 1
     err = capsys.readouterr().err
     assert "no clip of broken.jsonl could be scored" in err and "1 bad audio, 1 empty references" in err

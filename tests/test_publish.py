@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import soundfile as sf
@@ -51,6 +52,11 @@ def inputs(tiny_model_dir: str, tmp_path: Path) -> SimpleNamespace:
     results = tmp_path / "results.json"
     results.write_text(json.dumps(EVAL_RESULTS))
     return SimpleNamespace(model_dir=model_dir, clip=clip, results=results)
+
+
+def upload_folder(inputs: SimpleNamespace, out: Path, **options: Any) -> Path:
+    """build_upload_folder over the fixture's run and example clip, for the repo alice/x."""
+    return build_upload_folder(inputs.model_dir, out, "alice/x", inputs.clip, **options)
 
 
 @pytest.fixture
@@ -175,11 +181,9 @@ def test_card_says_what_it_is_for_what_it_cannot_do_and_what_it_learned_from(inp
         "train_datasets:\n  - {path: speechbrain/LoquaciousSet, name: small, split: train}\n"
         "  - {path: data/synthetic10k, split: train}\n"
     )
-    out = build_upload_folder(
-        inputs.model_dir,
+    out = upload_folder(
+        inputs,
         tmp_path / "out",
-        "alice/x",
-        inputs.clip,
         results_files=[inputs.results],
         train_configs=[stage1, stage2],
         training_data_note="synthetic speech only",
@@ -292,11 +296,9 @@ def test_card_shows_a_baseline_next_to_each_result_but_claims_only_its_own(tmp_p
             }
         )
     )
-    out = build_upload_folder(
-        inputs.model_dir,
+    out = upload_folder(
+        inputs,
         tmp_path / "out",
-        "alice/x",
-        inputs.clip,
         results_files=[inputs.results],
         baseline_files=[whisper, greedy],
         allow_local_base=True,
@@ -361,7 +363,7 @@ def test_hub_ids_replace_local_base_folders(inputs, tmp_path: Path) -> None:
         "audio_model_id": "openai/whisper-tiny.en",
         "text_model_id": "HuggingFaceTB/SmolLM2-135M-Instruct",
     }
-    out = build_upload_folder(inputs.model_dir, tmp_path / "out", "alice/x", inputs.clip, base_ids=hub_ids)
+    out = upload_folder(inputs, tmp_path / "out", base_ids=hub_ids)
     uploaded = json.loads((out / "config.json").read_text())
     original = json.loads((inputs.model_dir / "config.json").read_text())
     assert {key: uploaded[key] for key in hub_ids} == hub_ids
@@ -374,7 +376,7 @@ def test_hub_ids_replace_local_base_folders(inputs, tmp_path: Path) -> None:
 def test_incomplete_checkpoint_names_the_missing_file(inputs, tmp_path: Path) -> None:
     (inputs.model_dir / "pipeline_asr.py").unlink()
     with pytest.raises(FileNotFoundError, match="missing: pipeline_asr.py"):
-        build_upload_folder(inputs.model_dir, tmp_path / "out", "alice/x", inputs.clip, allow_local_base=True)
+        upload_folder(inputs, tmp_path / "out", allow_local_base=True)
 
 
 @pytest.mark.parametrize("location", ["data/real_speech", "real_speech", "/abs/data/real_speech"])
