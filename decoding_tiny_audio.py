@@ -28,6 +28,13 @@ except ImportError:
 # CTC over the projected audio frames
 # ---------------------------------------------------------------------------------------------------------------
 
+# What a caller asking for word times hears from a checkpoint without a CTC head (the model and the pipeline).
+NO_CTC_HEAD = (
+    "word timestamps come from the model's CTC head, and this checkpoint has none: config.ctc_blank_token_id is "
+    "unset because it was not trained with the CTC loss (train.py --ctc_weight). Use return_timestamps=True for "
+    "chunk-level times."
+)
+
 
 def embedding_ctc_logits(
     audio_embeds: torch.Tensor, embeddings: torch.Tensor, squared_norms: torch.Tensor

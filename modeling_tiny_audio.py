@@ -30,6 +30,7 @@ try:
     from .checkpoint_tiny_audio import CheckpointMixin
     from .configuration_tiny_audio import TinyAudioConfig, encoder_frame_lengths, projector_token_lengths
     from .decoding_tiny_audio import (
+        NO_CTC_HEAD,
         CTCPrefixScorer,
         RepetitionLoopGuard,
         blank_repetition_loops,
@@ -44,6 +45,7 @@ except ImportError:
     from checkpoint_tiny_audio import CheckpointMixin
     from configuration_tiny_audio import TinyAudioConfig, encoder_frame_lengths, projector_token_lengths
     from decoding_tiny_audio import (
+        NO_CTC_HEAD,
         CTCPrefixScorer,
         RepetitionLoopGuard,
         blank_repetition_loops,
@@ -55,11 +57,6 @@ except ImportError:
     from lora_tiny_audio import LoraMixin
     from processing_tiny_audio import IGNORE_INDEX
 
-NO_CTC_HEAD = (
-    "word timestamps come from the model's CTC head, and this checkpoint has none: config.ctc_blank_token_id is "
-    "unset because it was not trained with the CTC loss (train.py --ctc_weight). Use return_timestamps=True for "
-    "chunk-level times."
-)
 # Precomputed encoder outputs stand in for input_features, so like them they are read at prefill only.
 PREFILL_ONLY_INPUTS = ("encoder_hidden_states", "encoder_mask")
 

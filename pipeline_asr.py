@@ -38,10 +38,10 @@ from transformers import AutomaticSpeechRecognitionPipeline
 from transformers.generation.streamers import BaseStreamer
 
 try:
-    from .modeling_tiny_audio import NO_CTC_HEAD
+    from .decoding_tiny_audio import NO_CTC_HEAD
     from .processing_tiny_audio import TinyAudioProcessor, pcm_to_float, scale_unscaled_pcm
 except ImportError:
-    from modeling_tiny_audio import NO_CTC_HEAD
+    from decoding_tiny_audio import NO_CTC_HEAD
     from processing_tiny_audio import TinyAudioProcessor, pcm_to_float, scale_unscaled_pcm
 
 # Blocks read from a file per step; bounds memory while streaming a long recording.
