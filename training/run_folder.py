@@ -1,6 +1,6 @@
 """A training run's output folder: whose run it holds, which of its checkpoints are complete, whether it finished.
 
-`train.py` decides from these, before any model loads, whether a run may start, resume or must stop, so that a
+`training.run` decides from these, before any model loads, whether a run may start, resume or must stop, so that a
 finished run is never overwritten and a resumed run only ever continues its own checkpoints.
 """
 
