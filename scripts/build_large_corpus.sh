@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
 # The large corpus for one long single-pass run (issue 24; plan and costs in offline_kit/trained/TRAINING.md):
-# about 110,000 clips in chunks under data/large/, every chunk a resumable corpus of its own (finished 50-clip
-# shards are kept), so the build carries on across sessions where it stopped.
+# about 110,000 clips in chunks under $LARGE_CORPUS_DIR (default data/large), every chunk a resumable corpus of its
+# own (finished 50-clip shards are kept), so the build carries on across sessions where it stopped. Where the
+# checkout is fresh each session but the home folder stays, build it there:
+#   LARGE_CORPUS_DIR=~/.cache/tiny_audio/large bash scripts/build_large_corpus.sh
 #   bash scripts/build_large_corpus.sh              # every chunk, in order; run it again after an interruption
 #   bash scripts/build_large_corpus.sh read-00 long # only these chunks
+#   WORKERS=1 bash scripts/build_large_corpus.sh    # one process, leaving a core to other work
 # Each read chunk speaks a different tenth of the 70,438 training sentences of the default text sources, so no
 # sentence is read twice by the read chunks; a third of all clips are spoken in a simulated room.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 export HF_HUB_OFFLINE=1
+LARGE_CORPUS_DIR=${LARGE_CORPUS_DIR:-data/large}
 ROBOTIC_AND_PIPER="--families espeak piper flite"
 EVERY_SOURCE="--sources harvard wordnet web help fortunes"
 
@@ -31,8 +35,8 @@ ORDER=(read-00 short read-01 natural read-02 modern read-03 long read-04 natural
 
 for name in "${@:-${ORDER[@]}}"; do
   [ -n "${CHUNKS[$name]:-}" ] || { echo "unknown chunk $name; chunks: ${ORDER[*]}" >&2; exit 2; }
-  out="data/large/$name"
+  out="$LARGE_CORPUS_DIR/$name"
   [ -f "$out/dataset_dict.json" ] && continue
   # shellcheck disable=SC2086  # the chunk's flags are words
-  $PYTHON -m offline_kit.synthetic_corpus --out "$out" --test-fraction 0 --room 0.3 ${CHUNKS[$name]}
+  $PYTHON -m offline_kit.synthetic_corpus --out "$out" --test-fraction 0 --room 0.3 ${WORKERS:+--workers "$WORKERS"} ${CHUNKS[$name]}
 done
