@@ -364,7 +364,6 @@ def test_a_pipeline_without_the_voice_activity_option_is_refused_before_serving(
     assert create_app(local_pipeline, "tiny-audio") is not None
 
 
-
 def test_a_limit_that_is_not_positive_stops_the_server_before_a_model_loads(capsys):
     """A usage error that names the flag and its value (serving/options.py, as the demo's)."""
     from serving.server import main
