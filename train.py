@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -36,12 +37,15 @@ ARGUMENT_TYPES = (ModelArguments, DataArguments, RunArguments, TrainingArguments
 
 def _yaml_to_argv(config: dict, parser: HfArgumentParser) -> list[str]:
     """Command-line tokens for a YAML mapping: nested values (dataset lists) travel as JSON, and lists given to a
-    single-value flag (report_to) as comma-separated text."""
+    single-value flag (report_to) as comma-separated text. A value that starts with "~" names a path in the home
+    folder, as the shell would expand it on the command line (`feature_cache_dir: ~/x`, not a folder named "~")."""
     tokens = []
     for key, value in config.items():
         action = parser._option_string_actions.get(f"--{key}")
         if value is None:
             continue
+        if isinstance(value, str) and value.startswith("~"):
+            value = os.path.expanduser(value)
         if isinstance(value, dict) or (isinstance(value, list) and any(isinstance(v, dict) for v in value)):
             tokens += [f"--{key}", json.dumps(value)]
         elif isinstance(value, list) and action is not None and action.nargs in ("+", "*"):

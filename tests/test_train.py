@@ -155,6 +155,21 @@ def test_yaml_config_with_command_line_overrides(workspace, tmp_path):
         parse_dataset_specs('[{"path": "x", "colums": 1}]')
 
 
+def test_a_yaml_path_under_home_is_expanded_as_the_shell_would(workspace, tmp_path, monkeypatch):
+    """`output_dir: ~/runs/x` in a config means the home folder, not a folder named "~" in the working directory
+    (the long run keeps its corpus, cache and checkpoints under the home folder, which outlives a fresh checkout)."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    config = json.loads(Path(base_args(workspace, str(tmp_path / "out"))[0]).read_text())
+    config_path = tmp_path / "home_paths.yaml"
+    config_path.write_text(
+        yaml.safe_dump({**config, "output_dir": "~/runs/long", "feature_cache_dir": "~/cache/features"})
+    )
+    argv = [str(config_path)]
+    _, data_args, _, training_args = train.parse_args(argv)
+    assert training_args.output_dir == str(tmp_path / "home" / "runs" / "long")
+    assert data_args.feature_cache_dir == str(tmp_path / "home" / "cache" / "features")
+
+
 def test_wandb_without_its_package_is_dropped_saying_how_to_install_it(workspace, tmp_path, caplog):
     """The run goes on without W&B and says how to get it; the README says that and how to run W&B offline."""
     if train.OPTIONAL_REPORTERS["wandb"]():
