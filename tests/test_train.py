@@ -192,8 +192,10 @@ def test_checked_in_configs_parse(config):
     written = yaml.safe_load(config.read_text())
     _, data_args, _, training_args = train.parse_args([str(config)])
     specs = parse_dataset_specs(data_args.train_datasets)
-    assert [spec.path for spec in specs] == [entry["path"] for entry in written["train_datasets"]]
-    for key in ("output_dir", "learning_rate", "max_steps"):
+    home = os.path.expanduser  # "~" names the home folder, as in a shell
+    assert [spec.path for spec in specs] == [home(entry["path"]) for entry in written["train_datasets"]]
+    assert training_args.output_dir == home(written["output_dir"])
+    for key in ("learning_rate", "max_steps"):
         assert getattr(training_args, key) == written[key], key
 
 
