@@ -1,13 +1,17 @@
-"""Training throughput of train.py on the offline preset: live encoder vs feature cache, fp32 vs bf16.
+"""Training throughput of train.py on the offline preset: live encoder vs feature cache vs the encoder on the
+clips' own frames, fp32 vs bf16.
 
     python -m offline_kit.preset                  # once: Whisper tiny.en + SmolLM2-135M in ~/.cache/tiny_audio/offline
     python -m benchmarks.bench_training [--steps 10] [--warmup 2] [--configs bf16-cache,fp32-live]
 
 Each configuration trains in its own process through `train.run` (the real CLI path, Trainer included) on
 batches of 8 clips of ~3.4 s and reports seconds per step, clips/s, audio hours per hour, the one-time cost of
-building the feature cache, and the process's peak memory. Without the preset, the same architectures are built
+building the feature cache, the process's peak memory, and where a step's seconds go (each tower's forward, the
+losses, backward and optimizer, the next batch). Without the preset, the same architectures are built
 with random weights (same compute, no meaningful loss) and the table says so.
-The reference project, run on this machine with the same models and batches: 2.15 s/step in bf16, 4.36 s in fp32.
+The reference project (alexkroman/tiny-audio), run with the same models and batches on the 2-core Intel Xeon of
+issue 28 (avx512, no native bf16): 2.15 s/step in bf16, 4.36 s in fp32. 'vs ref' divides by those figures, so it
+means a ratio only on that kind of machine.
 """
 
 from __future__ import annotations
@@ -30,7 +34,10 @@ REFERENCE_SECONDS_PER_STEP = {"bf16": 2.15, "fp32": 4.36}
 BATCH = 8
 CLIP_SECONDS = (3.2, 3.6)  # ~3.4 s on average, like the reference measurement
 WORDS = "the small dog ran across a quiet street while people watched from every window".split()
-CONFIGS = ("fp32-live", "bf16-live", "fp32-cache", "bf16-cache")
+# live: the encoder runs every step on 30-s windows; cache: its outputs are read from the feature cache; real: it
+# runs every step on the clips' own frames (`--encoder_real_length`).
+CONFIGS = ("fp32-live", "bf16-live", "fp32-cache", "bf16-cache", "fp32-real")
+PROFILE_PARTS = ("encoder", "projector", "llm", "forward", "step", "between steps")
 PRESET = Path(os.environ.get("TINY_AUDIO_CACHE", "~/.cache/tiny_audio/offline")).expanduser()
 
 
@@ -106,18 +113,61 @@ def run_config(name: str, models: list[str], work: Path, args: argparse.Namespac
     import train
 
     class Timer(TrainerCallback):
+        """Step ends (wall and CPU clocks), and where the measured steps' seconds go: each tower's forward (module
+        hooks), the rest of the forward (the merge and the losses), the rest of the step (backward and optimizer)
+        and the time between steps (the next batch)."""
+
         def __init__(self):
             self.wall: list[float] = []
             self.cpu: list[float] = []
             self.train_begin = 0.0
+            self.parts: dict[str, float] = dict.fromkeys(PROFILE_PARTS, 0.0)
+            self.measuring = False
+            self.step_begin = 0.0
 
-        def on_train_begin(self, args, state, control, **kwargs):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
             self.train_begin = time.perf_counter()
+            # The audio path runs through methods (Whisper's encoder through `forward_bottom`, not `forward`):
+            # they are timed as called; the LLM and the whole forward through module hooks.
+            for part, method in (("encoder", "encode_audio"), ("projector", "project_audio")):
+                setattr(model, method, self._timed(getattr(model, method), part))
+            for part, module in (("llm", model.language_model), ("forward", model)):
+                started: list[float] = []
+                module.register_forward_pre_hook(
+                    lambda *_, started=started: started.append(time.perf_counter())
+                )
+                module.register_forward_hook(
+                    lambda *_, started=started, part=part: self._add(
+                        part, time.perf_counter() - started.pop()
+                    )
+                )
+
+        def _timed(self, method, part: str):
+            def timed(*args, **kwargs):
+                start = time.perf_counter()
+                result = method(*args, **kwargs)
+                self._add(part, time.perf_counter() - start)
+                return result
+
+            return timed
+
+        def _add(self, part: str, seconds: float) -> None:
+            if self.measuring:
+                self.parts[part] += seconds
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.step_begin = time.perf_counter()
+            self.measuring = state.global_step >= args_warmup
+            if self.measuring:
+                self.parts["between steps"] += self.step_begin - self.wall[-1]
 
         def on_step_end(self, args, state, control, **kwargs):
             self.wall.append(time.perf_counter())
             self.cpu.append(time.process_time())
+            if self.measuring:
+                self.parts["step"] += self.wall[-1] - self.step_begin
 
+    args_warmup = args.warmup
     precision, mode = name.split("-")
     argv = (
         f"--audio_model_id {models[0]} --text_model_id {models[1]} --train_datasets {work / 'clips'} "
@@ -129,6 +179,8 @@ def run_config(name: str, models: list[str], work: Path, args: argparse.Namespac
         argv.append("--bf16")
     if mode == "cache":
         argv += ["--feature_cache_dir", str(work / "cache")]
+    if mode == "real":
+        argv += ["--encoder_real_length", "true"]
     timer = Timer()
     start = time.perf_counter()
     train.run(argv, callbacks=[timer])
@@ -139,6 +191,20 @@ def run_config(name: str, models: list[str], work: Path, args: argparse.Namespac
         "cpu_seconds_per_step": float(np.median(np.diff(timer.cpu[measured]))),
         "prepare_seconds": timer.train_begin - start,
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "profile": profile_shares(timer.parts, args.steps),
+    }
+
+
+def profile_shares(parts: dict[str, float], steps: int) -> dict[str, float]:
+    """Seconds per step of each part of a step, the nested forwards taken out of the ones that hold them."""
+    towers = parts["encoder"] + parts["projector"] + parts["llm"]
+    return {
+        "encoder forward": parts["encoder"] / steps,
+        "projector forward": parts["projector"] / steps,
+        "LLM forward": parts["llm"] / steps,
+        "merge + losses": (parts["forward"] - towers) / steps,
+        "backward, optimizer": (parts["step"] - parts["forward"]) / steps,
+        "next batch": parts["between steps"] / steps,
     }
 
 
@@ -223,6 +289,13 @@ def main() -> None:
             f"{row['peak_rss_gib']:.2f}",
         )
         print("".join(f"{c:>13}" for c in cells))
+    parts = list(results[0]["profile"])
+    print(
+        "Where a measured step's seconds go (module hooks; 'next batch': between steps, collation included):"
+    )
+    print(f"{'config':>13}" + "".join(f"{part:>20}" for part in parts))
+    for row in results:
+        print(f"{row['config']:>13}" + "".join(f"{row['profile'][part]:>20.3f}" for part in parts))
     print(
         f"Reference project: {REFERENCE_SECONDS_PER_STEP['bf16']} s/step bf16 ({reference:.1f} clips/s), "
         f"{REFERENCE_SECONDS_PER_STEP['fp32']} s/step fp32. 'prepare s': model load, data checks and, for -cache, "
