@@ -157,7 +157,7 @@ def run_config(name: str, models: list[str], work: Path, args: argparse.Namespac
 
         def on_step_begin(self, args, state, control, **kwargs):
             self.step_begin = time.perf_counter()
-            self.measuring = state.global_step >= args_warmup
+            self.measuring = state.global_step >= warmup_steps
             if self.measuring:
                 self.parts["between steps"] += self.step_begin - self.wall[-1]
 
@@ -167,7 +167,7 @@ def run_config(name: str, models: list[str], work: Path, args: argparse.Namespac
             if self.measuring:
                 self.parts["step"] += self.wall[-1] - self.step_begin
 
-    args_warmup = args.warmup
+    warmup_steps = args.warmup  # named apart: the callbacks' own `args` are the TrainingArguments
     precision, mode = name.split("-")
     argv = (
         f"--audio_model_id {models[0]} --text_model_id {models[1]} --train_datasets {work / 'clips'} "
