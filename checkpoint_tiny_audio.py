@@ -60,6 +60,38 @@ PRETRAINED_PREFIXES = (AUDIO_TOWER_PREFIX, LANGUAGE_MODEL_PREFIX)
 # How the frozen towers are built; `device_map` is split between them (`split_device_map`).
 TOWER_OPTIONS = ("attn_implementation", "quantization_config", "offload_folder")
 MODEL_PARTS = ("audio_tower", "multi_modal_projector", "language_model")
+# Decoding settings that checkpoints saved before they moved into the generation config kept in config.json, with
+# their generation-config names (the old min_new_tokens was the budget's fixed part, not the library's minimum).
+LEGACY_DECODING_FIELDS = {
+    "ctc_decoding_weight": "ctc_decoding_weight",
+    "min_new_tokens": "max_new_tokens",
+    "max_new_tokens_per_second": "max_new_tokens_per_second",
+}
+
+
+def default_generation_config(language_model: PreTrainedModel) -> GenerationConfig:
+    """A new model's decoding: greedy, stopping where the LLM stops (its own EOS ids), without CTC scoring, and
+    with a budget of `max_new_tokens` plus `max_new_tokens_per_second` for each second of audio
+    (`decoding_tiny_audio.new_token_budget`)."""
+    source = language_model.generation_config
+    return GenerationConfig(
+        bos_token_id=source.bos_token_id,
+        eos_token_id=source.eos_token_id,
+        pad_token_id=source.pad_token_id if source.pad_token_id is not None else source.eos_token_id,
+        do_sample=False,
+        num_beams=1,
+        max_new_tokens=16,
+        max_new_tokens_per_second=8.0,
+        ctc_decoding_weight=0.0,
+    )
+
+
+def adopt_legacy_decoding_fields(model: PreTrainedModel) -> None:
+    """Moves the decoding settings of a checkpoint saved before they lived in the generation config out of its
+    config, so that it decodes as it did and saves them in one place."""
+    for old_name, new_name in LEGACY_DECODING_FIELDS.items():
+        if old_name in model.config.__dict__:
+            setattr(model.generation_config, new_name, model.config.__dict__.pop(old_name))
 
 
 def pinned_revision(model_id: str, revision: str | None, hub_options: dict) -> str | None:
@@ -178,7 +210,7 @@ class CheckpointMixin:
         )
         model = cls(config, audio_tower=audio_tower, language_model=language_model)
         model.multi_modal_projector.match_embedding_scale(model.get_input_embeddings().weight)
-        model.generation_config = cls._generation_config_from(language_model)
+        model.generation_config = default_generation_config(language_model)
         model.multi_modal_projector.to(projector_device or model.get_input_embeddings().weight.device, dtype)
         return model
 
@@ -222,7 +254,9 @@ class CheckpointMixin:
         hub_kwargs = {key: kwargs[key] for key in (*HUB_OPTIONS, "revision", "subfolder") if key in kwargs}
         weights_file = cached_file(pretrained_model_name_or_path, SAFE_WEIGHTS_NAME, **hub_kwargs)
         if holds_pretrained_weights(weights_file):
-            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+            model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+            adopt_legacy_decoding_fields(model)
+            return model
 
         config = kwargs.get("config")
         if not isinstance(config, TinyAudioConfig):
@@ -250,23 +284,11 @@ class CheckpointMixin:
                 pretrained_model_name_or_path, **hub_kwargs
             )
         except OSError:
-            model.generation_config = cls._generation_config_from(language_model)
+            model.generation_config = default_generation_config(language_model)
+        adopt_legacy_decoding_fields(model)
         model.multi_modal_projector.to(projector_device or model.get_input_embeddings().weight.device, dtype)
         model.eval()
         return model
-
-    @staticmethod
-    def _generation_config_from(language_model: PreTrainedModel) -> GenerationConfig:
-        """Greedy decoding that stops where the LLM stops (its own EOS ids)."""
-        source = language_model.generation_config
-        return GenerationConfig(
-            bos_token_id=source.bos_token_id,
-            eos_token_id=source.eos_token_id,
-            pad_token_id=source.pad_token_id if source.pad_token_id is not None else source.eos_token_id,
-            do_sample=False,
-            num_beams=1,
-            max_new_tokens=128,
-        )
 
     def freeze_pretrained(self) -> None:
         """Freezes encoder and LLM; leaves the projector, LoRA adapters and any trained encoder layers trainable."""

@@ -148,17 +148,14 @@ class TinyAudioConfig(PreTrainedConfig):
     mask_time_length: int = 10
     mask_feature_prob: float = 0.0
     mask_feature_length: int = 10
-    # Audio limits and the generation budget, which scales with the audio length.
+    # Audio limits. How the model decodes (beams, the CTC share, the budget of new tokens) lives in its generation
+    # config: checkpoint_tiny_audio.default_generation_config.
     sampling_rate: int = 16000
     max_audio_seconds: float = 30.0
-    max_new_tokens_per_second: float = 8.0
-    min_new_tokens: int = 16
-    # The CTC head (decoding_tiny_audio): the token its blank frames stand for (None: the model has no CTC head);
-    # the weight of the auxiliary CTC loss in training (0 = off); and the CTC share of each step's score in joint
-    # CTC/attention decoding (0 = the LLM alone decides).
+    # The CTC head (decoding_tiny_audio): the token its blank frames stand for (None: the model has no CTC head) and
+    # the weight of the auxiliary CTC loss in training (0 = off).
     ctc_blank_token_id: int | None = None
     ctc_loss_weight: float = 0.0
-    ctc_decoding_weight: float = 0.0
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
@@ -196,7 +193,7 @@ class TinyAudioConfig(PreTrainedConfig):
             raise ValueError(f"projector_num_layers must be 0 or more, got {self.projector_num_layers}")
 
     def validate_ctc(self) -> None:
-        """Part of the config's strict validation: a CTC weight needs the CTC head's blank token."""
+        """Part of the config's strict validation: the CTC loss needs the CTC head's blank token."""
         vocab_size = self.text_config.vocab_size
         if self.ctc_blank_token_id is not None and not 0 <= self.ctc_blank_token_id < vocab_size:
             raise ValueError(
@@ -204,14 +201,11 @@ class TinyAudioConfig(PreTrainedConfig):
             )
         if self.ctc_loss_weight < 0:
             raise ValueError(f"ctc_loss_weight must not be negative, got {self.ctc_loss_weight}")
-        if not 0 <= self.ctc_decoding_weight <= 1:
-            raise ValueError(f"ctc_decoding_weight must be between 0 and 1, got {self.ctc_decoding_weight}")
-        for name in ("ctc_loss_weight", "ctc_decoding_weight"):
-            if getattr(self, name) > 0 and self.ctc_blank_token_id is None:
-                raise ValueError(
-                    f"{name} {getattr(self, name)} needs a CTC head (ctc_blank_token_id): train with the CTC loss "
-                    "(train.py --ctc_weight > 0), or start from a checkpoint that was"
-                )
+        if self.ctc_loss_weight > 0 and self.ctc_blank_token_id is None:
+            raise ValueError(
+                f"ctc_loss_weight {self.ctc_loss_weight} needs a CTC head (ctc_blank_token_id): train with the CTC "
+                "loss (train.py --ctc_weight > 0), or start from a checkpoint that was"
+            )
 
     @property
     def encoder_conv_layers(self) -> ConvLayers:
@@ -235,10 +229,6 @@ class TinyAudioConfig(PreTrainedConfig):
         return self.feature_frame_seconds * feature_frames_per_token(
             self.encoder_conv_layers, self.projector_downsample
         )
-
-    def max_new_tokens_for(self, audio_seconds: float) -> int:
-        """Generation budget for a clip: grows with its duration so long speech is never cut short."""
-        return int(self.min_new_tokens + self.max_new_tokens_per_second * audio_seconds)
 
 
 __all__ = [

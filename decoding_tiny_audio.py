@@ -1,6 +1,6 @@
-"""How Tiny Audio turns scores into text, inside `generate`: the CTC head's scores (the auxiliary training loss,
-joint CTC/attention decoding as a `LogitsProcessor`, word alignment) and the repetition-loop guard (a
-`StoppingCriteria`, and the trim of the loop it stopped).
+"""How Tiny Audio turns scores into text, inside `generate`: the budget of new tokens, the CTC head's scores (the
+auxiliary training loss, joint CTC/attention decoding as a `LogitsProcessor`, word alignment) and the
+repetition-loop guard (a `StoppingCriteria`, and the trim of the loop it stopped).
 
 The CTC head needs no weights of its own. Through a frozen LLM the next-token loss gives the projector a weak, slow
 signal: on a few hours of audio the projector alone stalls at the language model's prior (fluent text unrelated
@@ -17,12 +17,22 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import LogitsProcessor, StoppingCriteria
+from transformers import GenerationConfig, LogitsProcessor, StoppingCriteria
 
 try:
     from .processing_tiny_audio import IGNORE_INDEX
 except ImportError:
     from processing_tiny_audio import IGNORE_INDEX
+
+
+def new_token_budget(generation_config: GenerationConfig, audio_seconds: float) -> int | None:
+    """The new tokens a clip may take: `max_new_tokens` plus `max_new_tokens_per_second` for each second of its
+    audio, so that long speech is never cut short and a short clip cannot run on."""
+    if generation_config.max_new_tokens is None:
+        return None
+    per_second = getattr(generation_config, "max_new_tokens_per_second", 0.0)
+    return generation_config.max_new_tokens + int(per_second * audio_seconds)
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # CTC over the projected audio frames

@@ -37,6 +37,7 @@ try:
         ctc_forced_align,
         embedding_ctc_logits,
         embedding_ctc_loss,
+        new_token_budget,
     )
     from .encoder_tiny_audio import build_audio_encoder
     from .lora_tiny_audio import LoraMixin
@@ -52,6 +53,7 @@ except ImportError:
         ctc_forced_align,
         embedding_ctc_logits,
         embedding_ctc_loss,
+        new_token_budget,
     )
     from encoder_tiny_audio import build_audio_encoder
     from lora_tiny_audio import LoraMixin
@@ -531,22 +533,28 @@ class TinyAudioForConditionalGeneration(CheckpointMixin, LoraMixin, TinyAudioMod
         **kwargs,
     ) -> torch.LongTensor:
         """`GenerationMixin.generate` with Tiny Audio's decoding policy, so that `generate` and the pipeline give the
-        same text:
+        same text. Its defaults live in the generation config (`generation_config.json`) beside the library's own:
 
-        - a budget that follows the audio length when none is given;
-        - joint CTC/attention decoding when `ctc_weight` (default: `config.ctc_decoding_weight` when there is
-          audio, so text-only prompts still work) is above 0;
+        - with audio and no `max_new_tokens` argument, a budget of `max_new_tokens` plus
+          `max_new_tokens_per_second` for each second of the longest clip (`new_token_budget`);
+        - joint CTC/attention decoding when `ctc_weight` (default: the generation config's `ctc_decoding_weight`
+          when there is audio, so text-only prompts still work) is above 0;
         - the repetition-loop guard (default: on when there is audio): a row that falls into a loop stops, and the
           loop past one copy of its unit is replaced by padding (decode with ``skip_special_tokens=True``).
         """
+        config = kwargs.get("generation_config") or self.generation_config
         features_mask = kwargs.get("input_features_mask")
-        if "max_new_tokens" not in kwargs and "generation_config" not in kwargs and features_mask is not None:
+        if "max_new_tokens" not in kwargs and features_mask is not None:
             seconds = self.feature_seconds(features_mask).max().item()
-            kwargs["max_new_tokens"] = self.config.max_new_tokens_for(seconds)
+            budget = new_token_budget(config, seconds)
+            if budget is not None:
+                kwargs["max_new_tokens"] = budget
         has_audio = any(kwargs.get(key) is not None for key in ("input_features", "encoder_hidden_states"))
         if ctc_weight is None:
-            ctc_weight = self.config.ctc_decoding_weight if has_audio else 0.0
-        if ctc_weight > 0:
+            # A caller's own generation config without the field keeps the model's weight.
+            default = getattr(self.generation_config, "ctc_decoding_weight", 0.0)
+            ctc_weight = getattr(config, "ctc_decoding_weight", default) if has_audio else 0.0
+        if ctc_weight:
             kwargs = self._with_ctc_scorer(kwargs, ctc_weight, ctc_top_k)
         if loop_guard is None:
             loop_guard = has_audio
@@ -557,7 +565,6 @@ class TinyAudioForConditionalGeneration(CheckpointMixin, LoraMixin, TinyAudioMod
         )
         output = super().generate(*args, **kwargs)
         prompt_length = kwargs["input_ids"].shape[1] if "input_ids" in kwargs else args[0].shape[1]
-        config = kwargs.get("generation_config") or self.generation_config
         ends = {config.pad_token_id, config.bos_token_id, *self._eos_token_ids(config)} - {None}
         pad = (
             config.pad_token_id

@@ -570,7 +570,8 @@ class TinyAudioASRPipeline(AutomaticSpeechRecognitionPipeline):
     as it is transcribed), ``streamer`` (a ``generate`` streamer such as ``TextIteratorStreamer``, at batch size 1:
     the text as it is decoded, one stream per input however many chunks it has; decoding is then greedy unless
     ``num_beams`` is given), ``loop_guard=False`` (keep degenerate repetition loops), ``max_new_tokens`` /
-    ``generate_kwargs`` (default budget: ``config.max_new_tokens_for(chunk seconds)``).
+    ``generate_kwargs`` (defaults: the model's generation config; the budget is its ``max_new_tokens`` plus
+    ``max_new_tokens_per_second`` for each second of the longest chunk).
     Construction options: ``merge_lora=True`` folds the LoRA adapters into the LLM for faster serving;
     ``int8=True`` also quantizes the LLM's linear layers to dynamic int8 (CPU only; faster, a little less accurate).
     Either way the model cannot train again (load it anew for that), so they are for a model the pipeline loaded
@@ -580,7 +581,7 @@ class TinyAudioASRPipeline(AutomaticSpeechRecognitionPipeline):
     _load_processor = None  # optional: a checkpoint saved without processor files rebuilds it from its config
     _load_tokenizer = False
     _load_feature_extractor = False
-    _default_generation_config = None  # greedy, and max_new_tokens follows the audio length
+    _default_generation_config = None  # the model's own generation config decides
 
     def __init__(
         self,

@@ -66,7 +66,7 @@ def main() -> None:
     print(
         f"{len(clips)} clips of {args.dataset}, {audio_seconds:.1f} s of audio; fp32, {args.threads} threads; "
         f"tiny-audio decoding: {ours.model.generation_config.num_beams} beams, "
-        f"CTC weight {ours.model.config.ctc_decoding_weight}"
+        f"CTC weight {ours.model.generation_config.ctc_decoding_weight}"
     )
     print(f"load average before: {os.getloadavg()[0]:.1f} (the machine may be shared)")
     for pipe, generate_kwargs in contenders.values():  # warm-up: first calls pay one-time costs

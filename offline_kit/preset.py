@@ -23,13 +23,16 @@ import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from tqdm.auto import tqdm
 
 from offline_kit.gguf_llm import convert_gguf_llm
 from offline_kit.whisper_ct2 import convert_ct2_whisper
+
+if TYPE_CHECKING:
+    from transformers import GenerationConfig
 
 DEFAULT_CACHE = Path("~/.cache/tiny_audio/offline")
 CACHE_ENV = "TINY_AUDIO_CACHE"
@@ -58,14 +61,12 @@ SHIPPED_CONFIG_FIELDS = (
     "lora_dropout",
     "lora_target_modules",
     "ctc_blank_token_id",
-    "ctc_decoding_weight",
 )
-# Generation settings that ship with them: how the trained model decodes by default.
-SHIPPED_GENERATION_FIELDS = ("num_beams",)
 
 
 class ShippedWeights(NamedTuple):
-    """The trained weights in the repo, the config fields that shape them and the generation settings they use."""
+    """The trained weights in the repo, the config fields that shape them and how they decode (the settings their
+    run's generation config made, without the LLM's token ids)."""
 
     weights: Path
     config: dict
@@ -175,7 +176,7 @@ def ship_checkpoint(checkpoint: Path, trained_dir: Path = TRAINED_DIR) -> Path:
     save_file(shipped, trained_dir / TRAINED_WEIGHTS, metadata={"format": "pt"})
     settings = {
         "config": {field: config[field] for field in SHIPPED_CONFIG_FIELDS if field in config},
-        "generation": {field: getattr(generation, field) for field in SHIPPED_GENERATION_FIELDS},
+        "generation": decoding_settings(generation),
         "trained_from": {
             "audio_model_id": _home_relative(config["audio_model_id"]),
             "text_model_id": _home_relative(config["text_model_id"]),
@@ -183,6 +184,15 @@ def ship_checkpoint(checkpoint: Path, trained_dir: Path = TRAINED_DIR) -> Path:
     }
     (trained_dir / TRAINED_SETTINGS).write_text(json.dumps(settings, indent=2) + "\n")
     return trained_dir
+
+
+def decoding_settings(generation: GenerationConfig) -> dict:
+    """What a generation config sets beyond the library's defaults, but the token ids, which come from the LLM."""
+    return {
+        field: value
+        for field, value in generation.to_diff_dict().items()
+        if not field.endswith("token_id") and field != "transformers_version"
+    }
 
 
 def _home_relative(model_id: str) -> str:

@@ -116,7 +116,7 @@ def build_card(
     repo_id: str,
     config: dict,
     results: list[WerResult],
-    num_beams: int = 1,
+    decoding: dict | None = None,
     example_file: str,
     license: str,
     datasets: list[str],
@@ -135,7 +135,9 @@ def build_card(
     `baseline` holds reference models' results on the same sets (e.g. the encoder's own decoder, with beam search
     and greedy), one column per model in the results table; only this model's results go into the metadata.
     `datasets` are Hub ids for the metadata; `training_data` names every training set, local ones included, for
-    the text, and `training_data_note` says in words what they hold (local sets mean nothing to a reader). Without `language`, the encoder's config decides where it can (see `spoken_languages`).
+    the text, and `training_data_note` says in words what they hold (local sets mean nothing to a reader). Without
+    `language`, the encoder's config decides where it can (see `spoken_languages`). `decoding` is how the model
+    decodes by default (`num_beams`, `ctc_decoding_weight`; greedy alone without it).
     """
     encoder, llm = config["audio_model_id"], config["text_model_id"]
     language = list(language) or spoken_languages(config)
@@ -181,8 +183,8 @@ def build_card(
         encoder=encoder,
         llm=llm,
         lora_rank=config.get("lora_rank", 0),
-        ctc_decoding_weight=config.get("ctc_decoding_weight", 0.0),
-        num_beams=num_beams,
+        ctc_decoding_weight=(decoding or {}).get("ctc_decoding_weight", 0.0),
+        num_beams=(decoding or {}).get("num_beams", 1),
         projector_downsample=config.get("projector_downsample"),
         projector_activation=config.get("projector_activation"),
         trainable_params=f"{trainable_params:,}",

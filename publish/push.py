@@ -56,14 +56,17 @@ def read_config(model_dir: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def default_num_beams(model_dir: Path) -> int:
-    """Beams the checkpoint decodes with by default (its generation_config.json; greedy without one)."""
+def checkpoint_decoding(model_dir: Path, config: dict) -> dict:
+    """How the checkpoint decodes by default, from its generation_config.json (greedy without one)."""
     from transformers import GenerationConfig
 
     try:
-        return GenerationConfig.from_pretrained(model_dir).num_beams
+        generation = GenerationConfig.from_pretrained(model_dir)
     except OSError:
-        return 1
+        generation = GenerationConfig()
+    # Checkpoints saved before the CTC weight moved into the generation config kept it in config.json.
+    weight = getattr(generation, "ctc_decoding_weight", config.get("ctc_decoding_weight", 0.0))
+    return {"num_beams": generation.num_beams, "ctc_decoding_weight": weight}
 
 
 def _code_files(config: dict) -> set[str]:
@@ -184,7 +187,7 @@ def build_upload_folder(
     card = build_card(
         repo_id=repo_id,
         config=config,
-        num_beams=default_num_beams(model_dir),
+        decoding=checkpoint_decoding(model_dir, config),
         results=read_results(list(results_files)),
         example_file=example_name,
         license=license,

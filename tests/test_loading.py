@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import subprocess
@@ -219,3 +220,34 @@ def test_quantization_config_reaches_the_tower_loads(tiny_model_dir):
         tiny_model_dir, quantization_config=quantization
     )
     assert model.language_model.is_quantized and model.audio_tower.is_quantized
+
+
+@pytest.mark.parametrize("standalone", [False, True])
+def test_a_checkpoint_saved_with_its_decoding_in_config_json_decodes_as_it_did(
+    tiny_model_and_processor, tmp_path, standalone
+):
+    """Before the decoding settings moved into generation_config.json, config.json held the CTC weight and the
+    budget (its fixed part named min_new_tokens); such a checkpoint keeps them, and saves them in one place."""
+    model, _ = tiny_model_and_processor
+    model.save_pretrained(tmp_path / "old", standalone=standalone)
+    config_file = tmp_path / "old" / "config.json"
+    legacy = {"ctc_decoding_weight": 0.3, "min_new_tokens": 12, "max_new_tokens_per_second": 4.0}
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), **legacy}))
+    generation_file = tmp_path / "old" / "generation_config.json"
+    generation = json.loads(generation_file.read_text())
+    for field in ("ctc_decoding_weight", "max_new_tokens_per_second"):
+        generation.pop(field)
+    generation_file.write_text(json.dumps({**generation, "max_new_tokens": 128, "num_beams": 2}))
+
+    loaded = TinyAudioForConditionalGeneration.from_pretrained(tmp_path / "old")
+    decoding = loaded.generation_config
+    assert (decoding.ctc_decoding_weight, decoding.max_new_tokens, decoding.max_new_tokens_per_second) == (
+        0.3,
+        12,
+        4.0,
+    )
+    assert decoding.num_beams == 2
+    loaded.save_pretrained(tmp_path / "new")
+    assert not set(legacy) & set(json.loads((tmp_path / "new" / "config.json").read_text()))
+    saved = json.loads((tmp_path / "new" / "generation_config.json").read_text())
+    assert (saved["ctc_decoding_weight"], saved["max_new_tokens"], saved["num_beams"]) == (0.3, 12, 2)

@@ -344,10 +344,11 @@ def test_ship_copies_projector_only_weights_and_the_fields_that_shape_them(
     config_file = checkpoint / "config.json"
     config = json.loads(config_file.read_text())
     config["text_model_id"] = str(tmp_path / "models" / "llm")
-    config["ctc_blank_token_id"], config["ctc_decoding_weight"] = 5, 0.3  # how it decodes ships with it
+    config["ctc_blank_token_id"] = 5
     config_file.write_text(json.dumps(config))
     generation_file = checkpoint / "generation_config.json"
-    generation_file.write_text(json.dumps({**json.loads(generation_file.read_text()), "num_beams": 3}))
+    decoding = {"num_beams": 3, "ctc_decoding_weight": 0.3}  # how it decodes ships with it
+    generation_file.write_text(json.dumps({**json.loads(generation_file.read_text()), **decoding}))
     trained = preset.ship_checkpoint(checkpoint, tmp_path / "trained")
     trained_from = json.loads((trained / preset.TRAINED_SETTINGS).read_text())["trained_from"]
     assert trained_from["text_model_id"] == "~/models/llm"  # no one's home directory in the repo
@@ -361,7 +362,13 @@ def test_ship_copies_projector_only_weights_and_the_fields_that_shape_them(
     weights, settings, generation = preset.shipped_weights(trained)
     assert weights == trained / preset.TRAINED_WEIGHTS
     assert settings == {field: config[field] for field in preset.SHIPPED_CONFIG_FIELDS}
-    assert settings["ctc_decoding_weight"] == 0.3 and generation == {"num_beams": 3}
+    # Every decoding setting the run made, the LLM's token ids aside (they come with the LLM).
+    assert generation == {
+        **decoding,
+        "do_sample": False,
+        "max_new_tokens": 16,
+        "max_new_tokens_per_second": 8.0,
+    }
     assert preset.shipped_weights(tmp_path / "nothing-shipped") is None
 
 
@@ -442,12 +449,11 @@ class TestRealWeights:
         trained = tmp_path / "trained"
         shutil.copytree(preset.TRAINED_DIR, trained)
         settings = json.loads((trained / preset.TRAINED_SETTINGS).read_text())
-        settings["config"]["ctc_decoding_weight"] = 0.05
-        settings["generation"]["num_beams"] = 2
+        settings["generation"].update(ctc_decoding_weight=0.05, num_beams=2)
         (trained / preset.TRAINED_SETTINGS).write_text(json.dumps(settings))
         preset.build_offline_preset(offline_cache, progress=False, trained_dir=trained)
-        assert json.loads((model_dir / "config.json").read_text())["ctc_decoding_weight"] == 0.05
-        assert json.loads((model_dir / "generation_config.json").read_text())["num_beams"] == 2
+        generation = json.loads((model_dir / "generation_config.json").read_text())
+        assert (generation["ctc_decoding_weight"], generation["num_beams"]) == (0.05, 2)
         preset.build_offline_preset(offline_cache, progress=False)  # back to the shipped settings
         assert json.loads((model_dir / "config.json").read_text()) == model_config
 

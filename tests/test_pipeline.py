@@ -555,12 +555,12 @@ def test_model_generate_gives_the_pipelines_text(asr):
 
 
 def test_default_budget_follows_audio_length(asr):
-    """Without max_new_tokens, generation stops at the config's length-scaled budget."""
-    config = asr.model.config
+    """Without max_new_tokens, generation stops at the generation config's length-scaled budget."""
+    config = asr.model.generation_config
     for seconds in (1.0, 20.0):
         counter = StepCounter()
         asr(speech_with_pauses(seconds)[0], no_repeat_ngram_size=1, stopping_criteria=[counter])
-        assert counter.steps == config.max_new_tokens_for(seconds)
+        assert counter.steps == config.max_new_tokens + int(config.max_new_tokens_per_second * seconds)
 
 
 def test_joint_ctc_decoding_through_the_pipeline(asr):

@@ -225,13 +225,12 @@ def test_card_metadata_parses_and_validates(tmp_path: Path, inputs) -> None:
         "projector_downsample": 4,
         "projector_activation": "gelu",
         "lora_rank": 8,
-        "ctc_decoding_weight": 0.3,
     }
     card = build_card(
         repo_id="alice/tiny-audio-demo",
         config=config,
         results=read_results([inputs.results]),
-        num_beams=3,
+        decoding={"num_beams": 3, "ctc_decoding_weight": 0.3},
         example_file="example.flac",
         license="mit",
         datasets=["openslr/librispeech_asr"],

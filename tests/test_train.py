@@ -850,8 +850,8 @@ def test_ctc_warm_up_skips_the_llm_then_trains_on_both_losses(workspace, tmp_pat
     assert changed and all(k.startswith("multi_modal_projector.") for k in changed)
     # the saved model knows its CTC blank and decodes jointly with its CTC head at the weight asked for
     saved = json.loads(Path(output_dir, "config.json").read_text())
-    assert (saved["ctc_decoding_weight"], saved["ctc_loss_weight"]) == (0.3, 0.5)
-    assert json.loads(Path(output_dir, "generation_config.json").read_text())["num_beams"] == 2
+    decoding = json.loads(Path(output_dir, "generation_config.json").read_text())
+    assert (saved["ctc_loss_weight"], decoding["ctc_decoding_weight"], decoding["num_beams"]) == (0.5, 0.3, 2)
     space = AutoTokenizer.from_pretrained(workspace["llm"])(" ", add_special_tokens=False)["input_ids"]
     assert [saved["ctc_blank_token_id"]] == space
 
@@ -1173,6 +1173,10 @@ def _bad_train_arguments(workspace: dict, tmp_path: Path) -> dict[str, tuple[lis
             base_args(workspace, out, "--ctc_weight", "-1"),
             "ctc_weight must not be negative",
         ),
+        "ctc_decoding_weight_above_one": (
+            base_args(workspace, out, "--ctc_decoding_weight", "1.5"),
+            "ctc_decoding_weight must be between 0 and 1, got 1.5",
+        ),
         "starter_corpus_not_built": (
             base_args(workspace, out, "--train_datasets", "data/synthetic"),
             r"data/synthetic has not been built yet: build it with `python -m offline_kit.synthetic_corpus",
@@ -1248,6 +1252,7 @@ BAD_TRAIN_ARGUMENTS = [
     "zero_batch",
     "zero_steps",
     "negative_ctc_weight",
+    "ctc_decoding_weight_above_one",
     "starter_corpus_not_built",
     "missing_manifest",
     "hub_dataset_offline",

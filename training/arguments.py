@@ -95,8 +95,8 @@ class ModelArguments:
     ctc_decoding_weight: float | None = dataclasses.field(
         default=None,
         metadata={
-            "help": "CTC share of each decoding step's score in the saved model (joint CTC/attention decoding; "
-            "needs the CTC loss); default: keep the starting checkpoint's, 0 for a new model"
+            "help": "CTC share of each decoding step's score in the saved model's generation_config.json (joint "
+            "CTC/attention decoding; needs the CTC loss); default: keep the starting checkpoint's, 0 for a new model"
         },
     )
     mask_time_prob: float | None = dataclasses.field(

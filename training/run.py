@@ -44,15 +44,16 @@ from training.trainer import TinyAudioTrainer
 
 logger = logging.getLogger("tiny_audio.train")
 
-# Model arguments that, when given, override the starting checkpoint's config (None keeps it).
+# Model arguments that, when given, override the starting checkpoint's config, and its generation config (the
+# decoding the saved model ships with); None keeps the checkpoint's.
 CONFIG_OVERRIDES = (
     "encoder_real_length",
-    "ctc_decoding_weight",
     "mask_time_prob",
     "mask_time_length",
     "mask_feature_prob",
     "mask_feature_length",
 )
+GENERATION_OVERRIDES = ("num_beams", "ctc_decoding_weight")
 
 
 def parse_task_prompts(value: str | None) -> dict[str, str]:
@@ -118,8 +119,9 @@ def build_model(
     for field in CONFIG_OVERRIDES:
         if getattr(model_args, field) is not None:
             setattr(model.config, field, getattr(model_args, field))
-    if model_args.num_beams is not None:
-        model.generation_config.num_beams = model_args.num_beams
+    for field in GENERATION_OVERRIDES:
+        if getattr(model_args, field) is not None:
+            setattr(model.generation_config, field, getattr(model_args, field))
     for parameter in model.parameters():
         if parameter.requires_grad:
             parameter.data = parameter.data.float()
@@ -153,6 +155,10 @@ def check_arguments(
     for name in ("ctc_weight", "ctc_only_steps", "lora_rank", "lora_dropout"):
         if getattr(model_args, name) < 0:
             raise PreflightError(f"{name} must not be negative, got {getattr(model_args, name)}")
+    if model_args.ctc_decoding_weight is not None and not 0 <= model_args.ctc_decoding_weight <= 1:
+        raise PreflightError(
+            f"ctc_decoding_weight must be between 0 and 1, got {model_args.ctc_decoding_weight}"
+        )
     warmup = training_args.warmup_steps
     if training_args.max_steps > 0 and warmup >= 1 and warmup > training_args.max_steps:
         logger.warning(
@@ -299,6 +305,12 @@ def train(
         model.config.validate()
     except StrictDataclassClassValidationError as error:  # a config field the flags set: say which, plainly
         raise PreflightError(str(error.__cause__)) from error
+    decoding_weight = getattr(model.generation_config, "ctc_decoding_weight", 0.0)
+    if decoding_weight > 0 and model.config.ctc_blank_token_id is None:
+        raise PreflightError(
+            f"ctc_decoding_weight {decoding_weight} needs a CTC head: train with the CTC loss (--ctc_weight > 0), "
+            "or start from a checkpoint that was"
+        )
     trainer = TinyAudioTrainer(
         model=model,
         args=training_args,
