@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
 # The large corpus for one long single-pass run (issue 24; plan and costs in offline_kit/trained/TRAINING.md):
 # about 110,000 clips in chunks under $LARGE_CORPUS_DIR (default data/large), every chunk a resumable corpus of its
-# own (finished 50-clip shards are kept), so the build carries on across sessions where it stopped. Where the
-# checkout is fresh each session but the home folder stays, build it there:
-#   LARGE_CORPUS_DIR=~/.cache/tiny_audio/large bash scripts/build_large_corpus.sh
+# own (finished 50-clip shards are kept), so the build carries on where it stopped:
+#   LARGE_CORPUS_DIR=/big/disk/large bash scripts/build_large_corpus.sh   # elsewhere than data/large
 #   bash scripts/build_large_corpus.sh              # every chunk, in order; run it again after an interruption
 #   bash scripts/build_large_corpus.sh read-00 long # only these chunks
 #   WORKERS=1 bash scripts/build_large_corpus.sh    # one process, leaving a core to other work
