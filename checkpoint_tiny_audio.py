@@ -211,6 +211,7 @@ class CheckpointMixin:
         model = cls(config, audio_tower=audio_tower, language_model=language_model)
         model.multi_modal_projector.match_embedding_scale(model.get_input_embeddings().weight)
         model.generation_config = default_generation_config(language_model)
+        adopt_legacy_decoding_fields(model)  # e.g. the settings of weights shipped before they moved
         model.multi_modal_projector.to(projector_device or model.get_input_embeddings().weight.device, dtype)
         return model
 

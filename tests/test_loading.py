@@ -251,3 +251,13 @@ def test_a_checkpoint_saved_with_its_decoding_in_config_json_decodes_as_it_did(
     assert not set(legacy) & set(json.loads((tmp_path / "new" / "config.json").read_text()))
     saved = json.loads((tmp_path / "new" / "generation_config.json").read_text())
     assert (saved["ctc_decoding_weight"], saved["max_new_tokens"], saved["num_beams"]) == (0.3, 12, 2)
+
+
+def test_decoding_settings_given_as_config_fields_go_to_the_generation_config(tiny_model_and_processor):
+    """As settings written before the move pass them (offline_kit/trained/settings.json of an older run)."""
+    config = tiny_model_and_processor[0].config
+    model = TinyAudioForConditionalGeneration.from_components(
+        config.audio_model_id, config.text_model_id, ctc_decoding_weight=0.3
+    )
+    assert model.generation_config.ctc_decoding_weight == 0.3
+    assert "ctc_decoding_weight" not in model.config.to_dict()
