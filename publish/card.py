@@ -141,6 +141,7 @@ def build_card(
     """
     encoder, llm = config["audio_model_id"], config["text_model_id"]
     language = list(language) or spoken_languages(config)
+    decoding = decoding or {}
     model_name = repo_id.split("/")[-1]
     eval_results = [
         EvalResult(
@@ -183,8 +184,8 @@ def build_card(
         encoder=encoder,
         llm=llm,
         lora_rank=config.get("lora_rank", 0),
-        ctc_decoding_weight=(decoding or {}).get("ctc_decoding_weight", 0.0),
-        num_beams=(decoding or {}).get("num_beams", 1),
+        ctc_decoding_weight=decoding.get("ctc_decoding_weight", 0.0),
+        num_beams=decoding.get("num_beams", 1),
         projector_downsample=config.get("projector_downsample"),
         projector_activation=config.get("projector_activation"),
         trainable_params=f"{trainable_params:,}",

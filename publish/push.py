@@ -21,7 +21,7 @@ import soundfile as sf
 import yaml
 from safetensors import safe_open
 
-from checkpoint_tiny_audio import holds_pretrained_weights, is_pretrained_weight
+from checkpoint_tiny_audio import LEGACY_DECODING_FIELDS, holds_pretrained_weights, is_pretrained_weight
 from publish.card import LICENSE, build_card, is_hub_id, read_results, validate_card
 from training.average import AVERAGE_RECORD
 from training.data import parse_dataset_specs
@@ -64,9 +64,14 @@ def checkpoint_decoding(model_dir: Path, config: dict) -> dict:
         generation = GenerationConfig.from_pretrained(model_dir)
     except OSError:
         generation = GenerationConfig()
-    # Checkpoints saved before the CTC weight moved into the generation config kept it in config.json.
-    weight = getattr(generation, "ctc_decoding_weight", config.get("ctc_decoding_weight", 0.0))
-    return {"num_beams": generation.num_beams, "ctc_decoding_weight": weight}
+    # A checkpoint saved before the decoding settings moved into the generation config kept them in config.json;
+    # they win, as they do when it loads (checkpoint_tiny_audio.adopt_legacy_decoding_fields).
+    legacy = {new: config[old] for old, new in LEGACY_DECODING_FIELDS.items() if old in config}
+    settings = {**generation.to_dict(), **legacy}
+    return {
+        "num_beams": settings["num_beams"] or 1,  # unset: greedy
+        "ctc_decoding_weight": settings.get("ctc_decoding_weight", 0.0),
+    }
 
 
 def _code_files(config: dict) -> set[str]:

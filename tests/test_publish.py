@@ -564,3 +564,14 @@ def test_endpoint_handler_serves_audio_bytes_from_a_fresh_process(tiny_model_dir
     assert expected and result["raw"] == {"text": expected}
     assert result["encoded"]["text"] == expected and result["encoded"]["chunks"][0]["timestamp"] == [0.0, 2.0]
     assert "'inputs' is a string but not base64-encoded audio" in result["refused"]
+
+
+def test_the_card_reads_the_decoding_of_a_checkpoint_without_a_generation_config_or_from_before_the_move(
+    tmp_path: Path,
+) -> None:
+    from publish.push import checkpoint_decoding
+
+    assert checkpoint_decoding(tmp_path, {}) == {"num_beams": 1, "ctc_decoding_weight": 0.0}
+    (tmp_path / "generation_config.json").write_text(json.dumps({"num_beams": 5}))
+    legacy_config = {"ctc_decoding_weight": 0.3}  # config.json held it before the generation config did
+    assert checkpoint_decoding(tmp_path, legacy_config) == {"num_beams": 5, "ctc_decoding_weight": 0.3}
