@@ -128,6 +128,9 @@ class TinyAudioConfig(PreTrainedConfig):
     # layers trained with the projector (Whisper encoders; they then attend to real audio frames only).
     projector_num_layers: int = 0
     projector_output_norm: bool = False
+    # A summary of the whole clip (mean and spread of its encoder frames) added to every projected frame: who speaks
+    # and over what line, which CTC-shaped frames drop; the describe task reads it.
+    projector_voice_summary: bool = False
     encoder_trainable_layers: int = 0
     # Whisper reads a 30-s window whatever the clip's length; True runs it on the longest clip's frames only (its
     # frames attending to real audio only): far cheaper on short clips, but not the frames Whisper was trained on.

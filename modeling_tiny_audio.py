@@ -90,9 +90,40 @@ class ProjectorLayer(nn.Module):
             linear.bias.zero_()
 
 
+class VoiceSummary(nn.Module):
+    """Who speaks and over what line, told to every audio token: the clip's mean and spread of encoder frames through
+    Linear -> activation -> Linear, added to each projected frame.
+
+    The projector's frames are shaped by CTC to stand for what was said, and lose much of who said it and how; this
+    gives the LLM the rest (issue 30). Its output layer starts at zero, so adding it to a trained model changes
+    nothing until it trains.
+    """
+
+    def __init__(self, encoder_size: int, hidden_size: int, output_size: int, activation: str):
+        super().__init__()
+        self.linear_1 = nn.Linear(2 * encoder_size, hidden_size)
+        self.act = ACT2FN[activation]
+        self.linear_2 = nn.Linear(hidden_size, output_size)
+
+    def forward(self, encoder_hidden: torch.Tensor, encoder_mask: torch.Tensor) -> torch.Tensor:
+        """[batch, hidden] from [batch, frames, dim] encoder outputs and their [batch, frames] mask of real frames."""
+        weights = encoder_mask[..., None].to(encoder_hidden.dtype)
+        frames = weights.sum(1).clamp(min=1)
+        mean = (encoder_hidden * weights).sum(1) / frames
+        variance = ((encoder_hidden - mean[:, None]).pow(2) * weights).sum(1) / frames
+        pooled = torch.cat([mean, (variance + 1e-6).sqrt()], dim=-1)
+        return self.linear_2(self.act(self.linear_1(pooled)))
+
+    @torch.no_grad()
+    def zero_output(self) -> None:
+        self.linear_2.weight.zero_()
+        self.linear_2.bias.zero_()
+
+
 class TinyAudioProjector(nn.Module):
     """Maps encoder frames to LLM embeddings: strided conv (time / k), optional transformer layers, then
-    Linear -> activation -> Linear, and an optional RMS norm onto the scale of the LLM's input embeddings."""
+    Linear -> activation -> Linear, an optional RMS norm onto the scale of the LLM's input embeddings, and an
+    optional summary of the voice added to every frame (`VoiceSummary`)."""
 
     def __init__(self, config: TinyAudioConfig):
         super().__init__()
@@ -109,8 +140,32 @@ class TinyAudioProjector(nn.Module):
         self.output_norm = (
             nn.RMSNorm(config.text_config.hidden_size) if config.projector_output_norm else None
         )
+        self.voice_summary = (
+            VoiceSummary(
+                encoder_size,
+                config.projector_hidden_size,
+                config.text_config.hidden_size,
+                config.projector_activation,
+            )
+            if config.projector_voice_summary
+            else None
+        )
 
-    def forward(self, encoder_hidden: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        encoder_hidden: torch.Tensor,
+        token_mask: torch.Tensor | None = None,
+        encoder_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """[batch, tokens, hidden] from [batch, frames, dim] encoder outputs; the masks say which tokens and frames
+        are real (default: all)."""
+        voice = None
+        if self.voice_summary is not None:
+            if encoder_mask is None:
+                encoder_mask = torch.ones(
+                    encoder_hidden.shape[:2], dtype=torch.bool, device=encoder_hidden.device
+                )
+            voice = self.voice_summary(encoder_hidden, encoder_mask)
         remainder = encoder_hidden.shape[1] % self.downsample
         if remainder:
             encoder_hidden = nn.functional.pad(encoder_hidden, (0, 0, 0, self.downsample - remainder))
@@ -120,7 +175,9 @@ class TinyAudioProjector(nn.Module):
         for layer in self.layers:
             hidden = layer(hidden, token_mask)
         hidden = self.linear_2(self.act(self.linear_1(hidden)))
-        return self.output_norm(hidden) if self.output_norm is not None else hidden
+        if self.output_norm is not None:
+            hidden = self.output_norm(hidden)
+        return hidden if voice is None else hidden + voice[:, None]
 
     @torch.no_grad()
     def match_embedding_scale(self, embeddings: torch.Tensor) -> None:
@@ -190,6 +247,8 @@ class TinyAudioModel(TinyAudioPreTrainedModel):
         self.post_init()
         for layer in self.multi_modal_projector.layers:
             layer.zero_residual_branches()
+        if self.multi_modal_projector.voice_summary is not None:
+            self.multi_modal_projector.voice_summary.zero_output()
 
     def get_input_embeddings(self) -> nn.Module:
         return self.language_model.get_input_embeddings()
@@ -272,7 +331,7 @@ class TinyAudioModel(TinyAudioPreTrainedModel):
         frames = -(-encoder_hidden.shape[1] // self.config.projector_downsample)
         token_ids = torch.arange(frames, device=encoder_hidden.device)
         token_mask = token_ids[None, :] < token_counts[:, None].to(encoder_hidden.device)
-        return self.multi_modal_projector(encoder_hidden, token_mask), token_mask
+        return self.multi_modal_projector(encoder_hidden, token_mask, encoder_mask), token_mask
 
     def spec_augment(self, encoder_hidden: torch.Tensor, encoder_mask: torch.Tensor) -> torch.Tensor:
         """Zeroes random spans of real frames and of channels (SpecAugment; the config's mask_* fields)."""
@@ -395,22 +454,26 @@ class TinyAudioForConditionalGeneration(CheckpointMixin, LoraMixin, TinyAudioMod
         self.freeze_pretrained()
 
     def extend_acoustic_capacity(
-        self, encoder_trainable_layers: int = 0, projector_num_layers: int = 0
+        self, encoder_trainable_layers: int = 0, projector_num_layers: int = 0, voice_summary: bool = False
     ) -> None:
-        """Trains more of the acoustic side in a continued run: more top encoder layers, more projector layers.
+        """Trains more of the acoustic side in a continued run: more top encoder layers, more projector layers, the
+        voice summary.
 
-        New projector layers start as the identity; newly trained encoder layers keep their pretrained weights but
-        from now on attend to real frames only. Neither count may shrink: trained weights are never dropped.
+        New projector layers and a new voice summary start as the identity; newly trained encoder layers keep their
+        pretrained weights but from now on attend to real frames only. Nothing may be taken away: trained weights
+        are never dropped.
         """
         config = self.config
         if (
             encoder_trainable_layers < config.encoder_trainable_layers
             or projector_num_layers < config.projector_num_layers
+            or (config.projector_voice_summary and not voice_summary)
         ):
             raise ValueError(
                 f"a continued run keeps the checkpoint's trained layers (encoder_trainable_layers "
-                f"{config.encoder_trainable_layers}, projector_num_layers {config.projector_num_layers}); "
-                f"got {encoder_trainable_layers} and {projector_num_layers}"
+                f"{config.encoder_trainable_layers}, projector_num_layers {config.projector_num_layers}, "
+                f"projector_voice_summary {config.projector_voice_summary}); got {encoder_trainable_layers}, "
+                f"{projector_num_layers} and {voice_summary}"
             )
         projector = self.multi_modal_projector
         reference = projector.linear_1.weight
@@ -420,6 +483,16 @@ class TinyAudioForConditionalGeneration(CheckpointMixin, LoraMixin, TinyAudioMod
             )
             layer.zero_residual_branches()
             projector.layers.append(layer.to(reference.device, reference.dtype))
+        if voice_summary and projector.voice_summary is None:
+            summary = VoiceSummary(
+                reference.shape[1],
+                config.projector_hidden_size,
+                projector.linear_2.out_features,
+                config.projector_activation,
+            )
+            summary.zero_output()
+            projector.voice_summary = summary.to(reference.device, reference.dtype)
+        config.projector_voice_summary = voice_summary
         config.projector_num_layers = projector_num_layers
         config.encoder_trainable_layers = encoder_trainable_layers
         config.validate()

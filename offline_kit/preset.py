@@ -55,6 +55,7 @@ SHIPPED_CONFIG_FIELDS = (
     "projector_activation",
     "projector_num_layers",
     "projector_output_norm",
+    "projector_voice_summary",
     "encoder_trainable_layers",
     "lora_rank",
     "lora_alpha",
