@@ -9,9 +9,13 @@ batches of 8 clips of ~3.4 s and reports seconds per step, clips/s, audio hours 
 building the feature cache, the process's peak memory, and where a step's seconds go (each tower's forward, the
 losses, backward and optimizer, the next batch). Without the preset, the same architectures are built
 with random weights (same compute, no meaningful loss) and the table says so.
-The reference project (alexkroman/tiny-audio), run with the same models and batches on the 2-core Intel Xeon of
-issue 28 (avx512, no native bf16): 2.15 s/step in bf16, 4.36 s in fp32. 'vs ref' divides by those figures, so it
-means a ratio only on that kind of machine.
+The reference project (alexkroman/tiny-audio) trains side by side with `--reference PATH`, its `tiny_audio`
+package folder (README "Benchmarks" says how to get it): the `ref-fp32-live` configuration builds its `ASRModel`
+from the same Whisper and LLM and trains it through the same Trainer on the same clips, with batches made as its
+training script makes them (`ASRProcessor` prompts, every prompt token masked from the loss; its punctuation model, which only
+rewrites the transcripts, is left out). 'vs ref' divides by that run. Without `--reference`, it divides by the
+reference's figures from the 2-core Intel Xeon of issue 28 (2.15 s/step in bf16, 4.36 s in fp32), a ratio only on
+that kind of machine.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ WORDS = "the small dog ran across a quiet street while people watched from every
 # live: the encoder runs every step on 30-s windows; cache: its outputs are read from the feature cache; real: it
 # runs every step on the clips' own frames (`--encoder_real_length`).
 CONFIGS = ("fp32-live", "bf16-live", "fp32-cache", "bf16-cache", "fp32-real")
+REFERENCE_CONFIG = "ref-fp32-live"  # the reference project's model, live encoder (it has no feature cache)
 PROFILE_PARTS = ("encoder", "projector", "llm", "forward", "step", "between steps")
 PRESET = Path(os.environ.get("TINY_AUDIO_CACHE", "~/.cache/tiny_audio/offline")).expanduser()
 
@@ -106,16 +111,14 @@ def random_preset(directory: Path) -> tuple[str, str]:
     return str(directory / "whisper"), str(directory / "llm")
 
 
-def run_config(name: str, models: list[str], work: Path, args: argparse.Namespace) -> dict:
-    """One configuration in this process: train warmup + steps steps and time the measured ones."""
+def step_timer(warmup_steps: int):
+    """A Trainer callback that times the steps after `warmup_steps`."""
     from transformers import TrainerCallback
 
-    import train
-
     class Timer(TrainerCallback):
-        """Step ends (wall and CPU clocks), and where the measured steps' seconds go: each tower's forward (module
-        hooks), the rest of the forward (the merge and the losses), the rest of the step (backward and optimizer)
-        and the time between steps (the next batch)."""
+        """Step ends (wall and CPU clocks), and where the measured steps' seconds go: each tower's forward, the rest
+        of the forward (the merge and the losses), the rest of the step (backward and optimizer) and the time
+        between steps (the next batch)."""
 
         def __init__(self):
             self.wall: list[float] = []
@@ -127,11 +130,20 @@ def run_config(name: str, models: list[str], work: Path, args: argparse.Namespac
 
         def on_train_begin(self, args, state, control, model=None, **kwargs):
             self.train_begin = time.perf_counter()
-            # The audio path runs through methods (Whisper's encoder through `forward_bottom`, not `forward`):
-            # they are timed as called; the LLM and the whole forward through module hooks.
-            for part, method in (("encoder", "encode_audio"), ("projector", "project_audio")):
-                setattr(model, method, self._timed(getattr(model, method), part))
-            for part, module in (("llm", model.language_model), ("forward", model)):
+            if hasattr(model, "encode_audio"):
+                # Ours runs the audio path through methods (Whisper's encoder through `forward_bottom`, not
+                # `forward`): they are timed as called.
+                for part, method in (("encoder", "encode_audio"), ("projector", "project_audio")):
+                    setattr(model, method, self._timed(getattr(model, method), part))
+                modules = (("llm", model.language_model), ("forward", model))
+            else:  # the reference project's model: towers called as modules
+                modules = (
+                    ("encoder", model.audio_tower),
+                    ("projector", model.projector),
+                    ("llm", model.language_model),
+                    ("forward", model),
+                )
+            for part, module in modules:
                 started: list[float] = []
                 module.register_forward_pre_hook(
                     lambda *_, started=started: started.append(time.perf_counter())
@@ -167,23 +179,33 @@ def run_config(name: str, models: list[str], work: Path, args: argparse.Namespac
             if self.measuring:
                 self.parts["step"] += self.wall[-1] - self.step_begin
 
-    warmup_steps = args.warmup  # named apart: the callbacks' own `args` are the TrainingArguments
-    precision, mode = name.split("-")
-    argv = (
-        f"--audio_model_id {models[0]} --text_model_id {models[1]} --train_datasets {work / 'clips'} "
-        f"--output_dir {work / name} --per_device_train_batch_size {BATCH} --max_steps {args.steps + args.warmup} "
-        "--learning_rate 1e-3 --save_strategy no --report_to none --logging_steps 1000 --disable_tqdm true "
-        f"--dataloader_num_workers {args.workers} --train_sampling_strategy group_by_length"
-    ).split()
-    if precision == "bf16":
-        argv.append("--bf16")
-    if mode == "cache":
-        argv += ["--feature_cache_dir", str(work / "cache")]
-    if mode == "real":
-        argv += ["--encoder_real_length", "true"]
-    timer = Timer()
+    return Timer()
+
+
+def run_config(name: str, models: list[str], work: Path, args: argparse.Namespace) -> dict:
+    """One configuration in this process: train warmup + steps steps and time the measured ones."""
+    timer = step_timer(args.warmup)
     start = time.perf_counter()
-    train.run(argv, callbacks=[timer])
+    if name == REFERENCE_CONFIG:
+        train_reference(models, work, args, timer)
+    else:
+        import train
+
+        precision, mode = name.split("-")
+        argv = (
+            f"--audio_model_id {models[0]} --text_model_id {models[1]} --train_datasets {work / 'clips'} "
+            f"--output_dir {work / name} --per_device_train_batch_size {BATCH} "
+            f"--max_steps {args.steps + args.warmup} --learning_rate 1e-3 --save_strategy no --report_to none "
+            f"--logging_steps 1000 --disable_tqdm true --dataloader_num_workers {args.workers} "
+            "--train_sampling_strategy group_by_length"
+        ).split()
+        if precision == "bf16":
+            argv.append("--bf16")
+        if mode == "cache":
+            argv += ["--feature_cache_dir", str(work / "cache")]
+        if mode == "real":
+            argv += ["--encoder_real_length", "true"]
+        train.run(argv, callbacks=[timer])
     measured = slice(max(args.warmup - 1, 0), None)  # differences between step ends after the warm-up steps
     return {
         "config": name,
@@ -193,6 +215,86 @@ def run_config(name: str, models: list[str], work: Path, args: argparse.Namespac
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "profile": profile_shares(timer.parts, args.steps),
     }
+
+
+def import_reference(package: Path):
+    """The reference project's `tiny_audio` package, imported from its folder under another name (ours is not
+    touched, and nothing is installed)."""
+    import importlib.util
+
+    init = package / "__init__.py"
+    if not init.is_file():
+        sys.exit(
+            f"--reference {package}: no __init__.py there; give the reference project's tiny_audio folder"
+        )
+    spec = importlib.util.spec_from_file_location(
+        "reference_tiny_audio", init, submodule_search_locations=[str(package)]
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return importlib.import_module("reference_tiny_audio.asr_modeling"), importlib.import_module(
+        "reference_tiny_audio.asr_processing"
+    )
+
+
+def train_reference(models: list[str], work: Path, args: argparse.Namespace, timer) -> None:
+    """The reference project's model (its projector trains, its towers are frozen) through the Trainer, on the
+    clips train.py reads, in batches made as its training script makes them."""
+    import datasets
+    import torch
+    from transformers import Trainer, TrainingArguments
+
+    from pipeline_asr import read_audio
+
+    modeling, processing = import_reference(Path(args.reference))
+    config = modeling.ASRConfig(
+        audio_model_id=models[0], text_model_id=models[1], attn_implementation="sdpa", model_dtype="float32"
+    )
+    model = modeling.ASRModel(config)
+    processor = processing.ASRProcessor(model.feature_extractor, model.tokenizer, projector=model.projector)
+    pad_id = model.tokenizer.pad_token_id
+
+    def collate(rows: list[dict]) -> dict:
+        """Prompt + transcript per clip, the loss on the transcript only, padded on the right (as the reference's
+        DataCollator does through trl)."""
+        clips = [read_audio(row["audio"], 16000) for row in rows]
+        audio = processor.feature_extractor(
+            clips, sampling_rate=16000, padding="max_length", return_attention_mask=True, return_tensors="pt"
+        )
+        sequences, labels = [], []
+        for clip, row in zip(clips, rows, strict=True):
+            prompt = processor(audio=clip)["input_ids"][0]
+            full = processor(audio=clip, text=row["text"])["input_ids"][0]
+            sequences.append(full)
+            labels.append(torch.cat([torch.full((len(prompt),), -100), full[len(prompt) :]]))
+        input_ids = torch.nn.utils.rnn.pad_sequence(sequences, batch_first=True, padding_value=pad_id)
+        return {
+            "input_ids": input_ids,
+            "attention_mask": torch.nn.utils.rnn.pad_sequence(
+                [torch.ones_like(s) for s in sequences], batch_first=True
+            ),
+            "labels": torch.nn.utils.rnn.pad_sequence(labels, batch_first=True, padding_value=-100),
+            "input_features": audio["input_features"],
+            "audio_attention_mask": audio["attention_mask"],
+        }
+
+    clips = datasets.load_from_disk(str(work / "clips")).cast_column("audio", datasets.Audio(decode=False))
+    training_args = TrainingArguments(
+        output_dir=str(work / REFERENCE_CONFIG),
+        per_device_train_batch_size=BATCH,
+        max_steps=args.steps + args.warmup,
+        learning_rate=1e-3,
+        save_strategy="no",
+        report_to="none",
+        logging_steps=1000,
+        disable_tqdm=True,
+        dataloader_num_workers=args.workers,
+        remove_unused_columns=False,
+    )
+    Trainer(
+        model=model, args=training_args, train_dataset=clips, data_collator=collate, callbacks=[timer]
+    ).train()
 
 
 def profile_shares(parts: dict[str, float], steps: int) -> dict[str, float]:
@@ -223,6 +325,11 @@ def main() -> None:
         "(a step can take 5x longer with 2); use 2 on an idle machine",
     )
     parser.add_argument("--configs", default=",".join(CONFIGS))
+    parser.add_argument(
+        "--reference",
+        default=None,
+        help="the reference project's tiny_audio package folder: adds the ref-fp32-live configuration",
+    )
     parser.add_argument("--work-dir", default=None)
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)  # one config, run in its own process
     args = parser.parse_args()
@@ -249,9 +356,14 @@ def main() -> None:
     env["OMP_NUM_THREADS"] = str(args.threads)
     load_before = os.getloadavg()[0]
     results = []
-    for name in args.configs.split(","):
+    configs = args.configs.split(",")
+    if args.reference and REFERENCE_CONFIG not in configs:
+        configs.append(REFERENCE_CONFIG)
+    for name in configs:
         child = [sys.executable, "-m", "benchmarks.bench_training", "--child", name, "--work-dir", str(work)]
         child += ["--steps", str(args.steps), "--warmup", str(args.warmup), "--workers", str(args.workers)]
+        if args.reference:
+            child += ["--reference", str(Path(args.reference).resolve())]
         output = subprocess.run(child, env=env, capture_output=True, text=True, check=False)
         lines = [line for line in output.stdout.splitlines() if line.startswith("RESULT ")]
         if output.returncode or not lines:
@@ -259,7 +371,17 @@ def main() -> None:
         results.append(json.loads(lines[-1][len("RESULT ") :]))
 
     clip_seconds = sum(CLIP_SECONDS) / 2
-    reference = BATCH / REFERENCE_SECONDS_PER_STEP["bf16"]
+    measured_reference = [row for row in results if row["config"] == REFERENCE_CONFIG]
+    if measured_reference:
+        reference, ratio_name = BATCH / measured_reference[0]["seconds_per_step"], "vs ref fp32"
+        reference_note = "'vs ref fp32': clips/s over the reference project's, measured in this run."
+    else:
+        reference, ratio_name = BATCH / REFERENCE_SECONDS_PER_STEP["bf16"], "vs ref bf16"
+        reference_note = (
+            f"'vs ref bf16': over the reference project's {REFERENCE_SECONDS_PER_STEP['bf16']} s/step in bf16 "
+            f"({REFERENCE_SECONDS_PER_STEP['fp32']} in fp32) on issue 28's Intel Xeon, not measured here "
+            "(--reference measures it)."
+        )
     print(f"Models: {source}")
     print(
         f"Batches of {BATCH} clips of ~{clip_seconds:.1f} s, {args.steps} measured steps after {args.warmup} warm-up, "
@@ -271,11 +393,11 @@ def main() -> None:
         "CPU s/step",
         "clips/s",
         "audio h/h",
-        "vs ref bf16",
+        ratio_name,
         "prepare s",
         "peak RSS GiB",
     )
-    print("".join(f"{h:>13}" for h in header))
+    print("".join(f"{h:>14}" for h in header))
     for row in results:
         clips = BATCH / row["seconds_per_step"]
         cells = (
@@ -284,22 +406,21 @@ def main() -> None:
             f"{row['cpu_seconds_per_step']:.3f}",
             f"{clips:.1f}",
             f"{clips * clip_seconds:.1f}",
-            f"{clips / reference:.1f}x",
+            f"{clips / reference:.2f}x",
             f"{row['prepare_seconds']:.1f}",
             f"{row['peak_rss_gib']:.2f}",
         )
-        print("".join(f"{c:>13}" for c in cells))
+        print("".join(f"{c:>14}" for c in cells))
     parts = list(results[0]["profile"])
     print(
         "Where a measured step's seconds go (module hooks; 'next batch': between steps, collation included):"
     )
-    print(f"{'config':>13}" + "".join(f"{part:>20}" for part in parts))
+    print(f"{'config':>14}" + "".join(f"{part:>20}" for part in parts))
     for row in results:
-        print(f"{row['config']:>13}" + "".join(f"{row['profile'][part]:>20.3f}" for part in parts))
+        print(f"{row['config']:>14}" + "".join(f"{row['profile'][part]:>20.3f}" for part in parts))
     print(
-        f"Reference project: {REFERENCE_SECONDS_PER_STEP['bf16']} s/step bf16 ({reference:.1f} clips/s), "
-        f"{REFERENCE_SECONDS_PER_STEP['fp32']} s/step fp32. 'prepare s': model load, data checks and, for -cache, "
-        "encoding every clip once. Wall times are only comparable on an otherwise idle machine."
+        f"{reference_note} 'prepare s': model load, data checks and, for -cache, encoding every clip once. Wall "
+        "times are only comparable on an otherwise idle machine."
     )
 
 

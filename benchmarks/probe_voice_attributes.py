@@ -1,0 +1,133 @@
+"""Which attributes of a voice each stage keeps: a linear probe on the clip-mean of the encoder's frames and of the
+projected frames, trained on a corpus's training voices and scored on its held-out voices (issue 30).
+
+A model can only describe what reaches the LLM. If a linear probe reads a speaker's gender from the encoder's frames
+but not from the projector's, the projector drops it, and no amount of describe training through a frozen LLM
+brings it back cheaply. Each model given is probed on the same clips; the encoder row is shared when their encoders
+are. Clips whose encoder outputs are in a feature cache (train.py's `feature_cache_dir`) are read from it.
+
+    python -m benchmarks.probe_voice_attributes MODEL [MODEL ...] [--dataset data/multitask3k] \
+      [--feature-cache-dir cache/features] [--max-train-clips 3000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import datasets
+import torch
+
+from modeling_tiny_audio import TinyAudioForConditionalGeneration
+from offline_kit.descriptions import ATTRIBUTES, clip_facts
+from pipeline_asr import read_audio
+from processing_tiny_audio import TinyAudioProcessor
+from training.data import audio_hash
+from training.feature_cache import FeatureStore, encoder_key
+
+BATCH = 16
+
+
+@torch.no_grad()
+def clip_means(
+    model: TinyAudioForConditionalGeneration,
+    processor: TinyAudioProcessor,
+    rows: datasets.Dataset,
+    store: FeatureStore | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """[clips, encoder width] and [clips, LLM width]: the mean of each clip's real encoder and projected frames."""
+    encoder_means, projected_means = [], []
+    for first in range(0, len(rows), BATCH):
+        clips = [
+            read_audio(row["audio"], processor.sampling_rate)
+            for row in rows.select(range(first, min(first + BATCH, len(rows))))
+        ]
+        hashes = [audio_hash(clip) for clip in clips]
+        if store is not None and all(h in store for h in hashes):
+            frames = [store.get(h).float() for h in hashes]
+            hidden = torch.nn.utils.rnn.pad_sequence(frames, batch_first=True)
+            mask = torch.nn.utils.rnn.pad_sequence(
+                [torch.ones(len(f), dtype=torch.long) for f in frames], batch_first=True
+            )
+        else:
+            features = processor.extract_features(clips)
+            hidden, mask = model.encode_audio(features["input_features"], features["input_features_mask"])
+        projected, token_mask = model.project_audio(hidden.float(), mask)
+        weights = mask[..., None].float()
+        encoder_means.append((hidden.float() * weights).sum(1) / weights.sum(1))
+        token_weights = token_mask[..., None].float()
+        projected_means.append((projected.float() * token_weights).sum(1) / token_weights.sum(1))
+    return torch.cat(encoder_means), torch.cat(projected_means)
+
+
+def probe_accuracy(
+    train_x: torch.Tensor, train_y: list[str], test_x: torch.Tensor, test_y: list[str]
+) -> float:
+    """Held-out accuracy of a multinomial logistic regression (L2-regularised, on standardised inputs)."""
+    classes = sorted(set(train_y))
+    mean, std = train_x.mean(0), train_x.std(0) + 1e-6
+    inputs = (train_x - mean) / std
+    targets = torch.tensor([classes.index(value) for value in train_y])
+    generator = torch.Generator().manual_seed(0)
+    linear = torch.nn.Linear(inputs.shape[1], len(classes))
+    torch.nn.init.normal_(linear.weight, std=0.01, generator=generator)
+    optimizer = torch.optim.LBFGS(linear.parameters(), max_iter=200, line_search_fn="strong_wolfe")
+
+    def loss() -> torch.Tensor:
+        optimizer.zero_grad()
+        value = torch.nn.functional.cross_entropy(linear(inputs), targets) + 1e-2 * linear.weight.pow(2).sum()
+        value.backward()
+        return value
+
+    optimizer.step(loss)
+    with torch.no_grad():
+        predicted = linear((test_x - mean) / std).argmax(-1).tolist()
+    return sum(classes[p] == y for p, y in zip(predicted, test_y, strict=True)) / len(test_y)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("models", nargs="+", help="Tiny Audio checkpoints sharing one encoder")
+    parser.add_argument("--dataset", default="data/multitask3k", help="a corpus with train and test splits")
+    parser.add_argument("--feature-cache-dir", default="cache/features")
+    parser.add_argument("--max-train-clips", type=int, default=3000)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    corpus = datasets.load_from_disk(args.dataset).cast_column("audio", datasets.Audio(decode=False))
+    train = corpus["train"].select(range(min(args.max_train_clips, len(corpus["train"]))))
+    splits = {"train": train, "test": corpus["test"]}
+    facts = {name: [clip_facts(row) for row in rows.remove_columns("audio")] for name, rows in splits.items()}
+    features: dict[str, dict[str, torch.Tensor]] = {}
+    for path in args.models:
+        model = TinyAudioForConditionalGeneration.from_pretrained(os.path.expanduser(path)).eval()
+        processor = TinyAudioProcessor.from_pretrained(os.path.expanduser(path))
+        cache = Path(args.feature_cache_dir)
+        store = FeatureStore(str(cache), encoder_key(model, processor)) if cache.is_dir() else None
+        for name, rows in splits.items():
+            encoder, projected = clip_means(model, processor, rows, store)
+            features.setdefault("encoder", {})[name] = encoder
+            features.setdefault(f"projector of {Path(path).name}", {})[name] = projected
+
+    print(f"{'attribute':<10}{'held-out clips':>16}{'majority':>10}" + "".join(f"{k:>32}" for k in features))
+    for attribute in ATTRIBUTES:
+        labels = {name: [f.get(attribute) for f in split_facts] for name, split_facts in facts.items()}
+        keep = {name: [i for i, value in enumerate(values) if value] for name, values in labels.items()}
+        train_y = [labels["train"][i] for i in keep["train"]]
+        test_y = [labels["test"][i] for i in keep["test"]]
+        if len(set(train_y)) < 2 or not test_y:
+            continue
+        majority = max(test_y.count(value) for value in set(test_y)) / len(test_y)
+        line = f"{attribute:<10}{len(test_y):>16}{100 * majority:>9.1f}%"
+        for stage in features.values():
+            accuracy = probe_accuracy(
+                stage["train"][keep["train"]], train_y, stage["test"][keep["test"]], test_y
+            )
+            line += f"{100 * accuracy:>31.1f}%"
+        print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main()
