@@ -34,6 +34,8 @@ from pathlib import Path
 import numpy as np
 import soundfile
 
+from benchmarks import reference_project
+
 REFERENCE_SECONDS_PER_STEP = {"bf16": 2.15, "fp32": 4.36}
 BATCH = 8
 CLIP_SECONDS = (3.2, 3.6)  # ~3.4 s on average, like the reference measurement
@@ -217,27 +219,6 @@ def run_config(name: str, models: list[str], work: Path, args: argparse.Namespac
     }
 
 
-def import_reference(package: Path):
-    """The reference project's `tiny_audio` package, imported from its folder under another name (ours is not
-    touched, and nothing is installed)."""
-    import importlib.util
-
-    init = package / "__init__.py"
-    if not init.is_file():
-        sys.exit(
-            f"--reference {package}: no __init__.py there; give the reference project's tiny_audio folder"
-        )
-    spec = importlib.util.spec_from_file_location(
-        "reference_tiny_audio", init, submodule_search_locations=[str(package)]
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return importlib.import_module("reference_tiny_audio.asr_modeling"), importlib.import_module(
-        "reference_tiny_audio.asr_processing"
-    )
-
-
 def train_reference(models: list[str], work: Path, args: argparse.Namespace, timer) -> None:
     """The reference project's model (its projector trains, its towers are frozen) through the Trainer, on the
     clips train.py reads, in batches made as its training script makes them."""
@@ -247,12 +228,7 @@ def train_reference(models: list[str], work: Path, args: argparse.Namespace, tim
 
     from pipeline_asr import read_audio
 
-    modeling, processing = import_reference(Path(args.reference))
-    config = modeling.ASRConfig(
-        audio_model_id=models[0], text_model_id=models[1], attn_implementation="sdpa", model_dtype="float32"
-    )
-    model = modeling.ASRModel(config)
-    processor = processing.ASRProcessor(model.feature_extractor, model.tokenizer, projector=model.projector)
+    model, processor = reference_project.build(Path(args.reference), *models)
     pad_id = model.tokenizer.pad_token_id
 
     def collate(rows: list[dict]) -> dict:
