@@ -6,6 +6,10 @@ but not from the projector's, the projector drops it, and no amount of describe 
 brings it back cheaply. Each model given is probed on the same clips; the encoder row is shared when their encoders
 are. Clips whose encoder outputs are in a feature cache (train.py's `feature_cache_dir`) are read from it.
 
+A second table says whether the LLM looks at the audio at all while it answers: the share of its attention (mean
+over layers, heads and answer positions, teacher-forced on the corpus's own answers) that falls on audio tokens,
+when it transcribes and when it describes.
+
     python -m benchmarks.probe_voice_attributes MODEL [MODEL ...] [--dataset data/multitask3k] \
       [--feature-cache-dir cache/features] [--max-train-clips 3000]
 """
@@ -22,7 +26,7 @@ import torch
 from modeling_tiny_audio import TinyAudioForConditionalGeneration
 from offline_kit.descriptions import ATTRIBUTES, clip_facts
 from pipeline_asr import read_audio
-from processing_tiny_audio import TinyAudioProcessor
+from processing_tiny_audio import IGNORE_INDEX, TinyAudioProcessor
 from training.data import audio_hash
 from training.feature_cache import FeatureStore, encoder_key
 
@@ -86,12 +90,36 @@ def probe_accuracy(
     return sum(classes[p] == y for p, y in zip(predicted, test_y, strict=True)) / len(test_y)
 
 
+@torch.no_grad()
+def attention_on_audio(
+    model: TinyAudioForConditionalGeneration, processor: TinyAudioProcessor, rows: list[dict]
+) -> float:
+    """The share of the LLM's attention from answer positions that falls on audio tokens, teacher-forced on `rows`
+    (audio, text, task), averaged over layers, heads and positions."""
+    from training.collator import SpeechCollator
+
+    implementation = model.language_model.config._attn_implementation
+    model.language_model.set_attn_implementation("eager")  # only eager attention returns its weights
+    try:
+        batch = SpeechCollator(processor)(rows)
+        attentions = model(**batch, output_attentions=True).attentions
+    finally:
+        model.language_model.set_attn_implementation(implementation)
+    on_audio = (batch["input_ids"] == model.config.audio_token_id)[:, None, None, :].float()
+    answer = batch["labels"] != IGNORE_INDEX
+    shares = [(layer * on_audio).sum(-1).mean(1)[answer].mean() for layer in attentions]
+    return float(torch.stack(shares).mean())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("models", nargs="+", help="Tiny Audio checkpoints sharing one encoder")
     parser.add_argument("--dataset", default="data/multitask3k", help="a corpus with train and test splits")
     parser.add_argument("--feature-cache-dir", default="cache/features")
     parser.add_argument("--max-train-clips", type=int, default=3000)
+    parser.add_argument(
+        "--attention-clips", type=int, default=16, help="training clips for the attention table"
+    )
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -101,6 +129,8 @@ def main() -> None:
     splits = {"train": train, "test": corpus["test"]}
     facts = {name: [clip_facts(row) for row in rows.remove_columns("audio")] for name, rows in splits.items()}
     features: dict[str, dict[str, torch.Tensor]] = {}
+    attention: dict[str, dict[str, float]] = {}
+    sample = corpus["train"].select(range(min(args.attention_clips, len(corpus["train"]))))
     for path in args.models:
         model = TinyAudioForConditionalGeneration.from_pretrained(os.path.expanduser(path)).eval()
         processor = TinyAudioProcessor.from_pretrained(os.path.expanduser(path))
@@ -110,8 +140,16 @@ def main() -> None:
             encoder, projected = clip_means(model, processor, rows, store)
             features.setdefault("encoder", {})[name] = encoder
             features.setdefault(f"projector of {Path(path).name}", {})[name] = projected
+        attention[Path(path).name] = {
+            task: attention_on_audio(
+                model,
+                processor,
+                [{"audio": row["audio"], "text": row[column], "task": task} for row in sample],
+            )
+            for task, column in (("transcribe", "text"), ("describe", "description"))
+        }
 
-    print(f"{'attribute':<10}{'held-out clips':>16}{'majority':>10}" + "".join(f"{k:>32}" for k in features))
+    print(f"{'attribute':<10}{'held-out clips':>16}{'majority':>10}" + "".join(f"{k:>40}" for k in features))
     for attribute in ATTRIBUTES:
         labels = {name: [f.get(attribute) for f in split_facts] for name, split_facts in facts.items()}
         keep = {name: [i for i, value in enumerate(values) if value] for name, values in labels.items()}
@@ -125,8 +163,12 @@ def main() -> None:
             accuracy = probe_accuracy(
                 stage["train"][keep["train"]], train_y, stage["test"][keep["test"]], test_y
             )
-            line += f"{100 * accuracy:>31.1f}%"
+            line += f"{100 * accuracy:>39.1f}%"
         print(line, flush=True)
+    print(f"\nShare of the LLM's attention on audio tokens while answering ({len(sample)} training clips):")
+    print(f"{'model':<32}{'transcribing':>14}{'describing':>12}")
+    for name, shares in attention.items():
+        print(f"{name:<32}{100 * shares['transcribe']:>13.1f}%{100 * shares['describe']:>11.1f}%")
 
 
 if __name__ == "__main__":
