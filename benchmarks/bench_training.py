@@ -232,21 +232,24 @@ def train_reference(models: list[str], work: Path, args: argparse.Namespace, tim
     pad_id = model.tokenizer.pad_token_id
 
     def collate(rows: list[dict]) -> dict:
-        """Prompt + transcript per clip, the loss on the transcript only, padded on the right (as the reference's
-        DataCollator does through trl)."""
+        """Prompt + transcript per clip, the loss on the transcript only, padded on the right: what the reference's
+        DataCollator makes (through trl), each clip's audio-token count from its real mel frames."""
         clips = [read_audio(row["audio"], 16000) for row in rows]
         audio = processor.feature_extractor(
             clips, sampling_rate=16000, padding="max_length", return_attention_mask=True, return_tensors="pt"
         )
         sequences, labels = [], []
-        for clip, row in zip(clips, rows, strict=True):
-            prompt = processor(audio=clip)["input_ids"][0]
-            full = processor(audio=clip, text=row["text"])["input_ids"][0]
-            sequences.append(full)
-            labels.append(torch.cat([torch.full((len(prompt),), -100), full[len(prompt) :]]))
-        input_ids = torch.nn.utils.rnn.pad_sequence(sequences, batch_first=True, padding_value=pad_id)
+        for mel_frames, row in zip(audio["attention_mask"].sum(-1).tolist(), rows, strict=True):
+            tokens = model.projector.get_output_length(processor._compute_encoder_output_length(mel_frames))
+            user = {"role": "user", "content": processor.TRANSCRIBE_PROMPT + processor.AUDIO_TOKEN * tokens}
+            prompt = model.tokenizer.apply_chat_template([user], add_generation_prompt=True)["input_ids"]
+            full = model.tokenizer.apply_chat_template([user, {"role": "assistant", "content": row["text"]}])[
+                "input_ids"
+            ]
+            sequences.append(torch.tensor(full))
+            labels.append(torch.tensor([-100] * len(prompt) + full[len(prompt) :]))
         return {
-            "input_ids": input_ids,
+            "input_ids": torch.nn.utils.rnn.pad_sequence(sequences, batch_first=True, padding_value=pad_id),
             "attention_mask": torch.nn.utils.rnn.pad_sequence(
                 [torch.ones_like(s) for s in sequences], batch_first=True
             ),

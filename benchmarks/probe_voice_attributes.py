@@ -3,8 +3,8 @@ projected frames, trained on a corpus's training voices and scored on its held-o
 
 A model can only describe what reaches the LLM. If a linear probe reads a speaker's gender from the encoder's frames
 but not from the projector's, the projector drops it, and no amount of describe training through a frozen LLM
-brings it back cheaply. Each model given is probed on the same clips; the encoder row is shared when their encoders
-are. Clips whose encoder outputs are in a feature cache (train.py's `feature_cache_dir`) are read from it.
+brings it back cheaply. The models given must share one encoder, which runs once; each is probed on the same
+clips. Clips whose encoder outputs are in a feature cache (train.py's `feature_cache_dir`) are read from it.
 
 A second table says whether the LLM looks at the audio at all while it answers: the share of its attention (mean
 over layers, heads and answer positions, teacher-forced on the corpus's own answers) that falls on audio tokens,
@@ -34,14 +34,15 @@ BATCH = 16
 
 
 @torch.no_grad()
-def clip_means(
+def encoder_frames(
     model: TinyAudioForConditionalGeneration,
     processor: TinyAudioProcessor,
     rows: datasets.Dataset,
     store: FeatureStore | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """[clips, encoder width] and [clips, LLM width]: the mean of each clip's real encoder and projected frames."""
-    encoder_means, projected_means = [], []
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(frames, mask of real frames) per batch of `BATCH` clips: from the feature cache when it holds the whole batch,
+    else from the encoder."""
+    batches = []
     for first in range(0, len(rows), BATCH):
         clips = [
             read_audio(row["audio"], processor.sampling_rate)
@@ -49,7 +50,7 @@ def clip_means(
         ]
         hashes = [audio_hash(clip) for clip in clips]
         if store is not None and all(h in store for h in hashes):
-            frames = [store.get(h).float() for h in hashes]
+            frames = [store.get(h) for h in hashes]
             hidden = torch.nn.utils.rnn.pad_sequence(frames, batch_first=True)
             mask = torch.nn.utils.rnn.pad_sequence(
                 [torch.ones(len(f), dtype=torch.long) for f in frames], batch_first=True
@@ -57,12 +58,28 @@ def clip_means(
         else:
             features = processor.extract_features(clips)
             hidden, mask = model.encode_audio(features["input_features"], features["input_features_mask"])
+        batches.append(
+            (hidden.half(), mask)
+        )  # fp16, as the cache holds them: the train split stays in memory
+    return batches
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[batch, dim]: the mean of each row's real positions of [batch, positions, dim]."""
+    weights = mask[..., None].float()
+    return (values.float() * weights).sum(1) / weights.sum(1)
+
+
+@torch.no_grad()
+def projected_means(
+    model: TinyAudioForConditionalGeneration, batches: list[tuple[torch.Tensor, torch.Tensor]]
+) -> torch.Tensor:
+    """[clips, LLM width]: the mean of each clip's projected frames."""
+    means = []
+    for hidden, mask in batches:
         projected, token_mask = model.project_audio(hidden.float(), mask)
-        weights = mask[..., None].float()
-        encoder_means.append((hidden.float() * weights).sum(1) / weights.sum(1))
-        token_weights = token_mask[..., None].float()
-        projected_means.append((projected.float() * token_weights).sum(1) / token_weights.sum(1))
-    return torch.cat(encoder_means), torch.cat(projected_means)
+        means.append(masked_mean(projected, token_mask))
+    return torch.cat(means)
 
 
 def probe_accuracy(
@@ -131,15 +148,25 @@ def main() -> None:
     features: dict[str, dict[str, torch.Tensor]] = {}
     attention: dict[str, dict[str, float]] = {}
     sample = corpus["train"].select(range(min(args.attention_clips, len(corpus["train"]))))
+    frames, encoder = {}, None
     for path in args.models:
         model = TinyAudioForConditionalGeneration.from_pretrained(os.path.expanduser(path)).eval()
         processor = TinyAudioProcessor.from_pretrained(os.path.expanduser(path))
-        cache = Path(args.feature_cache_dir)
-        store = FeatureStore(str(cache), encoder_key(model, processor)) if cache.is_dir() else None
-        for name, rows in splits.items():
-            encoder, projected = clip_means(model, processor, rows, store)
-            features.setdefault("encoder", {})[name] = encoder
-            features.setdefault(f"projector of {Path(path).name}", {})[name] = projected
+        key = encoder_key(model, processor)
+        if encoder is None:  # the encoder runs (or the cache is read) once: every model shares it
+            cache = Path(args.feature_cache_dir)
+            store = FeatureStore(str(cache), key) if cache.is_dir() else None
+            frames = {name: encoder_frames(model, processor, rows, store) for name, rows in splits.items()}
+            features["encoder"] = {
+                name: torch.cat([masked_mean(hidden, mask) for hidden, mask in batches])
+                for name, batches in frames.items()
+            }
+            encoder = key
+        elif key != encoder:
+            raise SystemExit(f"{path} has another encoder than {args.models[0]}: probe them apart")
+        features[f"projector of {Path(path).name}"] = {
+            name: projected_means(model, batches) for name, batches in frames.items()
+        }
         attention[Path(path).name] = {
             task: attention_on_audio(
                 model,
