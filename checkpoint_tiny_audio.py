@@ -20,12 +20,12 @@ try:
     from .configuration_tiny_audio import TinyAudioConfig
     from .encoder_tiny_audio import HUB_OPTIONS, load_audio_encoder
     from .lora_tiny_audio import LORA_MARKER
-    from .processing_tiny_audio import add_audio_token
+    from .processing_tiny_audio import add_placeholder_token
 except ImportError:
     from configuration_tiny_audio import TinyAudioConfig
     from encoder_tiny_audio import HUB_OPTIONS, load_audio_encoder
     from lora_tiny_audio import LORA_MARKER
-    from processing_tiny_audio import add_audio_token
+    from processing_tiny_audio import add_placeholder_token
 
 # The Hub code: copied next to the weights so a saved folder serves with trust_remote_code alone.
 HUB_CODE_FILES = (
@@ -194,12 +194,16 @@ class CheckpointMixin:
         audio_tower, language_model, projector_device = cls._load_towers(
             audio_model_id, text_model_id, kwargs, dtype, device_map, load_options
         )
-        if kwargs.get("audio_token_id") is None:
-            audio_token = kwargs.get("audio_token", TinyAudioConfig.audio_token)
+        placeholders = {"audio": True, "voice": bool(kwargs.get("voice_attributes"))}
+        if any(needed and kwargs.get(f"{name}_token_id") is None for name, needed in placeholders.items()):
+            # Their ids are those the processor's tokenizer gives them: the audio placeholder first, then the voice.
             tokenizer = AutoTokenizer.from_pretrained(
                 text_model_id, revision=kwargs["text_model_revision"], **hub_options
             )
-            kwargs["audio_token_id"] = add_audio_token(tokenizer, audio_token)
+            for name, needed in placeholders.items():
+                if needed and kwargs.get(f"{name}_token_id") is None:
+                    token = kwargs.get(f"{name}_token", getattr(TinyAudioConfig, f"{name}_token"))
+                    kwargs[f"{name}_token_id"] = add_placeholder_token(tokenizer, token)
         config = TinyAudioConfig(
             # Copies: the towers keep their own configs (with their resolved attention implementation).
             audio_config=audio_tower.config.to_dict(),

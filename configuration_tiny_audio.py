@@ -131,6 +131,15 @@ class TinyAudioConfig(PreTrainedConfig):
     # A summary of the whole clip (mean and spread of its encoder frames) added to every projected frame: who speaks
     # and over what line, which CTC-shaped frames drop; the describe task reads it.
     projector_voice_summary: bool = False
+    # Voice attributes (the describe task): heads that classify the clip from its encoder frames' mean and spread,
+    # one per attribute, and one voice token per attribute after the audio, the mixture of the LLM's own embeddings
+    # of the words naming its values, weighted by the head's probabilities. A list, in the order of the heads and
+    # tokens, of {"attribute": name, "values": [value, ...], "token_ids": [token ids of the word naming each value]},
+    # e.g. {"attribute": "gender", "values": ["female", "male"], "token_ids": [[" woman" ids], [" man" ids]]}
+    # (lists: a saved config sorts the keys of a mapping); None = off. The heads train on the `facts` of each clip
+    # (training.collator) with weight `voice_attribute_loss_weight`.
+    voice_attributes: list | None = None
+    voice_attribute_loss_weight: float = 1.0
     encoder_trainable_layers: int = 0
     # Whisper reads a 30-s window whatever the clip's length; True runs it on the longest clip's frames only (its
     # frames attending to real audio only): far cheaper on short clips, but not the frames Whisper was trained on.
@@ -138,6 +147,8 @@ class TinyAudioConfig(PreTrainedConfig):
     # Prompting: the placeholder the processor expands to one token per audio embedding.
     audio_token: str = "<audio>"
     audio_token_id: int | None = None
+    voice_token: str = "<voice>"
+    voice_token_id: int | None = None
     task_prompts: dict | None = None
     default_task: str = "transcribe"
     # Optional LoRA on the LLM (rank 0 = off: the LLM stays exactly the pretrained one).
@@ -194,6 +205,35 @@ class TinyAudioConfig(PreTrainedConfig):
             )
         if self.projector_num_layers < 0:
             raise ValueError(f"projector_num_layers must be 0 or more, got {self.projector_num_layers}")
+
+    def validate_voice_attributes(self) -> None:
+        """Part of the config's strict validation: every attribute has two values or more, each named by tokens of
+        the LLM."""
+        vocab_size = self.text_config.vocab_size
+        for index, entry in enumerate(self.voice_attributes or []):
+            if (
+                not isinstance(entry, dict)
+                or set(entry) != {"attribute", "values", "token_ids"}
+                or len(entry["values"]) < 2
+                or len(entry["token_ids"]) != len(entry["values"])
+            ):
+                raise ValueError(
+                    f"voice_attributes[{index}] must be {{'attribute': name, 'values': [two or more], 'token_ids': "
+                    f"[token ids of each value's word]}}, got {entry!r}"
+                )
+            for value, token_ids in zip(entry["values"], entry["token_ids"], strict=True):
+                if not token_ids or not all(isinstance(i, int) and 0 <= i < vocab_size for i in token_ids):
+                    raise ValueError(
+                        f"voice_attributes[{index}] ({entry['attribute']}): the word of {value!r} must be token ids "
+                        f"of the LLM's {vocab_size}, got {token_ids!r}"
+                    )
+        if self.voice_attributes and self.voice_token_id is None:
+            raise ValueError("voice_attributes need voice_token_id, the placeholder of the voice tokens")
+
+    @property
+    def voice_attribute_values(self) -> list[list[str]]:
+        """The values of each voice attribute, in the order of the heads' logits."""
+        return [list(entry["values"]) for entry in self.voice_attributes or []]
 
     def validate_ctc(self) -> None:
         """Part of the config's strict validation: the CTC loss needs the CTC head's blank token."""

@@ -90,6 +90,16 @@ class ProjectorLayer(nn.Module):
             linear.bias.zero_()
 
 
+def frame_statistics(encoder_hidden: torch.Tensor, encoder_mask: torch.Tensor) -> torch.Tensor:
+    """[batch, 2 * dim]: the mean and the standard deviation of each clip's real encoder frames ([batch, frames,
+    dim], and their [batch, frames] mask): what a clip sounds like as a whole, whatever was said."""
+    weights = encoder_mask[..., None].to(encoder_hidden.dtype)
+    frames = weights.sum(1).clamp(min=1)
+    mean = (encoder_hidden * weights).sum(1) / frames
+    variance = ((encoder_hidden - mean[:, None]).pow(2) * weights).sum(1) / frames
+    return torch.cat([mean, (variance + 1e-6).sqrt()], dim=-1)
+
+
 class VoiceSummary(nn.Module):
     """Who speaks and over what line, told to every audio token: the clip's mean and spread of encoder frames through
     Linear -> activation -> Linear, added to each projected frame.
@@ -107,12 +117,7 @@ class VoiceSummary(nn.Module):
 
     def forward(self, encoder_hidden: torch.Tensor, encoder_mask: torch.Tensor) -> torch.Tensor:
         """[batch, hidden] from [batch, frames, dim] encoder outputs and their [batch, frames] mask of real frames."""
-        weights = encoder_mask[..., None].to(encoder_hidden.dtype)
-        frames = weights.sum(1).clamp(min=1)
-        mean = (encoder_hidden * weights).sum(1) / frames
-        variance = ((encoder_hidden - mean[:, None]).pow(2) * weights).sum(1) / frames
-        pooled = torch.cat([mean, (variance + 1e-6).sqrt()], dim=-1)
-        return self.linear_2(self.act(self.linear_1(pooled)))
+        return self.linear_2(self.act(self.linear_1(frame_statistics(encoder_hidden, encoder_mask))))
 
     @torch.no_grad()
     def zero_output(self) -> None:
@@ -120,10 +125,31 @@ class VoiceSummary(nn.Module):
         self.linear_2.bias.zero_()
 
 
+class VoiceAttributeHeads(nn.Module):
+    """Classifies a clip's voice attributes (gender, accent, channel, ...) from its frames' mean and spread:
+    Linear -> activation, then one linear classifier per attribute, their logits side by side.
+
+    Trained on each clip's facts, they tell the LLM in words it knows who speaks and over what line
+    (`TinyAudioModel.voice_embeddings`): a frozen LLM reads the words at once, where a summary vector would first
+    have to be learnt to read (issue 30).
+    """
+
+    def __init__(self, encoder_size: int, hidden_size: int, value_counts: list[int], activation: str):
+        super().__init__()
+        self.linear = nn.Linear(2 * encoder_size, hidden_size)
+        self.act = ACT2FN[activation]
+        self.classifier = nn.Linear(hidden_size, sum(value_counts))
+
+    def forward(self, encoder_hidden: torch.Tensor, encoder_mask: torch.Tensor) -> torch.Tensor:
+        """[batch, values of all attributes] logits from [batch, frames, dim] encoder outputs and their mask."""
+        return self.classifier(self.act(self.linear(frame_statistics(encoder_hidden, encoder_mask))))
+
+
 class TinyAudioProjector(nn.Module):
     """Maps encoder frames to LLM embeddings: strided conv (time / k), optional transformer layers, then
     Linear -> activation -> Linear, an optional RMS norm onto the scale of the LLM's input embeddings, and an
-    optional summary of the voice added to every frame (`VoiceSummary`)."""
+    optional summary of the voice added to every frame (`VoiceSummary`). The voice-attribute heads live here too,
+    beside the path of the frames: they read the same encoder frames for the voice tokens."""
 
     def __init__(self, config: TinyAudioConfig):
         super().__init__()
@@ -148,6 +174,16 @@ class TinyAudioProjector(nn.Module):
                 config.projector_activation,
             )
             if config.projector_voice_summary
+            else None
+        )
+        self.voice_attributes = (
+            VoiceAttributeHeads(
+                encoder_size,
+                config.projector_hidden_size,
+                [len(values) for values in config.voice_attribute_values],
+                config.projector_activation,
+            )
+            if config.voice_attributes
             else None
         )
 
@@ -213,11 +249,16 @@ class TinyAudioCausalLMOutputWithPast(CausalLMOutputWithPast):
     audio_embeds (`torch.FloatTensor` of shape `(batch_size, audio_tokens, hidden_size)`): the projected audio.
     audio_mask (`torch.BoolTensor` of shape `(batch_size, audio_tokens)`): which of those stand for real audio.
     ctc_loss (`torch.FloatTensor` of shape `()`): the CTC term.
+    voice_attribute_logits (`torch.FloatTensor` of shape `(batch_size, values)`): the voice-attribute heads' logits,
+        every attribute's values side by side (`config.voice_attributes`).
+    voice_attribute_loss (`torch.FloatTensor` of shape `()`): their loss, when `voice_attribute_labels` were given.
     """
 
     audio_embeds: torch.FloatTensor | None = None
     audio_mask: torch.BoolTensor | None = None
     ctc_loss: torch.FloatTensor | None = None
+    voice_attribute_logits: torch.FloatTensor | None = None
+    voice_attribute_loss: torch.FloatTensor | None = None
 
 
 class TinyAudioModel(TinyAudioPreTrainedModel):
@@ -373,6 +414,32 @@ class TinyAudioModel(TinyAudioPreTrainedModel):
             return None
         return self.project_audio(encoder_hidden_states, encoder_mask)
 
+    def voice_attribute_logits(
+        self, encoder_hidden: torch.Tensor, encoder_mask: torch.Tensor
+    ) -> torch.Tensor | None:
+        """[batch, values] logits of the voice-attribute heads on frozen encoder outputs (None without heads)."""
+        heads = self.multi_modal_projector.voice_attributes
+        if heads is None:
+            return None
+        weight = heads.linear.weight
+        encoder_mask = encoder_mask.to(weight.device)
+        return heads(encoder_hidden.to(weight.device, weight.dtype), encoder_mask)
+
+    def voice_embeddings(self, logits: torch.Tensor) -> torch.Tensor:
+        """[batch, attributes, hidden]: for each attribute, the LLM's input embeddings of the words naming its values
+        (a word of several tokens: their mean), weighted by the head's probabilities of those values."""
+        table = self.get_input_embeddings().weight
+        counts = [len(values) for values in self.config.voice_attribute_values]
+        tokens = []
+        for attribute_logits, entry in zip(
+            logits.split(counts, dim=-1), self.config.voice_attributes, strict=True
+        ):
+            words = torch.stack(
+                [table[torch.tensor(ids, device=table.device)].mean(0) for ids in entry["token_ids"]]
+            )
+            tokens.append(attribute_logits.softmax(-1).to(words.device, words.dtype) @ words)
+        return torch.stack(tokens, dim=1)
+
     # ---- merge ----------------------------------------------------------------------------------------------
 
     def get_placeholder_mask(
@@ -394,6 +461,28 @@ class TinyAudioModel(TinyAudioPreTrainedModel):
             )
         return placeholder
 
+    def get_voice_placeholder_mask(
+        self, input_ids: torch.LongTensor, voice_logits: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Where the voice placeholders are in `input_ids`: none, or one per voice attribute in each row that has
+        audio (checked against the heads' logits, `voice_logits`, which must then exist)."""
+        placeholder = input_ids == self.config.voice_token_id
+        if not placeholder.any():
+            return placeholder
+        if voice_logits is None:
+            raise ValueError(
+                "input_ids contain voice placeholder tokens but the model has no voice-attribute heads or no audio "
+                "was given (build inputs with this checkpoint's TinyAudioProcessor)."
+            )
+        expected = len(self.config.voice_attributes) * voice_logits.shape[0]
+        if int(placeholder.sum()) != expected:
+            raise ValueError(
+                f"The prompts hold {int(placeholder.sum())} voice placeholder tokens but the model gives "
+                f"{len(self.config.voice_attributes)} per clip for {voice_logits.shape[0]} clips ({expected}); "
+                "build inputs with this checkpoint's TinyAudioProcessor."
+            )
+        return placeholder
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -409,21 +498,30 @@ class TinyAudioModel(TinyAudioPreTrainedModel):
     ) -> TinyAudioCausalLMOutputWithPast:
         """The LLM over the prompt with the audio merged in. `encoder_hidden_states`/`encoder_mask` replace
         `input_features` when encoder outputs were computed ahead of time (the training feature cache)."""
-        audio_embeds = audio_mask = None
+        audio_embeds = audio_mask = voice_logits = None
         if inputs_embeds is None:
-            audio = self.get_audio_features(
-                input_features, input_features_mask, encoder_hidden_states, encoder_mask
-            )
-            audio_embeds, audio_mask = audio or (None, None)
-            real_audio = None if audio is None else audio_embeds[audio_mask]
+            if input_features is not None:
+                encoder_hidden_states, encoder_mask = self.encode_audio(input_features, input_features_mask)
+            real_audio = None
+            if encoder_hidden_states is not None:
+                audio_embeds, audio_mask = self.project_audio(encoder_hidden_states, encoder_mask)
+                real_audio = audio_embeds[audio_mask]
+                voice_logits = self.voice_attribute_logits(encoder_hidden_states, encoder_mask)
             placeholder = self.get_placeholder_mask(input_ids, real_audio)
-            # The placeholder id may lie outside the LLM's vocabulary: look up a harmless id instead.
-            inputs_embeds = self.get_input_embeddings()(input_ids.masked_fill(placeholder, 0))
-            if real_audio is not None:
-                inputs_embeds = inputs_embeds.masked_scatter(
-                    placeholder[..., None].expand_as(inputs_embeds),
-                    real_audio.to(inputs_embeds.device, inputs_embeds.dtype),
-                )
+            voice_placeholder = self.get_voice_placeholder_mask(input_ids, voice_logits)
+            # The placeholder ids may lie outside the LLM's vocabulary: look up a harmless id instead.
+            inputs_embeds = self.get_input_embeddings()(
+                input_ids.masked_fill(placeholder | voice_placeholder, 0)
+            )
+            for mask, embeds in (
+                (placeholder, real_audio),
+                (voice_placeholder, None if voice_logits is None else self.voice_embeddings(voice_logits)),
+            ):
+                if embeds is not None and mask.any():
+                    inputs_embeds = inputs_embeds.masked_scatter(
+                        mask[..., None].expand_as(inputs_embeds),
+                        embeds.to(inputs_embeds.device, inputs_embeds.dtype),
+                    )
         outputs = self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
@@ -431,7 +529,9 @@ class TinyAudioModel(TinyAudioPreTrainedModel):
             logits_to_keep=logits_to_keep,
             **kwargs,
         )
-        return TinyAudioCausalLMOutputWithPast(**outputs, audio_embeds=audio_embeds, audio_mask=audio_mask)
+        return TinyAudioCausalLMOutputWithPast(
+            **outputs, audio_embeds=audio_embeds, audio_mask=audio_mask, voice_attribute_logits=voice_logits
+        )
 
 
 class TinyAudioForConditionalGeneration(CheckpointMixin, LoraMixin, TinyAudioModel, GenerationMixin):
@@ -498,6 +598,29 @@ class TinyAudioForConditionalGeneration(CheckpointMixin, LoraMixin, TinyAudioMod
         config.validate()
         self.freeze_pretrained()
 
+    def add_voice_attributes(self, voice_attributes: list[dict], voice_token_id: int) -> None:
+        """Adds voice-attribute heads (`config.voice_attributes`) to a model without them, for a continued run; the
+        processor must then add the voice tokens (`TinyAudioProcessor.from_config`)."""
+        if self.config.voice_attributes:
+            if self.config.voice_attributes != voice_attributes:
+                raise ValueError(
+                    f"this checkpoint's voice-attribute heads read {self.config.voice_attributes}; a continued run "
+                    f"cannot change them to {voice_attributes}"
+                )
+            return
+        self.config.voice_attributes, self.config.voice_token_id = voice_attributes, voice_token_id
+        self.config.validate()
+        reference = self.multi_modal_projector.linear_1.weight
+        heads = VoiceAttributeHeads(
+            reference.shape[1],
+            self.config.projector_hidden_size,
+            [len(values) for values in self.config.voice_attribute_values],
+            self.config.projector_activation,
+        )
+        heads.apply(self._init_weights)
+        self.multi_modal_projector.voice_attributes = heads.to(reference.device, reference.dtype)
+        self.freeze_pretrained()
+
     # ---- losses -----------------------------------------------------------------------------------------------
 
     def forward(
@@ -513,6 +636,8 @@ class TinyAudioForConditionalGeneration(CheckpointMixin, LoraMixin, TinyAudioMod
         labels: torch.LongTensor | None = None,
         ctc_targets: torch.LongTensor | None = None,
         ctc_only: bool = False,
+        voice_attribute_labels: torch.LongTensor | None = None,
+        voice_attributes_only: bool = False,
         logits_to_keep: int | torch.Tensor = 0,
         num_items_in_batch: int | torch.Tensor | None = None,
         **kwargs,
@@ -522,8 +647,19 @@ class TinyAudioForConditionalGeneration(CheckpointMixin, LoraMixin, TinyAudioMod
         With `labels`, logits are computed only where an answer token is predicted and the loss covers those
         positions only. With `ctc_targets` (each row's spoken tokens, padded with IGNORE_INDEX, as
         `training.collator.SpeechCollator` gives them) the loss adds `config.ctc_loss_weight` times the CTC loss of
-        the projected audio (`ctc_loss`); `ctc_only` computes that alone and never runs the LLM (a warm-up).
+        the projected audio (`ctc_loss`); `ctc_only` computes that alone and never runs the LLM (a warm-up). With
+        `voice_attribute_labels` ([batch, attributes] value indices, IGNORE_INDEX where a clip's facts do not say)
+        it adds `config.voice_attribute_loss_weight` times the heads' loss; `voice_attributes_only` computes that
+        alone (their warm-up).
         """
+        if voice_attributes_only:
+            if input_features is not None:
+                encoder_hidden_states, encoder_mask = self.encode_audio(input_features, input_features_mask)
+            logits = self.voice_attribute_logits(encoder_hidden_states, encoder_mask)
+            loss = self._voice_attribute_term(logits, voice_attribute_labels, labels, num_items_in_batch)
+            return TinyAudioCausalLMOutputWithPast(
+                loss=loss, voice_attribute_logits=logits, voice_attribute_loss=loss
+            )
         if ctc_only:
             audio_embeds, audio_mask = self.get_audio_features(
                 input_features, input_features_mask, encoder_hidden_states, encoder_mask
@@ -553,6 +689,10 @@ class TinyAudioForConditionalGeneration(CheckpointMixin, LoraMixin, TinyAudioMod
             outputs.ctc_loss = self._ctc_term(
                 outputs.audio_embeds, outputs.audio_mask, ctc_targets, labels, num_items_in_batch
             )
+        if voice_attribute_labels is not None:
+            outputs.voice_attribute_loss = self._voice_attribute_term(
+                outputs.voice_attribute_logits, voice_attribute_labels, labels, num_items_in_batch
+            )
         if labels is None:
             return outputs
 
@@ -564,7 +704,44 @@ class TinyAudioForConditionalGeneration(CheckpointMixin, LoraMixin, TinyAudioMod
             outputs.loss = outputs.loss + self.config.ctc_loss_weight * outputs.ctc_loss.to(
                 outputs.loss.device
             )
+        if outputs.voice_attribute_loss is not None:
+            outputs.loss = outputs.loss + self.config.voice_attribute_loss_weight * (
+                outputs.voice_attribute_loss.to(outputs.loss.device)
+            )
         return outputs
+
+    @staticmethod
+    def _batch_share(
+        loss: torch.Tensor, labels: torch.LongTensor | None, num_items_in_batch: int | torch.Tensor | None
+    ) -> torch.Tensor:
+        """A per-batch mean scaled by the share of the accumulated batch (`num_items_in_batch`) that this batch's
+        answer tokens hold, as the next-token loss is: summed over accumulation, it stays a mean."""
+        if labels is not None and num_items_in_batch is not None:
+            loss = loss * (labels[:, 1:] != IGNORE_INDEX).sum().to(loss.device) / num_items_in_batch
+        return loss
+
+    def _voice_attribute_term(
+        self,
+        logits: torch.Tensor | None,
+        voice_attribute_labels: torch.LongTensor | None,
+        labels: torch.LongTensor | None,
+        num_items_in_batch: int | torch.Tensor | None,
+    ) -> torch.Tensor:
+        """The heads' loss: the mean over attributes of their cross-entropy on the clips whose facts state them."""
+        if logits is None or voice_attribute_labels is None:
+            raise ValueError(
+                "the voice-attribute loss needs voice-attribute heads (config.voice_attributes), the audio and "
+                "voice_attribute_labels"
+            )
+        counts = [len(values) for values in self.config.voice_attribute_values]
+        targets = voice_attribute_labels.to(logits.device)
+        terms = [
+            nn.functional.cross_entropy(attribute_logits.float(), target, ignore_index=IGNORE_INDEX)
+            for attribute_logits, target in zip(logits.split(counts, dim=-1), targets.unbind(-1), strict=True)
+            if (target != IGNORE_INDEX).any()
+        ]
+        loss = torch.stack(terms).mean() if terms else logits.sum() * 0
+        return self._batch_share(loss, labels, num_items_in_batch)
 
     def _ctc_term(
         self,
@@ -591,9 +768,7 @@ class TinyAudioForConditionalGeneration(CheckpointMixin, LoraMixin, TinyAudioMod
             ctc_targets,
             self.config.ctc_blank_token_id,
         )
-        if labels is not None and num_items_in_batch is not None:
-            loss = loss * (labels[:, 1:] != IGNORE_INDEX).sum().to(loss.device) / num_items_in_batch
-        return loss
+        return self._batch_share(loss, labels, num_items_in_batch)
 
     # ---- generation -----------------------------------------------------------------------------------------
 

@@ -59,11 +59,12 @@ def scale_unscaled_pcm(samples: np.ndarray, name: str = "audio") -> np.ndarray:
     return (samples / 2 ** (bits - 1)).astype(np.float32)
 
 
-def add_audio_token(tokenizer, audio_token: str) -> int:
-    """Registers the audio placeholder as one special token (the LLM's embedding table is left untouched)."""
-    if audio_token not in tokenizer.get_vocab():
-        tokenizer.add_tokens([AddedToken(audio_token, special=True, normalized=False)], special_tokens=True)
-    return tokenizer.convert_tokens_to_ids(audio_token)
+def add_placeholder_token(tokenizer, placeholder: str) -> int:
+    """Registers a placeholder (of the audio, of the voice tokens) as one special token (the LLM's embedding table is
+    left untouched)."""
+    if placeholder not in tokenizer.get_vocab():
+        tokenizer.add_tokens([AddedToken(placeholder, special=True, normalized=False)], special_tokens=True)
+    return tokenizer.convert_tokens_to_ids(placeholder)
 
 
 class TinyAudioProcessor(ProcessorMixin):
@@ -85,17 +86,29 @@ class TinyAudioProcessor(ProcessorMixin):
         projector_downsample: int = 4,
         max_audio_seconds: float = 30.0,
         chat_template: str | None = None,
+        voice_token: str = "<voice>",
+        voice_tokens: int = 0,
     ):
         self.audio_token = audio_token
+        self.voice_token = voice_token
+        self.voice_tokens = 0
         self.task_prompts = dict(task_prompts or DEFAULT_TASK_PROMPTS)
         self.default_task = default_task
         self.conv_layers = [tuple(layer) for layer in (conv_layers or WHISPER_CONV_LAYERS)]
         self.projector_downsample = projector_downsample
         self.max_audio_seconds = max_audio_seconds
-        self.audio_token_id = add_audio_token(tokenizer, audio_token)
+        self.audio_token_id = add_placeholder_token(tokenizer, audio_token)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         super().__init__(feature_extractor, tokenizer, chat_template=chat_template)
+        if voice_tokens:
+            self.add_voice_tokens(voice_tokens)
+
+    def add_voice_tokens(self, count: int) -> int:
+        """Puts `count` voice placeholders after the audio of every prompt, one per voice attribute of the model
+        (`TinyAudioConfig.voice_attributes`), and returns their token id."""
+        self.voice_tokens = count
+        return add_placeholder_token(self.tokenizer, self.voice_token)
 
     @classmethod
     def from_components(
@@ -112,6 +125,8 @@ class TinyAudioProcessor(ProcessorMixin):
             conv_layers=encoder_conv_layers(config.audio_config),
             projector_downsample=config.projector_downsample,
             max_audio_seconds=config.max_audio_seconds,
+            voice_token=config.voice_token,
+            voice_tokens=len(config.voice_attributes or []),
         )
 
     @classmethod
@@ -253,11 +268,14 @@ class TinyAudioProcessor(ProcessorMixin):
         """Token inputs for clips whose audio-token counts are known (e.g. from cached encoder outputs).
 
         Each clip gets its own instruction; the instruction comes before the audio so that prompts of one task
-        share their whole prefix. With `texts`, rows are right-padded and carry `labels`; without, left-padded
-        for generation.
+        share their whole prefix; the voice tokens, if any, follow the audio. With `texts`, rows are right-padded
+        and carry `labels`; without, left-padded for generation.
         """
         # One chat-template render per distinct instruction, not per clip (the collator calls this every batch).
-        templates = {text: self.prompt_text(f"{text}\n{self.audio_token}") for text in set(instructions)}
+        voice = self.voice_token * self.voice_tokens
+        templates = {
+            text: self.prompt_text(f"{text}\n{self.audio_token}{voice}") for text in set(instructions)
+        }
         prompts = [
             templates[instruction].replace(self.audio_token, self.audio_token * count, 1)
             for count, instruction in zip(audio_token_counts, instructions, strict=True)
@@ -321,4 +339,4 @@ class TinyAudioProcessor(ProcessorMixin):
 
 TinyAudioProcessor.register_for_auto_class()
 
-__all__ = ["TinyAudioProcessor", "add_audio_token", "pcm_to_float", "scale_unscaled_pcm"]
+__all__ = ["TinyAudioProcessor", "add_placeholder_token", "pcm_to_float", "scale_unscaled_pcm"]

@@ -6,6 +6,9 @@ but not from the projector's, the projector drops it, and no amount of describe 
 brings it back cheaply. The models given must share one encoder, which runs once; each is probed on the same
 clips. Clips whose encoder outputs are in a feature cache (train.py's `feature_cache_dir`) are read from it.
 
+A model with voice-attribute heads (`--voice_attributes` in train.py) gets a column of its own heads' accuracy on the
+same held-out clips: what its voice tokens tell the LLM.
+
 A second table says whether the LLM looks at the audio at all while it answers: the share of its attention (mean
 over layers, heads and answer positions, teacher-forced on the corpus's own answers) that falls on audio tokens,
 when it transcribes and when it describes.
@@ -82,6 +85,21 @@ def projected_means(
     return torch.cat(means)
 
 
+@torch.no_grad()
+def head_answers(
+    model: TinyAudioForConditionalGeneration, batches: list[tuple[torch.Tensor, torch.Tensor]]
+) -> dict[str, list[str]]:
+    """{attribute: the value the model's voice-attribute head gives each clip}; empty without heads."""
+    if not model.config.voice_attributes:
+        return {}
+    logits = torch.cat([model.voice_attribute_logits(hidden.float(), mask) for hidden, mask in batches])
+    counts = [len(values) for values in model.config.voice_attribute_values]
+    return {
+        entry["attribute"]: [entry["values"][index] for index in part.argmax(-1).tolist()]
+        for entry, part in zip(model.config.voice_attributes, logits.split(counts, dim=-1), strict=True)
+    }
+
+
 def probe_accuracy(
     train_x: torch.Tensor, train_y: list[str], test_x: torch.Tensor, test_y: list[str]
 ) -> float:
@@ -147,6 +165,7 @@ def main() -> None:
     facts = {name: [clip_facts(row) for row in rows.remove_columns("audio")] for name, rows in splits.items()}
     features: dict[str, dict[str, torch.Tensor]] = {}
     attention: dict[str, dict[str, float]] = {}
+    heads: dict[str, dict[str, list[str]]] = {}
     sample = corpus["train"].select(range(min(args.attention_clips, len(corpus["train"]))))
     frames, encoder = {}, None
     for path in args.models:
@@ -167,6 +186,9 @@ def main() -> None:
         features[f"projector of {Path(path).name}"] = {
             name: projected_means(model, batches) for name, batches in frames.items()
         }
+        answers = head_answers(model, frames["test"])
+        if answers:
+            heads[f"heads of {Path(path).name}"] = answers
         attention[Path(path).name] = {
             task: attention_on_audio(
                 model,
@@ -176,7 +198,8 @@ def main() -> None:
             for task, column in (("transcribe", "text"), ("describe", "description"))
         }
 
-    print(f"{'attribute':<10}{'held-out clips':>16}{'majority':>10}" + "".join(f"{k:>40}" for k in features))
+    columns = [*features, *heads]
+    print(f"{'attribute':<10}{'held-out clips':>16}{'majority':>10}" + "".join(f"{k:>40}" for k in columns))
     for attribute in ATTRIBUTES:
         labels = {name: [f.get(attribute) for f in split_facts] for name, split_facts in facts.items()}
         keep = {name: [i for i, value in enumerate(values) if value] for name, values in labels.items()}
@@ -191,6 +214,14 @@ def main() -> None:
                 stage["train"][keep["train"]], train_y, stage["test"][keep["test"]], test_y
             )
             line += f"{100 * accuracy:>39.1f}%"
+        for answers in heads.values():
+            said = answers.get(attribute)
+            accuracy = (
+                None
+                if said is None
+                else sum(said[i] == labels["test"][i] for i in keep["test"]) / len(test_y)
+            )
+            line += f"{'-':>40}" if accuracy is None else f"{100 * accuracy:>39.1f}%"
         print(line, flush=True)
     print(f"\nShare of the LLM's attention on audio tokens while answering ({len(sample)} training clips):")
     print(f"{'model':<32}{'transcribing':>14}{'describing':>12}")

@@ -56,6 +56,7 @@ SHIPPED_CONFIG_FIELDS = (
     "projector_num_layers",
     "projector_output_norm",
     "projector_voice_summary",
+    "voice_attributes",
     "encoder_trainable_layers",
     "lora_rank",
     "lora_alpha",

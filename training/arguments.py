@@ -119,6 +119,27 @@ class ModelArguments:
         metadata={"help": "SpecAugment: share of encoder channels zeroed, in spans of mask_feature_length"},
     )
     mask_feature_length: int | None = None
+    voice_attributes: str | None = dataclasses.field(
+        default=None,
+        metadata={
+            "help": "Voice-attribute heads and tokens (the describe task), YAML/JSON {attribute: {value: word}}, e.g. "
+            "{gender: {female: woman, male: man}}: each head learns the values from the rows' facts, and the LLM "
+            "reads its answer as the embedding of the words; with model_name_or_path, adds them"
+        },
+    )
+    voice_attribute_loss_weight: float | None = dataclasses.field(
+        default=None,
+        metadata={
+            "help": "Weight of the voice-attribute heads' loss; default: the checkpoint's, 1 for a new model"
+        },
+    )
+    voice_attributes_only_steps: int = dataclasses.field(
+        default=0,
+        metadata={
+            "help": "First steps trained on the voice-attribute heads' loss alone, without running the LLM (their "
+            "warm-up: they learn from many more clips than the LLM has time for)"
+        },
+    )
     task_prompts: str | None = dataclasses.field(
         default=None,
         metadata={

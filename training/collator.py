@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import torch
 from torch.nn.utils.rnn import pad_sequence
 from transformers import BatchFeature
@@ -13,17 +15,25 @@ from training.feature_cache import FeatureStore
 
 
 class SpeechCollator:
-    """Turns checked rows (audio, text, task, audio_hash) into a training batch.
+    """Turns checked rows (audio, text, task, facts, audio_hash) into a training batch.
 
     Without a store the batch carries `input_features` for the live encoder; with one it carries the cached
     `encoder_hidden_states` (trimmed clips padded to the longest of the batch) and `encoder_mask`. With the CTC
-    head's `ctc_blank_token_id` it adds `ctc_targets`, the targets of the model's CTC loss.
+    head's `ctc_blank_token_id` it adds `ctc_targets`, the targets of the model's CTC loss; with the model's
+    `voice_attributes` (`TinyAudioConfig.voice_attributes`), `voice_attribute_labels`, read from each row's facts.
     """
 
-    def __init__(self, processor, store: FeatureStore | None = None, ctc_blank_token_id: int | None = None):
+    def __init__(
+        self,
+        processor,
+        store: FeatureStore | None = None,
+        ctc_blank_token_id: int | None = None,
+        voice_attributes: list[dict] | None = None,
+    ):
         self.processor = processor
         self.store = store
         self.ctc_blank_token_id = ctc_blank_token_id
+        self.voice_attributes = voice_attributes
 
     def __call__(self, rows: list[dict]) -> BatchFeature:
         if self.store is None:
@@ -48,7 +58,20 @@ class SpeechCollator:
             batch["ctc_targets"] = self.ctc_targets(
                 batch["labels"], [row["task"] == "transcribe" for row in rows]
             )
+        if self.voice_attributes:
+            batch["voice_attribute_labels"] = self.voice_attribute_labels(rows)
         return batch
+
+    def voice_attribute_labels(self, rows: list[dict]) -> torch.Tensor:
+        """[batch, attributes]: the index of each clip's value of each attribute, from its facts (JSON); IGNORE_INDEX
+        where its facts state no value the heads know."""
+        labels = torch.full((len(rows), len(self.voice_attributes)), IGNORE_INDEX, dtype=torch.long)
+        for row_index, row in enumerate(rows):
+            facts = json.loads(row.get("facts") or "{}")
+            for column, entry in enumerate(self.voice_attributes):
+                if facts.get(entry["attribute"]) in entry["values"]:
+                    labels[row_index, column] = entry["values"].index(facts[entry["attribute"]])
+        return labels
 
     def ctc_targets(self, labels: torch.Tensor, transcript_rows: list[bool]) -> torch.Tensor:
         """The spoken tokens of each transcript row: its answer without special tokens (EOS) or the blank, padded

@@ -197,23 +197,33 @@ def check_dataset_spec(spec: DatasetSpec, cache_dir: str | None = None) -> None:
         raise PreflightError(str(error)) from None
 
 
+# A row's facts: a JSON object {attribute: value}, e.g. {"gender": "female", "channel": "telephone"}.
+FACTS_COLUMN = "facts"
+
+
 def _normalize(source: SpeechRows, spec: DatasetSpec, default_task: str) -> Dataset | IterableDataset:
-    """Map a source's own column names onto `audio`, `text`, `task`, dropping everything else."""
+    """Map a source's own column names onto `audio`, `text`, `task` and `facts` (what its clips sound like, as JSON:
+    the voice-attribute heads learn from it; empty when the source has none), dropping everything else."""
     dataset = source.rows
     columns = dataset.column_names or list(dataset.features or {})
     keep = [source.audio_column, source.text_column]
     keep += [spec.task_column] if spec.task_column in columns else []
+    keep += [FACTS_COLUMN] if FACTS_COLUMN in columns and FACTS_COLUMN not in keep else []
     dataset = dataset.select_columns(keep)
     renames = {source.audio_column: "audio", source.text_column: "text", spec.task_column: "task"}
     dataset = dataset.rename_columns({old: new for old, new in renames.items() if old in keep and old != new})
-    if "task" not in keep:
-        task = spec.task or default_task
+    missing = {"task": spec.task or default_task} if "task" not in keep else {}
+    missing |= {FACTS_COLUMN: ""} if FACTS_COLUMN not in keep else {}
+    if missing:
         # Named features: a stream's map would otherwise forget them all, and the casts below need them.
         features = (
-            None if dataset.features is None else Features({**dataset.features, "task": Value("string")})
+            None
+            if dataset.features is None
+            else Features({**dataset.features, **{column: Value("string") for column in missing}})
         )
-        dataset = dataset.map(lambda _: {"task": task}, features=features)
-    dataset = dataset.cast_column("text", Value("string")).cast_column("task", Value("string"))
+        dataset = dataset.map(lambda _: missing, features=features)
+    for column in ("text", "task", FACTS_COLUMN):
+        dataset = dataset.cast_column(column, Value("string"))
     if spec.max_samples is not None:
         if isinstance(dataset, IterableDataset):
             dataset = dataset.take(spec.max_samples)
@@ -242,7 +252,7 @@ def load_speech_data(
 
     Local datasets are checked up front (exact counts, cached by `datasets`); streamed ones are checked as they
     flow, and their counts are logged as rows are dropped.
-    The result has columns audio, text, task, duration, audio_hash, length (= duration, for group_by_length).
+    The result has columns audio, text, task, facts, duration, audio_hash, length (= duration, for group_by_length).
     """
     if not specs:
         raise ValueError("No training datasets given")

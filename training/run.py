@@ -48,6 +48,7 @@ logger = logging.getLogger("tiny_audio.train")
 # decoding the saved model ships with); None keeps the checkpoint's.
 CONFIG_OVERRIDES = (
     "encoder_real_length",
+    "voice_attribute_loss_weight",
     "mask_time_prob",
     "mask_time_length",
     "mask_feature_prob",
@@ -64,6 +65,42 @@ def parse_task_prompts(value: str | None) -> dict[str, str]:
             f"task_prompts must map tasks to instructions, e.g. {{describe: Describe the speaker.}}; got {value!r}"
         )
     return {str(task): prompt for task, prompt in parsed.items()}
+
+
+def parse_voice_attributes(value: str | dict | None) -> dict[str, dict[str, str]]:
+    """`{attribute: {value: word}}` from YAML/JSON text (as the command line gives it) or a parsed mapping: every
+    attribute has two values or more, each named by a non-empty word."""
+    parsed = yaml.safe_load(value) if isinstance(value, str) else value or {}
+    if not isinstance(parsed, dict) or not all(
+        isinstance(values, dict)
+        and len(values) >= 2
+        and all(isinstance(word, str) and word.strip() for word in values.values())
+        for values in parsed.values()
+    ):
+        raise PreflightError(
+            "voice_attributes must map each attribute to two values or more and the word naming each, e.g. "
+            f"{{gender: {{female: woman, male: man}}}}; got {value!r}"
+        )
+    return {str(a): {str(v): word.strip() for v, word in values.items()} for a, values in parsed.items()}
+
+
+def add_voice_attributes(
+    model: TinyAudioForConditionalGeneration, processor: TinyAudioProcessor, words: dict[str, dict[str, str]]
+) -> None:
+    """Gives the model voice-attribute heads for these {attribute: {value: word}} and the processor their tokens;
+    each word is read as the LLM reads it mid-sentence (after a space)."""
+    tokenizer = processor.tokenizer
+    entries = [
+        {
+            "attribute": attribute,
+            "values": list(values),
+            "token_ids": [
+                tokenizer(f" {word}", add_special_tokens=False)["input_ids"] for word in values.values()
+            ],
+        }
+        for attribute, values in words.items()
+    ]
+    model.add_voice_attributes(entries, processor.add_voice_tokens(len(entries)))
 
 
 def build_model(
@@ -119,6 +156,9 @@ def build_model(
         processor = TinyAudioProcessor.from_components(
             model_args.audio_model_id, model_args.text_model_id, config=model.config
         )
+    voice_words = parse_voice_attributes(model_args.voice_attributes)
+    if voice_words:
+        add_voice_attributes(model, processor, voice_words)
     prompts = parse_task_prompts(model_args.task_prompts)
     if prompts:  # the saved config and processor both carry them
         model.config.task_prompts = {**model.config.task_prompts, **prompts}
@@ -159,7 +199,8 @@ def check_arguments(
             raise PreflightError(f"{name} must be at least 1, got {getattr(training_args, name)}")
     if training_args.max_steps == 0:
         raise PreflightError("max_steps must be positive (or -1 to train for num_train_epochs)")
-    for name in ("ctc_weight", "ctc_only_steps", "lora_rank", "lora_dropout"):
+    parse_voice_attributes(model_args.voice_attributes)
+    for name in ("ctc_weight", "ctc_only_steps", "voice_attributes_only_steps", "lora_rank", "lora_dropout"):
         if getattr(model_args, name) < 0:
             raise PreflightError(f"{name} must not be negative, got {getattr(model_args, name)}")
     if model_args.ctc_decoding_weight is not None and not 0 <= model_args.ctc_decoding_weight <= 1:
@@ -324,13 +365,17 @@ def train(
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         data_collator=SpeechCollator(
-            processor, store, ctc_blank_token_id=model.config.ctc_blank_token_id if use_ctc else None
+            processor,
+            store,
+            ctc_blank_token_id=model.config.ctc_blank_token_id if use_ctc else None,
+            voice_attributes=model.config.voice_attributes,
         ),
         processing_class=processor,
         callbacks=callbacks,
         wer_rows=wer_rows,
         prefix_cache=model_args.prefix_cache,
         ctc_only_steps=model_args.ctc_only_steps,
+        voice_attributes_only_steps=model_args.voice_attributes_only_steps,
     )
     if trainer.is_world_process_zero():
         _print_start(trainer, train_dataset, skipped, resume_from)

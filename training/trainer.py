@@ -42,6 +42,7 @@ class TinyAudioTrainer(Trainer):
         wer_rows: list[dict] | None = None,
         prefix_cache: bool = True,
         ctc_only_steps: int = 0,
+        voice_attributes_only_steps: int = 0,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
@@ -54,9 +55,10 @@ class TinyAudioTrainer(Trainer):
             PromptPrefixCache(model, model.config.audio_token_id) if prefix_cache and not llm_trains else None
         )
         self.ctc_only_steps = ctc_only_steps
-        # The CTC terms of the micro-batches since the last log, and the step of that log.
-        self._ctc_terms: list[float] = []
-        self._ctc_logged_step = 0
+        self.voice_attributes_only_steps = voice_attributes_only_steps
+        # The auxiliary loss terms (CTC, voice attributes) of the micro-batches since the last log, and its step.
+        self._aux_terms: dict[str, list[float]] = {}
+        self._aux_logged_step = 0
 
     # Private hook, kept: no public argument seeds the length-grouped sampler, whose order otherwise follows the
     # global RNG (differing across DDP ranks and after a resume). Pinned by test_train.py's trainer-hook test.
@@ -69,24 +71,33 @@ class TinyAudioTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
         if not model.training:
-            inputs.pop("ctc_targets", None)  # evaluation reports the plain LM loss, comparable across runs
+            # Evaluation reports the plain LM loss, comparable across runs.
+            inputs.pop("ctc_targets", None)
+            inputs.pop("voice_attribute_labels", None)
+        elif "voice_attribute_labels" in inputs and self.state.global_step < self.voice_attributes_only_steps:
+            inputs["voice_attributes_only"] = True  # the heads' warm-up: the LLM is not run at all
+            inputs.pop("ctc_targets", None)
         elif "ctc_targets" in inputs and self.state.global_step < self.ctc_only_steps:
             inputs["ctc_only"] = True  # the warm-up trains on the CTC loss alone: the LLM is not run at all
-        if self.prefix_cache is not None and not inputs.get("ctc_only"):
+        if self.prefix_cache is not None and not (
+            inputs.get("ctc_only") or inputs.get("voice_attributes_only")
+        ):
             inputs = self.prefix_cache.apply(inputs, self.accelerator.autocast())
         loss, outputs = super().compute_loss(
             model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
         )
-        if model.training and outputs.ctc_loss is not None:
-            self._ctc_terms.append(float(outputs.ctc_loss.detach()))
+        for name in ("ctc_loss", "voice_attribute_loss"):
+            if model.training and outputs.get(name) is not None:
+                self._aux_terms.setdefault(name, []).append(float(outputs[name].detach()))
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
-        if self._ctc_terms and "loss" in logs:
+        if self._aux_terms and "loss" in logs:
             # Per optimizer step, as the Trainer logs "loss": each micro-batch's term is its share of the step.
-            steps = max(self.state.global_step - self._ctc_logged_step, 1)
-            logs["ctc_loss"] = round(sum(self._ctc_terms) / steps, 4)
-            self._ctc_terms, self._ctc_logged_step = [], self.state.global_step
+            steps = max(self.state.global_step - self._aux_logged_step, 1)
+            for name, terms in self._aux_terms.items():
+                logs[name] = round(sum(terms) / steps, 4)
+            self._aux_terms, self._aux_logged_step = {}, self.state.global_step
         super().log(logs, *args, **kwargs)
 
     # Private hook, kept: the Trainer's own loads the checkpoint non-strictly and lists every frozen weight as

@@ -1,0 +1,284 @@
+"""Voice-attribute heads and voice tokens (issue 30): the heads classify each clip's voice from its encoder frames,
+and the LLM reads their answer as its own embeddings of the words naming the values."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import speech_like
+from datasets import Audio, Dataset, DatasetDict
+from huggingface_hub.errors import StrictDataclassClassValidationError
+from test_core import run_fresh
+from test_train import NO_EVAL, RATE, Snapshot, base_args, speech_rows
+
+import train
+from modeling_tiny_audio import TinyAudioForConditionalGeneration
+from processing_tiny_audio import IGNORE_INDEX, TinyAudioProcessor
+from testing.tiny_models import make_tiny_encoder, make_tiny_llm, make_tiny_tiny_audio
+from training.collator import SpeechCollator
+from training.preflight import PreflightError
+from training.run import add_voice_attributes, parse_voice_attributes
+
+# Values out of alphabetical order: a saved config sorts mappings' keys, and the heads' order must survive it.
+WORDS = {"noise": {"quiet": "quiet", "noisy": "noisy"}, "gender": {"male": "man", "female": "woman"}}
+CLIPS = [speech_like(1.2, seed=1), speech_like(2.1, seed=2)]
+
+
+@pytest.fixture
+def voice_model(tmp_path):
+    model, processor = make_tiny_tiny_audio(tmp_path)
+    add_voice_attributes(model, processor, WORDS)
+    return model, processor
+
+
+def word_embedding(model, processor, word: str) -> torch.Tensor:
+    ids = processor.tokenizer(f" {word}", add_special_tokens=False)["input_ids"]
+    return model.get_input_embeddings().weight[ids].mean(0)
+
+
+def llm_inputs(model, inputs) -> torch.Tensor:
+    """The embeddings the LLM reads for `inputs`."""
+    seen = {}
+
+    def keep(module, args, kwargs):
+        seen["embeds"] = kwargs["inputs_embeds"].detach()
+
+    handle = model.language_model.register_forward_pre_hook(keep, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        handle.remove()
+    return seen["embeds"]
+
+
+def force_heads(model, answers: dict[str, str]) -> None:
+    """Makes every head answer `answers[attribute]`, whatever the audio."""
+    classifier = model.multi_modal_projector.voice_attributes.classifier
+    bias = []
+    for entry in model.config.voice_attributes:
+        bias += [20.0 if value == answers[entry["attribute"]] else 0.0 for value in entry["values"]]
+    with torch.no_grad():
+        classifier.weight.zero_()
+        classifier.bias.copy_(torch.tensor(bias))
+
+
+def test_each_prompt_carries_one_voice_token_per_attribute_right_after_its_audio(voice_model):
+    model, processor = voice_model
+    inputs = processor(audio=CLIPS, task="describe")
+    voice_id, audio_id = model.config.voice_token_id, model.config.audio_token_id
+    assert processor.voice_tokens == 2 and voice_id != audio_id
+    for row in inputs["input_ids"]:
+        voice = (row == voice_id).nonzero().flatten()
+        last_audio = int((row == audio_id).nonzero().max())
+        assert voice.tolist() == [last_audio + 1, last_audio + 2]
+
+
+def test_the_llm_reads_each_heads_answer_as_its_embedding_of_the_words(voice_model):
+    model, processor = voice_model
+    inputs = processor(audio=CLIPS, task="describe")
+    positions = inputs["input_ids"] == model.config.voice_token_id
+    for answers in ({"noise": "noisy", "gender": "male"}, {"noise": "quiet", "gender": "female"}):
+        force_heads(model, answers)
+        read = llm_inputs(model, inputs)[positions].view(len(CLIPS), 2, -1)
+        for clip in read:  # noise first, then gender: the order the heads were given
+            torch.testing.assert_close(
+                clip[0], word_embedding(model, processor, WORDS["noise"][answers["noise"]])
+            )
+            torch.testing.assert_close(
+                clip[1], word_embedding(model, processor, WORDS["gender"][answers["gender"]])
+            )
+
+
+def test_an_unsure_head_gives_the_probability_weighted_mixture(voice_model):
+    model, processor = voice_model
+    inputs = processor(audio=CLIPS[:1], task="describe")
+    logits = model(**inputs).voice_attribute_logits
+    noise = logits[0, :2].softmax(-1)
+    expected = noise[0] * word_embedding(model, processor, "quiet") + noise[1] * word_embedding(
+        model, processor, "noisy"
+    )
+    read = llm_inputs(model, inputs)[inputs["input_ids"] == model.config.voice_token_id]
+    torch.testing.assert_close(read[0], expected)
+
+
+def test_heads_read_the_whole_clip_whatever_the_padding(voice_model):
+    model, _ = voice_model
+    frames = torch.randn(1, 30, model.config.audio_config.hidden_size)
+    mask = torch.ones(1, 30, dtype=torch.bool)
+    padded = torch.cat([frames, 5 * torch.randn(1, 20, frames.shape[-1])], dim=1)
+    padded_mask = torch.cat([mask, torch.zeros(1, 20, dtype=torch.bool)], dim=1)
+    alone = model.voice_attribute_logits(frames, mask)
+    torch.testing.assert_close(model.voice_attribute_logits(padded, padded_mask), alone)
+    assert not torch.allclose(model.voice_attribute_logits(frames.flip(-1), mask), alone)
+
+
+def collated(processor, model, facts: list[dict | None]) -> dict:
+    rows = [
+        {"audio": clip, "text": "a man speaking", "task": "describe", "facts": json.dumps(f) if f else ""}
+        for clip, f in zip(CLIPS, facts, strict=True)
+    ]
+    return SpeechCollator(processor, voice_attributes=model.config.voice_attributes)(rows)
+
+
+def test_labels_come_from_each_rows_facts_and_unknown_values_are_ignored(voice_model):
+    model, processor = voice_model
+    batch = collated(processor, model, [{"gender": "female", "noise": "noisy", "accent": "british"}, None])
+    assert batch["voice_attribute_labels"].tolist() == [[1, 1], [IGNORE_INDEX, IGNORE_INDEX]]
+    batch = collated(processor, model, [{"gender": "unknown"}, {"noise": "quiet"}])
+    assert batch["voice_attribute_labels"].tolist() == [[IGNORE_INDEX, IGNORE_INDEX], [0, IGNORE_INDEX]]
+
+
+def test_the_heads_loss_joins_the_training_loss_and_its_warm_up_never_runs_the_llm(voice_model):
+    model, processor = voice_model
+    model.config.voice_attribute_loss_weight = 0.5
+    batch = collated(processor, model, [{"gender": "female", "noise": "noisy"}, {"gender": "male"}])
+    model.train()
+    outputs = model(**batch)
+    logits = outputs.voice_attribute_logits
+    expected = (
+        torch.nn.functional.cross_entropy(logits[:1, :2], torch.tensor([1]))
+        + torch.nn.functional.cross_entropy(logits[:, 2:], torch.tensor([1, 0]))
+    ) / 2
+    torch.testing.assert_close(outputs.voice_attribute_loss, expected)
+    plain = model(**{k: v for k, v in batch.items() if k != "voice_attribute_labels"}).loss
+    torch.testing.assert_close(outputs.loss, plain + 0.5 * expected)
+    outputs.loss.backward()
+    heads = model.multi_modal_projector.voice_attributes
+    assert all(p.grad is not None and p.grad.any() for p in heads.parameters())
+
+    calls = []
+    handle = model.language_model.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        warm_up = model(**batch, voice_attributes_only=True)
+    finally:
+        handle.remove()
+    assert not calls and warm_up.logits is None
+    torch.testing.assert_close(warm_up.loss, expected)
+    unlabelled = collated(processor, model, [None, None])
+    assert model(**unlabelled, voice_attributes_only=True).loss == 0
+
+
+def test_a_saved_model_keeps_its_heads_order_and_loads_in_a_fresh_process(voice_model, tmp_path):
+    model, processor = voice_model
+    force_heads(model, {"noise": "noisy", "gender": "female"})
+    folder = tmp_path / "saved"
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    saved = json.loads((folder / "config.json").read_text())["voice_attributes"]
+    assert [(e["attribute"], e["values"]) for e in saved] == [
+        ("noise", ["quiet", "noisy"]),
+        ("gender", ["male", "female"]),
+    ]
+    reloaded = TinyAudioForConditionalGeneration.from_pretrained(folder).eval()
+    reloaded_processor = TinyAudioProcessor.from_pretrained(folder)
+    inputs = reloaded_processor(audio=CLIPS, task="describe")
+    torch.testing.assert_close(inputs["input_ids"], processor(audio=CLIPS, task="describe")["input_ids"])
+    torch.testing.assert_close(llm_inputs(reloaded, inputs), llm_inputs(model, inputs))
+    # The remote code reads the voice tokens too (the default task's prompt carries them).
+    equal_length = [speech_like(1.5, seed=7), speech_like(1.5, seed=8)]
+    expected = model(**processor(audio=equal_length)).logits
+    torch.testing.assert_close(run_fresh(str(folder), tmp_path, equal_length), expected, rtol=0, atol=0)
+
+
+def test_describe_generation_with_voice_tokens_runs_with_beams(voice_model):
+    model, processor = voice_model
+    inputs = processor(audio=CLIPS, task="describe")
+    generated = model.generate(**inputs, max_new_tokens=4, num_beams=3, do_sample=False)
+    assert generated.shape[0] == len(CLIPS) and generated.shape[1] > inputs["input_ids"].shape[1]
+
+
+def test_bad_voice_attributes_are_named(voice_model, tmp_path):
+    model, processor = voice_model
+    with pytest.raises(PreflightError, match="two values or more"):
+        parse_voice_attributes("{gender: {female: woman}}")
+    with pytest.raises(PreflightError, match="voice_attributes must map"):
+        parse_voice_attributes("[gender, accent]")
+    assert parse_voice_attributes("{a: {x: ' one ', y: two}}") == {"a": {"x": "one", "y": "two"}}
+    with pytest.raises(ValueError, match="cannot change them"):
+        model.add_voice_attributes([{"attribute": "rate", "values": ["a", "b"], "token_ids": [[1], [2]]}], 5)
+    config = model.config
+    with pytest.raises(StrictDataclassClassValidationError, match="token ids of the LLM"):
+        type(config)(**{**config.to_dict(), "voice_attributes": [
+            {"attribute": "gender", "values": ["female", "male"], "token_ids": [[1], [10**9]]}
+        ]})  # fmt: skip
+    with pytest.raises(StrictDataclassClassValidationError, match="two or more"):
+        type(config)(**{**config.to_dict(), "voice_attributes": [
+            {"attribute": "gender", "values": ["female"], "token_ids": [[1]]}
+        ]})  # fmt: skip
+
+    inputs = processor(audio=CLIPS, task="describe")
+    extra = inputs["input_ids"].clone()
+    extra[0, 0] = config.voice_token_id
+    with pytest.raises(ValueError, match="voice placeholder tokens"):
+        model(**{**inputs, "input_ids": extra})
+    plain, plain_processor = make_tiny_tiny_audio(tmp_path / "plain")
+    plain_inputs = plain_processor(audio=CLIPS)
+    plain_inputs["input_ids"][0, 0] = config.voice_token_id
+    plain.config.voice_token_id = config.voice_token_id
+    with pytest.raises(ValueError, match="no voice-attribute heads"):
+        plain(**plain_inputs)
+
+
+def test_train_py_adds_heads_warms_them_up_then_trains_all_on_mixed_sources(tmp_path):
+    """One source has facts and one has none: they mix; the heads train alone for the warm-up steps, then with the
+    projector; the saved model and processor carry the heads and the voice tokens."""
+    described = speech_rows(12, 3)
+    described["facts"] = [json.dumps({"gender": ("female", "male")[i % 2]}) for i in range(12)]
+    for name, rows in (("described", described), ("plain", speech_rows(12, 4))):
+        DatasetDict({"train": Dataset.from_dict(rows)}).cast_column(
+            "audio", Audio(sampling_rate=RATE)
+        ).save_to_disk(tmp_path / name)
+    workspace = {
+        "encoder": make_tiny_encoder(tmp_path / "encoder"),
+        "llm": make_tiny_llm(tmp_path / "llm"),
+        "data": str(tmp_path / "described"),
+    }
+    sources = json.dumps(
+        [{"path": str(tmp_path / name), "split": "train"} for name in ("described", "plain")]
+    )
+    out, snapshot = str(tmp_path / "out"), Snapshot()
+    words = json.dumps({"gender": {"female": "woman", "male": "man"}})
+    flags = ("--train_datasets", sources, "--voice_attributes", words, "--max_steps", "4")
+    warm_up = Snapshot()
+    train.run(
+        base_args(workspace, str(tmp_path / "warm"), *NO_EVAL, *flags, "--voice_attributes_only_steps", "4"),
+        callbacks=[warm_up],
+    )
+    changed = {k for k in warm_up.before if not torch.equal(warm_up.before[k], warm_up.after[k])}
+    assert changed and all(k.startswith("multi_modal_projector.voice_attributes.") for k in changed)
+
+    train.run(
+        base_args(workspace, out, *NO_EVAL, *flags, "--voice_attributes_only_steps", "2"),
+        callbacks=[snapshot],
+    )
+    changed = {k for k in snapshot.before if not torch.equal(snapshot.before[k], snapshot.after[k])}
+    assert any(k.startswith("multi_modal_projector.voice_attributes.") for k in changed)
+    assert any(k.startswith("multi_modal_projector.linear_") for k in changed)
+    state = json.loads(Path(out, "trainer_state.json").read_text())
+    assert any("voice_attribute_loss" in entry for entry in state["log_history"])
+    saved = json.loads(Path(out, "config.json").read_text())
+    assert [(e["attribute"], e["values"]) for e in saved["voice_attributes"]] == [
+        ("gender", ["female", "male"])
+    ]
+    assert TinyAudioProcessor.from_pretrained(out).voice_tokens == 1
+    reloaded = TinyAudioForConditionalGeneration.from_pretrained(out)
+    torch.testing.assert_close(
+        reloaded.state_dict()["multi_modal_projector.voice_attributes.classifier.weight"],
+        snapshot.after["multi_modal_projector.voice_attributes.classifier.weight"],
+    )
+
+
+def test_the_probe_reads_each_heads_answer_per_clip(voice_model, tmp_path):
+    from benchmarks.probe_voice_attributes import head_answers
+
+    model, processor = voice_model
+    features = processor.extract_features(CLIPS)
+    batches = [model.encode_audio(features["input_features"], features["input_features_mask"])]
+    force_heads(model, {"noise": "noisy", "gender": "female"})
+    assert head_answers(model, batches) == {"noise": ["noisy", "noisy"], "gender": ["female", "female"]}
+    plain, _ = make_tiny_tiny_audio(tmp_path / "plain")
+    assert head_answers(plain, batches) == {}
