@@ -19,6 +19,9 @@ DEFAULT_TASK_PROMPTS = {
     "emotion": "What emotion does the speaker express?",
 }
 
+# The tasks whose prompts carry the voice tokens (TinyAudioConfig.voice_attributes).
+DEFAULT_VOICE_TASKS = ("describe",)
+
 # Kernel, stride and padding of an encoder's convolutional front end, as (k, s, p) triples.
 ConvLayers = list[tuple[int, int, int]]
 # Whisper's encoder: two convolutions over log-mel frames, the second halving them.
@@ -137,9 +140,11 @@ class TinyAudioConfig(PreTrainedConfig):
     # tokens, of {"attribute": name, "values": [value, ...], "token_ids": [token ids of the word naming each value]},
     # e.g. {"attribute": "gender", "values": ["female", "male"], "token_ids": [[" woman" ids], [" man" ids]]}
     # (lists: a saved config sorts the keys of a mapping); None = off. The heads train on the `facts` of each clip
-    # (training.collator) with weight `voice_attribute_loss_weight`.
+    # (training.collator) with weight `voice_attribute_loss_weight`. Only the prompts of `voice_tasks` carry the
+    # voice tokens: a transcript must not pick up words that were never said.
     voice_attributes: list | None = None
     voice_attribute_loss_weight: float = 1.0
+    voice_tasks: list | None = None
     encoder_trainable_layers: int = 0
     # Whisper reads a 30-s window whatever the clip's length; True runs it on the longest clip's frames only (its
     # frames attending to real audio only): far cheaper on short clips, but not the frames Whisper was trained on.
@@ -177,6 +182,8 @@ class TinyAudioConfig(PreTrainedConfig):
             self.task_prompts = dict(DEFAULT_TASK_PROMPTS)
         if self.lora_target_modules is None:
             self.lora_target_modules = ["q_proj", "v_proj"]
+        if self.voice_tasks is None:
+            self.voice_tasks = list(DEFAULT_VOICE_TASKS)
         super().__post_init__(**kwargs)
         if self.projector_hidden_size is None:
             self.projector_hidden_size = self.text_config.hidden_size

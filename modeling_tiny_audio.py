@@ -464,8 +464,8 @@ class TinyAudioModel(TinyAudioPreTrainedModel):
     def get_voice_placeholder_mask(
         self, input_ids: torch.LongTensor, voice_logits: torch.Tensor | None
     ) -> torch.Tensor:
-        """Where the voice placeholders are in `input_ids`: none, or one per voice attribute in each row that has
-        audio (checked against the heads' logits, `voice_logits`, which must then exist)."""
+        """Where the voice placeholders are in `input_ids`: in each row, none (a task that does not ask about the voice)
+        or one per voice attribute (checked against the heads' logits, `voice_logits`, which must then exist)."""
         placeholder = input_ids == self.config.voice_token_id
         if not placeholder.any():
             return placeholder
@@ -474,12 +474,12 @@ class TinyAudioModel(TinyAudioPreTrainedModel):
                 "input_ids contain voice placeholder tokens but the model has no voice-attribute heads or no audio "
                 "was given (build inputs with this checkpoint's TinyAudioProcessor)."
             )
-        expected = len(self.config.voice_attributes) * voice_logits.shape[0]
-        if int(placeholder.sum()) != expected:
+        per_row = placeholder.sum(-1)
+        attributes = len(self.config.voice_attributes)
+        if not ((per_row == 0) | (per_row == attributes)).all():
             raise ValueError(
-                f"The prompts hold {int(placeholder.sum())} voice placeholder tokens but the model gives "
-                f"{len(self.config.voice_attributes)} per clip for {voice_logits.shape[0]} clips ({expected}); "
-                "build inputs with this checkpoint's TinyAudioProcessor."
+                f"The prompts hold {per_row.tolist()} voice placeholder tokens per row, where the model gives "
+                f"{attributes} voice tokens (or none) per clip; build inputs with this checkpoint's TinyAudioProcessor."
             )
         return placeholder
 
@@ -513,10 +513,10 @@ class TinyAudioModel(TinyAudioPreTrainedModel):
             inputs_embeds = self.get_input_embeddings()(
                 input_ids.masked_fill(placeholder | voice_placeholder, 0)
             )
-            for mask, embeds in (
-                (placeholder, real_audio),
-                (voice_placeholder, None if voice_logits is None else self.voice_embeddings(voice_logits)),
-            ):
+            voice = None
+            if voice_placeholder.any():  # the voice tokens of the rows whose prompts carry them
+                voice = self.voice_embeddings(voice_logits[voice_placeholder.any(-1).to(voice_logits.device)])
+            for mask, embeds in ((placeholder, real_audio), (voice_placeholder, voice)):
                 if embeds is not None and mask.any():
                     inputs_embeds = inputs_embeds.masked_scatter(
                         mask[..., None].expand_as(inputs_embeds),

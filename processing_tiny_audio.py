@@ -12,6 +12,7 @@ from transformers.tokenization_utils_base import AddedToken
 try:
     from .configuration_tiny_audio import (
         DEFAULT_TASK_PROMPTS,
+        DEFAULT_VOICE_TASKS,
         WHISPER_CONV_LAYERS,
         ConvLayers,
         TinyAudioConfig,
@@ -21,6 +22,7 @@ try:
 except ImportError:
     from configuration_tiny_audio import (
         DEFAULT_TASK_PROMPTS,
+        DEFAULT_VOICE_TASKS,
         WHISPER_CONV_LAYERS,
         ConvLayers,
         TinyAudioConfig,
@@ -88,10 +90,12 @@ class TinyAudioProcessor(ProcessorMixin):
         chat_template: str | None = None,
         voice_token: str = "<voice>",
         voice_tokens: int = 0,
+        voice_tasks: list[str] | None = None,
     ):
         self.audio_token = audio_token
         self.voice_token = voice_token
         self.voice_tokens = 0
+        self.voice_tasks = list(voice_tasks or DEFAULT_VOICE_TASKS)
         self.task_prompts = dict(task_prompts or DEFAULT_TASK_PROMPTS)
         self.default_task = default_task
         self.conv_layers = [tuple(layer) for layer in (conv_layers or WHISPER_CONV_LAYERS)]
@@ -105,8 +109,8 @@ class TinyAudioProcessor(ProcessorMixin):
             self.add_voice_tokens(voice_tokens)
 
     def add_voice_tokens(self, count: int) -> int:
-        """Puts `count` voice placeholders after the audio of every prompt, one per voice attribute of the model
-        (`TinyAudioConfig.voice_attributes`), and returns their token id."""
+        """Puts `count` voice placeholders after the audio of the prompts of `voice_tasks`, one per voice attribute of
+        the model (`TinyAudioConfig.voice_attributes`), and returns their token id."""
         self.voice_tokens = count
         return add_placeholder_token(self.tokenizer, self.voice_token)
 
@@ -127,6 +131,7 @@ class TinyAudioProcessor(ProcessorMixin):
             max_audio_seconds=config.max_audio_seconds,
             voice_token=config.voice_token,
             voice_tokens=len(config.voice_attributes or []),
+            voice_tasks=config.voice_tasks,
         )
 
     @classmethod
@@ -268,13 +273,17 @@ class TinyAudioProcessor(ProcessorMixin):
         """Token inputs for clips whose audio-token counts are known (e.g. from cached encoder outputs).
 
         Each clip gets its own instruction; the instruction comes before the audio so that prompts of one task
-        share their whole prefix; the voice tokens, if any, follow the audio. With `texts`, rows are right-padded
-        and carry `labels`; without, left-padded for generation.
+        share their whole prefix; the voice tokens, if any, follow the audio in the prompts of `voice_tasks`. With
+        `texts`, rows are right-padded and carry `labels`; without, left-padded for generation.
         """
-        # One chat-template render per distinct instruction, not per clip (the collator calls this every batch).
+        voice_instructions = {
+            self.task_prompts[task] for task in self.voice_tasks if task in self.task_prompts
+        }
         voice = self.voice_token * self.voice_tokens
+        # One chat-template render per distinct instruction, not per clip (the collator calls this every batch).
         templates = {
-            text: self.prompt_text(f"{text}\n{self.audio_token}{voice}") for text in set(instructions)
+            text: self.prompt_text(f"{text}\n{self.audio_token}{voice if text in voice_instructions else ''}")
+            for text in set(instructions)
         }
         prompts = [
             templates[instruction].replace(self.audio_token, self.audio_token * count, 1)

@@ -66,7 +66,9 @@ def force_heads(model, answers: dict[str, str]) -> None:
         classifier.bias.copy_(torch.tensor(bias))
 
 
-def test_each_prompt_carries_one_voice_token_per_attribute_right_after_its_audio(voice_model):
+def test_describe_prompts_carry_one_voice_token_per_attribute_after_the_audio_and_transcripts_none(
+    voice_model,
+):
     model, processor = voice_model
     inputs = processor(audio=CLIPS, task="describe")
     voice_id, audio_id = model.config.voice_token_id, model.config.audio_token_id
@@ -75,6 +77,27 @@ def test_each_prompt_carries_one_voice_token_per_attribute_right_after_its_audio
         voice = (row == voice_id).nonzero().flatten()
         last_audio = int((row == audio_id).nonzero().max())
         assert voice.tolist() == [last_audio + 1, last_audio + 2]
+    assert not (processor(audio=CLIPS, task="transcribe")["input_ids"] == voice_id).any()
+    # A transcript's inputs are those of the same model without heads: its words cannot leak into transcripts.
+    plain = make_tiny_tiny_audio(Path(model.config.text_model_id).parent / "plain")[1]
+    torch.testing.assert_close(
+        processor(audio=CLIPS, task="transcribe")["input_ids"],
+        plain(audio=CLIPS, task="transcribe")["input_ids"],
+    )
+
+
+def test_a_batch_mixing_tasks_gives_voice_tokens_to_its_describe_rows_only(voice_model):
+    model, processor = voice_model
+    force_heads(model, {"noise": "noisy", "gender": "female"})
+    rows = [
+        {"audio": clip, "text": "words", "task": task, "facts": ""}
+        for clip, task in zip(CLIPS, ("transcribe", "describe"), strict=True)
+    ]
+    batch = SpeechCollator(processor, voice_attributes=model.config.voice_attributes)(rows)
+    read = llm_inputs(model, batch)
+    positions = batch["input_ids"] == model.config.voice_token_id
+    assert positions.sum(-1).tolist() == [0, 2]
+    torch.testing.assert_close(read[1][positions[1]][1], word_embedding(model, processor, "woman"))
 
 
 def test_the_llm_reads_each_heads_answer_as_its_embedding_of_the_words(voice_model):
@@ -178,7 +201,10 @@ def test_a_saved_model_keeps_its_heads_order_and_loads_in_a_fresh_process(voice_
     inputs = reloaded_processor(audio=CLIPS, task="describe")
     torch.testing.assert_close(inputs["input_ids"], processor(audio=CLIPS, task="describe")["input_ids"])
     torch.testing.assert_close(llm_inputs(reloaded, inputs), llm_inputs(model, inputs))
-    # The remote code reads the voice tokens too (the default task's prompt carries them).
+    # The remote code reads the voice tokens too (made the default task, its prompt carries them).
+    model.config.default_task = processor.default_task = "describe"
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
     equal_length = [speech_like(1.5, seed=7), speech_like(1.5, seed=8)]
     expected = model(**processor(audio=equal_length)).logits
     torch.testing.assert_close(run_fresh(str(folder), tmp_path, equal_length), expected, rtol=0, atol=0)
@@ -213,7 +239,7 @@ def test_bad_voice_attributes_are_named(voice_model, tmp_path):
     inputs = processor(audio=CLIPS, task="describe")
     extra = inputs["input_ids"].clone()
     extra[0, 0] = config.voice_token_id
-    with pytest.raises(ValueError, match="voice placeholder tokens"):
+    with pytest.raises(ValueError, match=r"\[3, 2\] voice placeholder tokens per row"):
         model(**{**inputs, "input_ids": extra})
     plain, plain_processor = make_tiny_tiny_audio(tmp_path / "plain")
     plain_inputs = plain_processor(audio=CLIPS)
