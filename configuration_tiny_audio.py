@@ -131,9 +131,6 @@ class TinyAudioConfig(PreTrainedConfig):
     # layers trained with the projector (Whisper encoders; they then attend to real audio frames only).
     projector_num_layers: int = 0
     projector_output_norm: bool = False
-    # A summary of the whole clip (mean and spread of its encoder frames) added to every projected frame: who speaks
-    # and over what line, which CTC-shaped frames drop; the describe task reads it.
-    projector_voice_summary: bool = False
     # Voice attributes (the describe task): heads that classify the clip from its encoder frames' mean and spread,
     # one per attribute, and one voice token per attribute after the audio, the mixture of the LLM's own embeddings
     # of the words naming its values, weighted by the head's probabilities. A list, in the order of the heads and

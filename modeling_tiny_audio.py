@@ -100,31 +100,6 @@ def frame_statistics(encoder_hidden: torch.Tensor, encoder_mask: torch.Tensor) -
     return torch.cat([mean, (variance + 1e-6).sqrt()], dim=-1)
 
 
-class VoiceSummary(nn.Module):
-    """Who speaks and over what line, told to every audio token: the clip's mean and spread of encoder frames through
-    Linear -> activation -> Linear, added to each projected frame.
-
-    The projector's frames are shaped by CTC to stand for what was said, and lose much of who said it and how; this
-    gives the LLM the rest (issue 30). Its output layer starts at zero, so adding it to a trained model changes
-    nothing until it trains.
-    """
-
-    def __init__(self, encoder_size: int, hidden_size: int, output_size: int, activation: str):
-        super().__init__()
-        self.linear_1 = nn.Linear(2 * encoder_size, hidden_size)
-        self.act = ACT2FN[activation]
-        self.linear_2 = nn.Linear(hidden_size, output_size)
-
-    def forward(self, encoder_hidden: torch.Tensor, encoder_mask: torch.Tensor) -> torch.Tensor:
-        """[batch, hidden] from [batch, frames, dim] encoder outputs and their [batch, frames] mask of real frames."""
-        return self.linear_2(self.act(self.linear_1(frame_statistics(encoder_hidden, encoder_mask))))
-
-    @torch.no_grad()
-    def zero_output(self) -> None:
-        self.linear_2.weight.zero_()
-        self.linear_2.bias.zero_()
-
-
 class VoiceAttributeHeads(nn.Module):
     """Classifies a clip's voice attributes (gender, accent, channel, ...) from its frames' mean and spread:
     Linear -> activation, then one linear classifier per attribute, their logits side by side.
@@ -147,9 +122,9 @@ class VoiceAttributeHeads(nn.Module):
 
 class TinyAudioProjector(nn.Module):
     """Maps encoder frames to LLM embeddings: strided conv (time / k), optional transformer layers, then
-    Linear -> activation -> Linear, an optional RMS norm onto the scale of the LLM's input embeddings, and an
-    optional summary of the voice added to every frame (`VoiceSummary`). The voice-attribute heads live here too,
-    beside the path of the frames: they read the same encoder frames for the voice tokens."""
+    Linear -> activation -> Linear, and an optional RMS norm onto the scale of the LLM's input embeddings. The
+    voice-attribute heads live here too, beside the path of the frames: they read the same encoder frames for the
+    voice tokens."""
 
     def __init__(self, config: TinyAudioConfig):
         super().__init__()
@@ -166,16 +141,6 @@ class TinyAudioProjector(nn.Module):
         self.output_norm = (
             nn.RMSNorm(config.text_config.hidden_size) if config.projector_output_norm else None
         )
-        self.voice_summary = (
-            VoiceSummary(
-                encoder_size,
-                config.projector_hidden_size,
-                config.text_config.hidden_size,
-                config.projector_activation,
-            )
-            if config.projector_voice_summary
-            else None
-        )
         self.voice_attributes = (
             VoiceAttributeHeads(
                 encoder_size,
@@ -191,17 +156,9 @@ class TinyAudioProjector(nn.Module):
         self,
         encoder_hidden: torch.Tensor,
         token_mask: torch.Tensor | None = None,
-        encoder_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """[batch, tokens, hidden] from [batch, frames, dim] encoder outputs; the masks say which tokens and frames
-        are real (default: all)."""
-        voice = None
-        if self.voice_summary is not None:
-            if encoder_mask is None:
-                encoder_mask = torch.ones(
-                    encoder_hidden.shape[:2], dtype=torch.bool, device=encoder_hidden.device
-                )
-            voice = self.voice_summary(encoder_hidden, encoder_mask)
+        """[batch, tokens, hidden] from [batch, frames, dim] encoder outputs; `token_mask` says which tokens are real
+        (default: all)."""
         remainder = encoder_hidden.shape[1] % self.downsample
         if remainder:
             encoder_hidden = nn.functional.pad(encoder_hidden, (0, 0, 0, self.downsample - remainder))
@@ -211,9 +168,7 @@ class TinyAudioProjector(nn.Module):
         for layer in self.layers:
             hidden = layer(hidden, token_mask)
         hidden = self.linear_2(self.act(self.linear_1(hidden)))
-        if self.output_norm is not None:
-            hidden = self.output_norm(hidden)
-        return hidden if voice is None else hidden + voice[:, None]
+        return self.output_norm(hidden) if self.output_norm is not None else hidden
 
     @torch.no_grad()
     def match_embedding_scale(self, embeddings: torch.Tensor) -> None:
@@ -288,8 +243,6 @@ class TinyAudioModel(TinyAudioPreTrainedModel):
         self.post_init()
         for layer in self.multi_modal_projector.layers:
             layer.zero_residual_branches()
-        if self.multi_modal_projector.voice_summary is not None:
-            self.multi_modal_projector.voice_summary.zero_output()
 
     def get_input_embeddings(self) -> nn.Module:
         return self.language_model.get_input_embeddings()
@@ -372,7 +325,7 @@ class TinyAudioModel(TinyAudioPreTrainedModel):
         frames = -(-encoder_hidden.shape[1] // self.config.projector_downsample)
         token_ids = torch.arange(frames, device=encoder_hidden.device)
         token_mask = token_ids[None, :] < token_counts[:, None].to(encoder_hidden.device)
-        return self.multi_modal_projector(encoder_hidden, token_mask, encoder_mask), token_mask
+        return self.multi_modal_projector(encoder_hidden, token_mask), token_mask
 
     def spec_augment(self, encoder_hidden: torch.Tensor, encoder_mask: torch.Tensor) -> torch.Tensor:
         """Zeroes random spans of real frames and of channels (SpecAugment; the config's mask_* fields)."""
@@ -466,7 +419,11 @@ class TinyAudioModel(TinyAudioPreTrainedModel):
     ) -> torch.Tensor:
         """Where the voice placeholders are in `input_ids`: in each row, none (a task that does not ask about the voice)
         or one per voice attribute (checked against the heads' logits, `voice_logits`, which must then exist)."""
-        placeholder = input_ids == self.config.voice_token_id
+        placeholder = (
+            torch.zeros_like(input_ids, dtype=torch.bool)
+            if self.config.voice_token_id is None
+            else input_ids == self.config.voice_token_id
+        )
         if not placeholder.any():
             return placeholder
         if voice_logits is None:
@@ -554,12 +511,11 @@ class TinyAudioForConditionalGeneration(CheckpointMixin, LoraMixin, TinyAudioMod
         self.freeze_pretrained()
 
     def extend_acoustic_capacity(
-        self, encoder_trainable_layers: int = 0, projector_num_layers: int = 0, voice_summary: bool = False
+        self, encoder_trainable_layers: int = 0, projector_num_layers: int = 0
     ) -> None:
-        """Trains more of the acoustic side in a continued run: more top encoder layers, more projector layers, the
-        voice summary.
+        """Trains more of the acoustic side in a continued run: more top encoder layers, more projector layers.
 
-        New projector layers and a new voice summary start as the identity; newly trained encoder layers keep their
+        New projector layers start as the identity; newly trained encoder layers keep their
         pretrained weights but from now on attend to real frames only. Nothing may be taken away: trained weights
         are never dropped.
         """
@@ -567,13 +523,11 @@ class TinyAudioForConditionalGeneration(CheckpointMixin, LoraMixin, TinyAudioMod
         if (
             encoder_trainable_layers < config.encoder_trainable_layers
             or projector_num_layers < config.projector_num_layers
-            or (config.projector_voice_summary and not voice_summary)
         ):
             raise ValueError(
                 f"a continued run keeps the checkpoint's trained layers (encoder_trainable_layers "
-                f"{config.encoder_trainable_layers}, projector_num_layers {config.projector_num_layers}, "
-                f"projector_voice_summary {config.projector_voice_summary}); got {encoder_trainable_layers}, "
-                f"{projector_num_layers} and {voice_summary}"
+                f"{config.encoder_trainable_layers}, projector_num_layers {config.projector_num_layers}); got "
+                f"{encoder_trainable_layers} and {projector_num_layers}"
             )
         projector = self.multi_modal_projector
         reference = projector.linear_1.weight
@@ -583,16 +537,6 @@ class TinyAudioForConditionalGeneration(CheckpointMixin, LoraMixin, TinyAudioMod
             )
             layer.zero_residual_branches()
             projector.layers.append(layer.to(reference.device, reference.dtype))
-        if voice_summary and projector.voice_summary is None:
-            summary = VoiceSummary(
-                reference.shape[1],
-                config.projector_hidden_size,
-                projector.linear_2.out_features,
-                config.projector_activation,
-            )
-            summary.zero_output()
-            projector.voice_summary = summary.to(reference.device, reference.dtype)
-        config.projector_voice_summary = voice_summary
         config.projector_num_layers = projector_num_layers
         config.encoder_trainable_layers = encoder_trainable_layers
         config.validate()

@@ -55,7 +55,6 @@ SHIPPED_CONFIG_FIELDS = (
     "projector_activation",
     "projector_num_layers",
     "projector_output_norm",
-    "projector_voice_summary",
     "voice_attributes",
     "encoder_trainable_layers",
     "lora_rank",

@@ -1,5 +1,5 @@
-"""Acoustic capacity options: trained top encoder layers, projector transformer layers, the projector's output norm,
-the voice summary."""
+"""Acoustic capacity options: trained top encoder layers, projector transformer layers, the projector's output
+norm."""
 
 from __future__ import annotations
 
@@ -116,40 +116,6 @@ def test_added_projector_layers_start_as_the_identity_and_counts_never_shrink(tm
         model.extend_acoustic_capacity(projector_num_layers=1)
 
 
-def test_a_voice_summary_starts_at_zero_then_tells_clips_apart_whatever_the_padding(tmp_path):
-    model, processor = make_tiny_tiny_audio(tmp_path, encoder_layers=2)
-    _randomise(model.multi_modal_projector, seed=5)
-    inputs = processor(audio=CLIPS)
-    before = model(**inputs).logits
-    model.extend_acoustic_capacity(voice_summary=True)
-    summary = model.multi_modal_projector.voice_summary
-    assert model.config.projector_voice_summary and all(p.requires_grad for p in summary.parameters())
-    torch.testing.assert_close(model(**inputs).logits, before, rtol=0, atol=0)
-
-    _randomise(summary, seed=6)
-    hidden, mask = model.encode_audio(inputs["input_features"], inputs["input_features_mask"])
-    with torch.no_grad():
-        batched, token_mask = model.project_audio(hidden, mask)
-        longest = int(mask.sum(-1).max())
-        trimmed, _ = model.project_audio(hidden[:, :longest], mask[:, :longest])
-        model.multi_modal_projector.voice_summary = None
-        plain, _ = model.project_audio(hidden, mask)
-        model.multi_modal_projector.voice_summary = summary
-    added = batched - plain
-    for row in range(len(CLIPS)):  # one vector per clip, the same on each of its frames
-        real = added[row, token_mask[row]]
-        torch.testing.assert_close(real, real[:1].expand_as(real), rtol=1e-5, atol=1e-5)
-    assert not torch.allclose(added[0, 0], added[1, 0], atol=1e-3)
-    for row, clip in enumerate(CLIPS):  # padding, trimming and batching leave each clip's summary alone
-        single = processor(audio=clip)
-        alone, alone_mask = model.get_audio_features(single["input_features"], single["input_features_mask"])
-        count = int(alone_mask.sum())
-        torch.testing.assert_close(batched[row, :count], alone[0, :count], rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(trimmed[row, :count], alone[0, :count], rtol=1e-4, atol=1e-4)
-    with pytest.raises(ValueError, match="keeps the checkpoint's trained layers"):
-        model.extend_acoustic_capacity()
-
-
 def test_output_norm_starts_on_the_scale_of_the_llm_embeddings(tmp_path):
     plain, processor = make_tiny_tiny_audio(tmp_path / "plain")
     normed, _ = make_tiny_tiny_audio(tmp_path / "normed", projector_output_norm=True)
@@ -230,19 +196,19 @@ def test_train_py_trains_and_widens_the_acoustic_side(tmp_path):
     ) == (1, 1, True)
 
     widened, wider = str(tmp_path / "widened"), Snapshot()
-    widen = ("--projector_num_layers", "2", "--projector_voice_summary", "true")
+    widen = ("--projector_num_layers", "2")
     train.run(
         base_args(workspace, widened, *NO_EVAL, "--model_name_or_path", first, *widen), callbacks=[wider]
     )
     assert all(torch.equal(wider.before[k], snapshot.after[k]) for k in snapshot.after if k in wider.before)
-    assert not wider.before["multi_modal_projector.voice_summary.linear_2.weight"].any()  # it starts at zero
-    assert wider.after["multi_modal_projector.voice_summary.linear_2.weight"].any()  # and trains
+    assert not wider.before["multi_modal_projector.layers.1.mlp.2.weight"].any()  # it starts as the identity
+    assert wider.after["multi_modal_projector.layers.1.mlp.2.weight"].any()  # and trains
     saved = json.loads(Path(widened, "config.json").read_text())
-    assert (saved["projector_num_layers"], saved["projector_voice_summary"]) == (2, True)
+    assert saved["projector_num_layers"] == 2
     reloaded = TinyAudioForConditionalGeneration.from_pretrained(widened)
     torch.testing.assert_close(
-        reloaded.state_dict()["multi_modal_projector.voice_summary.linear_2.weight"],
-        wider.after["multi_modal_projector.voice_summary.linear_2.weight"],
+        reloaded.state_dict()["multi_modal_projector.layers.1.mlp.2.weight"],
+        wider.after["multi_modal_projector.layers.1.mlp.2.weight"],
     )
 
 

@@ -34,13 +34,6 @@ class ModelArguments:
             "help": "An RMS norm on the projector's output, started at the LLM embeddings' scale (new models)"
         },
     )
-    projector_voice_summary: bool | None = dataclasses.field(
-        default=None,
-        metadata={
-            "help": "Add to every projected frame a summary of the clip's voice and channel (the describe task "
-            "reads it); with model_name_or_path, adds one that starts at zero"
-        },
-    )
     encoder_trainable_layers: int | None = dataclasses.field(
         default=None,
         metadata={

@@ -125,17 +125,11 @@ def build_model(
                 "--projector_output_norm changes what a trained projector outputs: start a new model with it "
                 f"instead of continuing {model_args.model_name_or_path}"
             )
-        if (
-            model_args.encoder_trainable_layers is not None
-            or model_args.projector_num_layers is not None
-            or model_args.projector_voice_summary is not None
-        ):
+        if model_args.encoder_trainable_layers is not None or model_args.projector_num_layers is not None:
             model.extend_acoustic_capacity(
                 encoder_trainable_layers=model_args.encoder_trainable_layers
                 or model.config.encoder_trainable_layers,
                 projector_num_layers=model_args.projector_num_layers or model.config.projector_num_layers,
-                voice_summary=bool(model_args.projector_voice_summary)
-                or model.config.projector_voice_summary,
             )
     else:
         model = TinyAudioForConditionalGeneration.from_components(
@@ -146,7 +140,6 @@ def build_model(
             projector_hidden_size=model_args.projector_hidden_size,
             projector_num_layers=model_args.projector_num_layers or 0,
             projector_output_norm=model_args.projector_output_norm,
-            projector_voice_summary=bool(model_args.projector_voice_summary),
             encoder_trainable_layers=model_args.encoder_trainable_layers or 0,
             lora_rank=model_args.lora_rank,
             lora_alpha=model_args.lora_alpha,
