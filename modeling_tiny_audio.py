@@ -206,7 +206,7 @@ class TinyAudioCausalLMOutputWithPast(CausalLMOutputWithPast):
     ctc_loss (`torch.FloatTensor` of shape `()`): the CTC term.
     voice_attribute_logits (`torch.FloatTensor` of shape `(batch_size, values)`): the voice-attribute heads' logits,
         every attribute's values side by side (`config.voice_attributes`).
-    voice_attribute_loss (`torch.FloatTensor` of shape `()`): their loss, when `voice_attribute_labels` were given.
+    voice_attribute_loss (`torch.FloatTensor` of shape `()`): their loss, when `voice_attribute_targets` were given.
     """
 
     audio_embeds: torch.FloatTensor | None = None
@@ -580,7 +580,7 @@ class TinyAudioForConditionalGeneration(CheckpointMixin, LoraMixin, TinyAudioMod
         labels: torch.LongTensor | None = None,
         ctc_targets: torch.LongTensor | None = None,
         ctc_only: bool = False,
-        voice_attribute_labels: torch.LongTensor | None = None,
+        voice_attribute_targets: torch.LongTensor | None = None,
         voice_attributes_only: bool = False,
         logits_to_keep: int | torch.Tensor = 0,
         num_items_in_batch: int | torch.Tensor | None = None,
@@ -592,7 +592,7 @@ class TinyAudioForConditionalGeneration(CheckpointMixin, LoraMixin, TinyAudioMod
         positions only. With `ctc_targets` (each row's spoken tokens, padded with IGNORE_INDEX, as
         `training.collator.SpeechCollator` gives them) the loss adds `config.ctc_loss_weight` times the CTC loss of
         the projected audio (`ctc_loss`); `ctc_only` computes that alone and never runs the LLM (a warm-up). With
-        `voice_attribute_labels` ([batch, attributes] value indices, IGNORE_INDEX where a clip's facts do not say)
+        `voice_attribute_targets` ([batch, attributes] value indices, IGNORE_INDEX where a clip's facts do not say)
         it adds `config.voice_attribute_loss_weight` times the heads' loss; `voice_attributes_only` computes that
         alone (their warm-up).
         """
@@ -600,7 +600,7 @@ class TinyAudioForConditionalGeneration(CheckpointMixin, LoraMixin, TinyAudioMod
             if input_features is not None:
                 encoder_hidden_states, encoder_mask = self.encode_audio(input_features, input_features_mask)
             logits = self.voice_attribute_logits(encoder_hidden_states, encoder_mask)
-            loss = self._voice_attribute_term(logits, voice_attribute_labels, labels, num_items_in_batch)
+            loss = self._voice_attribute_term(logits, voice_attribute_targets, labels, num_items_in_batch)
             return TinyAudioCausalLMOutputWithPast(
                 loss=loss, voice_attribute_logits=logits, voice_attribute_loss=loss
             )
@@ -633,9 +633,9 @@ class TinyAudioForConditionalGeneration(CheckpointMixin, LoraMixin, TinyAudioMod
             outputs.ctc_loss = self._ctc_term(
                 outputs.audio_embeds, outputs.audio_mask, ctc_targets, labels, num_items_in_batch
             )
-        if voice_attribute_labels is not None:
+        if voice_attribute_targets is not None:
             outputs.voice_attribute_loss = self._voice_attribute_term(
-                outputs.voice_attribute_logits, voice_attribute_labels, labels, num_items_in_batch
+                outputs.voice_attribute_logits, voice_attribute_targets, labels, num_items_in_batch
             )
         if labels is None:
             return outputs
@@ -667,18 +667,18 @@ class TinyAudioForConditionalGeneration(CheckpointMixin, LoraMixin, TinyAudioMod
     def _voice_attribute_term(
         self,
         logits: torch.Tensor | None,
-        voice_attribute_labels: torch.LongTensor | None,
+        voice_attribute_targets: torch.LongTensor | None,
         labels: torch.LongTensor | None,
         num_items_in_batch: int | torch.Tensor | None,
     ) -> torch.Tensor:
         """The heads' loss: the mean over attributes of their cross-entropy on the clips whose facts state them."""
-        if logits is None or voice_attribute_labels is None:
+        if logits is None or voice_attribute_targets is None:
             raise ValueError(
                 "the voice-attribute loss needs voice-attribute heads (config.voice_attributes), the audio and "
-                "voice_attribute_labels"
+                "voice_attribute_targets"
             )
         counts = [len(values) for values in self.config.voice_attribute_values]
-        targets = voice_attribute_labels.to(logits.device)
+        targets = voice_attribute_targets.to(logits.device)
         terms = [
             nn.functional.cross_entropy(attribute_logits.float(), target, ignore_index=IGNORE_INDEX)
             for attribute_logits, target in zip(logits.split(counts, dim=-1), targets.unbind(-1), strict=True)

@@ -150,9 +150,9 @@ def collated(processor, model, facts: list[dict | None]) -> dict:
 def test_labels_come_from_each_rows_facts_and_unknown_values_are_ignored(voice_model):
     model, processor = voice_model
     batch = collated(processor, model, [{"gender": "female", "noise": "noisy", "accent": "british"}, None])
-    assert batch["voice_attribute_labels"].tolist() == [[1, 1], [IGNORE_INDEX, IGNORE_INDEX]]
+    assert batch["voice_attribute_targets"].tolist() == [[1, 1], [IGNORE_INDEX, IGNORE_INDEX]]
     batch = collated(processor, model, [{"gender": "unknown"}, {"noise": "quiet"}])
-    assert batch["voice_attribute_labels"].tolist() == [[IGNORE_INDEX, IGNORE_INDEX], [0, IGNORE_INDEX]]
+    assert batch["voice_attribute_targets"].tolist() == [[IGNORE_INDEX, IGNORE_INDEX], [0, IGNORE_INDEX]]
 
 
 def test_the_heads_loss_joins_the_training_loss_and_its_warm_up_never_runs_the_llm(voice_model):
@@ -167,7 +167,7 @@ def test_the_heads_loss_joins_the_training_loss_and_its_warm_up_never_runs_the_l
         + torch.nn.functional.cross_entropy(logits[:, 2:], torch.tensor([1, 0]))
     ) / 2
     torch.testing.assert_close(outputs.voice_attribute_loss, expected)
-    plain = model(**{k: v for k, v in batch.items() if k != "voice_attribute_labels"}).loss
+    plain = model(**{k: v for k, v in batch.items() if k != "voice_attribute_targets"}).loss
     torch.testing.assert_close(outputs.loss, plain + 0.5 * expected)
     outputs.loss.backward()
     heads = model.multi_modal_projector.voice_attributes

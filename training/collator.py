@@ -20,7 +20,7 @@ class SpeechCollator:
     Without a store the batch carries `input_features` for the live encoder; with one it carries the cached
     `encoder_hidden_states` (trimmed clips padded to the longest of the batch) and `encoder_mask`. With the CTC
     head's `ctc_blank_token_id` it adds `ctc_targets`, the targets of the model's CTC loss; with the model's
-    `voice_attributes` (`TinyAudioConfig.voice_attributes`), `voice_attribute_labels`, read from each row's facts.
+    `voice_attributes` (`TinyAudioConfig.voice_attributes`), `voice_attribute_targets`, read from each row's facts.
     """
 
     def __init__(
@@ -59,10 +59,10 @@ class SpeechCollator:
                 batch["labels"], [row["task"] == "transcribe" for row in rows]
             )
         if self.voice_attributes:
-            batch["voice_attribute_labels"] = self.voice_attribute_labels(rows)
+            batch["voice_attribute_targets"] = self.voice_attribute_targets(rows)
         return batch
 
-    def voice_attribute_labels(self, rows: list[dict]) -> torch.Tensor:
+    def voice_attribute_targets(self, rows: list[dict]) -> torch.Tensor:
         """[batch, attributes]: the index of each clip's value of each attribute, from its facts (JSON); IGNORE_INDEX
         where its facts state no value the heads know."""
         labels = torch.full((len(rows), len(self.voice_attributes)), IGNORE_INDEX, dtype=torch.long)

@@ -73,8 +73,10 @@ class TinyAudioTrainer(Trainer):
         if not model.training:
             # Evaluation reports the plain LM loss, comparable across runs.
             inputs.pop("ctc_targets", None)
-            inputs.pop("voice_attribute_labels", None)
-        elif "voice_attribute_labels" in inputs and self.state.global_step < self.voice_attributes_only_steps:
+            inputs.pop("voice_attribute_targets", None)
+        elif (
+            "voice_attribute_targets" in inputs and self.state.global_step < self.voice_attributes_only_steps
+        ):
             inputs["voice_attributes_only"] = True  # the heads' warm-up: the LLM is not run at all
             inputs.pop("ctc_targets", None)
         elif "ctc_targets" in inputs and self.state.global_step < self.ctc_only_steps:
