@@ -239,6 +239,11 @@ class TinyAudioConfig(PreTrainedConfig):
         """The values of each voice attribute, in the order of the heads' logits."""
         return [list(entry["values"]) for entry in self.voice_attributes or []]
 
+    @property
+    def voice_attribute_value_counts(self) -> list[int]:
+        """How many values each voice attribute has: the widths of the heads' logits, attribute by attribute."""
+        return [len(values) for values in self.voice_attribute_values]
+
     def validate_ctc(self) -> None:
         """Part of the config's strict validation: the CTC loss needs the CTC head's blank token."""
         vocab_size = self.text_config.vocab_size

@@ -26,41 +26,42 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 # Private: transformers has no public SpecAugment span sampler (tests/test_core.py pins what it draws).
 from transformers.models.whisper.modeling_whisper import _compute_mask_indices
 
+# The sibling Hub files: a relative import in a checkpoint's remote code, a top-level one in a checkout. One
+# name per line (isort would join them), so that the two spellings stay plain import lines.
+# isort: off
 try:
     from .checkpoint_tiny_audio import CheckpointMixin
-    from .configuration_tiny_audio import TinyAudioConfig, encoder_frame_lengths, projector_token_lengths
-    from .decoding_tiny_audio import (
-        NO_CTC_HEAD,
-        CTCPrefixScorer,
-        RepetitionLoopGuard,
-        blank_repetition_loops,
-        ctc_forced_align,
-        embedding_ctc_logits,
-        embedding_ctc_loss,
-        new_token_budget,
-    )
+    from .configuration_tiny_audio import TinyAudioConfig
+    from .configuration_tiny_audio import encoder_frame_lengths
+    from .configuration_tiny_audio import projector_token_lengths
+    from .decoding_tiny_audio import NO_CTC_HEAD
+    from .decoding_tiny_audio import CTCPrefixScorer
+    from .decoding_tiny_audio import RepetitionLoopGuard
+    from .decoding_tiny_audio import blank_repetition_loops
+    from .decoding_tiny_audio import ctc_forced_align
+    from .decoding_tiny_audio import embedding_ctc_logits
+    from .decoding_tiny_audio import embedding_ctc_loss
+    from .decoding_tiny_audio import new_token_budget
     from .encoder_tiny_audio import build_audio_encoder
     from .lora_tiny_audio import LoraMixin
     from .processing_tiny_audio import IGNORE_INDEX
 except ImportError:
     from checkpoint_tiny_audio import CheckpointMixin
-    from configuration_tiny_audio import TinyAudioConfig, encoder_frame_lengths, projector_token_lengths
-    from decoding_tiny_audio import (
-        NO_CTC_HEAD,
-        CTCPrefixScorer,
-        RepetitionLoopGuard,
-        blank_repetition_loops,
-        ctc_forced_align,
-        embedding_ctc_logits,
-        embedding_ctc_loss,
-        new_token_budget,
-    )
+    from configuration_tiny_audio import TinyAudioConfig
+    from configuration_tiny_audio import encoder_frame_lengths
+    from configuration_tiny_audio import projector_token_lengths
+    from decoding_tiny_audio import NO_CTC_HEAD
+    from decoding_tiny_audio import CTCPrefixScorer
+    from decoding_tiny_audio import RepetitionLoopGuard
+    from decoding_tiny_audio import blank_repetition_loops
+    from decoding_tiny_audio import ctc_forced_align
+    from decoding_tiny_audio import embedding_ctc_logits
+    from decoding_tiny_audio import embedding_ctc_loss
+    from decoding_tiny_audio import new_token_budget
     from encoder_tiny_audio import build_audio_encoder
     from lora_tiny_audio import LoraMixin
     from processing_tiny_audio import IGNORE_INDEX
-
-# Precomputed encoder outputs stand in for input_features, so like them they are read at prefill only.
-PREFILL_ONLY_INPUTS = ("encoder_hidden_states", "encoder_mask")
+# isort: on
 
 
 class ProjectorLayer(nn.Module):
@@ -115,6 +116,16 @@ class VoiceAttributeHeads(nn.Module):
         self.act = ACT2FN[activation]
         self.classifier = nn.Linear(hidden_size, sum(value_counts))
 
+    @classmethod
+    def from_config(cls, config: TinyAudioConfig) -> VoiceAttributeHeads:
+        """The heads `config.voice_attributes` asks for, on the encoder's frames, as wide as the projector."""
+        return cls(
+            config.audio_config.hidden_size,
+            config.projector_hidden_size,
+            config.voice_attribute_value_counts,
+            config.projector_activation,
+        )
+
     def forward(self, encoder_hidden: torch.Tensor, encoder_mask: torch.Tensor) -> torch.Tensor:
         """[batch, values of all attributes] logits from [batch, frames, dim] encoder outputs and their mask."""
         return self.classifier(self.act(self.linear(frame_statistics(encoder_hidden, encoder_mask))))
@@ -141,16 +152,7 @@ class TinyAudioProjector(nn.Module):
         self.output_norm = (
             nn.RMSNorm(config.text_config.hidden_size) if config.projector_output_norm else None
         )
-        self.voice_attributes = (
-            VoiceAttributeHeads(
-                encoder_size,
-                config.projector_hidden_size,
-                [len(values) for values in config.voice_attribute_values],
-                config.projector_activation,
-            )
-            if config.voice_attributes
-            else None
-        )
+        self.voice_attributes = VoiceAttributeHeads.from_config(config) if config.voice_attributes else None
 
     def forward(
         self,
@@ -352,20 +354,23 @@ class TinyAudioModel(TinyAudioPreTrainedModel):
         return encoder_hidden
 
     def get_audio_features(
+        self, input_features: torch.Tensor, input_features_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Audio embeddings in the LLM's space and the mask of those that stand for real audio."""
+        return self.project_audio(*self.encode_audio(input_features, input_features_mask))
+
+    def _encoder_frames(
         self,
-        input_features: torch.Tensor | None = None,
-        input_features_mask: torch.Tensor | None = None,
-        encoder_hidden_states: torch.Tensor | None = None,
-        encoder_mask: torch.Tensor | None = None,
+        input_features: torch.Tensor | None,
+        input_features_mask: torch.Tensor | None,
+        encoder_hidden_states: torch.Tensor | None,
+        encoder_mask: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Audio embeddings in the LLM's space and the mask of those that stand for real audio, from features (the
-        encoder runs) or from encoder outputs computed ahead of time (the training feature cache); None without
-        audio."""
+        """The encoder's frames and their mask: computed from features, or given ahead of time in their stead (the
+        training feature cache); None without audio."""
         if input_features is not None:
-            encoder_hidden_states, encoder_mask = self.encode_audio(input_features, input_features_mask)
-        if encoder_hidden_states is None:
-            return None
-        return self.project_audio(encoder_hidden_states, encoder_mask)
+            return self.encode_audio(input_features, input_features_mask)
+        return None if encoder_hidden_states is None else (encoder_hidden_states, encoder_mask)
 
     def voice_attribute_logits(
         self, encoder_hidden: torch.Tensor, encoder_mask: torch.Tensor
@@ -382,7 +387,7 @@ class TinyAudioModel(TinyAudioPreTrainedModel):
         """[batch, attributes, hidden]: for each attribute, the LLM's input embeddings of the words naming its values
         (a word of several tokens: their mean), weighted by the head's probabilities of those values."""
         table = self.get_input_embeddings().weight
-        counts = [len(values) for values in self.config.voice_attribute_values]
+        counts = self.config.voice_attribute_value_counts
         tokens = []
         for attribute_logits, entry in zip(
             logits.split(counts, dim=-1), self.config.voice_attributes, strict=True
@@ -457,13 +462,14 @@ class TinyAudioModel(TinyAudioPreTrainedModel):
         `input_features` when encoder outputs were computed ahead of time (the training feature cache)."""
         audio_embeds = audio_mask = voice_logits = None
         if inputs_embeds is None:
-            if input_features is not None:
-                encoder_hidden_states, encoder_mask = self.encode_audio(input_features, input_features_mask)
+            frames = self._encoder_frames(
+                input_features, input_features_mask, encoder_hidden_states, encoder_mask
+            )
             real_audio = None
-            if encoder_hidden_states is not None:
-                audio_embeds, audio_mask = self.project_audio(encoder_hidden_states, encoder_mask)
+            if frames is not None:
+                audio_embeds, audio_mask = self.project_audio(*frames)
                 real_audio = audio_embeds[audio_mask]
-                voice_logits = self.voice_attribute_logits(encoder_hidden_states, encoder_mask)
+                voice_logits = self.voice_attribute_logits(*frames)
             placeholder = self.get_placeholder_mask(input_ids, real_audio)
             voice_placeholder = self.get_voice_placeholder_mask(input_ids, voice_logits)
             # The placeholder ids may lie outside the LLM's vocabulary: look up a harmless id instead.
@@ -555,12 +561,7 @@ class TinyAudioForConditionalGeneration(CheckpointMixin, LoraMixin, TinyAudioMod
         self.config.voice_attributes, self.config.voice_token_id = voice_attributes, voice_token_id
         self.config.validate()
         reference = self.multi_modal_projector.linear_1.weight
-        heads = VoiceAttributeHeads(
-            reference.shape[1],
-            self.config.projector_hidden_size,
-            [len(values) for values in self.config.voice_attribute_values],
-            self.config.projector_activation,
-        )
+        heads = VoiceAttributeHeads.from_config(self.config)
         heads.apply(self._init_weights)
         self.multi_modal_projector.voice_attributes = heads.to(reference.device, reference.dtype)
         self.freeze_pretrained()
@@ -570,23 +571,21 @@ class TinyAudioForConditionalGeneration(CheckpointMixin, LoraMixin, TinyAudioMod
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        input_features: torch.Tensor | None = None,
-        input_features_mask: torch.Tensor | None = None,
-        encoder_hidden_states: torch.Tensor | None = None,
-        encoder_mask: torch.Tensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         ctc_targets: torch.LongTensor | None = None,
         ctc_only: bool = False,
         voice_attribute_targets: torch.LongTensor | None = None,
         voice_attributes_only: bool = False,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        input_features: torch.Tensor | None = None,
+        input_features_mask: torch.Tensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         num_items_in_batch: int | torch.Tensor | None = None,
         **kwargs,
     ) -> TinyAudioCausalLMOutputWithPast:
-        """LLM forward over the prompt with audio merged in, and the training losses.
+        """`TinyAudioModel.forward` (its other inputs, such as cached encoder outputs, come through `kwargs`) and the
+        training losses.
 
         With `labels`, logits are computed only where an answer token is predicted and the loss covers those
         positions only. With `ctc_targets` (each row's spoken tokens, padded with IGNORE_INDEX, as
@@ -594,21 +593,29 @@ class TinyAudioForConditionalGeneration(CheckpointMixin, LoraMixin, TinyAudioMod
         the projected audio (`ctc_loss`); `ctc_only` computes that alone and never runs the LLM (a warm-up). With
         `voice_attribute_targets` ([batch, attributes] value indices, IGNORE_INDEX where a clip's facts do not say)
         it adds `config.voice_attribute_loss_weight` times the heads' loss; `voice_attributes_only` computes that
-        alone (their warm-up).
+        alone (their warm-up). The inputs named here are those `generate` looks for.
         """
+        audio_inputs = {
+            "input_features": input_features,
+            "input_features_mask": input_features_mask,
+            "encoder_hidden_states": kwargs.pop("encoder_hidden_states", None),
+            "encoder_mask": kwargs.pop("encoder_mask", None),
+        }
         if voice_attributes_only:
-            if input_features is not None:
-                encoder_hidden_states, encoder_mask = self.encode_audio(input_features, input_features_mask)
-            logits = self.voice_attribute_logits(encoder_hidden_states, encoder_mask)
-            loss = self._voice_attribute_term(logits, voice_attribute_targets, labels, num_items_in_batch)
+            frames = self._encoder_frames(**audio_inputs)
+            logits = self.voice_attribute_logits(*frames) if frames is not None else None
+            loss = self._batch_share(
+                self._voice_attribute_term(logits, voice_attribute_targets), labels, num_items_in_batch
+            )
             return TinyAudioCausalLMOutputWithPast(
                 loss=loss, voice_attribute_logits=logits, voice_attribute_loss=loss
             )
         if ctc_only:
-            audio_embeds, audio_mask = self.get_audio_features(
-                input_features, input_features_mask, encoder_hidden_states, encoder_mask
-            ) or (None, None)
-            ctc = self._ctc_term(audio_embeds, audio_mask, ctc_targets, labels, num_items_in_batch)
+            frames = self._encoder_frames(**audio_inputs)
+            audio_embeds, audio_mask = self.project_audio(*frames) if frames is not None else (None, None)
+            ctc = self._batch_share(
+                self._ctc_term(audio_embeds, audio_mask, ctc_targets), labels, num_items_in_batch
+            )
             return TinyAudioCausalLMOutputWithPast(
                 loss=ctc, audio_embeds=audio_embeds, audio_mask=audio_mask, ctc_loss=ctc
             )
@@ -621,22 +628,16 @@ class TinyAudioForConditionalGeneration(CheckpointMixin, LoraMixin, TinyAudioMod
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            input_features=input_features,
-            input_features_mask=input_features_mask,
-            encoder_hidden_states=encoder_hidden_states,
-            encoder_mask=encoder_mask,
-            inputs_embeds=inputs_embeds,
             logits_to_keep=logits_to_keep,
+            **audio_inputs,
             **kwargs,
         )
         if ctc_targets is not None:
-            outputs.ctc_loss = self._ctc_term(
-                outputs.audio_embeds, outputs.audio_mask, ctc_targets, labels, num_items_in_batch
-            )
+            ctc = self._ctc_term(outputs.audio_embeds, outputs.audio_mask, ctc_targets)
+            outputs.ctc_loss = self._batch_share(ctc, labels, num_items_in_batch)
         if voice_attribute_targets is not None:
-            outputs.voice_attribute_loss = self._voice_attribute_term(
-                outputs.voice_attribute_logits, voice_attribute_targets, labels, num_items_in_batch
-            )
+            voice = self._voice_attribute_term(outputs.voice_attribute_logits, voice_attribute_targets)
+            outputs.voice_attribute_loss = self._batch_share(voice, labels, num_items_in_batch)
         if labels is None:
             return outputs
 
@@ -665,11 +666,7 @@ class TinyAudioForConditionalGeneration(CheckpointMixin, LoraMixin, TinyAudioMod
         return loss
 
     def _voice_attribute_term(
-        self,
-        logits: torch.Tensor | None,
-        voice_attribute_targets: torch.LongTensor | None,
-        labels: torch.LongTensor | None,
-        num_items_in_batch: int | torch.Tensor | None,
+        self, logits: torch.Tensor | None, voice_attribute_targets: torch.LongTensor | None
     ) -> torch.Tensor:
         """The heads' loss: the mean over attributes of their cross-entropy on the clips whose facts state them."""
         if logits is None or voice_attribute_targets is None:
@@ -677,26 +674,22 @@ class TinyAudioForConditionalGeneration(CheckpointMixin, LoraMixin, TinyAudioMod
                 "the voice-attribute loss needs voice-attribute heads (config.voice_attributes), the audio and "
                 "voice_attribute_targets"
             )
-        counts = [len(values) for values in self.config.voice_attribute_values]
+        counts = self.config.voice_attribute_value_counts
         targets = voice_attribute_targets.to(logits.device)
         terms = [
             nn.functional.cross_entropy(attribute_logits.float(), target, ignore_index=IGNORE_INDEX)
             for attribute_logits, target in zip(logits.split(counts, dim=-1), targets.unbind(-1), strict=True)
             if (target != IGNORE_INDEX).any()
         ]
-        loss = torch.stack(terms).mean() if terms else logits.sum() * 0
-        return self._batch_share(loss, labels, num_items_in_batch)
+        return torch.stack(terms).mean() if terms else logits.sum() * 0
 
     def _ctc_term(
         self,
         audio_embeds: torch.Tensor | None,
         audio_mask: torch.Tensor | None,
         ctc_targets: torch.LongTensor | None,
-        labels: torch.LongTensor | None,
-        num_items_in_batch: int | torch.Tensor | None,
     ) -> torch.Tensor:
-        """The CTC loss of the projected audio: a mean per spoken token, given the share of the accumulated batch
-        (`num_items_in_batch`) that this batch's answer tokens hold, as the next-token loss has."""
+        """The CTC loss of the projected audio: a mean per spoken token (the batch's share is `_batch_share`)."""
         if ctc_targets is None or audio_embeds is None:
             raise ValueError(
                 "the CTC loss needs ctc_targets and the audio (input_features or encoder outputs)"
@@ -705,14 +698,10 @@ class TinyAudioForConditionalGeneration(CheckpointMixin, LoraMixin, TinyAudioMod
             raise ValueError(
                 "the CTC loss needs config.ctc_blank_token_id, the token CTC blank frames stand for"
             )
-        loss = embedding_ctc_loss(
-            audio_embeds,
-            audio_mask,
-            self.get_input_embeddings().weight,
-            ctc_targets,
-            self.config.ctc_blank_token_id,
+        embeddings = self.get_input_embeddings().weight
+        return embedding_ctc_loss(
+            audio_embeds, audio_mask, embeddings, ctc_targets, self.config.ctc_blank_token_id
         )
-        return self._batch_share(loss, labels, num_items_in_batch)
 
     # ---- generation -----------------------------------------------------------------------------------------
 
@@ -804,11 +793,19 @@ class TinyAudioForConditionalGeneration(CheckpointMixin, LoraMixin, TinyAudioMod
         kwargs["logits_processor"] = LogitsProcessorList([*kwargs.get("logits_processor", []), scorer])
         return kwargs
 
-    def prepare_inputs_for_generation(self, *args, is_first_iteration: bool = False, **kwargs) -> dict:
+    def prepare_inputs_for_generation(
+        self,
+        *args,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_mask: torch.Tensor | None = None,
+        is_first_iteration: bool = False,
+        **kwargs,
+    ) -> dict:
+        """The library's inputs. Encoder outputs computed ahead of time stand in for `input_features`, so like them
+        (which the library drops after the prompt) they go to the prompt's forward only."""
         inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
-        if not is_first_iteration and kwargs.get("use_cache", True):
-            for key in PREFILL_ONLY_INPUTS:
-                inputs.pop(key, None)
+        if is_first_iteration or not kwargs.get("use_cache", True):
+            inputs.update(encoder_hidden_states=encoder_hidden_states, encoder_mask=encoder_mask)
         return inputs
 
     # Private: GenerationMixin has no public hook around the prompt's forward; tests/test_core.py

@@ -9,26 +9,26 @@ import torch
 from transformers import AutoConfig, AutoFeatureExtractor, AutoTokenizer, BatchFeature, ProcessorMixin
 from transformers.tokenization_utils_base import AddedToken
 
+# The sibling Hub files: a relative import in a checkpoint's remote code, a top-level one in a checkout. One
+# name per line (isort would join them), so that the two spellings stay plain import lines.
+# isort: off
 try:
-    from .configuration_tiny_audio import (
-        DEFAULT_TASK_PROMPTS,
-        DEFAULT_VOICE_TASKS,
-        WHISPER_CONV_LAYERS,
-        ConvLayers,
-        TinyAudioConfig,
-        audio_token_lengths,
-        encoder_conv_layers,
-    )
+    from .configuration_tiny_audio import DEFAULT_TASK_PROMPTS
+    from .configuration_tiny_audio import DEFAULT_VOICE_TASKS
+    from .configuration_tiny_audio import WHISPER_CONV_LAYERS
+    from .configuration_tiny_audio import ConvLayers
+    from .configuration_tiny_audio import TinyAudioConfig
+    from .configuration_tiny_audio import audio_token_lengths
+    from .configuration_tiny_audio import encoder_conv_layers
 except ImportError:
-    from configuration_tiny_audio import (
-        DEFAULT_TASK_PROMPTS,
-        DEFAULT_VOICE_TASKS,
-        WHISPER_CONV_LAYERS,
-        ConvLayers,
-        TinyAudioConfig,
-        audio_token_lengths,
-        encoder_conv_layers,
-    )
+    from configuration_tiny_audio import DEFAULT_TASK_PROMPTS
+    from configuration_tiny_audio import DEFAULT_VOICE_TASKS
+    from configuration_tiny_audio import WHISPER_CONV_LAYERS
+    from configuration_tiny_audio import ConvLayers
+    from configuration_tiny_audio import TinyAudioConfig
+    from configuration_tiny_audio import audio_token_lengths
+    from configuration_tiny_audio import encoder_conv_layers
+# isort: on
 
 # Label of the positions the loss skips (prompt, audio, padding): the value PyTorch's cross_entropy ignores.
 IGNORE_INDEX = -100

@@ -68,6 +68,17 @@ def make_clips(directory: Path, count: int) -> Path:
     return directory
 
 
+# The published architectures of the offline preset's models (their config.json), for random stand-ins.
+WHISPER_TINY_ARCHITECTURE = {
+    "d_model": 384, "encoder_layers": 4, "encoder_attention_heads": 6, "encoder_ffn_dim": 1536,
+    "decoder_layers": 4, "decoder_attention_heads": 6, "decoder_ffn_dim": 1536, "num_mel_bins": 80,
+}  # fmt: skip
+SMOLLM2_135M_ARCHITECTURE = {
+    "vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+    "num_attention_heads": 9, "num_key_value_heads": 3, "tie_word_embeddings": True,
+}  # fmt: skip
+
+
 def random_preset(directory: Path) -> tuple[str, str]:
     """Whisper tiny.en and SmolLM2-135M architectures with random weights, when the offline preset is absent."""
     from transformers import (
@@ -80,34 +91,12 @@ def random_preset(directory: Path) -> tuple[str, str]:
 
     from testing.tiny_models import make_tiny_tokenizer
 
-    whisper = WhisperModel(
-        WhisperConfig(
-            d_model=384,
-            encoder_layers=4,
-            encoder_attention_heads=6,
-            encoder_ffn_dim=1536,
-            decoder_layers=4,
-            decoder_attention_heads=6,
-            decoder_ffn_dim=1536,
-            num_mel_bins=80,
-        )
-    )
+    whisper = WhisperModel(WhisperConfig(**WHISPER_TINY_ARCHITECTURE))
     whisper.save_pretrained(directory / "whisper")
     WhisperFeatureExtractor(feature_size=80).save_pretrained(directory / "whisper")
     tokenizer = make_tiny_tokenizer()
-    llm = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=49152,
-            hidden_size=576,
-            intermediate_size=1536,
-            num_hidden_layers=30,
-            num_attention_heads=9,
-            num_key_value_heads=3,
-            tie_word_embeddings=True,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
+    ids = {"eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    llm = LlamaForCausalLM(LlamaConfig(**SMOLLM2_135M_ARCHITECTURE, **ids))
     llm.save_pretrained(directory / "llm")
     tokenizer.save_pretrained(directory / "llm")
     return str(directory / "whisper"), str(directory / "llm")

@@ -93,7 +93,7 @@ def head_answers(
     if not model.config.voice_attributes:
         return {}
     logits = torch.cat([model.voice_attribute_logits(hidden.float(), mask) for hidden, mask in batches])
-    counts = [len(values) for values in model.config.voice_attribute_values]
+    counts = model.config.voice_attribute_value_counts
     return {
         entry["attribute"]: [entry["values"][index] for index in part.argmax(-1).tolist()]
         for entry, part in zip(model.config.voice_attributes, logits.split(counts, dim=-1), strict=True)

@@ -5,9 +5,19 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 # Weight dtypes the converters can store (names of torch dtypes); kept here so both converters share one list.
 DTYPE_NAMES = ("float32", "float16", "bfloat16")
+
+
+def save_converted(out: str | Path, model: Any, processor: Any) -> Path:
+    """A converter's output folder: the weights and, beside them, the tokenizer or processor that reads them."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
 
 
 def run_converter_cli(

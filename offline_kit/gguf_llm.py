@@ -21,7 +21,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from offline_kit import DTYPE_NAMES, run_converter_cli
+from offline_kit import DTYPE_NAMES, run_converter_cli, save_converted
 
 
 def _check_gguf_file(gguf_path: Path) -> None:
@@ -55,12 +55,7 @@ def load_gguf_llm(
 
 def convert_gguf_llm(gguf_path: str | Path, out: str | Path, dtype: str = "float32") -> Path:
     """Save the dequantized GGUF model at ``gguf_path`` as a safetensors folder with its tokenizer at ``out``."""
-    model, tokenizer = load_gguf_llm(gguf_path, dtype)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
+    return save_converted(out, *load_gguf_llm(gguf_path, dtype))
 
 
 def main(argv: list[str] | None = None) -> None:

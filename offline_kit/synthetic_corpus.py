@@ -27,6 +27,7 @@ import os
 import random
 import shutil
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -232,8 +233,8 @@ def build_corpus(
     num_clips: int = 200,
     seed: int = 0,
     test_fraction: float = 0.05,
-    families: tuple[str, ...] = DEFAULT_FAMILIES,
-    sources: tuple[str, ...] = DEFAULT_SOURCES,
+    families: Sequence[str] = DEFAULT_FAMILIES,
+    sources: Sequence[str] = DEFAULT_SOURCES,
     use_augment: bool = True,
     shard_size: int = 50,
     workers: int | None = None,
@@ -246,6 +247,7 @@ def build_corpus(
     room: float = 0.0,
 ) -> datasets.DatasetDict:
     """Render (or resume) the corpus into ``out`` and return it loaded from disk."""
+    families, sources = tuple(families), tuple(sources)
     for flag, odds in (("--narrowband", narrowband), ("--room", room)):
         if odds and not use_augment:
             raise ValueError(f"{flag} is an augmentation: it cannot go with --no-augment")
@@ -324,7 +326,7 @@ def main(argv: list[str] | None = None) -> None:
         "--families", nargs="+", default=list(DEFAULT_FAMILIES), choices=FAMILIES, help="voice families"
     )
     parser.add_argument("--sources", nargs="+", default=list(DEFAULT_SOURCES), choices=SOURCES)
-    parser.add_argument("--no-augment", action="store_true", help="clean TTS audio only")
+    parser.add_argument("--no-augment", dest="use_augment", action="store_false", help="clean TTS audio only")
     parser.add_argument("--shard-size", type=int, default=50)
     parser.add_argument("--workers", type=int, default=None, help="processes (default: one per core)")
     parser.add_argument("--keep-shards", action="store_true", help="keep per-shard datasets after assembly")
@@ -367,25 +369,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--no-install", action="store_true", help="fail instead of installing missing deps")
     args = parser.parse_args(argv)
-    ensure_data_deps(install=not args.no_install)
-    corpus = build_corpus(
-        out=args.out,
-        num_clips=args.num_clips,
-        seed=args.seed,
-        test_fraction=args.test_fraction,
-        families=tuple(args.families),
-        sources=tuple(args.sources),
-        use_augment=not args.no_augment,
-        shard_size=args.shard_size,
-        workers=args.workers,
-        keep_shards=args.keep_shards,
-        first_clip=args.first_clip,
-        max_words=args.max_words,
-        min_words=args.min_words,
-        narrowband=args.narrowband,
-        isolated_words=args.isolated_words,
-        room=args.room,
-    )
+    options = vars(args)  # the flags are build_corpus's parameters, by name
+    ensure_data_deps(install=not options.pop("no_install"))
+    corpus = build_corpus(**options)
     print(f"synthetic corpus in {args.out}")
     print(summarize(corpus))
 

@@ -26,7 +26,7 @@ from transformers import (
     WhisperTokenizer,
 )
 
-from offline_kit import DTYPE_NAMES, run_converter_cli
+from offline_kit import DTYPE_NAMES, run_converter_cli, save_converted
 
 # CTranslate2's DataType enum (include/ctranslate2/types.h): type id -> torch dtype.
 _CT2_DTYPES = {
@@ -357,10 +357,8 @@ def convert_ct2_whisper(src: str | Path, out: str | Path, dtype: str = "float32"
         raise ValueError(f"{src}: weight mapping mismatch; missing={missing[:5]} unexpected={unexpected[:5]}")
     model.tie_weights()
     model.generation_config = whisper_generation_config(config, ct2_config, tokenizer)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    WhisperProcessor(_load_feature_extractor(src, config.num_mel_bins), tokenizer).save_pretrained(out)
-    return out
+    processor = WhisperProcessor(_load_feature_extractor(src, config.num_mel_bins), tokenizer)
+    return save_converted(out, model, processor)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -20,15 +20,8 @@ import numpy as np
 import pytest
 import soundfile
 import torch
+import transformers
 from tokenizers import pre_tokenizers
-from transformers import (
-    GenerationConfig,
-    WhisperConfig,
-    WhisperFeatureExtractor,
-    WhisperForConditionalGeneration,
-    WhisperProcessor,
-    WhisperTokenizer,
-)
 
 from benchmarks import check_offline_weights as check
 from checkpoint_tiny_audio import HUB_CODE_FILES
@@ -70,12 +63,12 @@ def make_tiny_multilingual_whisper(directory: Path) -> Path:
     vocab = {
         token: i for i, token in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()) + WHISPER_SPECIALS)
     }
-    tokenizer = WhisperTokenizer(vocab=vocab, merges=[])
+    tokenizer = transformers.WhisperTokenizer(vocab=vocab, merges=[])
     tokenizer.add_special_tokens({"additional_special_tokens": WHISPER_SPECIALS[1:]})
     tokenizer.set_prefix_tokens()
     ids = tokenizer.convert_tokens_to_ids
     eot = ids("<|endoftext|>")
-    config = WhisperConfig(
+    config = transformers.WhisperConfig(
         vocab_size=300,  # > tokenizer size: the rest are timestamp tokens, as in real Whisper
         num_mel_bins=80,
         d_model=64,
@@ -92,12 +85,12 @@ def make_tiny_multilingual_whisper(directory: Path) -> Path:
         pad_token_id=eot,
     )
     torch.manual_seed(0)
-    model = WhisperForConditionalGeneration(config)
+    model = transformers.WhisperForConditionalGeneration(config)
     with torch.no_grad():  # non-trivial norms and biases, so a mix-up of gamma/beta or q/k/v would show
         for name, param in model.named_parameters():
             if "layer_norm" in name or name.endswith("bias"):
                 param.normal_(mean=1.0 if name.endswith("weight") else 0.0, std=0.1)
-    model.generation_config = GenerationConfig(
+    model.generation_config = transformers.GenerationConfig(
         decoder_start_token_id=config.decoder_start_token_id,
         eos_token_id=eot,
         pad_token_id=eot,
@@ -111,7 +104,7 @@ def make_tiny_multilingual_whisper(directory: Path) -> Path:
     )
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
-    WhisperFeatureExtractor(feature_size=80).save_pretrained(
+    transformers.WhisperFeatureExtractor(feature_size=80).save_pretrained(
         directory
     )  # preprocessor_config.json, as on the Hub
     return directory
@@ -160,8 +153,10 @@ def roundtrip(request, tiny_whisper_dir, tmp_path_factory) -> tuple[str, Path, P
 @needs_ctranslate2
 def test_roundtrip_weights_match_within_storage_precision(roundtrip, tiny_whisper_dir):
     quantization, ct2_dir, back_dir = roundtrip
-    original = WhisperForConditionalGeneration.from_pretrained(tiny_whisper_dir).state_dict()
-    back, info = WhisperForConditionalGeneration.from_pretrained(back_dir, output_loading_info=True)
+    original = transformers.WhisperForConditionalGeneration.from_pretrained(tiny_whisper_dir).state_dict()
+    back, info = transformers.WhisperForConditionalGeneration.from_pretrained(
+        back_dir, output_loading_info=True
+    )
     assert not info["missing_keys"] and not info["unexpected_keys"]
     converted = back.state_dict()
     assert converted.keys() == original.keys()
@@ -178,8 +173,8 @@ def test_roundtrip_weights_match_within_storage_precision(roundtrip, tiny_whispe
 @needs_ctranslate2
 def test_roundtrip_config_and_generation_settings(roundtrip, tiny_whisper_dir):
     _, _, back_dir = roundtrip
-    original = WhisperConfig.from_pretrained(tiny_whisper_dir)
-    config = WhisperConfig.from_pretrained(back_dir)
+    original = transformers.WhisperConfig.from_pretrained(tiny_whisper_dir)
+    config = transformers.WhisperConfig.from_pretrained(back_dir)
     for field in (
         "vocab_size",
         "num_mel_bins",
@@ -196,14 +191,14 @@ def test_roundtrip_config_and_generation_settings(roundtrip, tiny_whisper_dir):
         "eos_token_id",
     ):
         assert getattr(config, field) == getattr(original, field), field
-    generation = GenerationConfig.from_pretrained(back_dir)
-    source = GenerationConfig.from_pretrained(tiny_whisper_dir)
+    generation = transformers.GenerationConfig.from_pretrained(back_dir)
+    source = transformers.GenerationConfig.from_pretrained(tiny_whisper_dir)
     assert generation.is_multilingual
     assert generation.lang_to_id == source.lang_to_id
     assert generation.task_to_id == source.task_to_id
     assert generation.no_timestamps_token_id == source.no_timestamps_token_id
     assert generation.begin_suppress_tokens == source.begin_suppress_tokens
-    processor = WhisperProcessor.from_pretrained(back_dir)
+    processor = transformers.WhisperProcessor.from_pretrained(back_dir)
     assert processor.feature_extractor.feature_size == 80
     assert (
         processor.tokenizer.decode(processor.tokenizer("hello").input_ids, skip_special_tokens=True)
@@ -218,7 +213,7 @@ def test_roundtrip_outputs_match_ctranslate2_runtime(roundtrip):
 
     _, ct2_dir, back_dir = roundtrip
     runtime = ctranslate2.models.Whisper(str(ct2_dir), device="cpu", compute_type="float32")
-    model = WhisperForConditionalGeneration.from_pretrained(back_dir).eval()
+    model = transformers.WhisperForConditionalGeneration.from_pretrained(back_dir).eval()
     features = torch.randn(2, 80, 3000, generator=torch.Generator().manual_seed(1))
     expected = torch.from_numpy(
         np.asarray(runtime.encode(ctranslate2.StorageView.from_array(features.numpy()), to_cpu=True))
@@ -281,7 +276,7 @@ def test_reader_rejects_truncated_and_foreign_files(tiny_whisper_dir, tmp_path):
 def test_whisper_cli_stores_requested_dtype(tiny_whisper_dir, tmp_path):
     ct2_dir = ct2_convert(tiny_whisper_dir, tmp_path / "ct2", "int8_float16")
     whisper_ct2.main([str(ct2_dir), str(tmp_path / "hf16"), "--dtype", "float16"])
-    model = WhisperForConditionalGeneration.from_pretrained(tmp_path / "hf16")
+    model = transformers.WhisperForConditionalGeneration.from_pretrained(tmp_path / "hf16")
     assert model.dtype == torch.float16
     assert model.config.tie_word_embeddings  # CTranslate2 aliased the projection to the embeddings
 
