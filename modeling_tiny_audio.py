@@ -571,6 +571,7 @@ class TinyAudioForConditionalGeneration(CheckpointMixin, LoraMixin, TinyAudioMod
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
+        *,
         labels: torch.LongTensor | None = None,
         ctc_targets: torch.LongTensor | None = None,
         ctc_only: bool = False,
@@ -593,7 +594,8 @@ class TinyAudioForConditionalGeneration(CheckpointMixin, LoraMixin, TinyAudioMod
         the projected audio (`ctc_loss`); `ctc_only` computes that alone and never runs the LLM (a warm-up). With
         `voice_attribute_targets` ([batch, attributes] value indices, IGNORE_INDEX where a clip's facts do not say)
         it adds `config.voice_attribute_loss_weight` times the heads' loss; `voice_attributes_only` computes that
-        alone (their warm-up). The inputs named here are those `generate` looks for.
+        alone (their warm-up). The inputs named here are those `generate` looks for; all but `input_ids` are keywords,
+        as their order differs from the base model's.
         """
         audio_inputs = {
             "input_features": input_features,

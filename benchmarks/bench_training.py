@@ -216,6 +216,7 @@ def train_reference(models: list[str], work: Path, args: argparse.Namespace, tim
     from transformers import Trainer, TrainingArguments
 
     from pipeline_asr import read_audio
+    from processing_tiny_audio import IGNORE_INDEX
 
     model, processor = reference_project.build(Path(args.reference), *models)
     pad_id = model.tokenizer.pad_token_id
@@ -236,13 +237,13 @@ def train_reference(models: list[str], work: Path, args: argparse.Namespace, tim
                 "input_ids"
             ]
             sequences.append(torch.tensor(full))
-            labels.append(torch.tensor([-100] * len(prompt) + full[len(prompt) :]))
+            labels.append(torch.tensor([IGNORE_INDEX] * len(prompt) + full[len(prompt) :]))
         return {
             "input_ids": torch.nn.utils.rnn.pad_sequence(sequences, batch_first=True, padding_value=pad_id),
             "attention_mask": torch.nn.utils.rnn.pad_sequence(
                 [torch.ones_like(s) for s in sequences], batch_first=True
             ),
-            "labels": torch.nn.utils.rnn.pad_sequence(labels, batch_first=True, padding_value=-100),
+            "labels": torch.nn.utils.rnn.pad_sequence(labels, batch_first=True, padding_value=IGNORE_INDEX),
             "input_features": audio["input_features"],
             "audio_attention_mask": audio["attention_mask"],
         }
