@@ -138,10 +138,13 @@ class TinyAudioConfig(PreTrainedConfig):
     # e.g. {"attribute": "gender", "values": ["female", "male"], "token_ids": [[" woman" ids], [" man" ids]]}
     # (lists: a saved config sorts the keys of a mapping); None = off. The heads train on the `facts` of each clip
     # (training.collator) with weight `voice_attribute_loss_weight`. Only the prompts of `voice_tasks` carry the
-    # voice tokens: a transcript must not pick up words that were never said.
+    # voice tokens: a transcript must not pick up words that were never said. `voice_prompt_length` learned embeddings
+    # (prompt tuning) open the voice tokens: trained alone with the heads (train.py --train_voice_only), they teach
+    # the voice tasks to a model whose transcription then stays exactly as it was.
     voice_attributes: list | None = None
     voice_attribute_loss_weight: float = 1.0
     voice_tasks: list | None = None
+    voice_prompt_length: int = 0
     encoder_trainable_layers: int = 0
     # Whisper reads a 30-s window whatever the clip's length; True runs it on the longest clip's frames only (its
     # frames attending to real audio only): far cheaper on short clips, but not the frames Whisper was trained on.
@@ -233,11 +236,22 @@ class TinyAudioConfig(PreTrainedConfig):
                     )
         if self.voice_attributes and self.voice_token_id is None:
             raise ValueError("voice_attributes need voice_token_id, the placeholder of the voice tokens")
+        if not isinstance(self.voice_prompt_length, int) or self.voice_prompt_length < 0:
+            raise ValueError(
+                f"voice_prompt_length must be a whole number >= 0, got {self.voice_prompt_length!r}"
+            )
+        if self.voice_prompt_length and not self.voice_attributes:
+            raise ValueError("voice_prompt_length opens the voice tokens: it needs voice_attributes")
 
     @property
     def voice_attribute_values(self) -> list[list[str]]:
         """The values of each voice attribute, in the order of the heads' logits."""
         return [list(entry["values"]) for entry in self.voice_attributes or []]
+
+    @property
+    def voice_token_count(self) -> int:
+        """Voice placeholders in a prompt of `voice_tasks`: the learned prompt, then one per attribute (0 without)."""
+        return self.voice_prompt_length + len(self.voice_attributes) if self.voice_attributes else 0
 
     @property
     def voice_attribute_value_counts(self) -> list[int]:

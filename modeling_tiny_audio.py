@@ -107,14 +107,23 @@ class VoiceAttributeHeads(nn.Module):
 
     Trained on each clip's facts, they tell the LLM in words it knows who speaks and over what line
     (`TinyAudioModel.voice_embeddings`): a frozen LLM reads the words at once, where a summary vector would first
-    have to be learnt to read (issue 30).
+    have to be learnt to read (issue 30). The optional learned prompt (`prompt`, [length, LLM width]) opens those
+    words in the prompt: the whole voice path lives in this module, so that it can train alone.
     """
 
-    def __init__(self, encoder_size: int, hidden_size: int, value_counts: list[int], activation: str):
+    def __init__(
+        self,
+        encoder_size: int,
+        hidden_size: int,
+        value_counts: list[int],
+        activation: str,
+        prompt_shape: tuple[int, int] = (0, 0),
+    ):
         super().__init__()
         self.linear = nn.Linear(2 * encoder_size, hidden_size)
         self.act = ACT2FN[activation]
         self.classifier = nn.Linear(hidden_size, sum(value_counts))
+        self.prompt = nn.Parameter(torch.zeros(prompt_shape)) if prompt_shape[0] else None
 
     @classmethod
     def from_config(cls, config: TinyAudioConfig) -> VoiceAttributeHeads:
@@ -124,6 +133,7 @@ class VoiceAttributeHeads(nn.Module):
             config.projector_hidden_size,
             config.voice_attribute_value_counts,
             config.projector_activation,
+            (config.voice_prompt_length, config.text_config.hidden_size),
         )
 
     def forward(self, encoder_hidden: torch.Tensor, encoder_mask: torch.Tensor) -> torch.Tensor:
@@ -384,8 +394,9 @@ class TinyAudioModel(TinyAudioPreTrainedModel):
         return heads(encoder_hidden.to(weight.device, weight.dtype), encoder_mask)
 
     def voice_embeddings(self, logits: torch.Tensor) -> torch.Tensor:
-        """[batch, attributes, hidden]: for each attribute, the LLM's input embeddings of the words naming its values
-        (a word of several tokens: their mean), weighted by the head's probabilities of those values."""
+        """[batch, voice tokens, hidden]: the learned prompt, if any, then for each attribute the LLM's input
+        embeddings of the words naming its values (a word of several tokens: their mean), weighted by the head's
+        probabilities of those values."""
         table = self.get_input_embeddings().weight
         counts = self.config.voice_attribute_value_counts
         tokens = []
@@ -396,7 +407,12 @@ class TinyAudioModel(TinyAudioPreTrainedModel):
                 [table[torch.tensor(ids, device=table.device)].mean(0) for ids in entry["token_ids"]]
             )
             tokens.append(attribute_logits.softmax(-1).to(words.device, words.dtype) @ words)
-        return torch.stack(tokens, dim=1)
+        voice = torch.stack(tokens, dim=1)
+        prompt = self.multi_modal_projector.voice_attributes.prompt
+        if prompt is None:
+            return voice
+        prompt = prompt.to(voice.device, voice.dtype).expand(voice.shape[0], -1, -1)
+        return torch.cat([prompt, voice], dim=1)
 
     # ---- merge ----------------------------------------------------------------------------------------------
 
@@ -423,7 +439,7 @@ class TinyAudioModel(TinyAudioPreTrainedModel):
         self, input_ids: torch.LongTensor, voice_logits: torch.Tensor | None
     ) -> torch.Tensor:
         """Where the voice placeholders are in `input_ids`: in each row, none (a task that does not ask about the voice)
-        or one per voice attribute (checked against the heads' logits, `voice_logits`, which must then exist)."""
+        or `config.voice_token_count` (the heads' logits, `voice_logits`, must then exist)."""
         placeholder = (
             torch.zeros_like(input_ids, dtype=torch.bool)
             if self.config.voice_token_id is None
@@ -437,11 +453,11 @@ class TinyAudioModel(TinyAudioPreTrainedModel):
                 "was given (build inputs with this checkpoint's TinyAudioProcessor)."
             )
         per_row = placeholder.sum(-1)
-        attributes = len(self.config.voice_attributes)
-        if not ((per_row == 0) | (per_row == attributes)).all():
+        expected = self.config.voice_token_count
+        if not ((per_row == 0) | (per_row == expected)).all():
             raise ValueError(
                 f"The prompts hold {per_row.tolist()} voice placeholder tokens per row, where the model gives "
-                f"{attributes} voice tokens (or none) per clip; build inputs with this checkpoint's TinyAudioProcessor."
+                f"{expected} voice tokens (or none) per clip; build inputs with this checkpoint's TinyAudioProcessor."
             )
         return placeholder
 
@@ -564,6 +580,28 @@ class TinyAudioForConditionalGeneration(CheckpointMixin, LoraMixin, TinyAudioMod
         heads = VoiceAttributeHeads.from_config(self.config)
         heads.apply(self._init_weights)
         self.multi_modal_projector.voice_attributes = heads.to(reference.device, reference.dtype)
+        self.freeze_pretrained()
+
+    def add_voice_prompt(self, length: int) -> None:
+        """Adds a learned voice prompt of `length` embeddings (`config.voice_prompt_length`) to a model with voice
+        heads, for a continued run; the processor must then count the voice tokens again
+        (`TinyAudioProcessor.add_voice_tokens(config.voice_token_count)`). It starts as the LLM's embeddings of
+        random vocabulary tokens, which a prompt learns from faster than from noise."""
+        heads = self.multi_modal_projector.voice_attributes
+        if heads is None:
+            raise ValueError("a voice prompt opens the voice tokens: add voice_attributes first")
+        if self.config.voice_prompt_length:
+            if self.config.voice_prompt_length != length:
+                raise ValueError(
+                    f"this checkpoint's voice prompt has {self.config.voice_prompt_length} embeddings; a continued "
+                    f"run cannot change it to {length}"
+                )
+            return
+        table = self.get_input_embeddings().weight
+        tokens = torch.randint(table.shape[0], (length,), device=table.device)
+        heads.prompt = nn.Parameter(table[tokens].detach().to(heads.linear.weight.dtype).clone())
+        self.config.voice_prompt_length = length
+        self.config.validate()
         self.freeze_pretrained()
 
     # ---- losses -----------------------------------------------------------------------------------------------

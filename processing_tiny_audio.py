@@ -109,8 +109,9 @@ class TinyAudioProcessor(ProcessorMixin):
             self.add_voice_tokens(voice_tokens)
 
     def add_voice_tokens(self, count: int) -> int:
-        """Puts `count` voice placeholders after the audio of the prompts of `voice_tasks`, one per voice attribute of
-        the model (`TinyAudioConfig.voice_attributes`), and returns their token id."""
+        """Puts `count` voice placeholders after the audio of the prompts of `voice_tasks` (the model's
+        `TinyAudioConfig.voice_token_count`: its learned voice prompt, then one per voice attribute), and returns their
+        token id."""
         self.voice_tokens = count
         return add_placeholder_token(self.tokenizer, self.voice_token)
 
@@ -130,7 +131,7 @@ class TinyAudioProcessor(ProcessorMixin):
             projector_downsample=config.projector_downsample,
             max_audio_seconds=config.max_audio_seconds,
             voice_token=config.voice_token,
-            voice_tokens=len(config.voice_attributes or []),
+            voice_tokens=config.voice_token_count,
             voice_tasks=config.voice_tasks,
         )
 

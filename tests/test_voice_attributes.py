@@ -308,3 +308,93 @@ def test_the_probe_reads_each_heads_answer_per_clip(voice_model, tmp_path):
     assert head_answers(model, batches) == {"noise": ["noisy", "noisy"], "gender": ["female", "female"]}
     plain, _ = make_tiny_tiny_audio(tmp_path / "plain")
     assert head_answers(plain, batches) == {}
+
+
+def test_a_voice_prompt_opens_the_voice_tokens_and_survives_saving(voice_model, tmp_path):
+    model, processor = voice_model
+    model.add_voice_prompt(3)
+    processor.add_voice_tokens(model.config.voice_token_count)
+    prompt = model.multi_modal_projector.voice_attributes.prompt
+    assert prompt.shape == (3, model.config.text_config.hidden_size) and prompt.requires_grad
+    inputs = processor(audio=CLIPS, task="describe")
+    assert ((inputs["input_ids"] == model.config.voice_token_id).sum(-1) == 5).all()
+    force_heads(model, {"noise": "noisy", "gender": "female"})
+    embeds = llm_inputs(model, inputs)
+    voice = embeds[inputs["input_ids"] == model.config.voice_token_id].view(2, 5, -1)
+    for row in voice:  # the learned prompt first, then the attributes' words in the config's order
+        torch.testing.assert_close(row[:3], prompt.detach())
+        torch.testing.assert_close(row[3], word_embedding(model, processor, "noisy"), atol=1e-4, rtol=0)
+        torch.testing.assert_close(row[4], word_embedding(model, processor, "woman"), atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="cannot change it to 4"):
+        model.add_voice_prompt(4)
+
+    model.save_pretrained(tmp_path / "saved")
+    processor.save_pretrained(tmp_path / "saved")
+    reloaded = TinyAudioForConditionalGeneration.from_pretrained(tmp_path / "saved")
+    assert reloaded.config.voice_prompt_length == 3
+    torch.testing.assert_close(reloaded.multi_modal_projector.voice_attributes.prompt, prompt)
+    assert TinyAudioProcessor.from_pretrained(tmp_path / "saved").voice_tokens == 5
+
+
+def test_a_voice_prompt_needs_voice_heads(tmp_path):
+    plain, _ = make_tiny_tiny_audio(tmp_path)
+    with pytest.raises(ValueError, match="add voice_attributes first"):
+        plain.add_voice_prompt(2)
+
+
+def test_train_voice_only_trains_the_voice_path_and_transcribes_exactly_as_before(tmp_path):
+    """A model with LoRA and heads gains a voice prompt and trains only its voice path on describe rows: every
+    other weight, and so every transcript, stays the starting model's, token for token."""
+    described = speech_rows(8, 3)
+    described["facts"] = [json.dumps({"gender": ("female", "male")[i % 2]}) for i in range(8)]
+    DatasetDict({"train": Dataset.from_dict(described)}).cast_column(
+        "audio", Audio(sampling_rate=RATE)
+    ).save_to_disk(tmp_path / "described")
+    workspace = {
+        "encoder": make_tiny_encoder(tmp_path / "encoder"),
+        "llm": make_tiny_llm(tmp_path / "llm"),
+        "data": str(tmp_path / "described"),
+    }
+    words = json.dumps({"gender": {"female": "woman", "male": "man"}})
+    start = str(tmp_path / "start")
+    train.run(
+        base_args(
+            workspace, start, *NO_EVAL, "--voice_attributes", words, "--lora_rank", "2", "--max_steps", "2"
+        )
+    )
+    describe = json.dumps([{"path": workspace["data"], "split": "train", "task": "describe"}])
+    out, snapshot = str(tmp_path / "voice"), Snapshot()
+    flags = ("--model_name_or_path", start, "--train_datasets", describe, "--max_steps", "3")
+    train.run(
+        base_args(workspace, out, *NO_EVAL, *flags, "--voice_prompt_length", "2", "--train_voice_only"),
+        callbacks=[snapshot],
+    )
+    changed = {k for k in snapshot.before if not torch.equal(snapshot.before[k], snapshot.after[k])}
+    assert "multi_modal_projector.voice_attributes.prompt" in changed
+    assert all(k.startswith("multi_modal_projector.voice_attributes.") for k in changed)
+
+    before = TinyAudioForConditionalGeneration.from_pretrained(start)
+    after = TinyAudioForConditionalGeneration.from_pretrained(out)
+    assert after.config.voice_prompt_length == 2 and after.config.lora_rank == 2
+    for name, tensor in before.state_dict().items():
+        if not name.startswith("multi_modal_projector.voice_attributes."):
+            torch.testing.assert_close(after.state_dict()[name], tensor, atol=0, rtol=0, msg=name)
+    transcripts = []
+    for folder, model in ((start, before), (out, after)):
+        inputs = TinyAudioProcessor.from_pretrained(folder)(audio=CLIPS, task="transcribe")
+        transcripts.append(model.generate(**inputs, max_new_tokens=6, num_beams=1, do_sample=False))
+    torch.testing.assert_close(transcripts[1], transcripts[0], atol=0, rtol=0)
+    assert TinyAudioProcessor.from_pretrained(out).voice_tokens == 3
+
+
+def test_train_voice_only_needs_voice_heads(tmp_path):
+    workspace = {
+        "encoder": make_tiny_encoder(tmp_path / "encoder"),
+        "llm": make_tiny_llm(tmp_path / "llm"),
+        "data": str(tmp_path / "data"),
+    }
+    DatasetDict({"train": Dataset.from_dict(speech_rows(4, 3))}).cast_column(
+        "audio", Audio(sampling_rate=RATE)
+    ).save_to_disk(tmp_path / "data")
+    with pytest.raises(PreflightError, match="train_voice_only trains the voice path"):
+        train.run(base_args(workspace, str(tmp_path / "out"), *NO_EVAL, "--train_voice_only"))

@@ -100,6 +100,16 @@ class ModelArguments:
         "First steps trained on the voice-attribute heads' loss alone, without running the LLM (their "
         "warm-up: they learn from many more clips than the LLM has time for)",
     )
+    voice_prompt_length: int = option(
+        0,
+        "Learned embeddings (prompt tuning) before the voice tokens in the prompts of the voice tasks; with "
+        "model_name_or_path, adds them",
+    )
+    train_voice_only: bool = option(
+        False,
+        "Train the voice path alone (the heads and the voice prompt): everything transcription uses stays "
+        "frozen, so the model transcribes exactly as before",
+    )
     task_prompts: str | None = option(
         None,
         "Instructions per task, YAML/JSON {task: prompt}: added to (or replacing) the model's own, and "

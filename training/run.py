@@ -55,6 +55,8 @@ CONFIG_OVERRIDES = (
     "mask_feature_length",
 )
 GENERATION_OVERRIDES = ("num_beams", "ctc_decoding_weight")
+# The weights of the voice path (heads and voice prompt), all in one module of the projector.
+VOICE_PATH_PREFIX = "multi_modal_projector.voice_attributes."
 
 
 def parse_task_prompts(value: str | None) -> dict[str, str]:
@@ -101,6 +103,15 @@ def add_voice_attributes(
         for attribute, values in words.items()
     ]
     model.add_voice_attributes(entries, processor.add_voice_tokens(len(entries)))
+
+
+def freeze_all_but_the_voice_path(model: TinyAudioForConditionalGeneration) -> None:
+    """`--train_voice_only`: only the voice-attribute heads and the voice prompt train. Transcription never reads
+    them (only the prompts of voice tasks carry voice tokens), so it stays exactly the starting model's."""
+    if model.multi_modal_projector.voice_attributes is None:
+        raise PreflightError("train_voice_only trains the voice path: the model needs voice_attributes")
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad = name.startswith(VOICE_PATH_PREFIX)
 
 
 def build_model(
@@ -152,6 +163,9 @@ def build_model(
     voice_words = parse_voice_attributes(model_args.voice_attributes)
     if voice_words:
         add_voice_attributes(model, processor, voice_words)
+    if model_args.voice_prompt_length:
+        model.add_voice_prompt(model_args.voice_prompt_length)
+        processor.add_voice_tokens(model.config.voice_token_count)
     prompts = parse_task_prompts(model_args.task_prompts)
     if prompts:  # the saved config and processor both carry them
         model.config.task_prompts = {**model.config.task_prompts, **prompts}
@@ -162,6 +176,8 @@ def build_model(
     for field in GENERATION_OVERRIDES:
         if getattr(model_args, field) is not None:
             setattr(model.generation_config, field, getattr(model_args, field))
+    if model_args.train_voice_only:
+        freeze_all_but_the_voice_path(model)
     for parameter in model.parameters():
         if parameter.requires_grad:
             parameter.data = parameter.data.float()
@@ -193,7 +209,14 @@ def check_arguments(
     if training_args.max_steps == 0:
         raise PreflightError("max_steps must be positive (or -1 to train for num_train_epochs)")
     parse_voice_attributes(model_args.voice_attributes)
-    for name in ("ctc_weight", "ctc_only_steps", "voice_attributes_only_steps", "lora_rank", "lora_dropout"):
+    for name in (
+        "ctc_weight",
+        "ctc_only_steps",
+        "voice_attributes_only_steps",
+        "voice_prompt_length",
+        "lora_rank",
+        "lora_dropout",
+    ):
         if getattr(model_args, name) < 0:
             raise PreflightError(f"{name} must not be negative, got {getattr(model_args, name)}")
     if model_args.ctc_decoding_weight is not None and not 0 <= model_args.ctc_decoding_weight <= 1:
@@ -233,14 +256,22 @@ def _print_start(trainer: Trainer, train_dataset, skipped, resume_from: Path | N
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     trained = [name for name, p in model.named_parameters() if p.requires_grad]
-    parts = ["projector"]
+    in_projector = [name for name in trained if name.startswith("multi_modal_projector.")]
+    parts = ["projector"] * any(not name.startswith(VOICE_PATH_PREFIX) for name in in_projector)
+    parts += ["voice path"] * any(name.startswith(VOICE_PATH_PREFIX) for name in in_projector)
     parts += ["LoRA"] * any(LORA_MARKER in name for name in trained)
     parts += ["top encoder layers"] * any(name.startswith(AUDIO_TOWER_PREFIX) for name in trained)
     effective = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
     clips = f"{len(train_dataset):,}" if hasattr(train_dataset, "__len__") else "streamed"
     steps = args.max_steps if args.max_steps > 0 else f"{args.num_train_epochs:g} epochs"
     print(f"Training Tiny Audio into {os.path.abspath(args.output_dir)}")
-    print(f"  parameters: {trainable:,} trainable ({', '.join(parts)}), {frozen:,} frozen (encoder, LLM)")
+    held = [name for name, p in model.named_parameters() if not p.requires_grad]
+    held_parts = ["encoder", "LLM"]
+    held_parts += ["projector"] * any(name.startswith("multi_modal_projector.") for name in held)
+    held_parts += ["LoRA"] * any(LORA_MARKER in name for name in held)
+    print(
+        f"  parameters: {trainable:,} trainable ({', '.join(parts)}), {frozen:,} frozen ({', '.join(held_parts)})"
+    )
     print(
         f"  clips: {clips} (skipped: {sum(skipped.values())}), steps: {steps}, effective batch: {effective} "
         f"({args.per_device_train_batch_size} per device x {args.gradient_accumulation_steps} accumulation x "
