@@ -564,15 +564,19 @@ class TinyAudioForConditionalGeneration(CheckpointMixin, LoraMixin, TinyAudioMod
         config.validate()
         self.freeze_pretrained()
 
+    def _keeps_setting(self, field: str, wanted: object) -> bool:
+        """Whether the checkpoint already has `config.<field>` set (to `wanted`: a continued run cannot change it)."""
+        current = getattr(self.config, field)
+        if current and current != wanted:
+            raise ValueError(
+                f"this checkpoint's {field} is {current!r}; a continued run cannot change it to {wanted!r}"
+            )
+        return bool(current)
+
     def add_voice_attributes(self, voice_attributes: list[dict], voice_token_id: int) -> None:
         """Adds voice-attribute heads (`config.voice_attributes`) to a model without them, for a continued run; the
         processor must then add the voice tokens (`TinyAudioProcessor.from_config`)."""
-        if self.config.voice_attributes:
-            if self.config.voice_attributes != voice_attributes:
-                raise ValueError(
-                    f"this checkpoint's voice-attribute heads read {self.config.voice_attributes}; a continued run "
-                    f"cannot change them to {voice_attributes}"
-                )
+        if self._keeps_setting("voice_attributes", voice_attributes):
             return
         self.config.voice_attributes, self.config.voice_token_id = voice_attributes, voice_token_id
         self.config.validate()
@@ -590,12 +594,7 @@ class TinyAudioForConditionalGeneration(CheckpointMixin, LoraMixin, TinyAudioMod
         heads = self.multi_modal_projector.voice_attributes
         if heads is None:
             raise ValueError("a voice prompt opens the voice tokens: add voice_attributes first")
-        if self.config.voice_prompt_length:
-            if self.config.voice_prompt_length != length:
-                raise ValueError(
-                    f"this checkpoint's voice prompt has {self.config.voice_prompt_length} embeddings; a continued "
-                    f"run cannot change it to {length}"
-                )
+        if self._keeps_setting("voice_prompt_length", length):
             return
         table = self.get_input_embeddings().weight
         tokens = torch.randint(table.shape[0], (length,), device=table.device)

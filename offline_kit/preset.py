@@ -56,6 +56,7 @@ SHIPPED_CONFIG_FIELDS = (
     "projector_num_layers",
     "projector_output_norm",
     "voice_attributes",
+    "voice_prompt_length",
     "encoder_trainable_layers",
     "lora_rank",
     "lora_alpha",

@@ -14,6 +14,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -107,6 +109,17 @@ def base_args(workspace: dict, output_dir: str, *extra: str) -> list[str]:
 
 def projector_of(folder: str | Path) -> dict[str, torch.Tensor]:
     return load_file(os.path.join(folder, "model.safetensors"))
+
+
+@contextmanager
+def llm_calls(model) -> Iterator[list]:
+    """The LLM's forward calls while the block runs: a warm-up must make none."""
+    calls = []
+    handle = model.language_model.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        yield calls
+    finally:
+        handle.remove()
 
 
 class Snapshot(TrainerCallback):
@@ -777,12 +790,8 @@ def test_ctc_loss_is_part_of_the_model_forward(model_and_test_rows):
             torch.testing.assert_close(joint.ctc_loss, expected)
             torch.testing.assert_close(joint.loss, plain.loss + 0.5 * expected)
 
-            calls = []
-            hook = model.language_model.register_forward_hook(lambda *_: calls.append(1))
-            try:
+            with llm_calls(model) as calls:
                 warm_up = model(**batch, ctc_only=True)
-            finally:
-                hook.remove()
             assert calls == [] and warm_up.logits is None
             torch.testing.assert_close(warm_up.loss, expected)
 
