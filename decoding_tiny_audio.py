@@ -25,6 +25,11 @@ except ImportError:
     from processing_tiny_audio import IGNORE_INDEX
 
 
+# A sentence about the audio (a description, an emotion) is as long whatever the clip's length, unlike a transcript:
+# the new tokens the pipeline gives a task other than transcription (the corpus's descriptions take 20 to 45).
+SENTENCE_MAX_NEW_TOKENS = 64
+
+
 def new_token_budget(generation_config: GenerationConfig, audio_seconds: float) -> int | None:
     """The new tokens a clip may take: `max_new_tokens` plus `max_new_tokens_per_second` for each second of its
     audio, so that long speech is never cut short and a short clip cannot run on."""

@@ -38,10 +38,10 @@ from transformers import AutomaticSpeechRecognitionPipeline
 from transformers.generation.streamers import BaseStreamer
 
 try:
-    from .decoding_tiny_audio import NO_CTC_HEAD
+    from .decoding_tiny_audio import NO_CTC_HEAD, SENTENCE_MAX_NEW_TOKENS
     from .processing_tiny_audio import TinyAudioProcessor, pcm_to_float, scale_unscaled_pcm
 except ImportError:
-    from decoding_tiny_audio import NO_CTC_HEAD
+    from decoding_tiny_audio import NO_CTC_HEAD, SENTENCE_MAX_NEW_TOKENS
     from processing_tiny_audio import TinyAudioProcessor, pcm_to_float, scale_unscaled_pcm
 
 # Blocks read from a file per step; bounds memory while streaming a long recording.
@@ -653,8 +653,9 @@ class TinyAudioASRPipeline(AutomaticSpeechRecognitionPipeline):
         if task not in (
             None,
             "transcribe",
-        ):  # the CTC head scores transcripts: a description is no spelling of the audio
+        ):  # the CTC head scores transcripts: a description is no spelling of the audio, nor as long as one
             forward.setdefault("ctc_weight", 0.0)
+            forward.setdefault("max_new_tokens", SENTENCE_MAX_NEW_TOKENS)
         if loop_guard is not None:
             forward["loop_guard"] = loop_guard
         if return_timestamps == "word":

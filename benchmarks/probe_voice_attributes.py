@@ -189,14 +189,15 @@ def main() -> None:
         answers = head_answers(model, frames["test"])
         if answers:
             heads[f"heads of {Path(path).name}"] = answers
-        attention[Path(path).name] = {
-            task: attention_on_audio(
-                model,
-                processor,
-                [{"audio": row["audio"], "text": row[column], "task": task} for row in sample],
-            )
-            for task, column in (("transcribe", "text"), ("describe", "description"))
-        }
+        if len(sample):  # --attention-clips 0: no attention table
+            attention[Path(path).name] = {
+                task: attention_on_audio(
+                    model,
+                    processor,
+                    [{"audio": row["audio"], "text": row[column], "task": task} for row in sample],
+                )
+                for task, column in (("transcribe", "text"), ("describe", "description"))
+            }
 
     columns = [*features, *heads]
     print(f"{'attribute':<10}{'held-out clips':>16}{'majority':>10}" + "".join(f"{k:>40}" for k in columns))
@@ -223,6 +224,8 @@ def main() -> None:
             )
             line += f"{'-':>40}" if accuracy is None else f"{100 * accuracy:>39.1f}%"
         print(line, flush=True)
+    if not attention:
+        return
     print(f"\nShare of the LLM's attention on audio tokens while answering ({len(sample)} training clips):")
     print(f"{'model':<32}{'transcribing':>14}{'describing':>12}")
     for name, shares in attention.items():

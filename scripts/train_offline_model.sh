@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Reproduces the shipped offline model (offline_kit/trained) from nothing, on CPU:
-# offline kit -> synthetic corpora -> stages 1 to 7 (configs/recipes/offline_stage{1..7}.yaml)
-# -> the mean of stages 6 and 7 -> ship -> evaluate against Whisper tiny.en.
+# offline kit -> synthetic corpora -> stages 1 to 7 (configs/recipes/offline_stage{1..7}.yaml) -> the mean of
+# stages 6 and 7 -> stages 8 and 9 (the describe task, which leave transcription as it is) -> ship -> evaluate
+# against Whisper tiny.en.
 #   bash scripts/train_offline_model.sh              # resumable: run it again after an interruption
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-RUN=outputs/offline-avg-stage6-7
+AVERAGED=outputs/offline-avg-stage6-7
+RUN=outputs/offline-recipe-stage9
 export HF_HUB_OFFLINE=1
 
 $PYTHON -m offline_kit.preset
@@ -42,6 +44,9 @@ corpus replay_long300 --num-clips 300 --test-fraction 0 --first-clip 24000 --min
 corpus synthetic_fresh6k --num-clips 6000 --test-fraction 0 --first-clip 50000 --families espeak piper flite
 corpus synthetic_fresh_short2k --num-clips 2000 --test-fraction 0 --first-clip 60000 --max-words 3 \
   --families espeak piper flite
+# Stages 8 and 9: the describe task (clips with their facts and descriptions; 4 Kokoro voices held out for test).
+corpus multitask3k --num-clips 3000 --test-fraction 0.05 --families kokoro espeak piper flite \
+  --narrowband 0.1 --room 0.2 --seed 30
 
 # train CONFIG OUTPUT_DIR: skipped once the stage saved its final model, resumed from its last checkpoint if any.
 train() {
@@ -57,8 +62,10 @@ train configs/recipes/offline_stage5.yaml outputs/offline-recipe-stage5
 train configs/recipes/offline_stage6.yaml outputs/offline-recipe-stage6
 train configs/recipes/offline_stage7.yaml outputs/offline-recipe-stage7
 # What ships: the mean of stages 6 and 7 (stage 7 alone reads the synthetic voices better and real speech worse).
-[ -f "$RUN/model.safetensors" ] ||
-  $PYTHON -m training.average "$RUN" outputs/offline-recipe-stage6 outputs/offline-recipe-stage7
+[ -f "$AVERAGED/model.safetensors" ] ||
+  $PYTHON -m training.average "$AVERAGED" outputs/offline-recipe-stage6 outputs/offline-recipe-stage7
+train configs/recipes/offline_stage8.yaml outputs/offline-recipe-stage8
+train configs/recipes/offline_stage9.yaml "$RUN"
 $PYTHON -m offline_kit.preset --ship "$RUN"                       # now the preset transcribes with these weights
 MAX_SAMPLES= bash scripts/evaluate_offline_model.sh               # every clip: these results ship
 
@@ -82,7 +89,7 @@ $PYTHON -m publish.push "$RUN" --repo tiny-audio/tiny-audio-offline --dry-run --
   --results "$TRAINED"/results/tiny-audio-offline-*.json \
   --baseline-results "$TRAINED"/results/whisper-tiny.en-*.json \
   --audio-model-id openai/whisper-tiny.en --text-model-id HuggingFaceTB/SmolLM2-135M-Instruct \
-  --train-config configs/recipes/offline_stage{1..7}.yaml \
+  --train-config configs/recipes/offline_stage{1..9}.yaml \
   --language en --training-data-note "synthetic English speech only, made offline by offline_kit.synthetic_corpus \
 (Piper, flite, espeak-ng and Kokoro voices reading Harvard sentences, WordNet examples, the World English Bible, \
 GNOME help pages and fortunes), no recorded human speech"

@@ -14,7 +14,7 @@ import soxr
 import torch
 from conftest import pipeline_in_fresh_process
 
-from decoding_tiny_audio import find_repetition_loop, trim_repetition_loop
+from decoding_tiny_audio import SENTENCE_MAX_NEW_TOKENS, find_repetition_loop, trim_repetition_loop
 from pipeline_asr import (
     AudioInputError,
     chunk_blocks,
@@ -479,6 +479,10 @@ def test_task_chooses_the_instruction_and_an_unknown_task_names_the_known_ones(a
         asr._sanitize_parameters(task="describe", generate_kwargs={"ctc_weight": 0.2})[1]["ctc_weight"] == 0.2
     )
     assert "ctc_weight" not in asr._sanitize_parameters(task="transcribe")[1]
+    # A sentence about a 1-s clip is as long as one about a long clip: its budget does not follow the audio.
+    assert asr._sanitize_parameters(task="describe")[1]["max_new_tokens"] == SENTENCE_MAX_NEW_TOKENS == 64
+    assert asr._sanitize_parameters(task="describe", max_new_tokens=4)[1]["max_new_tokens"] == 4
+    assert "max_new_tokens" not in asr._sanitize_parameters(task="transcribe")[1]
     with pytest.raises(
         ValueError, match=r"Unknown task 'dance'; known tasks: \['describe', 'emotion', 'transcribe'\]"
     ):

@@ -273,6 +273,7 @@ def test_card_metadata_parses_and_validates(tmp_path: Path, inputs) -> None:
     )
     assert f"| {ESB} (librispeech) | test.clean | 200 | 8.75 | 41.3 | cuda, batch 16 |" in card.text
     assert "rank-8 LoRA" in card.text and "learning_rate: 0.001" in card.text
+    assert "voice-attribute heads" not in card.text
     assert "| decoding | beam search (3 beams), joint CTC/attention (CTC weight 0.3) |" in card.text
     assert (
         "holds just those weights (49.4 MB)" in card.text and "12,345,678 trainable parameters" in card.text
@@ -575,3 +576,36 @@ def test_the_card_reads_the_decoding_of_a_checkpoint_without_a_generation_config
     (tmp_path / "generation_config.json").write_text(json.dumps({"num_beams": 5}))
     legacy_config = {"ctc_decoding_weight": 0.3}  # config.json held it before the generation config did
     assert checkpoint_decoding(tmp_path, legacy_config) == {"num_beams": 5, "ctc_decoding_weight": 0.3}
+
+
+def test_the_card_names_the_voice_path_of_a_model_that_describes(tmp_path: Path, inputs) -> None:
+    config = {
+        "audio_model_id": "openai/whisper-tiny.en",
+        "text_model_id": "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "lora_rank": 8,
+        "voice_attributes": [
+            {"attribute": "gender", "values": ["female", "male"], "token_ids": [[1], [2]]},
+            {"attribute": "noise", "values": ["quiet", "noisy"], "token_ids": [[3], [4]]},
+        ],
+        "voice_prompt_length": 16,
+    }
+    card = build_card(
+        repo_id="alice/describer",
+        config=config,
+        results=read_results([inputs.results]),
+        decoding={},
+        example_file="example.flac",
+        license="mit",
+        datasets=[],
+        language=["en"],
+        trainable_params=1,
+        standalone=False,
+        weights_size="1 MB",
+        training_facts=[],
+        train_config="",
+    )
+    text = " ".join(card.text.split())
+    assert (
+        "rank-8 LoRA adapters on the LLM learned anything, with voice-attribute heads (gender, noise) and a "
+        '16-embedding voice prompt for `task="describe"`, which transcription never reads.'
+    ) in text

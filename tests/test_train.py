@@ -225,20 +225,25 @@ def test_config_comments_say_what_the_file_is_for_and_leave_results_to_training_
 
 
 def test_offline_recipe_stages_chain_and_the_script_runs_each_one():
-    """Each stage starts from the previous stage's output, and train_offline_model.sh trains them all and ships the
-    last, alone or averaged with others (training.average)."""
+    """Each stage starts from the previous stage's output, or from the mean of stages (training.average) once they
+    are trained, and train_offline_model.sh trains them all and ships the last."""
     script = (ROOT / "scripts" / "train_offline_model.sh").read_text()
-    stages = sorted((ROOT / "configs" / "recipes").glob("offline_stage*.yaml"))
-    assert [config.name for config in stages] == [f"offline_stage{number}.yaml" for number in range(1, 8)]
-    previous_output = None
+    stages = sorted(
+        (ROOT / "configs" / "recipes").glob("offline_stage*.yaml"), key=lambda p: int(p.stem[13:])
+    )
+    assert [config.name for config in stages] == [f"offline_stage{number}.yaml" for number in range(1, 10)]
+    averaged = re.search(r"^AVERAGED=(\S+)$", script, re.MULTILINE).group(1)
+    mean_of = re.search(r'-m training\.average "\$AVERAGED" (.+)$', script, re.MULTILINE).group(1).split()
+    previous_output, outputs = None, []
     for config in stages:
         model_args, _, _, training_args = train.parse_args([str(config)])
-        assert model_args.model_name_or_path == previous_output, config.name
+        start = model_args.model_name_or_path
+        assert start == previous_output or (start == averaged and previous_output == mean_of[-1]), config.name
         assert f"train configs/recipes/{config.name} " in script, config.name
         previous_output = training_args.output_dir
-    run = re.search(r"^RUN=(\S+)$", script, re.MULTILINE).group(1)
-    averaged = re.search(r'-m training\.average "\$RUN" (.+)$', script, re.MULTILINE)
-    assert run == previous_output or previous_output in averaged.group(1).split()
+        outputs.append(previous_output)
+    assert set(mean_of) <= set(outputs)
+    assert re.search(r"^RUN=(\S+)$", script, re.MULTILINE).group(1) == previous_output
     assert 'preset --ship "$RUN"' in script
 
 
