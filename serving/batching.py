@@ -27,6 +27,7 @@ class DecodeOptions:
     """What must be equal for two requests to share a pipeline call."""
 
     prompt: str | None = None
+    task: str | None = None  # the pipeline's task (its instruction and its decoding defaults)
     word_timestamps: bool = False
 
 

@@ -165,6 +165,8 @@ class Transcriber:
         }
         if options.prompt:
             kwargs["prompt"] = options.prompt
+        if options.task:
+            kwargs["task"] = options.task
         inputs = [{"raw": job.audio, "sampling_rate": self.sampling_rate} for job in jobs]
         return self.pipe(inputs, **kwargs)
 
@@ -258,7 +260,6 @@ def create_app(
                 raise APIError(
                     400, f"task {task!r} is not one of this model's tasks: {', '.join(sorted(tasks))}", "task"
                 )
-            prompt = prompt or tasks[task]
         timed = response_format in ("verbose_json", "srt", "vtt")
         if "word" in granularities and not transcriber.has_word_timestamps:
             raise APIError(
@@ -271,7 +272,7 @@ def create_app(
             decode_upload, data, file.filename or "file", transcriber.sampling_rate, limits.max_audio_seconds
         )
         options = DecodeOptions(
-            prompt=prompt or None, word_timestamps=timed and transcriber.has_word_timestamps
+            prompt=prompt or None, task=task, word_timestamps=timed and transcriber.has_word_timestamps
         )
         job = queue.submit(audio, options)
         try:
