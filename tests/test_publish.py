@@ -578,10 +578,9 @@ def test_the_card_reads_the_decoding_of_a_checkpoint_without_a_generation_config
     assert checkpoint_decoding(tmp_path, legacy_config) == {"num_beams": 5, "ctc_decoding_weight": 0.3}
 
 
-def test_the_card_names_the_voice_path_of_a_model_that_describes(tmp_path: Path, inputs) -> None:
+def test_the_card_names_the_voice_path_of_a_model_that_describes() -> None:
     config = {
-        "audio_model_id": "openai/whisper-tiny.en",
-        "text_model_id": "HuggingFaceTB/SmolLM2-135M-Instruct",
+        **CARD_ARGUMENTS["config"],
         "lora_rank": 8,
         "voice_attributes": [
             {"attribute": "gender", "values": ["female", "male"], "token_ids": [[1], [2]]},
@@ -589,21 +588,7 @@ def test_the_card_names_the_voice_path_of_a_model_that_describes(tmp_path: Path,
         ],
         "voice_prompt_length": 16,
     }
-    card = build_card(
-        repo_id="alice/describer",
-        config=config,
-        results=read_results([inputs.results]),
-        decoding={},
-        example_file="example.flac",
-        license="mit",
-        datasets=[],
-        language=["en"],
-        trainable_params=1,
-        standalone=False,
-        weights_size="1 MB",
-        training_facts=[],
-        train_config="",
-    )
+    card = build_card(**{**CARD_ARGUMENTS, "config": config})
     text = " ".join(card.text.split())
     assert (
         "rank-8 LoRA adapters on the LLM learned anything, with voice-attribute heads (gender, noise) and a "
