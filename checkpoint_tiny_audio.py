@@ -56,6 +56,7 @@ CUSTOM_PIPELINES = {
 # Weight names of the pretrained towers, frozen but for LoRA adapters (named by LORA_MARKER) and the encoder layers
 # that `encoder_trainable_layers` trains. Every other weight (the projector's) trains.
 AUDIO_TOWER_PREFIX, LANGUAGE_MODEL_PREFIX = "audio_tower.", "language_model."
+PROJECTOR_PREFIX = "multi_modal_projector."
 PRETRAINED_PREFIXES = (AUDIO_TOWER_PREFIX, LANGUAGE_MODEL_PREFIX)
 # How the frozen towers are built; `device_map` is split between them (`split_device_map`).
 TOWER_OPTIONS = ("attn_implementation", "quantization_config", "offload_folder")

@@ -16,7 +16,7 @@ import yaml
 from huggingface_hub.errors import StrictDataclassClassValidationError
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
-from checkpoint_tiny_audio import AUDIO_TOWER_PREFIX
+from checkpoint_tiny_audio import AUDIO_TOWER_PREFIX, PROJECTOR_PREFIX
 from configuration_tiny_audio import DEFAULT_TASK_PROMPTS
 from lora_tiny_audio import LORA_MARKER
 from modeling_tiny_audio import TinyAudioForConditionalGeneration
@@ -56,7 +56,7 @@ CONFIG_OVERRIDES = (
 )
 GENERATION_OVERRIDES = ("num_beams", "ctc_decoding_weight")
 # The weights of the voice path (heads and voice prompt), all in one module of the projector.
-VOICE_PATH_PREFIX = "multi_modal_projector.voice_attributes."
+VOICE_PATH_PREFIX = PROJECTOR_PREFIX + "voice_attributes."
 
 
 def parse_task_prompts(value: str | None) -> dict[str, str]:
@@ -256,7 +256,7 @@ def _print_start(trainer: Trainer, train_dataset, skipped, resume_from: Path | N
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     trained = [name for name, p in model.named_parameters() if p.requires_grad]
-    in_projector = [name for name in trained if name.startswith("multi_modal_projector.")]
+    in_projector = [name for name in trained if name.startswith(PROJECTOR_PREFIX)]
     parts = ["projector"] * any(not name.startswith(VOICE_PATH_PREFIX) for name in in_projector)
     parts += ["voice path"] * any(name.startswith(VOICE_PATH_PREFIX) for name in in_projector)
     parts += ["LoRA"] * any(LORA_MARKER in name for name in trained)
@@ -267,7 +267,7 @@ def _print_start(trainer: Trainer, train_dataset, skipped, resume_from: Path | N
     print(f"Training Tiny Audio into {os.path.abspath(args.output_dir)}")
     held = [name for name, p in model.named_parameters() if not p.requires_grad]
     held_parts = ["encoder", "LLM"]
-    held_parts += ["projector"] * any(name.startswith("multi_modal_projector.") for name in held)
+    held_parts += ["projector"] * any(name.startswith(PROJECTOR_PREFIX) for name in held)
     held_parts += ["LoRA"] * any(LORA_MARKER in name for name in held)
     print(
         f"  parameters: {trainable:,} trainable ({', '.join(parts)}), {frozen:,} frozen ({', '.join(held_parts)})"
