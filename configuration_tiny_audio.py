@@ -140,11 +140,14 @@ class TinyAudioConfig(PreTrainedConfig):
     # (training.collator) with weight `voice_attribute_loss_weight`. Only the prompts of `voice_tasks` carry the
     # voice tokens: a transcript must not pick up words that were never said. `voice_prompt_length` learned embeddings
     # (prompt tuning) open the voice tokens: trained alone with the heads (train.py --train_voice_only), they teach
-    # the voice tasks to a model whose transcription then stays exactly as it was.
+    # the voice tasks to a model whose transcription then stays exactly as it was. `voice_lora_rank` adds a second
+    # LoRA adapter on the LLM (on `lora_target_modules`), active only for prompts of `voice_tasks`: the LLM learns to
+    # read the voice tokens while transcription still never runs it.
     voice_attributes: list | None = None
     voice_attribute_loss_weight: float = 1.0
     voice_tasks: list | None = None
     voice_prompt_length: int = 0
+    voice_lora_rank: int = 0
     encoder_trainable_layers: int = 0
     # Whisper reads a 30-s window whatever the clip's length; True runs it on the longest clip's frames only (its
     # frames attending to real audio only): far cheaper on short clips, but not the frames Whisper was trained on.
@@ -242,6 +245,10 @@ class TinyAudioConfig(PreTrainedConfig):
             )
         if self.voice_prompt_length and not self.voice_attributes:
             raise ValueError("voice_prompt_length opens the voice tokens: it needs voice_attributes")
+        if not isinstance(self.voice_lora_rank, int) or self.voice_lora_rank < 0:
+            raise ValueError(f"voice_lora_rank must be a whole number >= 0, got {self.voice_lora_rank!r}")
+        if self.voice_lora_rank and not self.voice_attributes:
+            raise ValueError("voice_lora_rank adapts the LLM to the voice tokens: it needs voice_attributes")
 
     @property
     def voice_attribute_values(self) -> list[list[str]]:

@@ -528,8 +528,11 @@ class TinyAudioForConditionalGeneration(CheckpointMixin, LoraMixin, TinyAudioMod
         language_model: PreTrainedModel | None = None,
     ):
         super().__init__(config, audio_tower=audio_tower, language_model=language_model)
+        self._voice_adapter_set = False
         if config.lora_rank > 0:
             self._add_lora()
+        if config.voice_lora_rank > 0:
+            self._add_voice_adapter()
         self.freeze_pretrained()
 
     def extend_acoustic_capacity(
@@ -663,14 +666,15 @@ class TinyAudioForConditionalGeneration(CheckpointMixin, LoraMixin, TinyAudioMod
             targets = labels[:, 1:]
             keep = nn.functional.pad(targets != IGNORE_INDEX, (0, 1), value=False)
             logits_to_keep = keep
-        outputs = super().forward(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            logits_to_keep=logits_to_keep,
-            **audio_inputs,
-            **kwargs,
-        )
+        with self.voice_adapter_for(input_ids):
+            outputs = super().forward(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                logits_to_keep=logits_to_keep,
+                **audio_inputs,
+                **kwargs,
+            )
         if ctc_targets is not None:
             ctc = self._ctc_term(outputs.audio_embeds, outputs.audio_mask, ctc_targets)
             outputs.ctc_loss = self._batch_share(ctc, labels, num_items_in_batch)
@@ -778,13 +782,16 @@ class TinyAudioForConditionalGeneration(CheckpointMixin, LoraMixin, TinyAudioMod
             kwargs = self._with_ctc_scorer(kwargs, ctc_weight, ctc_top_k)
         if loop_guard is None:
             loop_guard = has_audio
+        prompt = kwargs.get("input_ids", args[0] if args else None)
         if not loop_guard:
-            return super().generate(*args, **kwargs)
+            with self.voice_adapter_for(prompt):
+                return super().generate(*args, **kwargs)
         kwargs["stopping_criteria"] = StoppingCriteriaList(
             [RepetitionLoopGuard(), *kwargs.get("stopping_criteria", [])]
         )
-        output = super().generate(*args, **kwargs)
-        prompt_length = kwargs["input_ids"].shape[1] if "input_ids" in kwargs else args[0].shape[1]
+        with self.voice_adapter_for(prompt):
+            output = super().generate(*args, **kwargs)
+        prompt_length = prompt.shape[1]
         ends = {config.pad_token_id, config.bos_token_id, *self._eos_token_ids(config)} - {None}
         pad = (
             config.pad_token_id

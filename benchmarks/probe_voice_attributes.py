@@ -9,12 +9,15 @@ clips. Clips whose encoder outputs are in a feature cache (train.py's `feature_c
 A model with voice-attribute heads (`--voice_attributes` in train.py) gets a column of its own heads' accuracy on the
 same held-out clips: what its voice tokens tell the LLM.
 
+`--encoder-layers` adds a column per encoder layer, the probe on the mean and spread of that layer's frames: which
+layer the heads would best read each attribute from.
+
 A second table says whether the LLM looks at the audio at all while it answers: the share of its attention (mean
 over layers, heads and answer positions, teacher-forced on the corpus's own answers) that falls on audio tokens,
 when it transcribes and when it describes.
 
     python -m benchmarks.probe_voice_attributes MODEL [MODEL ...] [--dataset data/multitask3k] \
-      [--feature-cache-dir cache/features] [--max-train-clips 3000]
+      [--feature-cache-dir cache/features] [--max-train-clips 3000] [--encoder-layers]
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ from pathlib import Path
 import datasets
 import torch
 
-from modeling_tiny_audio import TinyAudioForConditionalGeneration
+from configuration_tiny_audio import encoder_frame_lengths
+from modeling_tiny_audio import TinyAudioForConditionalGeneration, frame_statistics
 from offline_kit.descriptions import ATTRIBUTES, clip_facts
 from pipeline_asr import read_audio
 from processing_tiny_audio import IGNORE_INDEX, TinyAudioProcessor
@@ -65,6 +69,31 @@ def encoder_frames(
             (hidden.half(), mask)
         )  # fp16, as the cache holds them: the train split stays in memory
     return batches
+
+
+@torch.no_grad()
+def layer_statistics(
+    model: TinyAudioForConditionalGeneration, processor: TinyAudioProcessor, rows: datasets.Dataset
+) -> torch.Tensor:
+    """[clips, encoder layers + 1, 2 * dim]: the mean and spread of each clip's real frames (what the voice heads
+    read) after the encoder's input layer and after each of its layers, on the encoder's full input."""
+    statistics = []
+    for first in range(0, len(rows), BATCH):
+        clips = [
+            read_audio(row["audio"], processor.sampling_rate)
+            for row in rows.select(range(first, min(first + BATCH, len(rows))))
+        ]
+        features = processor.extract_features(clips)
+        mask = features["input_features_mask"]
+        lengths = encoder_frame_lengths(mask.sum(-1), model.config.encoder_conv_layers)
+        inputs = features["input_features"].to(model.audio_tower.dtype)
+        if model.config.audio_config.model_type == "whisper":
+            layers = model.audio_tower(inputs, output_hidden_states=True).hidden_states
+        else:
+            layers = model.audio_tower(inputs, attention_mask=mask, output_hidden_states=True).hidden_states
+        frame_mask = torch.arange(layers[0].shape[1])[None, :] < lengths[:, None]
+        statistics.append(torch.stack([frame_statistics(h.float(), frame_mask) for h in layers], 1))
+    return torch.cat(statistics)
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -155,6 +184,12 @@ def main() -> None:
     parser.add_argument(
         "--attention-clips", type=int, default=16, help="training clips for the attention table"
     )
+    parser.add_argument(
+        "--encoder-layers",
+        action="store_true",
+        help="add a column per encoder layer: the probe on the mean and spread of its frames (the heads' input); "
+        "runs the encoder on every clip",
+    )
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -181,6 +216,12 @@ def main() -> None:
                 for name, batches in frames.items()
             }
             encoder = key
+            if args.encoder_layers:
+                per_layer = {name: layer_statistics(model, processor, rows) for name, rows in splits.items()}
+                for layer in range(per_layer["train"].shape[1]):
+                    features[f"encoder layer {layer}, mean+spread"] = {
+                        name: values[:, layer] for name, values in per_layer.items()
+                    }
         elif key != encoder:
             raise SystemExit(f"{path} has another encoder than {args.models[0]}: probe them apart")
         features[f"projector of {Path(path).name}"] = {

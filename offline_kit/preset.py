@@ -57,6 +57,7 @@ SHIPPED_CONFIG_FIELDS = (
     "projector_output_norm",
     "voice_attributes",
     "voice_prompt_length",
+    "voice_lora_rank",
     "encoder_trainable_layers",
     "lora_rank",
     "lora_alpha",

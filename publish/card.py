@@ -186,6 +186,7 @@ def build_card(
         lora_rank=config.get("lora_rank", 0),
         voice_attributes=[entry["attribute"] for entry in config.get("voice_attributes") or []],
         voice_prompt_length=config.get("voice_prompt_length", 0),
+        voice_lora_rank=config.get("voice_lora_rank", 0),
         ctc_decoding_weight=decoding.get("ctc_decoding_weight", 0.0),
         num_beams=decoding.get("num_beams", 1),
         projector_downsample=config.get("projector_downsample"),

@@ -15,7 +15,7 @@ from test_core import run_fresh
 from test_train import NO_EVAL, RATE, Snapshot, base_args, llm_calls, speech_rows
 
 import train
-from modeling_tiny_audio import TinyAudioForConditionalGeneration
+from modeling_tiny_audio import TinyAudioForConditionalGeneration, frame_statistics
 from processing_tiny_audio import IGNORE_INDEX, TinyAudioProcessor
 from testing.tiny_models import make_tiny_encoder, make_tiny_llm, make_tiny_tiny_audio
 from training.collator import SpeechCollator
@@ -306,6 +306,24 @@ def test_the_probe_reads_each_heads_answer_per_clip(voice_model, tmp_path):
     assert head_answers(plain, batches) == {}
 
 
+def test_the_probes_layer_statistics_end_with_what_the_heads_read(tmp_path):
+    """The probe's per-layer columns: one per encoder layer and its input, each the mean and spread of the clip's
+    real frames; the last is what the heads read from the encoder's output."""
+    from benchmarks.probe_voice_attributes import layer_statistics
+
+    model, processor = make_tiny_tiny_audio(tmp_path, encoder_layers=2)
+    rows = Dataset.from_dict({"audio": [{"array": clip, "sampling_rate": RATE} for clip in CLIPS]})
+    statistics = layer_statistics(model, processor, rows)
+    width = model.config.audio_config.hidden_size
+    assert statistics.shape == (len(CLIPS), 3, 2 * width)
+    features = processor.extract_features(CLIPS)
+    heads_input = frame_statistics(
+        *model.encode_audio(features["input_features"], features["input_features_mask"])
+    )
+    torch.testing.assert_close(statistics[:, -1], heads_input, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(statistics[:, 0], statistics[:, -1])
+
+
 def test_a_voice_prompt_opens_the_voice_tokens_and_survives_saving(voice_model, tmp_path):
     model, processor = voice_model
     model.add_voice_prompt(3)
@@ -338,6 +356,68 @@ def test_a_voice_prompt_needs_voice_heads(tmp_path):
         plain.add_voice_prompt(2)
 
 
+def voice_adapter_calls(model) -> list[int]:
+    """Counts, while installed, the forwards of the voice adapter's first LoRA matrix."""
+    calls = []
+    layer = model._lora_layers()[0]
+    layer.lora_A["voice"].register_forward_hook(lambda *_: calls.append(1))
+    return calls
+
+
+def test_a_voice_adapter_changes_voice_tasks_only_and_survives_saving(tmp_path):
+    model, processor = make_tiny_tiny_audio(tmp_path / "tiny", lora_rank=2)
+    add_voice_attributes(model, processor, WORDS)
+    describe, transcribe = processor(audio=CLIPS, task="describe"), processor(audio=CLIPS, task="transcribe")
+    with torch.no_grad():
+        plain = {"describe": model(**describe).logits, "transcribe": model(**transcribe).logits}
+    model.add_voice_adapter(3)
+    adapter = {name: p for name, p in model.named_parameters() if ".voice." in name}
+    assert adapter and all(p.requires_grad for p in adapter.values())
+    assert {p.shape[0] for name, p in adapter.items() if ".lora_A." in name} == {3}
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model(**describe).logits, plain["describe"], atol=0, rtol=0
+        )  # B starts at 0
+        for parameter in adapter.values():
+            parameter.normal_(std=0.5)
+        assert not torch.allclose(model(**describe).logits, plain["describe"])
+        torch.testing.assert_close(model(**transcribe).logits, plain["transcribe"], atol=0, rtol=0)
+
+    calls = voice_adapter_calls(model)
+    model.generate(**transcribe, max_new_tokens=3, num_beams=2, do_sample=False)
+    assert not calls
+    described = model.generate(**describe, max_new_tokens=3, num_beams=2, do_sample=False)
+    assert len(calls) > 1  # the prompt and the decoding steps
+    assert all(layer.active_adapters == ["default"] for layer in model._lora_layers())  # off again afterwards
+
+    model.merge_lora()  # the adapters stay apart: peft would skip an unmerged adapter on a merged layer
+    assert not model.lora_merged
+    with pytest.raises(ValueError, match=r"rows \[1\] of this batch ask a voice task"):
+        mixed = [
+            {"audio": clip, "text": "words", "task": task, "facts": ""}
+            for clip, task in zip(CLIPS, ("transcribe", "describe"), strict=True)
+        ]
+        model(**SpeechCollator(processor, voice_attributes=model.config.voice_attributes)(mixed))
+    with pytest.raises(ValueError, match="cannot change it to 4"):
+        model.add_voice_adapter(4)
+    with pytest.raises(ValueError, match="LoRA cannot widen"):
+        model.extend_lora(["q_proj", "v_proj", "o_proj"])
+
+    model.save_pretrained(tmp_path / "saved")
+    processor.save_pretrained(tmp_path / "saved")
+    reloaded = TinyAudioForConditionalGeneration.from_pretrained(tmp_path / "saved").eval()
+    assert reloaded.config.voice_lora_rank == 3
+    torch.testing.assert_close(reloaded.generate(**describe, max_new_tokens=3, num_beams=2), described)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**transcribe).logits, plain["transcribe"], atol=0, rtol=0)
+
+
+def test_a_voice_adapter_needs_voice_heads(tmp_path):
+    plain, _ = make_tiny_tiny_audio(tmp_path)
+    with pytest.raises(ValueError, match="turn a voice adapter on: add voice_attributes first"):
+        plain.add_voice_adapter(2)
+
+
 def test_train_voice_only_trains_the_voice_path_and_transcribes_exactly_as_before(tmp_path):
     """A model with LoRA and heads gains a voice prompt and trains only its voice path on describe rows: every
     other weight, and so every transcript, stays the starting model's, token for token."""
@@ -362,16 +442,24 @@ def test_train_voice_only_trains_the_voice_path_and_transcribes_exactly_as_befor
     out, snapshot = str(tmp_path / "voice"), Snapshot()
     flags = ("--model_name_or_path", start, "--train_datasets", describe, "--max_steps", "3")
     train.run(
-        base_args(workspace, out, *NO_EVAL, *flags, "--voice_prompt_length", "2", "--train_voice_only"),
+        base_args(
+            workspace,
+            out,
+            *NO_EVAL,
+            *flags,
+            *("--voice_prompt_length", "2", "--voice_lora_rank", "2", "--train_voice_only"),
+        ),
         callbacks=[snapshot],
     )
     changed = {k for k in snapshot.before if not torch.equal(snapshot.before[k], snapshot.after[k])}
     assert "multi_modal_projector.voice_attributes.prompt" in changed
-    assert all(k.startswith("multi_modal_projector.voice_attributes.") for k in changed)
+    assert any(".lora_B.voice." in k for k in changed)  # the voice adapter trained (B leaves zero)
+    assert all(k.startswith("multi_modal_projector.voice_attributes.") or ".voice." in k for k in changed)
 
     before = TinyAudioForConditionalGeneration.from_pretrained(start)
     after = TinyAudioForConditionalGeneration.from_pretrained(out)
     assert after.config.voice_prompt_length == 2 and after.config.lora_rank == 2
+    assert after.config.voice_lora_rank == 2
     for name, tensor in before.state_dict().items():
         if not name.startswith("multi_modal_projector.voice_attributes."):
             torch.testing.assert_close(after.state_dict()[name], tensor, atol=0, rtol=0, msg=name)

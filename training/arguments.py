@@ -105,10 +105,15 @@ class ModelArguments:
         "Learned embeddings (prompt tuning) before the voice tokens in the prompts of the voice tasks; with "
         "model_name_or_path, adds them",
     )
+    voice_lora_rank: int = option(
+        0,
+        "Rank of a LoRA adapter on the LLM that only the prompts of the voice tasks turn on (on "
+        "lora_target_modules); with model_name_or_path, adds it",
+    )
     train_voice_only: bool = option(
         False,
-        "Train the voice path alone (the heads and the voice prompt): everything transcription uses stays "
-        "frozen, so the model transcribes exactly as before",
+        "Train the voice path alone (the heads, the voice prompt and the voice adapter): everything "
+        "transcription uses stays frozen, so the model transcribes exactly as before",
     )
     task_prompts: str | None = option(
         None,

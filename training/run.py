@@ -18,7 +18,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from checkpoint_tiny_audio import AUDIO_TOWER_PREFIX, PROJECTOR_PREFIX
 from configuration_tiny_audio import DEFAULT_TASK_PROMPTS
-from lora_tiny_audio import LORA_MARKER
+from lora_tiny_audio import LORA_MARKER, is_voice_adapter_weight
 from modeling_tiny_audio import TinyAudioForConditionalGeneration
 from processing_tiny_audio import TinyAudioProcessor
 from training.arguments import DataArguments, ModelArguments, RunArguments
@@ -57,6 +57,11 @@ CONFIG_OVERRIDES = (
 GENERATION_OVERRIDES = ("num_beams", "ctc_decoding_weight")
 # The weights of the voice path (heads and voice prompt), all in one module of the projector.
 VOICE_PATH_PREFIX = PROJECTOR_PREFIX + "voice_attributes."
+
+
+def is_voice_path_weight(name: str) -> bool:
+    """The weights only voice tasks read: the heads and voice prompt, and the voice adapter on the LLM."""
+    return name.startswith(VOICE_PATH_PREFIX) or is_voice_adapter_weight(name)
 
 
 def parse_task_prompts(value: str | None) -> dict[str, str]:
@@ -106,12 +111,13 @@ def add_voice_attributes(
 
 
 def freeze_all_but_the_voice_path(model: TinyAudioForConditionalGeneration) -> None:
-    """`--train_voice_only`: only the voice-attribute heads and the voice prompt train. Transcription never reads
-    them (only the prompts of voice tasks carry voice tokens), so it stays exactly the starting model's."""
+    """`--train_voice_only`: only the voice path trains (the heads, the voice prompt, the voice adapter).
+    Transcription never reads it (only the prompts of voice tasks carry voice tokens and turn the adapter on), so it
+    stays exactly the starting model's."""
     if model.multi_modal_projector.voice_attributes is None:
         raise PreflightError("train_voice_only trains the voice path: the model needs voice_attributes")
     for name, parameter in model.named_parameters():
-        parameter.requires_grad = name.startswith(VOICE_PATH_PREFIX)
+        parameter.requires_grad = is_voice_path_weight(name)
 
 
 def build_model(
@@ -166,6 +172,8 @@ def build_model(
     if model_args.voice_prompt_length:
         model.add_voice_prompt(model_args.voice_prompt_length)
         processor.add_voice_tokens(model.config.voice_token_count)
+    if model_args.voice_lora_rank:
+        model.add_voice_adapter(model_args.voice_lora_rank)
     prompts = parse_task_prompts(model_args.task_prompts)
     if prompts:  # the saved config and processor both carry them
         model.config.task_prompts = {**model.config.task_prompts, **prompts}
@@ -214,6 +222,7 @@ def check_arguments(
         "ctc_only_steps",
         "voice_attributes_only_steps",
         "voice_prompt_length",
+        "voice_lora_rank",
         "lora_rank",
         "lora_dropout",
     ):
@@ -257,9 +266,9 @@ def _print_start(trainer: Trainer, train_dataset, skipped, resume_from: Path | N
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     trained = [name for name, p in model.named_parameters() if p.requires_grad]
     in_projector = [name for name in trained if name.startswith(PROJECTOR_PREFIX)]
-    parts = ["projector"] * any(not name.startswith(VOICE_PATH_PREFIX) for name in in_projector)
-    parts += ["voice path"] * any(name.startswith(VOICE_PATH_PREFIX) for name in in_projector)
-    parts += ["LoRA"] * any(LORA_MARKER in name for name in trained)
+    parts = ["projector"] * any(not is_voice_path_weight(name) for name in in_projector)
+    parts += ["voice path"] * any(is_voice_path_weight(name) for name in trained)
+    parts += ["LoRA"] * any(LORA_MARKER in name and not is_voice_path_weight(name) for name in trained)
     parts += ["top encoder layers"] * any(name.startswith(AUDIO_TOWER_PREFIX) for name in trained)
     effective = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
     clips = f"{len(train_dataset):,}" if hasattr(train_dataset, "__len__") else "streamed"
