@@ -44,11 +44,12 @@ class LoraMixin:
             lora_dropout=self.config.lora_dropout,
             target_modules=list(target_modules or self.config.lora_target_modules),
         )
-        inject_adapter_in_model(lora, self.language_model, adapter_name=adapter_name)
-        if self.config.voice_lora_rank:
-            self._activate_voice_adapter(
-                False
-            )  # a new adapter may start active: the voice one waits for its tasks
+        with warnings.catch_warnings():
+            # peft warns whenever a model gets a second adapter; the voice adapter is one by design.
+            warnings.filterwarnings("ignore", message=r".*multiple adapters in the model.*")
+            inject_adapter_in_model(lora, self.language_model, adapter_name=adapter_name)
+        if self.config.voice_lora_rank:  # a new adapter may start active: the voice one waits for its tasks
+            self._activate_voice_adapter(False)
 
     def _add_voice_adapter(self) -> None:
         self._add_lora(adapter_name=VOICE_ADAPTER, rank=self.config.voice_lora_rank)

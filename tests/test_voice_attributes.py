@@ -412,6 +412,17 @@ def test_a_voice_adapter_changes_voice_tasks_only_and_survives_saving(tmp_path):
         torch.testing.assert_close(reloaded(**transcribe).logits, plain["transcribe"], atol=0, rtol=0)
 
 
+def test_int8_serving_keeps_the_voice_adapter_for_voice_tasks(voice_model):
+    model, processor = voice_model
+    model.add_voice_adapter(2)
+    model.quantize_llm_int8()
+    calls = voice_adapter_calls(model)
+    model.generate(**processor(audio=CLIPS, task="transcribe"), max_new_tokens=2, num_beams=2)
+    assert not calls
+    model.generate(**processor(audio=CLIPS, task="describe"), max_new_tokens=2, num_beams=2)
+    assert calls
+
+
 def test_a_voice_adapter_needs_voice_heads(tmp_path):
     plain, _ = make_tiny_tiny_audio(tmp_path)
     with pytest.raises(ValueError, match="turn a voice adapter on: add voice_attributes first"):
