@@ -7,7 +7,9 @@ clips' own frames, fp32 vs bf16.
 Each configuration trains in its own process through `train.run` (the real CLI path, Trainer included) on
 batches of 8 clips of ~3.4 s and reports seconds per step, clips/s, audio hours per hour, the one-time cost of
 building the feature cache, the process's peak memory, and where a step's seconds go (each tower's forward, the
-losses, backward and optimizer, the next batch). Without the preset, the same architectures are built
+losses, backward and optimizer, the next batch), and the work of the LLM's linear layers (GFLOP a step) against
+this CPU's fp32 matmul rate on one of their products, measured in the same run: how close a step is to its bound.
+Without the preset, the same architectures are built
 with random weights (same compute, no meaningful loss) and the table says so.
 The reference project (alexkroman/tiny-audio) trains side by side with `--reference PATH`, its `tiny_audio`
 package folder (README "Benchmarks" says how to get it): the `ref-fp32-live` configuration builds its `ASRModel`
@@ -33,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import soundfile
+import torch
 
 from benchmarks import reference_project
 
@@ -118,6 +121,8 @@ def step_timer(warmup_steps: int):
             self.parts: dict[str, float] = dict.fromkeys(PROFILE_PARTS, 0.0)
             self.measuring = False
             self.step_begin = 0.0
+            self.llm_positions = 0  # positions the LLM ran over in the measured steps
+            self.llm_linear_weights = 0
 
         def on_train_begin(self, args, state, control, model=None, **kwargs):
             self.train_begin = time.perf_counter()
@@ -134,6 +139,12 @@ def step_timer(warmup_steps: int):
                     ("llm", model.language_model),
                     ("forward", model),
                 )
+            llm = dict(modules)["llm"]
+            head = llm.get_output_embeddings()
+            self.llm_linear_weights = sum(
+                m.weight.numel() for m in llm.modules() if isinstance(m, torch.nn.Linear) and m is not head
+            )
+            llm.register_forward_pre_hook(self._count_positions, with_kwargs=True)
             for part, module in modules:
                 started: list[float] = []
                 module.register_forward_pre_hook(
@@ -153,6 +164,13 @@ def step_timer(warmup_steps: int):
                 return result
 
             return timed
+
+        def _count_positions(self, module, args, kwargs) -> None:
+            if self.measuring:
+                embeds = kwargs.get("inputs_embeds")
+                self.llm_positions += (
+                    embeds.shape[0] * embeds.shape[1] if embeds is not None else args[0].numel()
+                )
 
         def _add(self, part: str, seconds: float) -> None:
             if self.measuring:
@@ -205,14 +223,37 @@ def run_config(name: str, models: list[str], work: Path, args: argparse.Namespac
         "prepare_seconds": timer.train_begin - start,
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "profile": profile_shares(timer.parts, args.steps),
+        "llm_positions_per_step": timer.llm_positions / args.steps,
+        "llm_gflop_per_step": llm_gflop(timer.llm_linear_weights, timer.llm_positions / args.steps),
     }
+
+
+def llm_gflop(linear_weights: int, positions: float) -> float:
+    """GFLOP of the LLM's linear layers in one step: 2 per weight and position forward, 2 more backward for the
+    gradient of their inputs (the weights are frozen: no weight gradient); attention's own products are left out."""
+    return 4 * linear_weights * positions / 1e9
+
+
+def matmul_gflops(threads: int, seconds: float = 1.5) -> float:
+    """This CPU's fp32 rate on one of the LLM's own products (a [512 x 576] x [576 x 1536] matmul, SmolLM2-135M's
+    MLP on a step's worth of positions), at the benchmark's thread count: the ceiling of the LLM's share of a step."""
+    import torch
+
+    torch.set_num_threads(threads)
+    left, right = torch.randn(512, 576), torch.randn(576, 1536)
+    for _ in range(10):
+        left @ right
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        left @ right
+        count += 1
+    return 2 * 512 * 576 * 1536 * count / (time.perf_counter() - start) / 1e9
 
 
 def train_reference(models: list[str], work: Path, args: argparse.Namespace, timer) -> None:
     """The reference project's model (its projector trains, its towers are frozen) through the Trainer, on the
     clips train.py reads, in batches made as its training script makes them."""
     import datasets
-    import torch
     from transformers import Trainer, TrainingArguments
 
     from pipeline_asr import read_audio
@@ -387,6 +428,21 @@ def main() -> None:
     print(f"{'config':>14}" + "".join(f"{part:>20}" for part in parts))
     for row in results:
         print(f"{row['config']:>14}" + "".join(f"{row['profile'][part]:>20.3f}" for part in parts))
+    rate = matmul_gflops(args.threads)
+    print(
+        "The LLM's linear layers (forward, and backward to their inputs) against this CPU's fp32 matmul rate on one "
+        f"of their products at {args.threads} thread(s), {rate:.0f} GFLOP/s:"
+    )
+    print(
+        f"{'config':>14}{'positions/step':>16}{'GFLOP/step':>12}{'LLM fwd+bwd s':>15}{'GFLOP/s':>9}{'of rate':>9}"
+    )
+    for row in results:
+        seconds = row["profile"]["LLM forward"] + row["profile"]["backward, optimizer"]
+        achieved = row["llm_gflop_per_step"] / seconds
+        print(
+            f"{row['config']:>14}{row['llm_positions_per_step']:>16.0f}{row['llm_gflop_per_step']:>12.1f}"
+            f"{seconds:>15.3f}{achieved:>9.0f}{achieved / rate:>9.0%}"
+        )
     print(
         f"{reference_note} 'prepare s': model load, data checks and, for -cache, encoding every clip once. Wall "
         "times are only comparable on an otherwise idle machine."
