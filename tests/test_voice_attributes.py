@@ -375,9 +375,8 @@ def test_a_voice_adapter_changes_voice_tasks_only_and_survives_saving(tmp_path):
     assert adapter and all(p.requires_grad for p in adapter.values())
     assert {p.shape[0] for name, p in adapter.items() if ".lora_A." in name} == {3}
     with torch.no_grad():
-        torch.testing.assert_close(
-            model(**describe).logits, plain["describe"], atol=0, rtol=0
-        )  # B starts at 0
+        # LoRA's B starts at zero: the new adapter changes nothing until it trains.
+        torch.testing.assert_close(model(**describe).logits, plain["describe"], atol=0, rtol=0)
         for parameter in adapter.values():
             parameter.normal_(std=0.5)
         assert not torch.allclose(model(**describe).logits, plain["describe"])
@@ -392,12 +391,13 @@ def test_a_voice_adapter_changes_voice_tasks_only_and_survives_saving(tmp_path):
 
     model.merge_lora()  # the adapters stay apart: peft would skip an unmerged adapter on a merged layer
     assert not model.lora_merged
+    mixed = [
+        {"audio": clip, "text": "words", "task": task, "facts": ""}
+        for clip, task in zip(CLIPS, ("transcribe", "describe"), strict=True)
+    ]
+    mixed_batch = SpeechCollator(processor, voice_attributes=model.config.voice_attributes)(mixed)
     with pytest.raises(ValueError, match=r"rows \[1\] of this batch ask a voice task"):
-        mixed = [
-            {"audio": clip, "text": "words", "task": task, "facts": ""}
-            for clip, task in zip(CLIPS, ("transcribe", "describe"), strict=True)
-        ]
-        model(**SpeechCollator(processor, voice_attributes=model.config.voice_attributes)(mixed))
+        model(**mixed_batch)
     with pytest.raises(ValueError, match="cannot change it to 4"):
         model.add_voice_adapter(4)
     with pytest.raises(ValueError, match="LoRA cannot widen"):
