@@ -482,6 +482,26 @@ def test_train_voice_only_trains_the_voice_path_and_transcribes_exactly_as_befor
     assert TinyAudioProcessor.from_pretrained(out).voice_tokens == 3
 
 
+def test_train_py_refuses_mixed_tasks_for_a_voice_adapter_before_training(tmp_path):
+    rows = speech_rows(4, 3)
+    rows["facts"] = [json.dumps({"gender": "female"})] * 4
+    DatasetDict({"train": Dataset.from_dict(rows)}).cast_column(
+        "audio", Audio(sampling_rate=RATE)
+    ).save_to_disk(tmp_path / "data")
+    workspace = {
+        "encoder": make_tiny_encoder(tmp_path / "encoder"),
+        "llm": make_tiny_llm(tmp_path / "llm"),
+        "data": str(tmp_path / "data"),
+    }
+    both = json.dumps(
+        [{"path": workspace["data"], "split": "train", "task": task} for task in ("transcribe", "describe")]
+    )
+    words = json.dumps({"gender": {"female": "woman", "male": "man"}})
+    flags = ("--train_datasets", both, "--voice_attributes", words, "--voice_lora_rank", "2")
+    with pytest.raises(PreflightError, match=r"mix voice tasks \(describe\) with others \(transcribe\)"):
+        train.run(base_args(workspace, str(tmp_path / "out"), *NO_EVAL, *flags))
+
+
 def test_train_voice_only_needs_voice_heads(tmp_path):
     workspace = {
         "encoder": make_tiny_encoder(tmp_path / "encoder"),

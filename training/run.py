@@ -120,6 +120,23 @@ def freeze_all_but_the_voice_path(model: TinyAudioForConditionalGeneration) -> N
         parameter.requires_grad = is_voice_path_weight(name)
 
 
+def check_voice_adapter_batches(model: TinyAudioForConditionalGeneration, dataset) -> None:
+    """A model with a voice adapter turns it on or off for a whole batch, so its training rows must all be of voice
+    tasks or all of others; known before the first step for a dataset in memory (a streamed one fails at its first
+    mixed batch)."""
+    voice_tasks = set(model.config.voice_tasks or [])
+    if not model.config.voice_lora_rank or not hasattr(dataset, "__len__"):
+        return
+    tasks = set(dataset.unique("task"))
+    if tasks & voice_tasks and tasks - voice_tasks:
+        raise PreflightError(
+            f"the training rows mix voice tasks ({', '.join(sorted(tasks & voice_tasks))}) with others "
+            f"({', '.join(sorted(tasks - voice_tasks))}), and this model's voice adapter (voice_lora_rank "
+            f"{model.config.voice_lora_rank}) is on or off for a whole batch: train the voice tasks in a run of their "
+            "own (train_voice_only)"
+        )
+
+
 def build_model(
     model_args: ModelArguments, training_args: TrainingArguments
 ) -> tuple[TinyAudioForConditionalGeneration, TinyAudioProcessor]:
@@ -352,6 +369,7 @@ def train(
             task_weights=parse_task_weights(data_args.task_weights),
             **load,
         )
+        check_voice_adapter_batches(model, train_dataset)
         eval_dataset = None
         if data_args.eval_datasets:
             specs = parse_dataset_specs(data_args.eval_datasets)
