@@ -19,6 +19,7 @@ from modeling_tiny_audio import TinyAudioForConditionalGeneration, frame_statist
 from processing_tiny_audio import IGNORE_INDEX, TinyAudioProcessor
 from testing.tiny_models import make_tiny_encoder, make_tiny_llm, make_tiny_tiny_audio
 from training.collator import SpeechCollator
+from training.prefix_cache import PromptPrefixCache
 from training.preflight import PreflightError
 from training.run import add_voice_attributes, parse_voice_attributes
 
@@ -421,6 +422,27 @@ def test_int8_serving_keeps_the_voice_adapter_for_voice_tasks(voice_model):
     assert not calls
     model.generate(**processor(audio=CLIPS, task="describe"), max_new_tokens=2, num_beams=2)
     assert calls
+
+
+def test_the_prompt_prefix_cache_serves_a_voice_adapter_models_other_tasks_only(tmp_path):
+    """The cached prefix is computed with the voice adapter off: right for transcripts, which keep the speed-up, and
+    wrong for voice prompts, which skip it."""
+    model, processor = make_tiny_tiny_audio(tmp_path, lora_rank=2)
+    add_voice_attributes(model, processor, WORDS)
+    model.add_voice_adapter(2)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if ".lora_B.voice." in name:
+                parameter.normal_(std=0.5)
+    cache = PromptPrefixCache(model, model.config.audio_token_id)
+    for task in ("transcribe", "describe"):
+        rows = [{"audio": clip, "text": "words", "task": task, "facts": ""} for clip in CLIPS]
+        batch = SpeechCollator(processor, voice_attributes=model.config.voice_attributes)(rows)
+        applied = cache.apply(batch)
+        trimmed = applied["input_ids"].shape[1] < batch["input_ids"].shape[1]
+        assert trimmed == (task == "transcribe"), task
+        with torch.no_grad():
+            torch.testing.assert_close(model(**applied).loss, model(**batch).loss, rtol=1e-4, atol=1e-5)
 
 
 def test_a_voice_adapter_needs_voice_heads(tmp_path):

@@ -45,6 +45,9 @@ class PromptPrefixCache:
     def apply(self, inputs: dict, autocast: contextlib.AbstractContextManager | None = None) -> dict:
         """`inputs` without the shared prefix tokens, plus a `cache` standing in for them."""
         input_ids = inputs["input_ids"]
+        config = self.model.config
+        if config.voice_lora_rank and (input_ids == config.voice_token_id).any():
+            return inputs  # voice prompts turn the voice adapter on, which the cached prefix was computed without
         length = self._prefix_length(input_ids)
         if length == 0 or "cache" in inputs:
             return inputs

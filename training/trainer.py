@@ -48,13 +48,11 @@ class TinyAudioTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.wer_rows = wer_rows or []
         model = self.accelerator.unwrap_model(self.model)
-        # The prefix's keys/values would change with a training LoRA, and with the voice adapter, which the voice
-        # tasks' prompts turn on.
-        llm_varies = model.config.voice_lora_rank or any(
+        llm_trains = any(
             p.requires_grad for p in model.language_model.parameters()
-        )
+        )  # LoRA: prefix would change
         self.prefix_cache = (
-            PromptPrefixCache(model, model.config.audio_token_id) if prefix_cache and not llm_varies else None
+            PromptPrefixCache(model, model.config.audio_token_id) if prefix_cache and not llm_trains else None
         )
         self.ctc_only_steps = ctc_only_steps
         self.voice_attributes_only_steps = voice_attributes_only_steps
