@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import datasets
@@ -40,6 +41,15 @@ from training.feature_cache import FeatureStore, encoder_key
 BATCH = 16
 
 
+def clip_batches(rows: datasets.Dataset, sampling_rate: int) -> Iterator[list]:
+    """The clips of `rows`, read at `sampling_rate`, `BATCH` at a time."""
+    for first in range(0, len(rows), BATCH):
+        yield [
+            read_audio(row["audio"], sampling_rate)
+            for row in rows.select(range(first, min(first + BATCH, len(rows))))
+        ]
+
+
 @torch.no_grad()
 def encoder_frames(
     model: TinyAudioForConditionalGeneration,
@@ -50,11 +60,7 @@ def encoder_frames(
     """(frames, mask of real frames) per batch of `BATCH` clips: from the feature cache when it holds the whole batch,
     else from the encoder."""
     batches = []
-    for first in range(0, len(rows), BATCH):
-        clips = [
-            read_audio(row["audio"], processor.sampling_rate)
-            for row in rows.select(range(first, min(first + BATCH, len(rows))))
-        ]
+    for clips in clip_batches(rows, processor.sampling_rate):
         hashes = [audio_hash(clip) for clip in clips]
         if store is not None and all(h in store for h in hashes):
             frames = [store.get(h) for h in hashes]
@@ -78,11 +84,7 @@ def layer_statistics(
     """[clips, encoder layers + 1, 2 * dim]: the mean and spread of each clip's real frames (what the voice heads
     read) after the encoder's input layer and after each of its layers, on the encoder's full input."""
     statistics = []
-    for first in range(0, len(rows), BATCH):
-        clips = [
-            read_audio(row["audio"], processor.sampling_rate)
-            for row in rows.select(range(first, min(first + BATCH, len(rows))))
-        ]
+    for clips in clip_batches(rows, processor.sampling_rate):
         features = processor.extract_features(clips)
         mask = features["input_features_mask"]
         lengths = encoder_frame_lengths(mask.sum(-1), model.config.encoder_conv_layers)

@@ -246,20 +246,29 @@ def test_bad_voice_attributes_are_named(voice_model, tmp_path):
         plain(**plain_inputs)
 
 
+def train_workspace(tmp_path: Path, rows: dict[str, list], name: str = "data") -> dict[str, str]:
+    """A tiny encoder and LLM, and `rows` saved as the train split of corpus `name`: what `base_args` reads."""
+    save_train_split(rows, tmp_path / name)
+    return {
+        "encoder": make_tiny_encoder(tmp_path / "encoder"),
+        "llm": make_tiny_llm(tmp_path / "llm"),
+        "data": str(tmp_path / name),
+    }
+
+
+def save_train_split(rows: dict[str, list], folder: Path) -> None:
+    DatasetDict({"train": Dataset.from_dict(rows)}).cast_column(
+        "audio", Audio(sampling_rate=RATE)
+    ).save_to_disk(folder)
+
+
 def test_train_py_adds_heads_warms_them_up_then_trains_all_on_mixed_sources(tmp_path):
     """One source has facts and one has none: they mix; the heads train alone for the warm-up steps, then with the
     projector; the saved model and processor carry the heads and the voice tokens."""
     described = speech_rows(12, 3)
     described["facts"] = [json.dumps({"gender": ("female", "male")[i % 2]}) for i in range(12)]
-    for name, rows in (("described", described), ("plain", speech_rows(12, 4))):
-        DatasetDict({"train": Dataset.from_dict(rows)}).cast_column(
-            "audio", Audio(sampling_rate=RATE)
-        ).save_to_disk(tmp_path / name)
-    workspace = {
-        "encoder": make_tiny_encoder(tmp_path / "encoder"),
-        "llm": make_tiny_llm(tmp_path / "llm"),
-        "data": str(tmp_path / "described"),
-    }
+    workspace = train_workspace(tmp_path, described, "described")
+    save_train_split(speech_rows(12, 4), tmp_path / "plain")
     sources = json.dumps(
         [{"path": str(tmp_path / name), "split": "train"} for name in ("described", "plain")]
     )
@@ -456,14 +465,7 @@ def test_train_voice_only_trains_the_voice_path_and_transcribes_exactly_as_befor
     other weight, and so every transcript, stays the starting model's, token for token."""
     described = speech_rows(8, 3)
     described["facts"] = [json.dumps({"gender": ("female", "male")[i % 2]}) for i in range(8)]
-    DatasetDict({"train": Dataset.from_dict(described)}).cast_column(
-        "audio", Audio(sampling_rate=RATE)
-    ).save_to_disk(tmp_path / "described")
-    workspace = {
-        "encoder": make_tiny_encoder(tmp_path / "encoder"),
-        "llm": make_tiny_llm(tmp_path / "llm"),
-        "data": str(tmp_path / "described"),
-    }
+    workspace = train_workspace(tmp_path, described, "described")
     words = json.dumps({"gender": {"female": "woman", "male": "man"}})
     start = str(tmp_path / "start")
     train.run(
@@ -507,14 +509,7 @@ def test_train_voice_only_trains_the_voice_path_and_transcribes_exactly_as_befor
 def test_train_py_refuses_mixed_tasks_for_a_voice_adapter_before_training(tmp_path):
     rows = speech_rows(4, 3)
     rows["facts"] = [json.dumps({"gender": "female"})] * 4
-    DatasetDict({"train": Dataset.from_dict(rows)}).cast_column(
-        "audio", Audio(sampling_rate=RATE)
-    ).save_to_disk(tmp_path / "data")
-    workspace = {
-        "encoder": make_tiny_encoder(tmp_path / "encoder"),
-        "llm": make_tiny_llm(tmp_path / "llm"),
-        "data": str(tmp_path / "data"),
-    }
+    workspace = train_workspace(tmp_path, rows)
     both = json.dumps(
         [{"path": workspace["data"], "split": "train", "task": task} for task in ("transcribe", "describe")]
     )
@@ -525,13 +520,6 @@ def test_train_py_refuses_mixed_tasks_for_a_voice_adapter_before_training(tmp_pa
 
 
 def test_train_voice_only_needs_voice_heads(tmp_path):
-    workspace = {
-        "encoder": make_tiny_encoder(tmp_path / "encoder"),
-        "llm": make_tiny_llm(tmp_path / "llm"),
-        "data": str(tmp_path / "data"),
-    }
-    DatasetDict({"train": Dataset.from_dict(speech_rows(4, 3))}).cast_column(
-        "audio", Audio(sampling_rate=RATE)
-    ).save_to_disk(tmp_path / "data")
+    workspace = train_workspace(tmp_path, speech_rows(4, 3))
     with pytest.raises(PreflightError, match="train_voice_only trains the voice path"):
         train.run(base_args(workspace, str(tmp_path / "out"), *NO_EVAL, "--train_voice_only"))
