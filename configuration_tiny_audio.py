@@ -142,8 +142,11 @@ class TinyAudioConfig(PreTrainedConfig):
     # (prompt tuning) open the voice tokens: trained alone with the heads (train.py --train_voice_only), they teach
     # the voice tasks to a model whose transcription then stays exactly as it was. `voice_lora_rank` adds a second
     # LoRA adapter on the LLM (on `lora_target_modules`), active only for prompts of `voice_tasks`: the LLM learns to
-    # read the voice tokens while transcription still never runs it.
+    # read the voice tokens while transcription still never runs it. `voice_layer_mix` has the heads read the frames
+    # after every frozen encoder layer (and its input layer) instead of its output alone, each attribute through its
+    # own learned mix of the layers: the feature cache keeps each clip's per-layer mean and spread for them.
     voice_attributes: list | None = None
+    voice_layer_mix: bool = False
     voice_attribute_loss_weight: float = 1.0
     voice_tasks: list | None = None
     voice_prompt_length: int = 0
@@ -247,6 +250,10 @@ class TinyAudioConfig(PreTrainedConfig):
             raise ValueError("voice_prompt_length opens the voice tokens: it needs voice_attributes")
         if not isinstance(self.voice_lora_rank, int) or self.voice_lora_rank < 0:
             raise ValueError(f"voice_lora_rank must be a whole number >= 0, got {self.voice_lora_rank!r}")
+        if self.voice_layer_mix and not self.voice_attributes:
+            raise ValueError(
+                "voice_layer_mix is how the voice heads read the encoder: it needs voice_attributes"
+            )
         if self.voice_lora_rank and not self.voice_attributes:
             raise ValueError("voice_lora_rank adapts the LLM to the voice tokens: it needs voice_attributes")
 
@@ -288,6 +295,12 @@ class TinyAudioConfig(PreTrainedConfig):
     def frozen_encoder_layers(self) -> int:
         """Encoder layers that stay frozen: their output is what the training feature cache stores."""
         return self.audio_config.num_hidden_layers - self.encoder_trainable_layers
+
+    @property
+    def encoder_statistics_layers(self) -> int:
+        """The stages whose frames `TinyAudioModel.encode_audio` summarises for the voice heads: the encoder's input
+        layer and each frozen layer."""
+        return self.frozen_encoder_layers + 1
 
     @property
     def feature_frame_seconds(self) -> float:

@@ -43,8 +43,11 @@ class WhisperSpeechEncoder(WhisperEncoder):
         split: int,
         feature_mask: torch.Tensor | None = None,
         frame_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Frames after the embedding and the first `split` layers of `WhisperEncoder.forward`.
+        output_hidden_states: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """Frames after the embedding and the first `split` layers of `WhisperEncoder.forward`; with
+        `output_hidden_states`, a tuple of the frames after the embedding and after each of those layers (what the
+        voice heads read, `TinyAudioConfig.voice_layer_mix`).
 
         With the masks of real mel frames and encoder frames, nothing past a clip's end reaches its frames: the
         convolutions see zeros there, as at the end of a clip alone, and attention sees real frames only."""
@@ -56,9 +59,11 @@ class WhisperSpeechEncoder(WhisperEncoder):
         hidden = nn.functional.gelu(self.conv2(hidden))
         hidden = hidden.transpose(1, 2) + self.embed_positions.weight[: hidden.shape[2]]
         attention_mask = None if frame_mask is None else _key_mask(frame_mask, hidden.dtype)
+        states = [hidden]
         for layer in self.layers[:split]:
             hidden = layer(hidden, attention_mask)
-        return hidden
+            states.append(hidden)
+        return tuple(states) if output_hidden_states else hidden
 
     def forward_top(self, hidden: torch.Tensor, frame_mask: torch.Tensor, split: int) -> torch.Tensor:
         """The layers after `split` and the final norm, attending to real frames only (`frame_mask`).

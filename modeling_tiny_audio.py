@@ -105,6 +105,11 @@ class VoiceAttributeHeads(nn.Module):
     """Classifies a clip's voice attributes (gender, accent, channel, ...) from its frames' mean and spread:
     Linear -> activation, then one linear classifier per attribute, their logits side by side.
 
+    They read the encoder's output frames, or (`layers` > 1, `TinyAudioConfig.voice_layer_mix`) the frames after
+    each of its layers: each layer's statistics are normalised, and each attribute reads its own learned softmax mix
+    of the layers (as SUPERB's probes do), since Whisper's last layer, trained to transcribe, lets go of the
+    speaker's gender and accent that its lower layers hold.
+
     Trained on each clip's facts, they tell the LLM in words it knows who speaks and over what line
     (`TinyAudioModel.voice_embeddings`): a frozen LLM reads the words at once, where a summary vector would first
     have to be learnt to read (issue 30). The optional learned prompt (`prompt`, [length, LLM width]) opens those
@@ -118,8 +123,15 @@ class VoiceAttributeHeads(nn.Module):
         value_counts: list[int],
         activation: str,
         prompt_shape: tuple[int, int] = (0, 0),
+        layers: int = 1,
     ):
         super().__init__()
+        self.value_counts = value_counts
+        if layers > 1:
+            self.layer_norms = nn.ModuleList(nn.LayerNorm(2 * encoder_size) for _ in range(layers))
+            self.layer_weights = nn.Parameter(torch.zeros(len(value_counts), layers))
+        else:
+            self.layer_norms = self.layer_weights = None
         self.linear = nn.Linear(2 * encoder_size, hidden_size)
         self.act = ACT2FN[activation]
         self.classifier = nn.Linear(hidden_size, sum(value_counts))
@@ -134,11 +146,26 @@ class VoiceAttributeHeads(nn.Module):
             config.voice_attribute_value_counts,
             config.projector_activation,
             (config.voice_prompt_length, config.text_config.hidden_size),
+            config.encoder_statistics_layers if config.voice_layer_mix else 1,
         )
 
-    def forward(self, encoder_hidden: torch.Tensor, encoder_mask: torch.Tensor) -> torch.Tensor:
-        """[batch, values of all attributes] logits from [batch, frames, dim] encoder outputs and their mask."""
-        return self.classifier(self.act(self.linear(frame_statistics(encoder_hidden, encoder_mask))))
+    def forward(self, statistics: torch.Tensor) -> torch.Tensor:
+        """[batch, values of all attributes] logits from [batch, layers, 2 * dim] frame statistics
+        (`frame_statistics` of each layer read)."""
+        if self.layer_weights is None:
+            return self.classifier(self.act(self.linear(statistics[:, -1])))
+        normalised = torch.stack([norm(statistics[:, i]) for i, norm in enumerate(self.layer_norms)], dim=1)
+        mixed = torch.einsum("al,bld->bad", self.layer_weights.softmax(-1), normalised)
+        hidden = self.act(self.linear(mixed))  # [batch, attributes, hidden]: each attribute from its own mix
+        weights = self.classifier.weight.split(self.value_counts)
+        biases = self.classifier.bias.split(self.value_counts)
+        return torch.cat(
+            [
+                hidden[:, index] @ weight.T + bias
+                for index, (weight, bias) in enumerate(zip(weights, biases, strict=True))
+            ],
+            dim=-1,
+        )
 
 
 class TinyAudioProjector(nn.Module):
@@ -268,10 +295,15 @@ class TinyAudioModel(TinyAudioPreTrainedModel):
     # ---- audio path: features -> encoder (encode_audio) -> projector (project_audio) ------------------------
 
     def encode_audio(
-        self, input_features: torch.Tensor, input_features_mask: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self,
+        input_features: torch.Tensor,
+        input_features_mask: torch.Tensor,
+        output_layer_statistics: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Runs the frozen encoder (its frozen layers, when the top ones train); returns its frames and a mask of
-        the frames that hold real audio."""
+        the frames that hold real audio. With `output_layer_statistics`, also [batch, `config.encoder_statistics_layers`,
+        2 * dim]: the mean and spread of each clip's real frames after the encoder's input layer and after each
+        frozen layer (`frame_statistics`; what heads with `config.voice_layer_mix` read)."""
         config = self.config
         features = input_features.to(self.audio_tower.dtype)
         lengths = encoder_frame_lengths(input_features_mask.sum(-1), config.encoder_conv_layers).to(
@@ -286,32 +318,47 @@ class TinyAudioModel(TinyAudioPreTrainedModel):
                     feature_mask = input_features_mask[:, : features.shape[-1]].to(features.device)
                     frame_ids = torch.arange(features.shape[-1] // 2, device=features.device)
                     frame_mask = frame_ids < lengths[:, None]
-                hidden = self.audio_tower.forward_bottom(
-                    features, config.frozen_encoder_layers, feature_mask, frame_mask
+                bottom = self.audio_tower.forward_bottom(
+                    features, config.frozen_encoder_layers, feature_mask, frame_mask, output_layer_statistics
                 )
+                states = bottom if output_layer_statistics else (bottom,)
                 if not config.encoder_trainable_layers:
-                    hidden = self.audio_tower.layer_norm(hidden)
+                    states = (*states[:-1], self.audio_tower.layer_norm(states[-1]))
             elif getattr(config.audio_config, "feat_extract_norm", "layer") == "group":
-                hidden = self._encode_clip_by_clip(features, input_features_mask, lengths)
+                states = self._encode_clip_by_clip(
+                    features, input_features_mask, lengths, output_layer_statistics
+                )
             else:
-                hidden = self.audio_tower(features, attention_mask=input_features_mask).last_hidden_state
+                output = self.audio_tower(
+                    features, attention_mask=input_features_mask, output_hidden_states=output_layer_statistics
+                )
+                states = output.hidden_states if output_layer_statistics else (output.last_hidden_state,)
+        hidden = states[-1]
         frame_ids = torch.arange(hidden.shape[1], device=hidden.device)
-        return hidden, frame_ids[None, :] < lengths[:, None].to(hidden.device)
+        mask = frame_ids[None, :] < lengths[:, None].to(hidden.device)
+        if not output_layer_statistics:
+            return hidden, mask
+        return hidden, mask, torch.stack([frame_statistics(state.float(), mask) for state in states], dim=1)
 
     def _encode_clip_by_clip(
-        self, samples: torch.Tensor, samples_mask: torch.Tensor, lengths: torch.Tensor
-    ) -> torch.Tensor:
+        self, samples: torch.Tensor, samples_mask: torch.Tensor, lengths: torch.Tensor, every_layer: bool
+    ) -> tuple[torch.Tensor, ...]:
         """Group-norm encoders (wav2vec2-base, hubert-base) normalise each channel over the whole input, padding
         included, and take no attention mask: in a padded batch every clip's frames would depend on the others'
-        lengths. Each clip runs alone on its own samples; the frames are padded back into a batch."""
-        rows = [
-            self.audio_tower(clip[None, : int(count)]).last_hidden_state[0]
-            for clip, count in zip(samples, samples_mask.sum(-1), strict=True)
-        ]
-        hidden = rows[0].new_zeros(len(rows), int(lengths.max()), rows[0].shape[-1])
-        for index, frames in enumerate(rows):
-            hidden[index, : len(frames)] = frames[: hidden.shape[1]]
-        return hidden
+        lengths. Each clip runs alone on its own samples; the frames (of `every_layer`, or the output's) are padded
+        back into a batch."""
+        clips = []
+        for clip, count in zip(samples, samples_mask.sum(-1), strict=True):
+            output = self.audio_tower(clip[None, : int(count)], output_hidden_states=every_layer)
+            clips.append(output.hidden_states if every_layer else (output.last_hidden_state,))
+        frames = int(lengths.max())
+        batches = []
+        for layer in zip(*clips, strict=True):
+            hidden = layer[0].new_zeros(len(layer), frames, layer[0].shape[-1])
+            for index, clip_frames in enumerate(layer):
+                hidden[index, : clip_frames.shape[1]] = clip_frames[0, :frames]
+            batches.append(hidden)
+        return tuple(batches)
 
     def project_audio(
         self, encoder_hidden: torch.Tensor, encoder_mask: torch.Tensor
@@ -375,23 +422,42 @@ class TinyAudioModel(TinyAudioPreTrainedModel):
         input_features_mask: torch.Tensor | None,
         encoder_hidden_states: torch.Tensor | None,
         encoder_mask: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The encoder's frames and their mask: computed from features, or given ahead of time in their stead (the
-        training feature cache); None without audio."""
+        encoder_layer_statistics: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+        """The encoder's frames, their mask and, for heads with `config.voice_layer_mix`, every layer's frame
+        statistics (else None): computed from features, or given ahead of time in their stead (the training feature
+        cache); None without audio."""
         if input_features is not None:
-            return self.encode_audio(input_features, input_features_mask)
-        return None if encoder_hidden_states is None else (encoder_hidden_states, encoder_mask)
+            if not self.config.voice_layer_mix:
+                return (*self.encode_audio(input_features, input_features_mask), None)
+            return self.encode_audio(input_features, input_features_mask, output_layer_statistics=True)
+        if encoder_hidden_states is None:
+            return None
+        return encoder_hidden_states, encoder_mask, encoder_layer_statistics
 
     def voice_attribute_logits(
-        self, encoder_hidden: torch.Tensor, encoder_mask: torch.Tensor
+        self,
+        encoder_hidden: torch.Tensor,
+        encoder_mask: torch.Tensor,
+        encoder_layer_statistics: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
-        """[batch, values] logits of the voice-attribute heads on frozen encoder outputs (None without heads)."""
+        """[batch, values] logits of the voice-attribute heads (None without heads): on the statistics of frozen
+        encoder outputs, or of every frozen layer's frames for heads with `config.voice_layer_mix`."""
         heads = self.multi_modal_projector.voice_attributes
         if heads is None:
             return None
         weight = heads.linear.weight
-        encoder_mask = encoder_mask.to(weight.device)
-        return heads(encoder_hidden.to(weight.device, weight.dtype), encoder_mask)
+        if not self.config.voice_layer_mix:
+            encoder_layer_statistics = frame_statistics(
+                encoder_hidden.to(weight.device, weight.dtype), encoder_mask.to(weight.device)
+            )[:, None]
+        elif encoder_layer_statistics is None:
+            raise ValueError(
+                "this model's voice heads read every encoder layer (config.voice_layer_mix): with "
+                "encoder_hidden_states, pass encoder_layer_statistics too (encode_audio(..., "
+                "output_layer_statistics=True)), or pass input_features"
+            )
+        return heads(encoder_layer_statistics.to(weight.device, weight.dtype))
 
     def voice_embeddings(self, logits: torch.Tensor) -> torch.Tensor:
         """[batch, voice tokens, hidden]: the learned prompt, if any, then for each attribute the LLM's input
@@ -470,20 +536,26 @@ class TinyAudioModel(TinyAudioPreTrainedModel):
         input_features_mask: torch.Tensor | None = None,
         encoder_hidden_states: torch.Tensor | None = None,
         encoder_mask: torch.Tensor | None = None,
+        encoder_layer_statistics: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ) -> TinyAudioCausalLMOutputWithPast:
-        """The LLM over the prompt with the audio merged in. `encoder_hidden_states`/`encoder_mask` replace
-        `input_features` when encoder outputs were computed ahead of time (the training feature cache)."""
+        """The LLM over the prompt with the audio merged in. `encoder_hidden_states`/`encoder_mask` (and
+        `encoder_layer_statistics`, for heads with `config.voice_layer_mix`) replace `input_features` when encoder
+        outputs were computed ahead of time (the training feature cache)."""
         audio_embeds = audio_mask = voice_logits = None
         if inputs_embeds is None:
             frames = self._encoder_frames(
-                input_features, input_features_mask, encoder_hidden_states, encoder_mask
+                input_features,
+                input_features_mask,
+                encoder_hidden_states,
+                encoder_mask,
+                encoder_layer_statistics,
             )
             real_audio = None
             if frames is not None:
-                audio_embeds, audio_mask = self.project_audio(*frames)
+                audio_embeds, audio_mask = self.project_audio(*frames[:2])
                 real_audio = audio_embeds[audio_mask]
                 voice_logits = self.voice_attribute_logits(*frames)
             placeholder = self.get_placeholder_mask(input_ids, real_audio)
@@ -606,6 +678,27 @@ class TinyAudioForConditionalGeneration(CheckpointMixin, LoraMixin, TinyAudioMod
         self.config.validate()
         self.freeze_pretrained()
 
+    def mix_voice_layers(self) -> None:
+        """Gives a model with voice heads on the encoder's output new heads that read every frozen encoder layer
+        (`config.voice_layer_mix`), for a continued run that trains them (`voice_attributes_only_steps`). The learned
+        voice prompt stays; the heads start afresh, since their input is another."""
+        old = self.multi_modal_projector.voice_attributes
+        if old is None:
+            raise ValueError(
+                "voice_layer_mix is how the voice heads read the encoder: add voice_attributes first"
+            )
+        if self.config.voice_layer_mix:
+            return
+        self.config.voice_layer_mix = True
+        self.config.validate()
+        heads = VoiceAttributeHeads.from_config(self.config)
+        heads.apply(self._init_weights)
+        heads.prompt = old.prompt
+        self.multi_modal_projector.voice_attributes = heads.to(
+            old.linear.weight.device, old.linear.weight.dtype
+        )
+        self.freeze_pretrained()
+
     # ---- losses -----------------------------------------------------------------------------------------------
 
     def forward(
@@ -642,6 +735,7 @@ class TinyAudioForConditionalGeneration(CheckpointMixin, LoraMixin, TinyAudioMod
             "input_features_mask": input_features_mask,
             "encoder_hidden_states": kwargs.pop("encoder_hidden_states", None),
             "encoder_mask": kwargs.pop("encoder_mask", None),
+            "encoder_layer_statistics": kwargs.pop("encoder_layer_statistics", None),
         }
         if voice_attributes_only:
             frames = self._encoder_frames(**audio_inputs)
@@ -654,7 +748,7 @@ class TinyAudioForConditionalGeneration(CheckpointMixin, LoraMixin, TinyAudioMod
             )
         if ctc_only:
             frames = self._encoder_frames(**audio_inputs)
-            audio_embeds, audio_mask = self.project_audio(*frames) if frames is not None else (None, None)
+            audio_embeds, audio_mask = self.project_audio(*frames[:2]) if frames is not None else (None, None)
             ctc = self._batch_share(
                 self._ctc_term(audio_embeds, audio_mask, ctc_targets), labels, num_items_in_batch
             )
@@ -815,8 +909,11 @@ class TinyAudioForConditionalGeneration(CheckpointMixin, LoraMixin, TinyAudioMod
                 "ctc_weight > 0 needs config.ctc_blank_token_id: this checkpoint was not trained with the CTC loss."
             )
         if "input_features" in kwargs:
-            kwargs["encoder_hidden_states"], kwargs["encoder_mask"] = self.encode_audio(
-                kwargs.pop("input_features"), kwargs.pop("input_features_mask")
+            frames = self._encoder_frames(
+                kwargs.pop("input_features"), kwargs.pop("input_features_mask"), None, None
+            )
+            kwargs["encoder_hidden_states"], kwargs["encoder_mask"], kwargs["encoder_layer_statistics"] = (
+                frames
             )
         if kwargs.get("encoder_hidden_states") is None:
             raise ValueError("ctc_weight > 0 needs audio: pass input_features and input_features_mask.")
@@ -844,6 +941,7 @@ class TinyAudioForConditionalGeneration(CheckpointMixin, LoraMixin, TinyAudioMod
         *args,
         encoder_hidden_states: torch.Tensor | None = None,
         encoder_mask: torch.Tensor | None = None,
+        encoder_layer_statistics: torch.Tensor | None = None,
         is_first_iteration: bool = False,
         **kwargs,
     ) -> dict:
@@ -851,7 +949,11 @@ class TinyAudioForConditionalGeneration(CheckpointMixin, LoraMixin, TinyAudioMod
         (which the library drops after the prompt) they go to the prompt's forward only."""
         inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
         if is_first_iteration or not kwargs.get("use_cache", True):
-            inputs.update(encoder_hidden_states=encoder_hidden_states, encoder_mask=encoder_mask)
+            inputs.update(
+                encoder_hidden_states=encoder_hidden_states,
+                encoder_mask=encoder_mask,
+                encoder_layer_statistics=encoder_layer_statistics,
+            )
         return inputs
 
     # Private: GenerationMixin has no public hook around the prompt's forward; tests/test_core.py

@@ -30,13 +30,12 @@ from pathlib import Path
 import datasets
 import torch
 
-from configuration_tiny_audio import encoder_frame_lengths
-from modeling_tiny_audio import TinyAudioForConditionalGeneration, frame_statistics
+from modeling_tiny_audio import TinyAudioForConditionalGeneration
 from offline_kit.descriptions import ATTRIBUTES, clip_facts
 from pipeline_asr import read_audio
 from processing_tiny_audio import IGNORE_INDEX, TinyAudioProcessor
 from training.data import audio_hash
-from training.feature_cache import FeatureStore, encoder_key
+from training.feature_cache import LAYER_STATISTICS, FeatureStore, encoder_key
 
 BATCH = 16
 
@@ -56,46 +55,27 @@ def encoder_frames(
     processor: TinyAudioProcessor,
     rows: datasets.Dataset,
     store: FeatureStore | None,
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(frames, mask of real frames) per batch of `BATCH` clips: from the feature cache when it holds the whole batch,
-    else from the encoder."""
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(frames, mask of real frames, every layer's frame statistics) per batch of `BATCH` clips: from the feature
+    cache when it holds the whole batch, else from the encoder."""
     batches = []
     for clips in clip_batches(rows, processor.sampling_rate):
         hashes = [audio_hash(clip) for clip in clips]
-        if store is not None and all(h in store for h in hashes):
+        if store is not None and all(h in store and h + LAYER_STATISTICS in store for h in hashes):
             frames = [store.get(h) for h in hashes]
             hidden = torch.nn.utils.rnn.pad_sequence(frames, batch_first=True)
             mask = torch.nn.utils.rnn.pad_sequence(
-                [torch.ones(len(f), dtype=torch.long) for f in frames], batch_first=True
+                [torch.ones(len(f), dtype=torch.bool) for f in frames], batch_first=True
             )
+            statistics = torch.stack([store.get_layer_statistics(h) for h in hashes])
         else:
             features = processor.extract_features(clips)
-            hidden, mask = model.encode_audio(features["input_features"], features["input_features_mask"])
-        batches.append(
-            (hidden.half(), mask)
-        )  # fp16, as the cache holds them: the train split stays in memory
+            hidden, mask, statistics = model.encode_audio(
+                features["input_features"], features["input_features_mask"], output_layer_statistics=True
+            )
+        # fp16, as the cache holds them: the train split stays in memory
+        batches.append((hidden.half(), mask, statistics.half()))
     return batches
-
-
-@torch.no_grad()
-def layer_statistics(
-    model: TinyAudioForConditionalGeneration, processor: TinyAudioProcessor, rows: datasets.Dataset
-) -> torch.Tensor:
-    """[clips, encoder layers + 1, 2 * dim]: the mean and spread of each clip's real frames (what the voice heads
-    read) after the encoder's input layer and after each of its layers, on the encoder's full input."""
-    statistics = []
-    for clips in clip_batches(rows, processor.sampling_rate):
-        features = processor.extract_features(clips)
-        mask = features["input_features_mask"]
-        lengths = encoder_frame_lengths(mask.sum(-1), model.config.encoder_conv_layers)
-        inputs = features["input_features"].to(model.audio_tower.dtype)
-        if model.config.audio_config.model_type == "whisper":
-            layers = model.audio_tower(inputs, output_hidden_states=True).hidden_states
-        else:
-            layers = model.audio_tower(inputs, attention_mask=mask, output_hidden_states=True).hidden_states
-        frame_mask = torch.arange(layers[0].shape[1])[None, :] < lengths[:, None]
-        statistics.append(torch.stack([frame_statistics(h.float(), frame_mask) for h in layers], 1))
-    return torch.cat(statistics)
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -106,11 +86,11 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def projected_means(
-    model: TinyAudioForConditionalGeneration, batches: list[tuple[torch.Tensor, torch.Tensor]]
+    model: TinyAudioForConditionalGeneration, batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 ) -> torch.Tensor:
     """[clips, LLM width]: the mean of each clip's projected frames."""
     means = []
-    for hidden, mask in batches:
+    for hidden, mask, _ in batches:
         projected, token_mask = model.project_audio(hidden.float(), mask)
         means.append(masked_mean(projected, token_mask))
     return torch.cat(means)
@@ -118,12 +98,14 @@ def projected_means(
 
 @torch.no_grad()
 def head_answers(
-    model: TinyAudioForConditionalGeneration, batches: list[tuple[torch.Tensor, torch.Tensor]]
+    model: TinyAudioForConditionalGeneration, batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 ) -> dict[str, list[str]]:
     """{attribute: the value the model's voice-attribute head gives each clip}; empty without heads."""
     if not model.config.voice_attributes:
         return {}
-    logits = torch.cat([model.voice_attribute_logits(hidden.float(), mask) for hidden, mask in batches])
+    logits = torch.cat(
+        [model.voice_attribute_logits(hidden.float(), mask, stats.float()) for hidden, mask, stats in batches]
+    )
     counts = model.config.voice_attribute_value_counts
     return {
         entry["attribute"]: [entry["values"][index] for index in part.argmax(-1).tolist()]
@@ -189,8 +171,8 @@ def main() -> None:
     parser.add_argument(
         "--encoder-layers",
         action="store_true",
-        help="add a column per encoder layer: the probe on the mean and spread of its frames (the heads' input); "
-        "runs the encoder on every clip",
+        help="add a column per encoder layer: the probe on the mean and spread of its frames (what the heads "
+        "read)",
     )
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -214,12 +196,15 @@ def main() -> None:
             store = FeatureStore(str(cache), key) if cache.is_dir() else None
             frames = {name: encoder_frames(model, processor, rows, store) for name, rows in splits.items()}
             features["encoder"] = {
-                name: torch.cat([masked_mean(hidden, mask) for hidden, mask in batches])
+                name: torch.cat([masked_mean(hidden, mask) for hidden, mask, _ in batches])
                 for name, batches in frames.items()
             }
             encoder = key
             if args.encoder_layers:
-                per_layer = {name: layer_statistics(model, processor, rows) for name, rows in splits.items()}
+                per_layer = {
+                    name: torch.cat([stats.float() for *_, stats in batches])
+                    for name, batches in frames.items()
+                }
                 for layer in range(per_layer["train"].shape[1]):
                     features[f"encoder layer {layer}, mean+spread"] = {
                         name: values[:, layer] for name, values in per_layer.items()

@@ -19,6 +19,7 @@ from modeling_tiny_audio import TinyAudioForConditionalGeneration, frame_statist
 from processing_tiny_audio import IGNORE_INDEX, TinyAudioProcessor
 from testing.tiny_models import make_tiny_encoder, make_tiny_llm, make_tiny_tiny_audio
 from training.collator import SpeechCollator
+from training.feature_cache import LAYER_STATISTICS, FeatureStore, build_feature_cache, encoder_key
 from training.prefix_cache import PromptPrefixCache
 from training.preflight import PreflightError
 from training.run import add_voice_attributes, parse_voice_attributes
@@ -309,28 +310,36 @@ def test_the_probe_reads_each_heads_answer_per_clip(voice_model, tmp_path):
 
     model, processor = voice_model
     features = processor.extract_features(CLIPS)
-    batches = [model.encode_audio(features["input_features"], features["input_features_mask"])]
+    batches = [
+        model.encode_audio(
+            features["input_features"], features["input_features_mask"], output_layer_statistics=True
+        )
+    ]
     force_heads(model, {"noise": "noisy", "gender": "female"})
     assert head_answers(model, batches) == {"noise": ["noisy", "noisy"], "gender": ["female", "female"]}
     plain, _ = make_tiny_tiny_audio(tmp_path / "plain")
     assert head_answers(plain, batches) == {}
 
 
-def test_the_probes_layer_statistics_end_with_what_the_heads_read(tmp_path):
-    """The probe's per-layer columns: one per encoder layer and its input, each the mean and spread of the clip's
-    real frames; the last is what the heads read from the encoder's output."""
-    from benchmarks.probe_voice_attributes import layer_statistics
-
+def test_layer_statistics_summarise_each_of_whispers_layers_as_the_library_runs_them(tmp_path):
+    """What mixing heads read (and the probe's per-layer columns): one row per encoder layer and its input, each the
+    mean and spread of the clip's real frames in the library's own hidden states; the last is the encoder's output,
+    which heads without the mix read."""
     model, processor = make_tiny_tiny_audio(tmp_path, encoder_layers=2)
-    rows = Dataset.from_dict({"audio": [{"array": clip, "sampling_rate": RATE} for clip in CLIPS]})
-    statistics = layer_statistics(model, processor, rows)
-    width = model.config.audio_config.hidden_size
-    assert statistics.shape == (len(CLIPS), 3, 2 * width)
     features = processor.extract_features(CLIPS)
-    heads_input = frame_statistics(
-        *model.encode_audio(features["input_features"], features["input_features_mask"])
+    hidden, mask, statistics = model.encode_audio(
+        features["input_features"], features["input_features_mask"], output_layer_statistics=True
     )
-    torch.testing.assert_close(statistics[:, -1], heads_input, atol=1e-4, rtol=1e-4)
+    width = model.config.audio_config.hidden_size
+    assert (
+        statistics.shape
+        == (len(CLIPS), model.config.encoder_statistics_layers, 2 * width)
+        == (2, 3, 2 * width)
+    )
+    library = model.audio_tower(features["input_features"], output_hidden_states=True).hidden_states
+    for layer, states in enumerate(library):
+        torch.testing.assert_close(statistics[:, layer], frame_statistics(states, mask), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(statistics[:, -1], frame_statistics(hidden, mask))
     assert not torch.allclose(statistics[:, 0], statistics[:, -1])
 
 
@@ -523,3 +532,145 @@ def test_train_voice_only_needs_voice_heads(tmp_path):
     workspace = train_workspace(tmp_path, speech_rows(4, 3))
     with pytest.raises(PreflightError, match="train_voice_only trains the voice path"):
         train.run(base_args(workspace, str(tmp_path / "out"), *NO_EVAL, "--train_voice_only"))
+
+
+def mixing_model(tmp_path):
+    """A tiny model whose heads read every encoder layer (`voice_layer_mix`), with a voice prompt that the switch
+    must keep."""
+    model, processor = make_tiny_tiny_audio(tmp_path, encoder_layers=2)
+    add_voice_attributes(model, processor, WORDS)
+    model.add_voice_prompt(2)
+    processor.add_voice_tokens(model.config.voice_token_count)
+    prompt = model.multi_modal_projector.voice_attributes.prompt
+    model.mix_voice_layers()
+    assert model.multi_modal_projector.voice_attributes.prompt is prompt
+    return model.eval(), processor
+
+
+def test_mixing_heads_read_each_attribute_from_its_own_mix_of_layers(tmp_path):
+    model, processor = mixing_model(tmp_path)
+    heads = model.multi_modal_projector.voice_attributes
+    assert heads.layer_weights.shape == (2, 3) and heads.layer_weights.requires_grad
+    with torch.no_grad():  # noise reads the input layer, gender the output
+        heads.layer_weights.copy_(torch.tensor([[30.0, 0.0, 0.0], [0.0, 0.0, 30.0]]))
+    features = processor.extract_features(CLIPS)
+    _, _, statistics = model.encode_audio(
+        features["input_features"], features["input_features_mask"], output_layer_statistics=True
+    )
+    inputs = processor(audio=CLIPS, task="describe")
+    logits = model(**inputs).voice_attribute_logits
+    torch.testing.assert_close(logits, heads(statistics))
+    for layer, unchanged, changed in ((0, slice(2, 4), slice(0, 2)), (2, slice(0, 2), slice(2, 4))):
+        moved = statistics.clone()
+        moved[:, layer] = torch.randn_like(moved[:, layer])
+        torch.testing.assert_close(heads(moved)[:, unchanged], logits[:, unchanged])
+        assert not torch.allclose(heads(moved)[:, changed], logits[:, changed])
+
+
+def test_mixing_heads_decode_alike_from_features_or_from_encoder_outputs_given_ahead(tmp_path):
+    """Beam search and joint CTC decoding hand the prompt's forward encoder outputs computed ahead of time: the
+    per-layer statistics travel with them, and without them the model says what is missing."""
+    model, processor = mixing_model(tmp_path)
+    torch.manual_seed(0)
+    for parameter in model.multi_modal_projector.voice_attributes.parameters():
+        parameter.data.normal_(0, 0.5)
+    inputs = processor(audio=CLIPS, task="describe")
+    settings = {"max_new_tokens": 4, "num_beams": 3, "do_sample": False}
+    live = model.generate(**inputs, **settings)
+    features = {key: inputs.pop(key) for key in ("input_features", "input_features_mask")}
+    hidden, mask, statistics = model.encode_audio(**features, output_layer_statistics=True)
+    ahead = model.generate(
+        **inputs,
+        encoder_hidden_states=hidden,
+        encoder_mask=mask,
+        encoder_layer_statistics=statistics,
+        **settings,
+    )
+    torch.testing.assert_close(ahead, live, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="pass encoder_layer_statistics too"):
+        model(**inputs, encoder_hidden_states=hidden, encoder_mask=mask)
+    model.config.ctc_blank_token_id = processor.tokenizer(" ", add_special_tokens=False)["input_ids"][0]
+    joint = model.generate(**inputs, **features, **settings, ctc_weight=0.5)
+    assert joint.shape[0] == len(CLIPS)
+
+
+def test_mixing_heads_train_from_the_feature_cache_as_from_live_audio(tmp_path):
+    """The cache keeps each clip's per-layer statistics beside its frames; a cache made before them (frames only)
+    is completed, and the heads read the same from it as from live audio."""
+    model, processor = mixing_model(tmp_path)
+    rows = Dataset.from_dict(
+        {"audio": [{"array": clip, "sampling_rate": RATE} for clip in CLIPS], "audio_hash": ["a", "b"]}
+    )
+    old = FeatureStore(str(tmp_path / "cache"), encoder_key(model, processor))
+    features = processor.extract_features(CLIPS)
+    hidden, mask = model.encode_audio(features["input_features"], features["input_features_mask"])
+    old.write_shard({"a": hidden[0, : int(mask[0].sum())].half().contiguous()})  # a cache from before
+    store = build_feature_cache(model, processor, rows, str(tmp_path / "cache"))
+    assert len(store) == 2 and all(h + LAYER_STATISTICS in store for h in ("a", "b"))
+    batch = [
+        {"audio": clip, "audio_hash": h, "text": "x", "task": "describe"}
+        for clip, h in zip(CLIPS, "ab", strict=True)
+    ]
+    cached = SpeechCollator(processor, store, layer_statistics=True)(batch)
+    assert cached["encoder_layer_statistics"].shape == (2, 3, 2 * model.config.audio_config.hidden_size)
+    live = SpeechCollator(processor)(batch)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model(**cached).voice_attribute_logits, model(**live).voice_attribute_logits, atol=2e-3, rtol=2e-3
+        )
+
+
+def test_a_mixing_model_saves_loads_and_runs_in_a_fresh_process(tmp_path):
+    model, processor = mixing_model(tmp_path)
+    torch.manual_seed(0)
+    for parameter in model.multi_modal_projector.voice_attributes.parameters():
+        parameter.data.normal_(0, 0.5)
+    model.config.default_task = processor.default_task = "describe"
+    folder = tmp_path / "saved"
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    assert json.loads((folder / "config.json").read_text())["voice_layer_mix"] is True
+    reloaded = TinyAudioForConditionalGeneration.from_pretrained(folder).eval()
+    inputs = processor(audio=CLIPS)
+    torch.testing.assert_close(
+        reloaded(**inputs).voice_attribute_logits, model(**inputs).voice_attribute_logits, atol=0, rtol=0
+    )
+    equal_length = [speech_like(1.5, seed=7), speech_like(1.5, seed=8)]
+    expected = model(**processor(audio=equal_length)).logits
+    torch.testing.assert_close(run_fresh(str(folder), tmp_path, equal_length), expected, rtol=0, atol=0)
+    plain, _ = make_tiny_tiny_audio(tmp_path / "plain")
+    with pytest.raises(ValueError, match="add voice_attributes first"):
+        plain.mix_voice_layers()
+
+
+def test_train_py_gives_a_model_mixing_heads_and_trains_them_alone_from_the_cache(tmp_path):
+    """`--voice_layer_mix` on a trained model: new heads that read every layer train on their own loss (from the
+    feature cache's statistics); every other weight, the voice prompt included, stays the starting model's."""
+    described = speech_rows(8, 3)
+    described["facts"] = [json.dumps({"gender": ("female", "male")[i % 2]}) for i in range(8)]
+    workspace = train_workspace(tmp_path, described, "described")
+    words = json.dumps({"gender": {"female": "woman", "male": "man"}})
+    start = str(tmp_path / "start")
+    flags = ("--voice_attributes", words, "--voice_prompt_length", "2", "--max_steps", "2")
+    train.run(base_args(workspace, start, *NO_EVAL, *flags))
+    describe = json.dumps([{"path": workspace["data"], "split": "train", "task": "describe"}])
+    out = str(tmp_path / "mixed")
+    train.run(
+        base_args(
+            workspace,
+            out,
+            *NO_EVAL,
+            *("--model_name_or_path", start, "--train_datasets", describe, "--max_steps", "3"),
+            *("--voice_layer_mix", "--train_voice_only", "--voice_attributes_only_steps", "3"),
+            *("--feature_cache_dir", str(tmp_path / "cache")),
+        )
+    )
+    before = TinyAudioForConditionalGeneration.from_pretrained(start)
+    after = TinyAudioForConditionalGeneration.from_pretrained(out)
+    assert after.config.voice_layer_mix and not before.config.voice_layer_mix
+    mixing = after.multi_modal_projector.voice_attributes
+    assert not torch.equal(mixing.layer_weights, torch.zeros_like(mixing.layer_weights))  # they trained
+    new_heads = ("linear.", "classifier.", "layer_norms.", "layer_weights")
+    for name, tensor in before.state_dict().items():
+        if not name.removeprefix("multi_modal_projector.voice_attributes.").startswith(new_heads):
+            torch.testing.assert_close(after.state_dict()[name], tensor, atol=0, rtol=0, msg=name)

@@ -100,6 +100,12 @@ class ModelArguments:
         "First steps trained on the voice-attribute heads' loss alone, without running the LLM (their "
         "warm-up: they learn from many more clips than the LLM has time for)",
     )
+    voice_layer_mix: bool = option(
+        False,
+        "The voice-attribute heads read the frames after every frozen encoder layer, each attribute through "
+        "its own learned mix of the layers, instead of the encoder's output alone; with model_name_or_path, "
+        "gives its heads that input (they start afresh: train them, e.g. with voice_attributes_only_steps)",
+    )
     voice_prompt_length: int = option(
         0,
         "Learned embeddings (prompt tuning) before the voice tokens in the prompts of the voice tasks; with "

@@ -18,7 +18,8 @@ class SpeechCollator:
     """Turns checked rows (audio, text, task, facts, audio_hash) into a training batch.
 
     Without a store the batch carries `input_features` for the live encoder; with one it carries the cached
-    `encoder_hidden_states` (trimmed clips padded to the longest of the batch) and `encoder_mask`. With the CTC
+    `encoder_hidden_states` (trimmed clips padded to the longest of the batch) and `encoder_mask`, and with
+    `layer_statistics` (heads with `TinyAudioConfig.voice_layer_mix`) `encoder_layer_statistics`. With the CTC
     head's `ctc_blank_token_id` it adds `ctc_targets`, the targets of the model's CTC loss; with the model's
     `voice_attributes` (`TinyAudioConfig.voice_attributes`), `voice_attribute_targets`, read from each row's facts.
     """
@@ -29,8 +30,10 @@ class SpeechCollator:
         store: FeatureStore | None = None,
         ctc_blank_token_id: int | None = None,
         voice_attributes: list[dict] | None = None,
+        layer_statistics: bool = False,
     ):
         self.processor = processor
+        self.layer_statistics = layer_statistics
         self.store = store
         self.ctc_blank_token_id = ctc_blank_token_id
         self.voice_attributes = voice_attributes
@@ -50,6 +53,10 @@ class SpeechCollator:
                 "encoder_hidden_states": pad_sequence(hidden, batch_first=True),
                 "encoder_mask": torch.arange(int(lengths.max()))[None, :] < lengths[:, None],
             }
+            if self.layer_statistics:
+                audio["encoder_layer_statistics"] = torch.stack(
+                    [self.store.get_layer_statistics(row["audio_hash"]) for row in rows]
+                )
             counts = projector_token_lengths(lengths, self.processor.projector_downsample).tolist()
         instructions = [self.processor.instruction(row["task"], None) for row in rows]
         batch = self.processor.text_inputs(counts, instructions, [row["text"] for row in rows])

@@ -1,7 +1,8 @@
 """Feature cache: the frozen encoder runs once per clip; training reads its outputs back from disk.
 
 Outputs are trimmed to the clip's real frames and stored in fp16 as safetensors shards, one tensor per clip named
-by the hash of its decoded audio, in a folder named by a hash of the encoder (id, config, feature extractor and a
+by the hash of its decoded audio (and beside it the mean and spread of its frames after every frozen layer, what
+voice heads with `voice_layer_mix` read: a few KB), in a folder named by a hash of the encoder (id, config, feature extractor and a
 checksum of its weights). A cache therefore serves any dataset holding the same audio, survives restarts, and is
 never reused across encoders.
 """
@@ -26,6 +27,7 @@ from pipeline_asr import read_audio
 
 logger = logging.getLogger(__name__)
 
+LAYER_STATISTICS = "/layer_statistics"  # a clip's hash + this names its per-layer frame statistics
 SHARD_CLIPS = (
     1024  # clips per shard: big enough to keep file counts low, small enough to flush progress often
 )
@@ -83,7 +85,8 @@ class FeatureStore:
         return audio_hash in self._index
 
     def __len__(self) -> int:
-        return len(self._index)
+        """The clips whose frames are stored."""
+        return sum(not name.endswith(LAYER_STATISTICS) for name in self._index)
 
     def get(self, audio_hash: str) -> torch.Tensor:
         """The [frames, dim] fp16 encoder output of one clip."""
@@ -95,6 +98,10 @@ class FeatureStore:
         if shard not in self._handles:
             self._handles[shard] = safe_open(os.path.join(self.directory, shard), framework="pt")
         return self._handles[shard].get_tensor(audio_hash)
+
+    def get_layer_statistics(self, audio_hash: str) -> torch.Tensor:
+        """The [layers, 2 * dim] fp32 mean and spread of one clip's frames after every frozen encoder layer."""
+        return self.get(audio_hash + LAYER_STATISTICS).float()
 
     def write_shard(self, tensors: dict[str, torch.Tensor]) -> None:
         """Adds one shard; written under a temporary name and renamed, so readers never see half a file."""
@@ -124,7 +131,8 @@ def build_feature_cache(
     hashes = dataset["audio_hash"]
     todo, seen = [], set()
     for index, audio_hash in enumerate(hashes):
-        if audio_hash not in store and audio_hash not in seen:
+        complete = audio_hash in store and audio_hash + LAYER_STATISTICS in store
+        if not complete and audio_hash not in seen:
             seen.add(audio_hash)
             todo.append(index)
     logger.info("Feature cache %s: %d clips cached, %d to encode", store.directory, len(store), len(todo))
@@ -141,11 +149,16 @@ def build_feature_cache(
     with open(os.path.join(store.directory, "encoder.json"), "w") as handle:
         json.dump({"audio_model_id": str(model.config.audio_model_id)}, handle)
     for batch_hashes, features in tqdm(loader, desc="Encoding audio for the feature cache", unit="batch"):
-        hidden, mask = model.encode_audio(
-            features["input_features"].to(device), features["input_features_mask"].to(device)
+        hidden, mask, statistics = model.encode_audio(
+            features["input_features"].to(device),
+            features["input_features_mask"].to(device),
+            output_layer_statistics=True,
         )
-        for audio_hash, clip_hidden, clip_mask in zip(batch_hashes, hidden, mask, strict=True):
+        for audio_hash, clip_hidden, clip_mask, clip_statistics in zip(
+            batch_hashes, hidden, mask, statistics, strict=True
+        ):
             pending[audio_hash] = clip_hidden[: int(clip_mask.sum())].to(torch.float16).cpu().contiguous()
+            pending[audio_hash + LAYER_STATISTICS] = clip_statistics.to(torch.float16).cpu().contiguous()
         if len(pending) >= SHARD_CLIPS:
             store.write_shard(pending)
             pending = {}

@@ -186,6 +186,8 @@ def build_model(
     voice_words = parse_voice_attributes(model_args.voice_attributes)
     if voice_words:
         add_voice_attributes(model, processor, voice_words)
+    if model_args.voice_layer_mix:
+        model.mix_voice_layers()
     if model_args.voice_prompt_length:
         model.add_voice_prompt(model_args.voice_prompt_length)
         processor.add_voice_tokens(model.config.voice_token_count)
@@ -420,6 +422,7 @@ def train(
             store,
             ctc_blank_token_id=model.config.ctc_blank_token_id if use_ctc else None,
             voice_attributes=model.config.voice_attributes,
+            layer_statistics=model.config.voice_layer_mix,
         ),
         processing_class=processor,
         callbacks=callbacks,
