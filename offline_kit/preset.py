@@ -56,6 +56,7 @@ SHIPPED_CONFIG_FIELDS = (
     "projector_num_layers",
     "projector_output_norm",
     "voice_attributes",
+    "voice_layer_mix",
     "voice_prompt_length",
     "voice_lora_rank",
     "encoder_trainable_layers",

@@ -185,6 +185,7 @@ def build_card(
         llm=llm,
         lora_rank=config.get("lora_rank", 0),
         voice_attributes=[entry["attribute"] for entry in config.get("voice_attributes") or []],
+        voice_layer_mix=config.get("voice_layer_mix", False),
         voice_prompt_length=config.get("voice_prompt_length", 0),
         voice_lora_rank=config.get("voice_lora_rank", 0),
         ctc_decoding_weight=decoding.get("ctc_decoding_weight", 0.0),

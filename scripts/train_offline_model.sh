@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # Reproduces the shipped offline model (offline_kit/trained) from nothing, on CPU:
 # offline kit -> synthetic corpora -> stages 1 to 7 (configs/recipes/offline_stage{1..7}.yaml) -> the mean of
-# stages 6 and 7 -> stages 8 to 10 (the describe task, which leave transcription as it is) -> ship -> evaluate
+# stages 6 and 7 -> stages 8 to 11 (the describe task, which leave transcription as it is) -> ship -> evaluate
 # against Whisper tiny.en.
 #   bash scripts/train_offline_model.sh              # resumable: run it again after an interruption
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 AVERAGED=outputs/offline-avg-stage6-7
-RUN=outputs/offline-recipe-stage10
+RUN=outputs/offline-recipe-stage11
 export HF_HUB_OFFLINE=1
 
 $PYTHON -m offline_kit.preset
@@ -66,7 +66,8 @@ train configs/recipes/offline_stage7.yaml outputs/offline-recipe-stage7
   $PYTHON -m training.average "$AVERAGED" outputs/offline-recipe-stage6 outputs/offline-recipe-stage7
 train configs/recipes/offline_stage8.yaml outputs/offline-recipe-stage8
 train configs/recipes/offline_stage9.yaml outputs/offline-recipe-stage9
-train configs/recipes/offline_stage10.yaml "$RUN"
+train configs/recipes/offline_stage10.yaml outputs/offline-recipe-stage10
+train configs/recipes/offline_stage11.yaml "$RUN"
 $PYTHON -m offline_kit.preset --ship "$RUN"                       # now the preset transcribes with these weights
 MAX_SAMPLES= bash scripts/evaluate_offline_model.sh               # every clip: these results ship
 
@@ -90,7 +91,7 @@ $PYTHON -m publish.push "$RUN" --repo tiny-audio/tiny-audio-offline --dry-run --
   --results "$TRAINED"/results/tiny-audio-offline-*.json \
   --baseline-results "$TRAINED"/results/whisper-tiny.en-*.json \
   --audio-model-id openai/whisper-tiny.en --text-model-id HuggingFaceTB/SmolLM2-135M-Instruct \
-  --train-config configs/recipes/offline_stage{1..10}.yaml \
+  --train-config configs/recipes/offline_stage{1..11}.yaml \
   --language en --training-data-note "synthetic English speech only, made offline by offline_kit.synthetic_corpus \
 (Piper, flite, espeak-ng and Kokoro voices reading Harvard sentences, WordNet examples, the World English Bible, \
 GNOME help pages and fortunes), no recorded human speech"

@@ -594,8 +594,10 @@ def test_the_card_names_the_voice_path_of_a_model_that_describes() -> None:
         "rank-8 LoRA adapters on the LLM learned anything, with voice-attribute heads (gender, noise) and a "
         '16-embedding voice prompt for `task="describe"`, which transcription never reads.'
     ) in text
-    card = build_card(**{**CARD_ARGUMENTS, "config": {**config, "voice_lora_rank": 4}})
+    card = build_card(
+        **{**CARD_ARGUMENTS, "config": {**config, "voice_lora_rank": 4, "voice_layer_mix": True}}
+    )
     assert (
-        "16-embedding voice prompt and a rank-4 LoRA adapter that only voice prompts turn on for "
-        '`task="describe"`, which transcription never reads.'
+        "voice-attribute heads (gender, noise) that read every encoder layer and a 16-embedding voice prompt and a "
+        'rank-4 LoRA adapter that only voice prompts turn on for `task="describe"`, which transcription never reads.'
     ) in " ".join(card.text.split())

@@ -231,7 +231,7 @@ def test_offline_recipe_stages_chain_and_the_script_runs_each_one():
     stages = sorted(
         (ROOT / "configs" / "recipes").glob("offline_stage*.yaml"), key=lambda p: int(p.stem[13:])
     )
-    assert [config.name for config in stages] == [f"offline_stage{number}.yaml" for number in range(1, 11)]
+    assert [config.name for config in stages] == [f"offline_stage{number}.yaml" for number in range(1, 12)]
     averaged = re.search(r"^AVERAGED=(\S+)$", script, re.MULTILINE).group(1)
     mean_of = re.search(r'-m training\.average "\$AVERAGED" (.+)$', script, re.MULTILINE).group(1).split()
     previous_output, outputs = None, []
