@@ -674,3 +674,22 @@ def test_train_py_gives_a_model_mixing_heads_and_trains_them_alone_from_the_cach
     for name, tensor in before.state_dict().items():
         if not name.removeprefix("multi_modal_projector.voice_attributes.").startswith(new_heads):
             torch.testing.assert_close(after.state_dict()[name], tensor, atol=0, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("encoder", ["hubert", "wav2vec2-group", "wavlm"])
+def test_layer_statistics_of_other_encoders_are_each_clips_alone(tmp_path, encoder):
+    """wav2vec 2.0-style encoders give their layers' frames too: a clip's statistics are the same in a padded batch
+    as alone (group-norm encoders run clip by clip), and the last are those of the frames the projector reads."""
+    model, processor = make_tiny_tiny_audio(tmp_path, encoder=encoder, encoder_layers=2)
+    features = processor.extract_features(CLIPS)
+    hidden, mask, statistics = model.encode_audio(
+        features["input_features"], features["input_features_mask"], output_layer_statistics=True
+    )
+    assert statistics.shape[1] == model.config.encoder_statistics_layers == 3
+    torch.testing.assert_close(statistics[:, -1], frame_statistics(hidden, mask))
+    for row, clip in enumerate(CLIPS):
+        alone = processor.extract_features([clip])
+        _, _, own = model.encode_audio(
+            alone["input_features"], alone["input_features_mask"], output_layer_statistics=True
+        )
+        torch.testing.assert_close(statistics[row], own[0], atol=1e-4, rtol=1e-4)
