@@ -2,8 +2,8 @@
 
 Outputs are trimmed to the clip's real frames and stored in fp16 as safetensors shards, one tensor per clip named
 by the hash of its decoded audio (and beside it the mean and spread of its frames after every frozen layer, what
-voice heads with `voice_layer_mix` read: a few KB), in a folder named by a hash of the encoder (id, config, feature extractor and a
-checksum of its weights). A cache therefore serves any dataset holding the same audio, survives restarts, and is
+voice heads with `voice_layer_mix` read: a few KB), in a folder named by a hash of the encoder (id, config,
+feature extractor and a checksum of its weights). A cache therefore serves any dataset holding the same audio, survives restarts, and is
 never reused across encoders.
 """
 
@@ -124,14 +124,21 @@ class _ClipFeatures:
 
 
 def build_feature_cache(
-    model, processor, dataset: Dataset, root: str, batch_size: int = 16, num_workers: int = 0
+    model,
+    processor,
+    dataset: Dataset,
+    root: str,
+    batch_size: int = 16,
+    num_workers: int = 0,
+    layer_statistics: bool = False,
 ) -> FeatureStore:
-    """Runs the encoder over every clip of `dataset` not yet cached and returns the store holding all of them."""
+    """Runs the encoder over every clip of `dataset` not yet cached and returns the store holding all of them; with
+    `layer_statistics`, also over the clips cached before their per-layer statistics were kept."""
     store = FeatureStore(root, encoder_key(model, processor))
     hashes = dataset["audio_hash"]
     todo, seen = [], set()
     for index, audio_hash in enumerate(hashes):
-        complete = audio_hash in store and audio_hash + LAYER_STATISTICS in store
+        complete = audio_hash in store and (not layer_statistics or audio_hash + LAYER_STATISTICS in store)
         if not complete and audio_hash not in seen:
             seen.add(audio_hash)
             todo.append(index)

@@ -390,6 +390,7 @@ def train(
                     data_args.feature_cache_dir,
                     batch_size=data_args.feature_cache_batch_size,
                     num_workers=training_args.dataloader_num_workers,
+                    layer_statistics=model.config.voice_layer_mix,
                 )
     if training_args.should_save:
         os.makedirs(training_args.output_dir, exist_ok=True)
