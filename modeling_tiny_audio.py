@@ -156,16 +156,10 @@ class VoiceAttributeHeads(nn.Module):
             return self.classifier(self.act(self.linear(statistics[:, -1])))
         normalised = torch.stack([norm(statistics[:, i]) for i, norm in enumerate(self.layer_norms)], dim=1)
         mixed = torch.einsum("al,bld->bad", self.layer_weights.softmax(-1), normalised)
-        hidden = self.act(self.linear(mixed))  # [batch, attributes, hidden]: each attribute from its own mix
-        weights = self.classifier.weight.split(self.value_counts)
-        biases = self.classifier.bias.split(self.value_counts)
-        return torch.cat(
-            [
-                hidden[:, index] @ weight.T + bias
-                for index, (weight, bias) in enumerate(zip(weights, biases, strict=True))
-            ],
-            dim=-1,
-        )
+        # [batch, attributes, values of all]: each attribute keeps its own values' logits, from its own mix.
+        logits = self.classifier(self.act(self.linear(mixed)))
+        parts = logits.split(self.value_counts, dim=-1)
+        return torch.cat([part[:, index] for index, part in enumerate(parts)], dim=-1)
 
 
 class TinyAudioProjector(nn.Module):
@@ -655,11 +649,16 @@ class TinyAudioForConditionalGeneration(CheckpointMixin, LoraMixin, TinyAudioMod
             return
         self.config.voice_attributes, self.config.voice_token_id = voice_attributes, voice_token_id
         self.config.validate()
+        self._new_voice_heads()
+
+    def _new_voice_heads(self) -> VoiceAttributeHeads:
+        """Freshly initialised heads as the config asks for them, beside the projector (its device and dtype)."""
         reference = self.multi_modal_projector.linear_1.weight
         heads = VoiceAttributeHeads.from_config(self.config)
         heads.apply(self._init_weights)
         self.multi_modal_projector.voice_attributes = heads.to(reference.device, reference.dtype)
         self.freeze_pretrained()
+        return self.multi_modal_projector.voice_attributes
 
     def add_voice_prompt(self, length: int) -> None:
         """Adds a learned voice prompt of `length` embeddings (`config.voice_prompt_length`) to a model with voice
@@ -691,13 +690,7 @@ class TinyAudioForConditionalGeneration(CheckpointMixin, LoraMixin, TinyAudioMod
             return
         self.config.voice_layer_mix = True
         self.config.validate()
-        heads = VoiceAttributeHeads.from_config(self.config)
-        heads.apply(self._init_weights)
-        heads.prompt = old.prompt
-        self.multi_modal_projector.voice_attributes = heads.to(
-            old.linear.weight.device, old.linear.weight.dtype
-        )
-        self.freeze_pretrained()
+        self._new_voice_heads().prompt = old.prompt
 
     # ---- losses -----------------------------------------------------------------------------------------------
 
