@@ -42,6 +42,9 @@ ESPEAK_ACCENTS = ("en-us", "en-gb", "en-gb-x-rp", "en-gb-scotland", "en-us-nyc")
 ESPEAK_VARIANTS = (
     "m4", "m5", "m6", "m8", "f2", "Annie", "edward", "john", "paul", "quincy", "robert", "steph", "travis",
 )  # fmt: skip
+# espeak-ng 1.51 reads "en-gb+VARIANT" as plain en-gb and drops the variant: every en-gb voice spoke as one default
+# man.  "en" names the same British English voice file and keeps the variant.
+ESPEAK_VOICE_FILES = {"en-gb": "en"}
 ESPEAK_SPEED_WPM = (145, 180)
 ESPEAK_PITCH = (35, 65)
 FLITE_VOICES = ("slt", "rms", "awb", "kal16")
@@ -120,7 +123,9 @@ def _run(cmd: list[str], text: str | None = None) -> bytes:
 
 def _espeak(name: str, text: str, rng: random.Random, session_seed: int) -> tuple[np.ndarray, dict]:
     params = {"speed_wpm": rng.randint(*ESPEAK_SPEED_WPM), "pitch": rng.randint(*ESPEAK_PITCH)}
-    cmd = ["espeak-ng", "-v", name, "-s", str(params["speed_wpm"]), "-p", str(params["pitch"]), "--stdout"]
+    accent, _, variant = name.partition("+")
+    voice = f"{ESPEAK_VOICE_FILES.get(accent, accent)}+{variant}"
+    cmd = ["espeak-ng", "-v", voice, "-s", str(params["speed_wpm"]), "-p", str(params["pitch"]), "--stdout"]
     audio, rate = sf.read(io.BytesIO(_run(cmd, text)), dtype="float32")
     return read_audio(audio, SAMPLE_RATE, sampling_rate=rate), params
 

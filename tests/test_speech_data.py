@@ -20,7 +20,7 @@ import soundfile as sf
 
 from offline_kit import augment, sanity_check, voices
 from offline_kit.data_deps import DATA_PACKAGES, debian_file, ensure_data_deps, missing_deps
-from offline_kit.descriptions import clip_facts, read_attributes, reference_attributes
+from offline_kit.descriptions import clip_facts, read_attributes, reference_attributes, voice_traits
 from offline_kit.real_speech import JFK_TEXT, asterisk_prompts, build_real_speech, normalize_reference
 from offline_kit.synthetic_corpus import NUMBER_EVERY, build_corpus, plan_corpus, summarize
 from offline_kit.text_sources import (
@@ -127,6 +127,37 @@ def test_each_engine_speaks_16k_audio_of_plausible_length(voice_id):
     assert audio.dtype == np.float32 and 1.2 < seconds < 5.0, seconds
     assert np.abs(audio).max() == pytest.approx(0.5, abs=1e-3)
     assert params
+
+
+def _median_pitch_hz(audio: np.ndarray) -> float:
+    """Median autocorrelation pitch (60-400 Hz) of the louder half of 40-ms frames."""
+    frame, hop = SAMPLE_RATE // 25, SAMPLE_RATE // 100
+    frames = np.lib.stride_tricks.sliding_window_view(audio, frame)[::hop]
+    energy = np.sum(frames**2, axis=1)
+    shortest, longest = SAMPLE_RATE // 400, SAMPLE_RATE // 60
+    pitches = []
+    for piece in frames[energy > np.median(energy)]:
+        piece = piece - piece.mean()
+        autocorrelation = np.correlate(piece, piece, "full")[frame - 1 :]
+        pitches.append(SAMPLE_RATE / (shortest + int(np.argmax(autocorrelation[shortest:longest]))))
+    return float(np.median(pitches))
+
+
+@pytest.mark.parametrize("accent", voices.ESPEAK_ACCENTS)
+def test_espeak_female_variants_speak_higher_than_male_ones_in_every_accent(accent):
+    # The descriptions call a clip female from its espeak-ng variant; en-gb once dropped every variant.
+    text = "The birch canoe slid on the smooth planks."
+    pitch = {
+        variant: _median_pitch_hz(
+            synthesize(Voice("espeak", f"{accent}+{variant}"), text, random.Random(0))[0]
+        )
+        for variant in voices.ESPEAK_VARIANTS
+    }
+    female = [
+        pitch[v] for v in voices.ESPEAK_VARIANTS if voice_traits("espeak", f"{accent}+{v}")[0] == "female"
+    ]
+    male = [pitch[v] for v in voices.ESPEAK_VARIANTS if voice_traits("espeak", f"{accent}+{v}")[0] == "male"]
+    assert female and male and min(female) > 1.5 * max(male), pitch
 
 
 def test_kokoro_cuts_long_text_between_words_and_says_all_of_it(monkeypatch):
