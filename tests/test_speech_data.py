@@ -153,10 +153,9 @@ def test_espeak_female_variants_speak_higher_than_male_ones_in_every_accent(acce
         )
         for variant in voices.ESPEAK_VARIANTS
     }
-    female = [
-        pitch[v] for v in voices.ESPEAK_VARIANTS if voice_traits("espeak", f"{accent}+{v}")[0] == "female"
-    ]
-    male = [pitch[v] for v in voices.ESPEAK_VARIANTS if voice_traits("espeak", f"{accent}+{v}")[0] == "male"]
+    gender = {variant: voice_traits("espeak", f"{accent}+{variant}")[0] for variant in pitch}
+    female = [pitch[v] for v in pitch if gender[v] == "female"]
+    male = [pitch[v] for v in pitch if gender[v] == "male"]
     assert female and male and min(female) > 1.5 * max(male), pitch
 
 
